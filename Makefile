@@ -1,0 +1,55 @@
+# pf-metering developer targets. Everything runs from the project's own .venv.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+UV     := $(BIN)/uv
+STRIPE_MOCK_VERSION := v0.197.0
+export PATH := $(CURDIR)/.cache/bin:$(PATH)
+
+.PHONY: install lint test demo bench soak kafka kafka-stop stripe-mock clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(UV) || $(BIN)/pip install -q uv==0.13.8
+	$(UV) pip sync -q --python $(BIN)/python requirements.lock
+	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
+	@touch $@
+
+# Re-lock after editing dependencies in pyproject.toml.
+lock:
+	$(UV) pip compile -q pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+# The official stripe-mock, built once from the Go module proxy into .cache/bin.
+stripe-mock: .cache/bin/stripe-mock
+.cache/bin/stripe-mock:
+	@mkdir -p .cache/bin
+	GOBIN=$(CURDIR)/.cache/bin go install github.com/stripe/stripe-mock@$(STRIPE_MOCK_VERSION) \
+	  || echo "warning: stripe-mock could not be built; its contract tests need STRIPE_MOCK_URL"
+
+kafka: install
+	deploy/local-kafka start
+
+kafka-stop:
+	deploy/local-kafka stop
+
+test: install lint stripe-mock
+	$(BIN)/pytest -q tests
+
+soak: install stripe-mock
+	PF_SOAK=1 $(BIN)/pytest -q tests -m "soak or not soak"
+
+demo: install
+	bash deploy/demo.sh
+
+bench: install
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Billing: tiers, rating (pure), invoices, period close, Stripe push, webhooks."""

@@ -1,0 +1,57 @@
+"""Billing periods: calendar months in UTC, written ``YYYY-MM`` (pure)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+_PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+
+
+@dataclass(frozen=True, order=True)
+class Period:
+    year: int
+    month: int
+
+    @classmethod
+    def parse(cls, text: str) -> Period:
+        """Strict ``YYYY-MM``: 2025-13, 2025-1 and 25-01 are errors."""
+        m = _PERIOD_RE.match(text.strip() if isinstance(text, str) else "")
+        if not m or int(m.group(1)) < 1970:
+            raise ValueError(f"invalid period {text!r}: expected YYYY-MM, e.g. 2025-01")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+    @classmethod
+    def of(cls, moment: datetime) -> Period:
+        moment = moment.astimezone(UTC)
+        return cls(moment.year, moment.month)
+
+    @classmethod
+    def of_micros(cls, micros: int) -> Period:
+        return cls.of(datetime.fromtimestamp(micros / 1_000_000, UTC))
+
+    @property
+    def start(self) -> datetime:
+        """The first instant of the month, UTC."""
+        return datetime(self.year, self.month, 1, tzinfo=UTC)
+
+    @property
+    def end(self) -> datetime:
+        """The first instant of the next month, UTC (exclusive)."""
+        return self.next().start
+
+    def next(self) -> Period:
+        return Period(self.year + self.month // 12, self.month % 12 + 1)
+
+    def previous(self) -> Period:
+        return Period(self.year - (self.month == 1), (self.month - 2) % 12 + 1)
+
+    def is_closed(self, now: datetime, grace: timedelta) -> bool:
+        return now >= self.end + grace
+
+    def due_date(self, due_days: int) -> datetime:
+        return self.end + timedelta(days=due_days)
+
+    def __str__(self) -> str:
+        return f"{self.year:04d}-{self.month:02d}"

@@ -1,0 +1,65 @@
+"""The ``pf-metering`` command line: assembles the command groups and turns errors into
+one-line ``error: ...`` messages with a non-zero exit (no tracebacks for user errors)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+import typer
+
+from pf_metering.commands import register_all
+from pf_metering.config import settings
+from pf_metering.errors import OperationError, UserError
+from pf_metering.logs import configure, redact, secrets_of
+
+app = typer.Typer(
+    name="pf-metering",
+    help="Usage metering and billing for the Provability Fabric testbed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Usage metering and billing for the Provability Fabric testbed."""
+
+
+register_all(app)
+
+
+def _fail(message: str, code: int) -> None:
+    try:
+        secrets = secrets_of(settings())
+    except UserError:
+        secrets = []
+    first_line = redact(message, secrets).strip().splitlines()[0] if message.strip() else "failed"
+    print(f"error: {first_line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    command = typer.main.get_command(app)
+    try:
+        configure(settings())
+        result = command.main(args=sys.argv[1:], prog_name="pf-metering", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _fail("interrupted", 130)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except (UserError, OperationError) as exc:
+        _fail(str(exc), exc.exit_code)
+    except Exception as exc:  # unexpected: one line; the traceback only at DEBUG
+        logging.getLogger("pf_metering").debug("unexpected error", exc_info=True)
+        _fail(f"{type(exc).__name__}: {exc}", 1)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

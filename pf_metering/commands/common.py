@@ -1,0 +1,38 @@
+"""Argument parsing shared by commands: periods, tenant ids, formats, output files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from billing.periods import Period
+from pf_metering.errors import UserError
+from pf_metering.output import Format
+from schemas.validation import TENANT_RE
+
+FORMAT_OPTION = typer.Option(Format.table, "-f", "--format", help="table, json or csv")
+OUTPUT_OPTION = typer.Option(None, "-o", "--output", help="write to this file")
+QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="no progress output")
+
+
+def parse_period(text: str) -> Period:
+    try:
+        return Period.parse(text)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def check_tenant(tenant_id: str) -> str:
+    if not TENANT_RE.match(tenant_id):
+        raise UserError(
+            f"invalid tenant id {tenant_id[:64]!r}: letters, digits and . _ : - only, "
+            "starting with a letter or digit, at most 128 characters"
+        )
+    return tenant_id
+
+
+def output_path(path: Path | None) -> Path | None:
+    if path is not None and path.parent and not path.parent.exists():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
+    return path

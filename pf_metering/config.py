@@ -1,0 +1,124 @@
+"""Configuration (SPEC section 9), read once from the environment and a ``.env`` file."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pf_metering.errors import UserError
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> Any:
+    """Accepts ``90``, ``90s``, ``30m``, ``1h``, ``2d`` (and ISO 8601 via pydantic)."""
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting pf-metering reads; field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    metering_topic: str = "pf.usage.events"
+    metering_group: str = "pf-metering"
+    metering_data_dir: Path = Path("./data")
+    metering_tiers_file: Path | None = None
+    metering_grace: timedelta = timedelta(hours=1)
+    metering_due_days: int = Field(default=30, ge=0, le=3650)
+    metering_dedup_days: int = Field(default=35, ge=35, le=3650)
+    metering_snapshot_seconds: float = Field(default=5.0, gt=0, le=3600)
+    metering_batch_size: int = Field(default=20000, ge=1, le=1_000_000)
+    metering_lock_timeout: float = Field(default=60.0, ge=0)
+    metering_dead_letter_topic: str | None = None
+
+    kafka_security_protocol: str | None = None
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: str | None = None
+    kafka_ssl_certificate_location: str | None = None
+    kafka_ssl_key_location: str | None = None
+    kafka_ssl_key_password: SecretStr | None = None
+
+    stripe_enabled: bool = False
+    stripe_secret_key: SecretStr | None = None
+    stripe_webhook_secret: SecretStr | None = None
+    stripe_api_base: str | None = None
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"] = (
+        "INFO"
+    )
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("metering_grace", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value)
+
+    @field_validator("metering_grace")
+    @classmethod
+    def _non_negative(cls, value: timedelta) -> timedelta:
+        if value < timedelta(0):
+            raise ValueError("must not be negative")
+        return value
+
+    def kafka_common(self) -> dict[str, Any]:
+        """librdkafka settings shared by producers and consumers (security passes through)."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap_servers}
+        plain = {
+            "security.protocol": self.kafka_security_protocol,
+            "sasl.mechanism": self.kafka_sasl_mechanism,
+            "sasl.username": self.kafka_sasl_username,
+            "ssl.ca.location": self.kafka_ssl_ca_location,
+            "ssl.certificate.location": self.kafka_ssl_certificate_location,
+            "ssl.key.location": self.kafka_ssl_key_location,
+        }
+        conf.update({k: v for k, v in plain.items() if v is not None})
+        for key, secret in (
+            ("sasl.password", self.kafka_sasl_password),
+            ("ssl.key.password", self.kafka_ssl_key_password),
+        ):
+            if secret is not None:
+                conf[key] = secret.get_secret_value()
+        return conf
+
+    @property
+    def ledger_dir(self) -> Path:
+        return self.metering_data_dir / "ledger"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.metering_data_dir / "snapshot"
+
+    @property
+    def billing_db(self) -> Path:
+        return self.metering_data_dir / "billing.duckdb"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings; a bad value becomes a UserError naming the variable (never its value)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        var = str(err["loc"][0]).upper() if err["loc"] else "configuration"
+        raise UserError(f"invalid {var}: {err['msg']}") from None
+
+
+@cache
+def settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

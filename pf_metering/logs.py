@@ -1,0 +1,58 @@
+"""Logging set-up: text or JSON lines on stderr, with every configured secret redacted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from pf_metering.config import Settings
+
+REDACTED = "[redacted]"
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    values = [
+        settings.stripe_secret_key,
+        settings.stripe_webhook_secret,
+        settings.kafka_sasl_password,
+        settings.kafka_ssl_key_password,
+    ]
+    return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+class _RedactingFormatter(logging.Formatter):
+    def __init__(self, secrets: list[str], as_json: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.secrets = secrets
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.as_json:
+            payload = {
+                "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                + f".{int(record.msecs):03d}Z",
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+            payload.update(getattr(record, "fields", {}))
+            text = json.dumps(payload, default=str)
+        else:
+            text = super().format(record)
+        return redact(text, self.secrets)
+
+
+def configure(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter(secrets_of(settings), settings.log_format == "json"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())

@@ -1,0 +1,61 @@
+"""Validation rules of SPEC sections 2 and 4 as pure functions returning a named reason."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from schemas.codec import COUNTERS
+
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MAX_FUTURE_MICROS = 5 * 60 * 1_000_000
+MAX_ID_LEN = 128
+# Every reason code a dead letter can carry (metrics label values).
+REASONS = (
+    "not_single_object",
+    "unknown_fingerprint",
+    "undecodable_body",
+    "invalid_event_id",
+    "invalid_tenant_id",
+    "invalid_session_id",
+    "invalid_source",
+    "negative_counter",
+    "invalid_risk_score",
+    "future_timestamp",
+    "key_mismatch",
+)
+
+
+def _bad_id(value: Any) -> bool:
+    return not isinstance(value, str) or not (1 <= len(value) <= MAX_ID_LEN)
+
+
+def validate(event: dict[str, Any], now_micros: int, key: bytes | None = None) -> str | None:
+    """None when ``event`` may be counted, else ``"<reason>: <detail>"``."""
+    if _bad_id(event.get("event_id")):
+        return "invalid_event_id: must be 1-128 characters"
+    tenant = event.get("tenant_id")
+    if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
+        return f"invalid_tenant_id: {str(tenant)[:64]!r} does not match {TENANT_RE.pattern}"
+    if _bad_id(event.get("session_id")):
+        return "invalid_session_id: must be 1-128 characters"
+    source = event.get("source")
+    if not isinstance(source, str) or not source or len(source) > MAX_ID_LEN:
+        return "invalid_source: must be 1-128 characters"
+    for name in COUNTERS:
+        if event.get(name, 0) < 0:
+            return f"negative_counter: {name}={event[name]}"
+    risk = event.get("risk_score")
+    if risk is not None and not (math.isfinite(risk) and 0.0 <= risk <= 1.0):
+        return f"invalid_risk_score: {risk!r} is not within [0, 1]"
+    if event["occurred_at"] > now_micros + MAX_FUTURE_MICROS:
+        return "future_timestamp: occurred_at is more than 5 minutes in the future"
+    if key is not None and key != tenant.encode():
+        return "key_mismatch: Kafka key is not the tenant_id"
+    return None
+
+
+def reason_code(reason: str) -> str:
+    """The code part of a reason (``"negative_counter: cpu_ms=-1"`` -> ``"negative_counter"``)."""
+    return reason.split(":", 1)[0]

@@ -1,0 +1,28 @@
+"""Building usage events for tests."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+
+def make_event(tenant: str = "acme-corp", **overrides: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "event_id": str(uuid.uuid4()),
+        "tenant_id": tenant,
+        "session_id": "s-1",
+        "occurred_at": int(time.time() * 1_000_000) - 3_600_000_000,
+        "source": "gateway",
+        "cpu_ms": 10,
+        "network_bytes": 2048,
+        "api_calls": 3,
+        "tool_executions": 1,
+        "data_retrievals": 1,
+        "egress_scans": 1,
+        "policy_checks": 5,
+        "violations": 0,
+        "risk_score": 0.25,
+    }
+    event.update(overrides)
+    return event

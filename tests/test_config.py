@@ -1,0 +1,59 @@
+"""Configuration: defaults of SPEC section 9, one-line errors naming the variable."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from pf_metering.config import Settings, load_settings
+from pf_metering.errors import UserError
+from tests.cli_runner import assert_user_error, run_cli
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("KAFKA_BOOTSTRAP_SERVERS", "METERING_TOPIC", "METERING_GROUP", "METERING_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert s.kafka_bootstrap_servers == "127.0.0.1:9092"
+    assert s.metering_topic == "pf.usage.events"
+    assert s.metering_group == "pf-metering"
+    assert str(s.metering_data_dir) == "data"
+    assert s.metering_grace == timedelta(hours=1)
+    assert s.stripe_enabled is False
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("30m", 1800), ("2h", 7200), ("PT1H", 3600)]
+)
+def test_grace_formats(monkeypatch: pytest.MonkeyPatch, text: str, seconds: int) -> None:
+    monkeypatch.setenv("METERING_GRACE", text)
+    assert load_settings().metering_grace == timedelta(seconds=seconds)
+
+
+def test_bad_value_names_variable_not_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METERING_DEDUP_DAYS", "3")
+    with pytest.raises(UserError) as err:
+        load_settings()
+    assert "METERING_DEDUP_DAYS" in str(err.value)
+
+
+def test_cli_reports_bad_config_in_one_line() -> None:
+    proc = run_cli("tiers", env={"STRIPE_ENABLED": "perhaps"})
+    assert_user_error(proc, "STRIPE_ENABLED")
+
+
+def test_kafka_security_passes_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "hunter2-secret")
+    monkeypatch.setenv("KAFKA_SSL_CA_LOCATION", "/etc/ca.pem")
+    s = load_settings()
+    conf = s.kafka_common()
+    assert conf["security.protocol"] == "SASL_SSL"
+    assert conf["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert conf["sasl.username"] == "svc"
+    assert conf["sasl.password"] == "hunter2-secret"
+    assert conf["ssl.ca.location"] == "/etc/ca.pem"
+    assert "hunter2-secret" not in repr(s)

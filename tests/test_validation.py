@@ -1,0 +1,67 @@
+"""Every invalid class of SPEC sections 2 and 4 gives its named reason."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import pytest
+
+from schemas.validation import REASONS, reason_code, validate
+from tests.events import make_event
+
+NOW = int(time.time() * 1_000_000)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"event_id": ""}, "invalid_event_id"),
+        ({"event_id": "x" * 129}, "invalid_event_id"),
+        ({"tenant_id": ""}, "invalid_tenant_id"),
+        ({"tenant_id": "-leading-dash"}, "invalid_tenant_id"),
+        ({"tenant_id": "has space"}, "invalid_tenant_id"),
+        ({"tenant_id": "a" * 129}, "invalid_tenant_id"),
+        ({"tenant_id": "x'; DROP TABLE t;--"}, "invalid_tenant_id"),
+        ({"session_id": ""}, "invalid_session_id"),
+        ({"session_id": "s" * 129}, "invalid_session_id"),
+        ({"source": ""}, "invalid_source"),
+        ({"cpu_ms": -1}, "negative_counter"),
+        ({"network_bytes": -5}, "negative_counter"),
+        ({"violations": -1}, "negative_counter"),
+        ({"risk_score": math.nan}, "invalid_risk_score"),
+        ({"risk_score": math.inf}, "invalid_risk_score"),
+        ({"risk_score": -0.01}, "invalid_risk_score"),
+        ({"risk_score": 1.5}, "invalid_risk_score"),
+        ({"occurred_at": NOW + 6 * 60 * 1_000_000}, "future_timestamp"),
+    ],
+)
+def test_invalid_event_reason(overrides: dict[str, Any], reason: str) -> None:
+    got = validate(make_event(**overrides), NOW)
+    assert got is not None and reason_code(got) == reason
+    assert reason in REASONS
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tenant_id": "t_with.under_scores:and-dashes"},
+        {"tenant_id": "a" * 128},
+        {"risk_score": None},
+        {"risk_score": 0.0},
+        {"risk_score": 1.0},
+        {"occurred_at": NOW + 4 * 60 * 1_000_000},
+        {"cpu_ms": 0, "network_bytes": 0},
+    ],
+)
+def test_valid_events_pass(overrides: dict[str, Any]) -> None:
+    assert validate(make_event(**overrides), NOW) is None
+
+
+def test_key_must_be_tenant() -> None:
+    event = make_event(tenant="acme")
+    assert validate(event, NOW, key=b"acme") is None
+    got = validate(event, NOW, key=b"other")
+    assert got is not None and reason_code(got) == "key_mismatch"
