@@ -1,0 +1,96 @@
+"""Read snapshots: what readers see while a worker holds the ledger files.
+
+DuckDB lets one process open a file read-write and nobody else open it at all, so each
+worker publishes, per partition, its aggregates and dead letters as Parquet files plus a
+manifest, by write-then-rename (readers see the old or the new file, never half of one),
+every ``METERING_SNAPSHOT_SECONDS`` and when it releases the partition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+TABLES = ("aggregates", "dead_letters")
+
+
+def topic_dir(snapshot_dir: Path, topic: str) -> Path:
+    return snapshot_dir / re.sub(r"[^A-Za-z0-9._-]", "_", topic)
+
+
+def partition_file(snapshot_dir: Path, topic: str, partition: int, table: str) -> Path:
+    return topic_dir(snapshot_dir, topic) / f"p-{partition:04d}.{table}.parquet"
+
+
+def _sql_str(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def publish_partition(
+    con: duckdb.DuckDBPyConnection, alias: str, snapshot_dir: Path, topic: str, partition: int
+) -> None:
+    """Write this partition's tables and manifest atomically (each file by rename)."""
+    folder = topic_dir(snapshot_dir, topic)
+    folder.mkdir(parents=True, exist_ok=True)
+    for table in TABLES:
+        final = partition_file(snapshot_dir, topic, partition, table)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        con.execute(f"COPY (SELECT * FROM {alias}.{table}) TO '{_sql_str(tmp)}' (FORMAT parquet)")
+        os.replace(tmp, final)
+    row = con.execute(
+        f"SELECT next_offset FROM {alias}.offsets WHERE topic = ? AND partition = ?",
+        [topic, partition],
+    ).fetchone()
+    manifest = {
+        "topic": topic,
+        "partition": partition,
+        "next_offset": row[0] if row else 0,
+        "published_at": time.time(),
+        "writer_pid": os.getpid(),
+    }
+    final = folder / f"p-{partition:04d}.manifest.json"
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, final)
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """How current the snapshot a reader sees is."""
+
+    partitions: int
+    oldest_published_at: float | None
+    newest_published_at: float | None
+
+    def describe(self, now: float | None = None) -> str:
+        if self.oldest_published_at is None:
+            return "no usage data published yet (has a worker run?)"
+        now = time.time() if now is None else now
+        age = max(0.0, now - self.oldest_published_at)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.oldest_published_at))
+        return (
+            f"usage data as of {stamp} ({age:.0f} s old, snapshot of {self.partitions} "
+            "partition(s))"
+        )
+
+
+def freshness(snapshot_dir: Path, topic: str) -> Freshness:
+    stamps = []
+    for path in topic_dir(snapshot_dir, topic).glob("p-*.manifest.json"):
+        try:
+            stamps.append(float(json.loads(path.read_text())["published_at"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    if not stamps:
+        return Freshness(0, None, None)
+    return Freshness(len(stamps), min(stamps), max(stamps))
+
+
+def snapshot_files(snapshot_dir: Path, topic: str, table: str) -> list[Path]:
+    return sorted(topic_dir(snapshot_dir, topic).glob(f"p-*.{table}.parquet"))

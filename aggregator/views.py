@@ -1,0 +1,101 @@
+"""The documented read views over the published snapshot (for ``usage``, ``sql``, billing).
+
+Views (all read-only):
+- ``usage``: one row per tenant and period: events, sessions, the eight counters,
+  risk_score_avg, risk_score_max, first_occurred_at, last_occurred_at.
+- ``dead_letters``: every invalid event with topic, partition, offset, key, value, reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from aggregator.snapshot import Freshness, freshness, snapshot_files, topic_dir
+from schemas.codec import COUNTERS
+
+_EMPTY_AGGREGATES = (
+    "SELECT NULL::VARCHAR AS tenant_id, NULL::VARCHAR AS period, NULL::INTEGER AS partition, "
+    "NULL::BIGINT AS events, NULL::BIGINT AS sessions, "
+    + ", ".join(f"NULL::BIGINT AS {c}" for c in COUNTERS)
+    + ", NULL::DOUBLE AS risk_score_sum, NULL::BIGINT AS risk_score_count, "
+    "NULL::DOUBLE AS risk_score_max, NULL::BIGINT AS first_occurred_at, "
+    "NULL::BIGINT AS last_occurred_at WHERE false"
+)
+_EMPTY_DEAD = (
+    'SELECT NULL::VARCHAR AS topic, NULL::INTEGER AS partition, NULL::BIGINT AS "offset", '
+    "NULL::BLOB AS key, NULL::BLOB AS value, NULL::VARCHAR AS reason, "
+    "NULL::VARCHAR AS reason_code, NULL::TIMESTAMPTZ AS dead_lettered_at WHERE false"
+)
+_COUNTER_SUMS = ", ".join(f"sum({c})::BIGINT AS {c}" for c in COUNTERS)
+USAGE_SQL = f"""
+    SELECT tenant_id, period, sum(events)::BIGINT AS events, sum(sessions)::BIGINT AS sessions,
+           {_COUNTER_SUMS},
+           CASE WHEN sum(risk_score_count) > 0
+                THEN sum(risk_score_sum) / sum(risk_score_count) END AS risk_score_avg,
+           max(risk_score_max) AS risk_score_max,
+           make_timestamptz(min(first_occurred_at)) AS first_occurred_at,
+           make_timestamptz(max(last_occurred_at)) AS last_occurred_at
+    FROM raw_aggregates GROUP BY tenant_id, period"""
+
+
+def _source(files: list[Path] | str, empty: str) -> str:
+    if isinstance(files, str):
+        return f"SELECT * FROM read_parquet('{files}')"
+    if not files:
+        return empty
+    listed = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+    return f"SELECT * FROM read_parquet([{listed}])"
+
+
+def define_views(
+    con: duckdb.DuckDBPyConnection,
+    aggregates: list[Path] | str,
+    dead_letters: list[Path] | str,
+) -> None:
+    con.execute(
+        f"CREATE OR REPLACE VIEW raw_aggregates AS {_source(aggregates, _EMPTY_AGGREGATES)}"
+    )
+    con.execute(f"CREATE OR REPLACE VIEW usage AS {USAGE_SQL}")
+    con.execute(f"CREATE OR REPLACE VIEW dead_letters AS {_source(dead_letters, _EMPTY_DEAD)}")
+
+
+@dataclass
+class UsageReader:
+    """An in-memory DuckDB connection whose views read the current snapshot."""
+
+    con: duckdb.DuckDBPyConnection
+    freshness: Freshness
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def open_usage(snapshot_dir: Path, topic: str) -> UsageReader:
+    con = duckdb.connect(":memory:")
+    define_views(
+        con,
+        snapshot_files(snapshot_dir, topic, "aggregates"),
+        snapshot_files(snapshot_dir, topic, "dead_letters"),
+    )
+    return UsageReader(con, freshness(snapshot_dir, topic))
+
+
+def write_query_db(data_dir: Path, snapshot_dir: Path, topic: str) -> Path:
+    """(Re)write ``data/query.duckdb``: views over the snapshot for the plain duckdb CLI."""
+    target = data_dir / "query.duckdb"
+    folder = topic_dir(snapshot_dir, topic).resolve()
+    tmp = target.with_name(f".query.{os.getpid()}.duckdb")
+    tmp.unlink(missing_ok=True)
+    con = duckdb.connect(str(tmp))
+    try:
+        define_views(
+            con, str(folder / "p-*.aggregates.parquet"), str(folder / "p-*.dead_letters.parquet")
+        )
+    finally:
+        con.close()
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,75 @@
+"""The billing DuckDB file (tenants, invoices, Stripe sync): short-lived connections.
+
+DuckDB allows one read-write process per file, and the webhook server, the nightly job and
+ad-hoc commands all write it. So nobody holds it open for long: each unit of work opens it,
+commits, and closes; a process that finds it locked retries with backoff up to
+``METERING_LOCK_TIMEOUT`` seconds. Modules register their DDL with ``register_schema``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from pf_metering.errors import OperationError
+
+_SCHEMA: list[str] = []
+
+
+def register_schema(ddl: str) -> None:
+    """Add idempotent DDL (CREATE ... IF NOT EXISTS) run on every open."""
+    if ddl not in _SCHEMA:
+        _SCHEMA.append(ddl)
+
+
+def _is_lock_error(exc: duckdb.Error) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or "conflicting" in text or "already open" in text
+
+
+def open_with_retry(
+    path: Path, timeout: float, *, read_only: bool = False, what: str = "database"
+) -> duckdb.DuckDBPyConnection:
+    """Open a DuckDB file, waiting (with jittered backoff) while another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if not _is_lock_error(exc) or time.monotonic() >= deadline:
+                raise OperationError(f"cannot open {what} {path}: {exc}") from None
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.5)
+
+
+@contextmanager
+def billing_db(path: Path, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection to the billing file with every registered table present."""
+    con = open_with_retry(path, timeout, what="billing database")
+    try:
+        for ddl in _SCHEMA:
+            con.execute(ddl)
+        yield con
+    finally:
+        con.close()
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+Work = Callable[[duckdb.DuckDBPyConnection], object]

@@ -1,0 +1,29 @@
+"""Putting events into a real ledger and snapshot without Kafka (for billing/reader tests)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aggregator.fold import Record, prepare_batch
+from aggregator.ledger import LedgerSet
+from pf_metering.config import Settings
+from schemas.codec import default_codec
+
+
+def publish_usage(settings: Settings, events: Sequence[dict[str, Any]], partition: int = 0) -> None:
+    """Fold ``events`` into partition ``partition``'s ledger (appending) and publish it."""
+    codec = default_codec()
+    ledgers = LedgerSet(settings.ledger_dir, settings.metering_topic, lock_timeout=10)
+    try:
+        ledger = ledgers.acquire(partition)
+        start = ledger.next_offset or 0
+        records = [
+            Record(start + i, e["tenant_id"].encode(), codec.encode(e))
+            for i, e in enumerate(events)
+        ]
+        now = int(time.time() * 1_000_000)
+        ledger.commit(prepare_batch(partition, records, codec, now, None))
+    finally:
+        ledgers.close(settings.snapshot_dir)
