@@ -128,9 +128,10 @@ def days_until_due(invoice: Invoice) -> int:
     return max(1, days)
 
 
-def _metadata(obj: stripe.StripeObject) -> dict[str, str]:
+def _metadata_value(obj: stripe.StripeObject, key: str) -> str | None:
+    """One metadata value; item access works the same on every stripe-python release."""
     data = getattr(obj, "metadata", None)
-    return {str(k): str(v) for k, v in data.to_dict().items()} if data else {}
+    return str(data[key]) if data is not None and key in data else None
 
 
 @dataclass
@@ -233,7 +234,7 @@ class StripePusher:
         present: dict[str, int] = {}
         foreign = 0
         for line in self.gateway.list_lines(stripe_invoice_id):
-            ref = _metadata(line).get("pf_line")
+            ref = _metadata_value(line, "pf_line")
             if ref is None:
                 foreign += line.amount
             else:
