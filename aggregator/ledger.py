@@ -87,6 +87,7 @@ class PartitionLedger:
         self.next_offset: int | None = row[0] if row else None
         self.max_occurred_at: int | None = row[1] if row else None
         self.last_publish = 0.0
+        self.last_commit = 0.0
 
     def commit(self, batch: PreparedBatch) -> CommitResult:
         """Apply one prepared batch atomically; returns what it counted."""
@@ -172,6 +173,7 @@ class PartitionLedger:
                 con.unregister("fresh_events")
         self.next_offset = batch.next_offset
         self.max_occurred_at = max_at
+        self.last_commit = time.monotonic()
         counted = fresh.num_rows
         return CommitResult(counted, batch.events.num_rows - counted, len(batch.dead))
 

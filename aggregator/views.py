@@ -63,6 +63,16 @@ def define_views(
     con.execute(f"CREATE OR REPLACE VIEW dead_letters AS {_source(dead_letters, _EMPTY_DEAD)}")
 
 
+def materialize(con: duckdb.DuckDBPyConnection) -> None:
+    """Copy the views into memory so file access can be switched off for ad-hoc SQL."""
+    for name in ("usage", "dead_letters"):
+        con.execute(f"CREATE TABLE _m_{name} AS SELECT * FROM {name}")
+    for name in ("usage", "dead_letters", "raw_aggregates"):
+        con.execute(f"DROP VIEW {name}")
+    for name in ("usage", "dead_letters"):
+        con.execute(f"ALTER TABLE _m_{name} RENAME TO {name}")
+
+
 @dataclass
 class UsageReader:
     """An in-memory DuckDB connection whose views read the current snapshot."""
@@ -86,15 +96,20 @@ def open_usage(snapshot_dir: Path, topic: str) -> UsageReader:
 
 def write_query_db(data_dir: Path, snapshot_dir: Path, topic: str) -> Path:
     """(Re)write ``data/query.duckdb``: views over the snapshot for the plain duckdb CLI."""
+    data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / "query.duckdb"
     folder = topic_dir(snapshot_dir, topic).resolve()
     tmp = target.with_name(f".query.{os.getpid()}.duckdb")
     tmp.unlink(missing_ok=True)
     con = duckdb.connect(str(tmp))
+
+    def pattern(table: str) -> list[Path] | str:
+        # DuckDB checks a glob when the view is created: use it only once files exist.
+        found = snapshot_files(snapshot_dir, topic, table)
+        return str(folder / f"p-*.{table}.parquet") if found else []
+
     try:
-        define_views(
-            con, str(folder / "p-*.aggregates.parquet"), str(folder / "p-*.dead_letters.parquet")
-        )
+        define_views(con, pattern("aggregates"), pattern("dead_letters"))
     finally:
         con.close()
     os.replace(tmp, target)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from pf_metering.commands import produce
+from pf_metering.commands import consume_cmds, produce
 
 
 def register_all(app: typer.Typer) -> None:
     produce.register(app)
+    consume_cmds.register(app)

@@ -1,0 +1,1 @@
+"""The Kafka consumer worker: poll loop, rebalance handling, dead letters, /metrics."""

@@ -1,0 +1,54 @@
+"""Prometheus metrics of a worker (all prefixed ``pf_``), served on ``--metrics-port``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from schemas.validation import REASONS
+
+
+@dataclass
+class WorkerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.consumed = Counter(
+            "pf_events_consumed", "Kafka records read by the worker", ["partition"], registry=r
+        )
+        self.counted = Counter(
+            "pf_events_counted", "Events folded into the aggregates (first sighting)", registry=r
+        )
+        self.duplicates = Counter(
+            "pf_events_duplicate", "Events recognised as already counted", registry=r
+        )
+        self.dead = Counter(
+            "pf_events_dead_lettered", "Invalid records stored as dead letters", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        for reason in REASONS:
+            self.dead.labels(reason=reason)
+        self.batch_seconds = Histogram(
+            "pf_batch_duration_seconds",
+            "Time to decode, validate and commit one partition batch",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.lag = Gauge(
+            "pf_consumer_lag", "Records between the ledger offset and the end of the partition",
+            ["partition"], registry=r,
+        )  # fmt: skip
+        self.last_commit = Gauge(
+            "pf_last_commit_timestamp_seconds", "Unix time of the last ledger commit", registry=r
+        )
+        self.partitions_held = Gauge(
+            "pf_partitions_assigned", "Partitions this worker currently owns", registry=r
+        )
+        self.rebalances = Counter(
+            "pf_rebalances", "Partition assignments and revocations seen", ["kind"], registry=r
+        )
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)

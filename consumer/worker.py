@@ -1,0 +1,248 @@
+"""The worker: poll, decode, validate, commit to the ledger; survive rebalances and kills.
+
+Commit contract (why exactly-once holds):
+1. Every partition has its own ledger file; its ``offsets`` row commits in the same DuckDB
+   transaction as the aggregates, dedup ids, duplicates and dead letters of a batch.
+2. On assignment the worker attaches the partition's ledger and hands the stored offset
+   to ``assign``/``incremental_assign`` (not ``seek``), so Kafka resumes exactly there.
+3. Records below the ledger's offset (redelivery) are skipped; ids already in the dedup
+   table (the same event produced twice) are recorded as duplicates, not counted.
+4. The Kafka-side commit happens after the DuckDB commit and is only for lag monitoring.
+A worker killed between 1 and 4 redoes the batch from the ledger's offset: nothing is lost
+or doubled. Callbacks run inside ``consume()``, between batches, so no batch is in flight
+when a partition is revoked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from aggregator.fold import Record, prepare_batch
+from aggregator.ledger import LedgerSet
+from aggregator.views import write_query_db
+from consumer.kafka import committed_offsets, consumer_config, end_offsets, split_by_partition
+from consumer.metrics import WorkerMetrics
+from pf_metering.config import Settings
+from pf_metering.errors import OperationError
+from schemas.codec import Codec, default_codec
+
+log = logging.getLogger(__name__)
+DAY_MICROS = 86_400 * 1_000_000
+PRUNE_EVERY_SECONDS = 600.0
+
+
+@dataclass
+class WorkerStats:
+    consumed: int = 0
+    counted: int = 0
+    duplicates: int = 0
+    dead: int = 0
+    batches: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """One consumer-group member folding the usage topic into its partition ledgers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        drain: bool = False,
+        metrics: WorkerMetrics | None = None,
+        codec: Codec | None = None,
+        strategy: str = "cooperative-sticky",
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topic = settings.metering_topic
+        self.drain = drain
+        self.metrics = metrics or WorkerMetrics()
+        self.codec = codec or default_codec()
+        self.cooperative = strategy == "cooperative-sticky"
+        self.stats = WorkerStats()
+        self.stop_requested = threading.Event()
+        self.fatal: BaseException | None = None
+        self.assigned_once = False
+        self.ledgers = LedgerSet(settings.ledger_dir, self.topic, settings.metering_lock_timeout)
+        conf = consumer_config(
+            settings.kafka_common(), settings.metering_group, strategy, extra_config
+        )
+        conf["error_cb"] = self._on_error
+        self.consumer = Consumer(conf)
+        self._last_prune = time.monotonic()
+
+    # -- rebalance callbacks (run inside consume()) -------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        try:
+            for tp in partitions:
+                ledger = self.ledgers.acquire(tp.partition)
+                tp.offset = (
+                    ledger.next_offset if ledger.next_offset is not None else OFFSET_BEGINNING
+                )
+                ledger.publish(self.settings.snapshot_dir)
+            if self.cooperative:
+                consumer.incremental_assign(partitions)
+            else:
+                consumer.assign(partitions)
+            self.assigned_once = True
+            write_query_db(self.settings.metering_data_dir, self.settings.snapshot_dir, self.topic)
+            self.metrics.rebalances.labels(kind="assign").inc()
+            self.metrics.partitions_held.set(len(self.ledgers.held))
+            log.info("assigned %s", sorted(tp.partition for tp in partitions))
+        except BaseException as exc:  # an exception here must stop the worker
+            self.fatal = exc
+            self.stop_requested.set()
+            raise
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        try:
+            for tp in partitions:
+                self.ledgers.release(tp.partition, self.settings.snapshot_dir)
+                with contextlib.suppress(KeyError):
+                    self.metrics.lag.remove(str(tp.partition))
+            self.metrics.rebalances.labels(kind="revoke").inc()
+            self.metrics.partitions_held.set(len(self.ledgers.held))
+            log.info("revoked %s", sorted(tp.partition for tp in partitions))
+        except BaseException as exc:
+            self.fatal = exc
+            self.stop_requested.set()
+            raise
+
+    def _on_error(self, err: Any) -> None:
+        log.warning("kafka client: %s", err)
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> WorkerStats:
+        """Consume until stopped (or, with drain, until every partition is at its end)."""
+        self.consumer.subscribe(
+            [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )  # fmt: skip
+        clean = False
+        try:
+            while not self.stop_requested.is_set():
+                messages = self.consumer.consume(self.settings.metering_batch_size, 0.5)
+                if self.fatal is not None:
+                    raise OperationError(f"partition assignment failed: {self.fatal}")
+                if messages:
+                    self._process(split_by_partition(messages))
+                self._housekeeping(idle=not messages)
+                if self.drain and not messages and self._drained():
+                    break
+            clean = True
+        finally:
+            self._shutdown(clean)
+        return self.stats
+
+    def _process(self, by_partition: dict[int, list[Record]]) -> None:
+        now = int(time.time() * 1_000_000)
+        window = self.settings.metering_dedup_days * DAY_MICROS
+        committed: list[TopicPartition] = []
+        for partition, records in by_partition.items():
+            ledger = self.ledgers.held.get(partition)
+            if ledger is None:
+                continue  # revoked while the messages were in flight: the new owner redoes them
+            start = ledger.next_offset or 0
+            fresh = [r for r in records if r.offset >= start]
+            if not fresh:
+                continue
+            began = time.perf_counter()
+            oldest = None if ledger.max_occurred_at is None else ledger.max_occurred_at - window
+            batch = prepare_batch(partition, fresh, self.codec, now, oldest)
+            result = ledger.commit(batch)
+            self.metrics.batch_seconds.observe(time.perf_counter() - began)
+            self._count(partition, len(fresh), result.counted, result.duplicates, batch)
+            committed.append(TopicPartition(self.topic, partition, batch.next_offset))
+        if committed:
+            self.metrics.last_commit.set(time.time())
+            self.consumer.commit(offsets=committed, asynchronous=True)
+
+    def _count(self, partition: int, consumed: int, counted: int, dups: int, batch: Any) -> None:
+        self.stats.consumed += consumed
+        self.stats.counted += counted
+        self.stats.duplicates += dups
+        self.stats.dead += len(batch.dead)
+        self.stats.batches += 1
+        self.metrics.consumed.labels(partition=str(partition)).inc(consumed)
+        self.metrics.counted.inc(counted)
+        self.metrics.duplicates.inc(dups)
+        for d in batch.dead:
+            self.metrics.dead.labels(reason=d.reason_code).inc()
+
+    def _housekeeping(self, idle: bool) -> None:
+        now = time.monotonic()
+        due = now - self.settings.metering_snapshot_seconds
+        for ledger in list(self.ledgers.held.values()):
+            if ledger.last_commit > ledger.last_publish and (idle or ledger.last_publish <= due):
+                ledger.publish(self.settings.snapshot_dir)
+        if now - self._last_prune > PRUNE_EVERY_SECONDS:
+            window = self.settings.metering_dedup_days * DAY_MICROS
+            for ledger in self.ledgers.held.values():
+                ledger.prune(window)
+            self._last_prune = now
+        if idle or self.stats.batches % 20 == 0:
+            self._update_lag()
+
+    def _update_lag(self) -> None:
+        for partition, ledger in self.ledgers.held.items():
+            try:
+                high = self.consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, partition), cached=True
+                )[1]
+            except Exception:
+                continue
+            if high >= 0:
+                self.metrics.lag.labels(partition=str(partition)).set(
+                    max(0, high - (ledger.next_offset or 0))
+                )
+
+    def _drained(self) -> bool:
+        """True once every partition of the topic is consumed to its end (by anyone)."""
+        if not self.assigned_once:
+            return False
+        ends = end_offsets(self.consumer, self.topic)
+        others = [p for p in ends if p not in self.ledgers.held]
+        theirs = committed_offsets(self.consumer, self.topic, others)
+        for partition, end in ends.items():
+            ledger = self.ledgers.held.get(partition)
+            done = (ledger.next_offset or 0) if ledger else max(theirs.get(partition, 0), 0)
+            if done < end:
+                return False
+        return True
+
+    def _shutdown(self, clean: bool) -> None:
+        try:
+            if clean:
+                held = [
+                    TopicPartition(self.topic, p, ledger.next_offset)
+                    for p, ledger in self.ledgers.held.items()
+                    if ledger.next_offset is not None
+                ]
+                if held:
+                    try:
+                        self.consumer.commit(offsets=held, asynchronous=False)
+                    except Exception as exc:  # lag monitoring only; the ledger has the truth
+                        log.warning("final Kafka offset commit failed: %s", exc)
+            self.ledgers.close(self.settings.snapshot_dir if clean else None)
+        finally:
+            self.consumer.close()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: finish the batch in hand, publish, release partitions, exit."""
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %s: stopping after the current batch", signum)
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,123 @@
+"""``consume``, ``dead-letters`` and ``sql``: the worker and its read-only companions."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+import duckdb
+import typer
+
+from aggregator.views import materialize, open_usage
+from consumer.metrics import WorkerMetrics
+from consumer.worker import Worker
+from pf_metering.commands.common import FORMAT_OPTION, OUTPUT_OPTION, QUIET_OPTION, output_path
+from pf_metering.config import settings
+from pf_metering.errors import UserError
+from pf_metering.output import Format, render, rows_table
+
+log = logging.getLogger(__name__)
+
+
+def consume(
+    drain: bool = typer.Option(False, "--drain", help="exit 0 once every partition is at its end"),
+    metrics_port: int = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics"),
+    strategy: str = typer.Option(
+        "cooperative-sticky",
+        "--assignment-strategy",
+        help="cooperative-sticky, range or roundrobin",
+    ),
+    quiet: bool = QUIET_OPTION,
+) -> None:
+    """Run a consumer worker: fold usage events into the DuckDB ledger, exactly once."""
+    if strategy not in ("cooperative-sticky", "range", "roundrobin"):
+        raise UserError(f"unknown assignment strategy {strategy!r}")
+    cfg = settings()
+    metrics = WorkerMetrics()
+    if metrics_port is not None:
+        try:
+            metrics.serve(metrics_port)
+        except OSError as exc:
+            raise UserError(
+                f"cannot serve metrics on port {metrics_port}: {exc.strerror}"
+            ) from None
+    worker = Worker(cfg, drain=drain, metrics=metrics, strategy=strategy)
+    worker.install_signal_handlers()
+    stats = worker.run()
+    if not quiet:
+        print(
+            f"consumed {stats.consumed} records: {stats.counted} counted, "
+            f"{stats.duplicates} duplicates, {stats.dead} dead-lettered",
+            file=sys.stderr,
+        )
+
+
+def dead_letters(fmt: Format = FORMAT_OPTION, output: Path = OUTPUT_OPTION) -> None:
+    """List invalid events with their reasons."""
+    cfg = settings()
+    reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
+    print(reader.freshness.describe(), file=sys.stderr)
+    rel = reader.con.sql(
+        'SELECT topic, partition, "offset", key, value, reason_code, reason, dead_lettered_at '
+        'FROM dead_letters ORDER BY partition, "offset"'
+    )
+    cols = rel.columns
+    rows = [dict(zip(cols, r, strict=True)) for r in rel.fetchall()]
+    for row in rows:
+        row["key"] = row["key"].decode("utf-8", "replace") if row["key"] is not None else None
+        row["value"] = row["value"].hex() if row["value"] is not None else None
+    reader.close()
+    render(
+        fmt, output_path(output), json_data=rows, csv_rows=lambda: rows,
+        table=lambda: rows_table([{k: v for k, v in r.items() if k != "value"} for r in rows],
+                                 title=f"{len(rows)} dead letters"),
+    )  # fmt: skip
+
+
+_WRITES = re.compile(
+    r"\b(INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|ATTACH|DETACH|COPY|INSTALL|LOAD|EXPORT|IMPORT|"
+    r"PRAGMA|SET|RESET|CALL|CHECKPOINT|VACUUM|USE|BEGIN|COMMIT|ROLLBACK|TRUNCATE|MERGE)\b",
+    re.IGNORECASE,
+)
+
+
+def sql(
+    query: str = typer.Argument(..., help="a SELECT over the documented views"),
+    fmt: Format = FORMAT_OPTION,
+    output: Path = OUTPUT_OPTION,
+) -> None:
+    """Read-only ad-hoc query over the views usage and dead_letters (and billing views)."""
+    stripped = query.strip().rstrip(";")
+    if ";" in stripped:
+        raise UserError("sql takes exactly one statement")
+    if not re.match(r"^\s*(SELECT|WITH|FROM|DESCRIBE|SHOW|SUMMARIZE|EXPLAIN)\b", stripped, re.I):
+        raise UserError("sql is read-only: only SELECT, WITH, FROM, DESCRIBE, SHOW queries")
+    if _WRITES.search(stripped):
+        raise UserError(
+            "sql is read-only: statements that write, ATTACH, COPY, INSTALL or LOAD are refused"
+        )
+    cfg = settings()
+    reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
+    con = reader.con
+    materialize(con)
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    print(reader.freshness.describe(), file=sys.stderr)
+    try:
+        rel = con.sql(stripped)
+        cols = rel.columns if rel is not None else []
+        rows = [dict(zip(cols, r, strict=True)) for r in rel.fetchall()] if rel else []
+    except duckdb.Error as exc:
+        raise UserError(f"query failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        reader.close()
+    render(fmt, output_path(output), json_data=rows, csv_rows=lambda: rows,
+           table=lambda: rows_table(rows))  # fmt: skip
+
+
+def register(app: typer.Typer) -> None:
+    app.command("consume")(consume)
+    app.command("dead-letters")(dead_letters)
+    app.command("sql")(sql)
