@@ -25,6 +25,8 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
+# A usage event is ~100 bytes; anything this large is refused before decoding.
+MAX_VALUE_BYTES = 64 * 1024
 SCHEMA_DIR = Path(__file__).resolve().parent
 COUNTERS: tuple[str, ...] = (
     "cpu_ms",
@@ -118,6 +120,8 @@ class Codec:
         """The writer schema named by a value's header, or DecodeError."""
         if value is None or len(value) < HEADER_LEN or value[:2] != SINGLE_OBJECT_MAGIC:
             raise DecodeError("not_single_object", "value lacks the C3 01 single-object header")
+        if len(value) > MAX_VALUE_BYTES:
+            raise DecodeError("oversized", f"{len(value)} bytes exceeds {MAX_VALUE_BYTES}")
         schema = self.by_fingerprint.get(value[2:HEADER_LEN])
         if schema is None:
             raise DecodeError("unknown_fingerprint", f"writer fingerprint {value[2:10].hex()}")

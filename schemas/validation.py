@@ -14,6 +14,7 @@ MAX_ID_LEN = 128
 # Every reason code a dead letter can carry (metrics label values).
 REASONS = (
     "not_single_object",
+    "oversized",
     "unknown_fingerprint",
     "undecodable_body",
     "invalid_event_id",
@@ -24,6 +25,7 @@ REASONS = (
     "invalid_risk_score",
     "future_timestamp",
     "key_mismatch",
+    "outside_dedup_window",
 )
 
 
