@@ -87,7 +87,7 @@ class WebhookApp:
         try:
             with self._lock:  # one delivery at a time: no write conflicts between threads
                 outcome = self._apply(event, now)
-        except OperationError as exc:
+        except (OperationError, duckdb.Error) as exc:
             log.error("webhook %s not processed: %s", event.event_id, exc)
             return Reply(500, {"error": "billing database unavailable, retry later"})
         log.info("webhook %s %s: %s", event.event_id, event.type, outcome)

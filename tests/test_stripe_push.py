@@ -4,6 +4,7 @@ fault at every call (no response, failure before, error after), then a rerun."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -11,8 +12,11 @@ import pytest
 import stripe
 
 from billing.model import Invoice, InvoiceStatus
-from billing.stripe_gateway import RetryPolicy, StripeCallError, is_retryable
+from billing.stripe_gateway import RetryPolicy, StripeCallError, StripeGateway, is_retryable
 from billing.stripe_push import PushOutcome, PushResult, days_until_due, planned_items
+from pf_metering import config
+from pf_metering.commands.stripe_cmds import push_to_stripe, stripe_requested
+from pf_metering.errors import OperationError, UserError
 from tests.stripe_fixtures import (  # noqa: F401 (fixtures)
     API_KEY,
     LocalBilling,
@@ -412,3 +416,87 @@ def test_amounts_are_integer_cents_rounded_as_the_invoice_rounds() -> None:
     invoice = make_invoice("acme", "2025-01", [("base", "50.00"), ("risk_adjustment", "-0.53")])
     assert [i.amount_cents for i in planned_items(invoice)] == [5000, -53]
     assert invoice.total == Decimal("49.47") and invoice.total_cents == 4947
+
+
+# --- the wiring for ``bill --stripe`` and ``generate-invoice --stripe`` ---------------------
+
+
+@pytest.fixture(name="stripe_env")
+def stripe_env_fixture(
+    data_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, fake_stripe: FakeStripe
+) -> Iterator[LocalBilling]:
+    """Settings pointing at the fake Stripe; the billing file of those settings."""
+    monkeypatch.setenv("STRIPE_SECRET_KEY", API_KEY)
+    monkeypatch.setenv("STRIPE_API_BASE", fake_stripe.url)
+    monkeypatch.delenv("STRIPE_ENABLED", raising=False)
+    config.settings.cache_clear()
+    with LocalBilling(config.settings().billing_db).warm() as billing:
+        yield billing
+    config.settings.cache_clear()
+
+
+def test_push_to_stripe_reports_each_invoice_and_fails_if_any_did(
+    stripe_env: LocalBilling, fake_stripe: FakeStripe, capsys: pytest.CaptureFixture[str]
+) -> None:
+    invoices = sample_invoices()
+    stripe_env.add(*invoices)
+    fake_stripe.inject(
+        "fail",
+        status=400,
+        when=lambda c: (
+            c.path == "/v1/invoices" and c.params["metadata"]["invoice_id"] == "inv-acme-2025-01"
+        ),
+    )
+    with pytest.raises(OperationError) as caught:
+        push_to_stripe(invoices, store=stripe_env.store)
+    assert str(caught.value) == ("1 of 3 invoices failed to push to Stripe: inv-acme-2025-01")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("stripe: inv-acme-2025-01 (acme) failed: create invoice")
+    assert lines[1].startswith("stripe: inv-acme-2025-02 (acme) sent as in_")
+    assert lines[2].startswith("stripe: inv-globex.eu-2025-01 (globex.eu) sent as in_")
+    assert API_KEY not in "\n".join(lines)
+    results = push_to_stripe(current(stripe_env, invoices), store=stripe_env.store)
+    assert [r.outcome for r in results] == [PushOutcome.sent] + [PushOutcome.already_sent] * 2
+
+
+def test_stripe_is_off_unless_enabled_or_asked(
+    data_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STRIPE_ENABLED", raising=False)
+    config.settings.cache_clear()
+    assert not stripe_requested(False) and stripe_requested(True)
+    monkeypatch.setenv("STRIPE_ENABLED", "true")
+    config.settings.cache_clear()
+    assert stripe_requested(False)
+
+
+def test_missing_key_or_bad_api_base_are_user_errors() -> None:
+    with pytest.raises(UserError, match="STRIPE_SECRET_KEY is not set"):
+        StripeGateway.from_settings(config.load_settings(stripe_secret_key=None))
+    with pytest.raises(UserError, match="invalid STRIPE_API_BASE"):
+        StripeGateway.from_settings(
+            config.load_settings(stripe_secret_key=API_KEY, stripe_api_base="localhost:12111")
+        )
+    gateway = StripeGateway.from_settings(
+        config.load_settings(stripe_secret_key=API_KEY, stripe_api_base="http://127.0.0.1:1/")
+    )
+    assert gateway.api_base == "http://127.0.0.1:1"
+
+
+def test_bill_stripe_wiring_with_the_real_invoice_store(
+    stripe_env: LocalBilling, fake_stripe: FakeStripe
+) -> None:
+    """What ``bill --stripe`` does: push every finalized, unsent invoice; a rerun has none."""
+    from billing import invoice_store
+
+    with stripe_env.connect() as con:
+        invoice_store.write_invoices(con, sample_invoices())
+        pending = invoice_store.finalized_unsent(con)
+    results = push_to_stripe(pending)
+    assert [r.outcome for r in results] == [PushOutcome.sent] * 3
+    with stripe_env.connect() as con:
+        assert invoice_store.finalized_unsent(con) == []
+        stored = [invoice_store.get_invoice(con, i.invoice_id) for i in sample_invoices()]
+    for invoice in stored:
+        assert invoice is not None and invoice.status is InvoiceStatus.sent
+        assert fake_stripe.invoices_for(invoice.invoice_id)[0]["id"] == invoice.stripe_invoice_id

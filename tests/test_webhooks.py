@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from billing.db import billing_db
 from billing.model import InvoiceStatus
 from billing.webhook_server import WebhookApp, WebhookServer
 from billing.webhooks import EventError, SignatureError, next_status, parse_event, verify
+from tests.cli_runner import BIN, assert_user_error, run_cli
 from tests.stripe_fixtures import WEBHOOK_SECRET, LocalBilling, make_invoice, stripe_signature, utc
 
 NOW = utc("2025-03-15T12:00:00")
@@ -350,3 +352,52 @@ def test_a_file_locked_too_long_gets_500_and_the_redelivery_is_processed(
         assert status == 500
         assert post(url + "/", payload, header) == (200, {"status": "sent -> void"})
     assert billing.get(PAST_DUE).status is InvoiceStatus.void
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def test_webhooks_serve_help_and_bad_input(tmp_path: Path) -> None:
+    shown = run_cli("webhooks", "serve", "--help")
+    assert shown.returncode == 0 and "--port" in shown.stdout and "--host" in shown.stdout
+    env = {"METERING_DATA_DIR": str(tmp_path), "STRIPE_WEBHOOK_SECRET": ""}
+    assert_user_error(run_cli("webhooks", "serve", env=env), "STRIPE_WEBHOOK_SECRET is not set")
+    env["STRIPE_WEBHOOK_SECRET"] = WEBHOOK_SECRET
+    assert_user_error(run_cli("webhooks", "serve", "--port", "70000", env=env), "--port")
+
+
+def test_webhooks_serve_runs_against_the_real_invoice_store(tmp_path: Path) -> None:
+    from billing import invoice_store
+
+    data = tmp_path / "data"
+    invoice = make_invoice("acme", "2025-01", [("base", "50.00")], status=InvoiceStatus.sent)
+    with billing_db(data / "billing.duckdb", 10) as con:
+        invoice_store.write_invoices(
+            con, [invoice.model_copy(update={"stripe_invoice_id": "in_acme01"})]
+        )
+    env = {**os.environ, "METERING_DATA_DIR": str(data), "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    proc = subprocess.Popen(
+        [str(BIN), "webhooks", "serve", "--port", "0"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert first.startswith("listening on http://127.0.0.1:"), first
+        url = first.split()[-1]
+        payload = event("evt_1", "invoice.paid", "in_acme01", PAST_DUE)
+        now = int(time.time())
+        assert post(url, payload, stripe_signature(payload, "whsec_wrong", now))[0] == 400
+        good = stripe_signature(payload, WEBHOOK_SECRET, now)
+        assert post(url, payload, good) == (200, {"status": "sent -> paid"})
+        assert post(url, payload, good) == (200, {"status": "duplicate"})
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert WEBHOOK_SECRET not in first + err
+    with billing_db(data / "billing.duckdb", 10) as con:
+        stored = invoice_store.get_invoice(con, PAST_DUE)
+    assert stored is not None and stored.status is InvoiceStatus.paid

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from pf_metering.commands import consume_cmds, produce
+from pf_metering.commands import consume_cmds, produce, stripe_cmds
 
 
 def register_all(app: typer.Typer) -> None:
     produce.register(app)
     consume_cmds.register(app)
+    stripe_cmds.register(app)

@@ -1,0 +1,108 @@
+"""Stripe from the command line: ``webhooks serve``, and the push used by ``bill --stripe`` and
+``generate-invoice --stripe`` (``stripe_requested`` then ``push_to_stripe``).
+
+The invoice store is imported where it is used, so the rest of the CLI never depends on it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from functools import partial
+from types import FrameType
+from typing import Protocol
+
+import typer
+
+from billing.db import billing_db
+from billing.model import Invoice
+from billing.stripe_gateway import StripeGateway
+from billing.stripe_push import PushOutcome, PushResult, SentMarker, StripePusher
+from billing.stripe_state import Connect
+from billing.webhook_server import InvoiceStatusStore, WebhookApp, WebhookServer
+from pf_metering.config import Settings, settings
+from pf_metering.errors import OperationError, UserError
+
+webhooks_app = typer.Typer(help="The Stripe webhook endpoint.", no_args_is_help=True)
+
+
+class InvoiceStore(SentMarker, InvoiceStatusStore, Protocol):
+    """What Stripe needs from ``billing.invoice_store``."""
+
+
+def _invoice_store() -> InvoiceStore:
+    from billing import invoice_store
+
+    return invoice_store
+
+
+def _billing_connect(cfg: Settings) -> Connect:
+    return partial(billing_db, cfg.billing_db, cfg.metering_lock_timeout)
+
+
+def stripe_requested(flag: bool) -> bool:
+    """``--stripe`` on the command line, or ``STRIPE_ENABLED=true`` in the environment."""
+    return flag or settings().stripe_enabled
+
+
+def push_to_stripe(
+    invoices: Sequence[Invoice], store: SentMarker | None = None
+) -> list[PushResult]:
+    """Push invoices (``bill`` passes every finalized one, so a rerun resumes earlier pushes),
+    print one line per invoice on stderr, and raise OperationError if any failed."""
+    cfg = settings()
+    gateway = StripeGateway.from_settings(cfg)
+    pusher = StripePusher(gateway, store or _invoice_store(), _billing_connect(cfg))
+    results = pusher.push_all(invoices)
+    for r in results:
+        if r.outcome is PushOutcome.failed:
+            line = f"stripe: {r.invoice_id} ({r.tenant_id}) failed: {r.error}"
+        else:
+            line = (
+                f"stripe: {r.invoice_id} ({r.tenant_id}) {r.outcome.value} as {r.stripe_invoice_id}"
+            )
+        print(line, file=sys.stderr)
+    failed = [r.invoice_id for r in results if not r.ok]
+    if failed:
+        raise OperationError(
+            f"{len(failed)} of {len(results)} invoices failed to push to Stripe: "
+            + ", ".join(failed)
+        )
+    return results
+
+
+@webhooks_app.command("serve")
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    port: int = typer.Option(8788, "--port", min=0, max=65535, help="port (0: any free one)"),
+) -> None:
+    """Receive Stripe webhooks: verify signatures and move local invoice statuses."""
+    cfg = settings()
+    if cfg.stripe_webhook_secret is None or not cfg.stripe_webhook_secret.get_secret_value():
+        raise UserError("STRIPE_WEBHOOK_SECRET is not set; it is needed to verify webhooks")
+    app = WebhookApp(
+        cfg.stripe_webhook_secret.get_secret_value(), _invoice_store(), _billing_connect(cfg)
+    )
+    try:
+        server = WebhookServer((host, port), app)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"listening on {server.url}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    print("stopped", file=sys.stderr)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(webhooks_app, name="webhooks")
