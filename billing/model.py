@@ -44,6 +44,19 @@ class InvoiceLine(BaseModel):
     period: str | None = None  # for late_usage: the period the usage belongs to
 
 
+class QuotaUsage(BaseModel):
+    """How much of one tier quota a period used (reported on invoices and ``usage``)."""
+
+    quota: str  # the tier's quota key: cpu_ms, network_mb, api_calls, ...
+    used: Decimal
+    limit: Decimal
+    utilisation_pct: Decimal | None  # used / limit x 100, 2 places; None when the limit is 0
+    exceeded: bool
+
+
+UNPAID = frozenset({InvoiceStatus.finalized, InvoiceStatus.sent})
+
+
 class Invoice(BaseModel):
     invoice_id: str
     tenant_id: str
@@ -61,6 +74,13 @@ class Invoice(BaseModel):
     finalized_at: datetime | None = None
     stripe_invoice_id: str | None = None
     computed_from: dict[str, Any] = Field(default_factory=dict)
+    quotas: list[QuotaUsage] = Field(default_factory=list)
+
+    def status_on(self, now: datetime) -> InvoiceStatus:
+        """The status to show at ``now``: an unpaid invoice past its due date is overdue."""
+        if self.status in UNPAID and now > self.due_date:
+            return InvoiceStatus.overdue
+        return self.status
 
     def cents(self, line: InvoiceLine) -> int:
         """Integer cents of a line, as sent to Stripe."""
@@ -69,3 +89,17 @@ class Invoice(BaseModel):
     @property
     def total_cents(self) -> int:
         return int((self.total * 100).to_integral_exact())
+
+
+def plain(value: Decimal, min_places: int = 0) -> str:
+    """A Decimal as fixed-point text with at least ``min_places`` decimals, never exponent
+    notation: ``plain(Decimal("1E-7"))`` is ``0.0000001``, ``plain(Decimal(50), 2)`` ``50.00``."""
+    text = format(abs(value) if value == 0 else value, "f")  # never "-0"
+    whole, _, frac = text.partition(".")
+    frac = frac.rstrip("0").ljust(min_places, "0")
+    return f"{whole}.{frac}" if frac else whole
+
+
+def money(value: Decimal) -> str:
+    """An amount as a decimal string with two places, e.g. ``"53.66"``."""
+    return plain(value.quantize(Decimal("0.01")), 2)

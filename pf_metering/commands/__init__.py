@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from pf_metering.commands import consume_cmds, produce, stripe_cmds
+from pf_metering.commands import billing_cmds, consume_cmds, produce, stripe_cmds
 
 
 def register_all(app: typer.Typer) -> None:
     produce.register(app)
     consume_cmds.register(app)
     stripe_cmds.register(app)
+    billing_cmds.register(app)

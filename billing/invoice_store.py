@@ -1,0 +1,309 @@
+"""Invoices and what each period has been billed for, in the billing DuckDB file.
+
+``invoices`` holds one row per tenant and period (UNIQUE(tenant_id, period)); a draft row is
+replaced when it is recomputed or finalized (same invoice_id), a finalized row is never
+rewritten: only its status and Stripe id move. ``billed_usage`` holds, per finalized
+(tenant, period), the counters its invoices have charged so far, so usage that arrives later is
+charged exactly once, as a late_usage line on a later invoice.
+
+Rows are written in bulk from Arrow tables: the nightly job writes thousands at once.
+The Stripe push and the webhook server call ``mark_sent``, ``set_status_by_invoice_id`` and
+``get_invoice``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from pydantic import TypeAdapter
+
+from billing.db import register_schema
+from billing.model import Invoice, InvoiceLine, InvoiceStatus, QuotaUsage
+from billing.rating import Usage
+from schemas.codec import COUNTERS
+
+register_schema(
+    """
+    CREATE TABLE IF NOT EXISTS invoices (
+        invoice_id VARCHAR PRIMARY KEY,
+        tenant_id VARCHAR NOT NULL,
+        period VARCHAR NOT NULL,
+        period_start TIMESTAMPTZ NOT NULL,
+        period_end TIMESTAMPTZ NOT NULL,
+        tier VARCHAR NOT NULL,
+        currency VARCHAR NOT NULL,
+        status VARCHAR NOT NULL,
+        subtotal DECIMAL(18, 2) NOT NULL,
+        total DECIMAL(18, 2) NOT NULL,
+        due_date TIMESTAMPTZ NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        finalized_at TIMESTAMPTZ,
+        stripe_invoice_id VARCHAR,
+        lines VARCHAR NOT NULL,
+        quotas VARCHAR NOT NULL,
+        computed_from VARCHAR NOT NULL,
+        UNIQUE (tenant_id, period)
+    )
+    """
+)
+_COUNTER_COLUMNS = ",\n".join(f"        {c} BIGINT NOT NULL" for c in COUNTERS)
+register_schema(
+    f"""
+    CREATE TABLE IF NOT EXISTS billed_usage (
+        tenant_id VARCHAR NOT NULL,
+        period VARCHAR NOT NULL,
+        tier VARCHAR NOT NULL,
+{_COUNTER_COLUMNS},
+        invoice_id VARCHAR NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (tenant_id, period)
+    )
+    """
+)
+
+_COLUMNS = (
+    "invoice_id, tenant_id, period, period_start, period_end, tier, currency, status, "
+    "subtotal, total, due_date, created_at, finalized_at, stripe_invoice_id, lines, quotas, "
+    "computed_from"
+)
+_LINES = TypeAdapter(list[InvoiceLine])
+_QUOTAS = TypeAdapter(list[QuotaUsage])
+_TS = pa.timestamp("us", tz="UTC")
+_MONEY = pa.decimal128(18, 2)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def to_json_text(data: Any) -> str:
+    """Compact JSON with Decimals as fixed-point strings (what the JSON columns hold)."""
+    return json.dumps(data, default=_json_default, separators=(",", ":"))
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+def _from_row(row: tuple[Any, ...]) -> Invoice:
+    (iid, tenant, period, start, end, tier, currency, status, subtotal, total, due, created,
+     finalized, stripe_id, lines, quotas, computed) = row  # fmt: skip
+    return Invoice(
+        invoice_id=iid,
+        tenant_id=tenant,
+        period=period,
+        period_start=start.astimezone(UTC),
+        period_end=end.astimezone(UTC),
+        tier=tier,
+        currency=currency,
+        status=InvoiceStatus(status),
+        lines=_LINES.validate_json(lines),
+        subtotal=subtotal,
+        total=total,
+        due_date=due.astimezone(UTC),
+        created_at=created.astimezone(UTC),
+        finalized_at=_utc(finalized),
+        stripe_invoice_id=stripe_id,
+        computed_from=json.loads(computed),
+        quotas=_QUOTAS.validate_json(quotas),
+    )
+
+
+def _select(con: duckdb.DuckDBPyConnection, where: str, params: Sequence[Any]) -> list[Invoice]:
+    rows = con.execute(f"SELECT {_COLUMNS} FROM invoices {where}", list(params)).fetchall()
+    return [_from_row(r) for r in rows]
+
+
+# --- the Stripe hook-up -----------------------------------------------------------------
+
+
+def get_invoice(con: duckdb.DuckDBPyConnection, invoice_id: str) -> Invoice | None:
+    found = _select(con, "WHERE invoice_id = ?", [invoice_id])
+    return found[0] if found else None
+
+
+def mark_sent(con: duckdb.DuckDBPyConnection, invoice_id: str, stripe_invoice_id: str) -> None:
+    """The invoice is in Stripe: status sent (unless a webhook already moved it on)."""
+    con.execute(
+        "UPDATE invoices SET stripe_invoice_id = ?, "
+        "status = CASE WHEN status = 'finalized' THEN 'sent' ELSE status END "
+        "WHERE invoice_id = ? AND status <> 'draft'",
+        [stripe_invoice_id, invoice_id],
+    )
+
+
+def set_status_by_invoice_id(
+    con: duckdb.DuckDBPyConnection, invoice_id: str, status: InvoiceStatus
+) -> bool:
+    """Move an invoice's status (never its lines or amounts); False if there is no such one."""
+    row = con.execute(
+        "UPDATE invoices SET status = ? WHERE invoice_id = ? RETURNING invoice_id",
+        [InvoiceStatus(status).value, invoice_id],
+    ).fetchone()
+    return row is not None
+
+
+def finalized_unsent(con: duckdb.DuckDBPyConnection) -> list[Invoice]:
+    """Finalized invoices not yet in Stripe, oldest period first (what ``bill --stripe`` pushes)."""
+    return _select(
+        con,
+        "WHERE status = 'finalized' AND stripe_invoice_id IS NULL ORDER BY period, tenant_id",
+        [],
+    )
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+def list_invoices(con: duckdb.DuckDBPyConnection, tenant_id: str) -> list[Invoice]:
+    """Every invoice of a tenant, oldest period first."""
+    return _select(con, "WHERE tenant_id = ? ORDER BY period", [tenant_id])
+
+
+def invoice_for(con: duckdb.DuckDBPyConnection, tenant_id: str, period: str) -> Invoice | None:
+    found = _select(con, "WHERE tenant_id = ? AND period = ?", [tenant_id, period])
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class InvoiceKey:
+    """Just enough of an existing invoice to plan the next run."""
+
+    invoice_id: str
+    status: InvoiceStatus
+    created_at: datetime
+
+    @property
+    def is_draft(self) -> bool:
+        return self.status is InvoiceStatus.draft
+
+
+def invoice_index(
+    con: duckdb.DuckDBPyConnection, tenant_id: str | None = None
+) -> dict[tuple[str, str], InvoiceKey]:
+    """(tenant_id, period) -> its invoice, for every invoice (or one tenant's)."""
+    where, params = ("WHERE tenant_id = ?", [tenant_id]) if tenant_id else ("", [])
+    rows = con.execute(
+        f"SELECT tenant_id, period, invoice_id, status, created_at FROM invoices {where}", params
+    ).fetchall()
+    return {
+        (t, p): InvoiceKey(iid, InvoiceStatus(s), created.astimezone(UTC))
+        for t, p, iid, s, created in rows
+    }
+
+
+def last_final_period(con: duckdb.DuckDBPyConnection, tenant_id: str) -> str | None:
+    row = con.execute(
+        "SELECT max(period) FROM invoices WHERE tenant_id = ? AND status <> 'draft'", [tenant_id]
+    ).fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+# --- writing ----------------------------------------------------------------------------
+
+
+def _invoice_table(invoices: Sequence[Invoice]) -> pa.Table:
+    def col(name: str) -> list[Any]:
+        return [getattr(inv, name) for inv in invoices]
+
+    return pa.table(
+        {
+            "invoice_id": pa.array(col("invoice_id"), pa.string()),
+            "tenant_id": pa.array(col("tenant_id"), pa.string()),
+            "period": pa.array(col("period"), pa.string()),
+            "period_start": pa.array(col("period_start"), _TS),
+            "period_end": pa.array(col("period_end"), _TS),
+            "tier": pa.array(col("tier"), pa.string()),
+            "currency": pa.array(col("currency"), pa.string()),
+            "status": pa.array([inv.status.value for inv in invoices], pa.string()),
+            "subtotal": pa.array(col("subtotal"), _MONEY),
+            "total": pa.array(col("total"), _MONEY),
+            "due_date": pa.array(col("due_date"), _TS),
+            "created_at": pa.array(col("created_at"), _TS),
+            "finalized_at": pa.array(col("finalized_at"), _TS),
+            "stripe_invoice_id": pa.array(col("stripe_invoice_id"), pa.string()),
+            "lines": pa.array(
+                [to_json_text([ln.model_dump() for ln in inv.lines]) for inv in invoices],
+                pa.string(),
+            ),
+            "quotas": pa.array(
+                [to_json_text([q.model_dump() for q in inv.quotas]) for inv in invoices],
+                pa.string(),
+            ),
+            "computed_from": pa.array([to_json_text(c) for c in col("computed_from")], pa.string()),
+        }
+    )
+
+
+def write_invoices(con: duckdb.DuckDBPyConnection, invoices: Sequence[Invoice]) -> None:
+    """Insert invoices in one statement, replacing drafts with the same invoice_id.
+
+    A finalized invoice is never replaced: writing one again violates the primary key and
+    fails (run this inside the caller's transaction, so nothing else is written either)."""
+    if not invoices:
+        return
+    con.register("_new_invoices", _invoice_table(invoices))
+    try:
+        con.execute(
+            "DELETE FROM invoices WHERE status = 'draft' "
+            "AND invoice_id IN (SELECT invoice_id FROM _new_invoices)"
+        )
+        con.execute(f"INSERT INTO invoices ({_COLUMNS}) SELECT {_COLUMNS} FROM _new_invoices")
+    finally:
+        con.unregister("_new_invoices")
+
+
+@dataclass(frozen=True)
+class Billed:
+    """What the invoices of one finalized (tenant, period) have charged so far."""
+
+    tenant_id: str
+    period: str
+    tier: str
+    usage: Usage
+    invoice_id: str  # the invoice that last charged it
+
+
+def record_billed(con: duckdb.DuckDBPyConnection, rows: Iterable[Billed], now: datetime) -> None:
+    """Upsert billed usage in one statement."""
+    items = list(rows)
+    if not items:
+        return
+    data: dict[str, pa.Array] = {
+        "tenant_id": pa.array([b.tenant_id for b in items], pa.string()),
+        "period": pa.array([b.period for b in items], pa.string()),
+        "tier": pa.array([b.tier for b in items], pa.string()),
+    }
+    for counter in COUNTERS:
+        data[counter] = pa.array([getattr(b.usage, counter) for b in items], pa.int64())
+    data["invoice_id"] = pa.array([b.invoice_id for b in items], pa.string())
+    data["updated_at"] = pa.array([now] * len(items), _TS)
+    con.register("_new_billed", pa.table(data))
+    try:
+        con.execute("INSERT OR REPLACE INTO billed_usage BY NAME SELECT * FROM _new_billed")
+    finally:
+        con.unregister("_new_billed")
+
+
+def changed_since_billed(con: duckdb.DuckDBPyConnection, usage_view: str) -> list[Billed]:
+    """Billed (tenant, period)s whose usage in ``usage_view`` (a table or view registered on
+    ``con`` with tenant_id, period and the counters) differs from what was billed."""
+    differs = " OR ".join(f"u.{c} <> b.{c}" for c in COUNTERS)
+    billed_cols = ", ".join(f"b.{c}" for c in COUNTERS)
+    rows = con.execute(
+        f"SELECT b.tenant_id, b.period, b.tier, b.invoice_id, {billed_cols} "
+        f"FROM billed_usage b JOIN {usage_view} u USING (tenant_id, period) "
+        f"WHERE {differs} ORDER BY b.tenant_id, b.period"
+    ).fetchall()
+    return [Billed(t, p, tier, Usage(*counts), iid) for t, p, tier, iid, *counts in rows]

@@ -1,0 +1,359 @@
+"""Invoices from usage: drafts for open periods, finalization of closed ones (one tenant or the
+nightly ``bill`` over all), and late-usage corrections.
+
+Each function here is one unit of work on an open billing connection, inside one transaction:
+it reads the invoices and billed usage, rates in Python, and writes everything in bulk. DuckDB
+lets one process at a time open the file, so two ``bill`` runs serialize, and the second finds
+every period invoiced; UNIQUE(tenant_id, period) backs that up.
+
+Late usage: a finalized invoice never changes. When a (tenant, period) already finalized has
+more usage now than ``billed_usage`` records, the tenant's next invoice to be finalized (for a
+later period) carries a ``late_usage`` line for it, and ``billed_usage`` moves to the new
+counters in the same transaction, so each late event is charged exactly once.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from aggregator.views import UsageReader
+from billing import invoice_store
+from billing.db import transaction
+from billing.invoice_store import Billed, InvoiceKey
+from billing.model import Invoice, InvoiceLine, InvoiceStatus
+from billing.periods import Period
+from billing.rating import Usage, late_usage_line, rate
+from billing.tenants import Tenant, load_tenants
+from billing.tiers import PRICE_FIELDS, Tier, get_tier, load_tiers
+from pf_metering.config import Settings
+from pf_metering.errors import UserError
+from schemas.codec import COUNTERS
+
+USAGE_COLUMNS = (
+    "tenant_id",
+    "period",
+    "events",
+    "sessions",
+    *COUNTERS,
+    "risk_score_avg",
+    "risk_score_max",
+)
+_USAGE_VIEW = "_usage_now"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What rating and closing depend on: tiers, grace, payment terms."""
+
+    tiers: dict[str, Tier]
+    grace: timedelta
+    due_days: int
+
+    @classmethod
+    def from_settings(cls, cfg: Settings) -> Rules:
+        return cls(load_tiers(cfg.metering_tiers_file), cfg.metering_grace, cfg.metering_due_days)
+
+    def last_closed(self, as_of: datetime) -> Period:
+        """The latest period closed at ``as_of`` (now >= end + grace)."""
+        return Period.of(as_of - self.grace).previous()
+
+
+@dataclass(frozen=True)
+class UsageData:
+    """The usage view's rows (per tenant and period), read once from the snapshot."""
+
+    table: pa.Table
+    rows: dict[tuple[str, str], dict[str, Any]]
+
+    @classmethod
+    def read(cls, reader: UsageReader, tenant_id: str | None = None) -> UsageData:
+        where, params = ("WHERE tenant_id = ?", [tenant_id]) if tenant_id else ("", [])
+        table = reader.con.execute(
+            f"SELECT {', '.join(USAGE_COLUMNS)} FROM usage {where}", params
+        ).to_arrow_table()
+        rows = {(r["tenant_id"], r["period"]): r for r in table.to_pylist()}
+        return cls(table, rows)
+
+    def first_periods(self) -> dict[str, Period]:
+        first: dict[str, str] = {}
+        for tenant, period in self.rows:
+            if tenant not in first or period < first[tenant]:
+                first[tenant] = period
+        return {t: Period.parse(p) for t, p in first.items()}
+
+    def row(self, tenant_id: str, period: Period) -> dict[str, Any] | None:
+        return self.rows.get((tenant_id, str(period)))
+
+    def usage(self, tenant_id: str, period: Period) -> Usage:
+        return Usage.from_mapping(self.row(tenant_id, period) or {})
+
+
+@dataclass(frozen=True)
+class LateUsage:
+    """Usage of a finalized period beyond what its invoices charged."""
+
+    billed: Billed
+    tier: Tier
+    now: Usage
+
+
+def new_invoice_id(now: datetime) -> str:
+    """``INV-<millis>-<8 hex>``, the original tool's format."""
+    return f"INV-{int(now.timestamp() * 1000)}-{secrets.token_hex(4)}"
+
+
+def _usage_facts(row: Mapping[str, Any] | None) -> dict[str, Any]:
+    facts: dict[str, Any] = {k: 0 for k in ("events", "sessions", *COUNTERS)}
+    facts.update(risk_score_avg=None, risk_score_max=None)
+    if row is not None:
+        facts.update({k: row[k] for k in facts if row.get(k) is not None})
+    return facts
+
+
+def _tier_facts(tier: Tier) -> dict[str, Any]:
+    return {
+        "name": tier.name,
+        "base_price_usd": tier.base_price_usd,
+        **{field: tier.price_of(code) for code, field in PRICE_FIELDS.items()},
+        "risk_multiplier": tier.risk_multiplier,
+        "quota_mode": tier.quota_mode,
+    }
+
+
+def build_invoice(
+    *,
+    invoice_id: str,
+    tenant_id: str,
+    period: Period,
+    tier: Tier,
+    usage_row: Mapping[str, Any] | None,
+    late: Sequence[LateUsage],
+    status: InvoiceStatus,
+    created_at: datetime,
+    finalized_at: datetime | None,
+    due_days: int,
+) -> Invoice:
+    """One invoice, with the aggregate values it was computed from (pure)."""
+    rating = rate(tier, Usage.from_mapping(usage_row or {}))
+    late_lines: list[InvoiceLine] = [
+        late_usage_line(item.billed.period, item.tier, item.billed.usage, item.now) for item in late
+    ]
+    lines = [*rating.lines, *late_lines]
+    computed_from: dict[str, Any] = {
+        "tier": _tier_facts(tier),
+        "usage": _usage_facts(usage_row),
+    }
+    if late:
+        computed_from["late_usage"] = [
+            {
+                "period": item.billed.period,
+                "tier": item.tier.name,
+                "billed": item.billed.usage.as_dict(),
+                "billed_by": item.billed.invoice_id,
+                "now": item.now.as_dict(),
+            }
+            for item in late
+        ]
+    return Invoice(
+        invoice_id=invoice_id,
+        tenant_id=tenant_id,
+        period=str(period),
+        period_start=period.start,
+        period_end=period.end,
+        tier=tier.name,
+        status=status,
+        lines=lines,
+        subtotal=rating.subtotal,
+        total=sum((ln.amount for ln in lines), Decimal(0)),
+        due_date=period.due_date(due_days),
+        created_at=created_at,
+        finalized_at=finalized_at,
+        computed_from=computed_from,
+        quotas=list(rating.quotas),
+    )
+
+
+# --- units of work --------------------------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    """One unit of work: the connection, the usage, the rules and the clock."""
+
+    con: duckdb.DuckDBPyConnection
+    usage: UsageData
+    rules: Rules
+    now: datetime
+
+    def tier_of(self, tenant: Tenant, period: Period) -> Tier:
+        return get_tier(self.rules.tiers, tenant.tier_for(period))
+
+    def pending_late(self) -> dict[str, list[LateUsage]]:
+        """Per tenant, finalized periods with usage beyond what was billed, oldest first."""
+        self.con.register(_USAGE_VIEW, self.usage.table)
+        try:
+            changed = invoice_store.changed_since_billed(self.con, _USAGE_VIEW)
+        finally:
+            self.con.unregister(_USAGE_VIEW)
+        pending: dict[str, list[LateUsage]] = {}
+        for billed in changed:
+            now = self.usage.usage(billed.tenant_id, Period.parse(billed.period))
+            item = LateUsage(billed, get_tier(self.rules.tiers, billed.tier), now)
+            pending.setdefault(billed.tenant_id, []).append(item)
+        return pending
+
+    def build(
+        self,
+        tenant: Tenant,
+        period: Period,
+        existing: InvoiceKey | None,
+        late: Sequence[LateUsage],
+        status: InvoiceStatus,
+    ) -> Invoice:
+        return build_invoice(
+            invoice_id=existing.invoice_id if existing else new_invoice_id(self.now),
+            tenant_id=tenant.tenant_id,
+            period=period,
+            tier=self.tier_of(tenant, period),
+            usage_row=self.usage.row(tenant.tenant_id, period),
+            late=late,
+            status=status,
+            created_at=existing.created_at if existing else self.now,
+            finalized_at=self.now if status is InvoiceStatus.finalized else None,
+            due_days=self.rules.due_days,
+        )
+
+    def finalize(
+        self,
+        tenants: Mapping[str, Tenant],
+        targets: Mapping[str, Sequence[Period]],
+        index: Mapping[tuple[str, str], InvoiceKey],
+    ) -> list[Invoice]:
+        """Finalize ``targets`` (tenant -> periods, none final yet), carrying late usage."""
+        pending = self.pending_late()
+        invoices: list[Invoice] = []
+        billed: list[Billed] = []
+        for tenant_id, periods in targets.items():
+            waiting = pending.get(tenant_id, [])
+            for period in sorted(periods):
+                carried = [x for x in waiting if Period.parse(x.billed.period) < period]
+                waiting = [x for x in waiting if x not in carried]
+                invoice = self.build(
+                    tenants[tenant_id],
+                    period,
+                    index.get((tenant_id, str(period))),
+                    carried,
+                    InvoiceStatus.finalized,
+                )
+                invoices.append(invoice)
+                usage = Usage.from_mapping(self.usage.row(tenant_id, period) or {})
+                billed.append(
+                    Billed(tenant_id, str(period), invoice.tier, usage, invoice.invoice_id)
+                )
+                billed.extend(
+                    Billed(tenant_id, x.billed.period, x.billed.tier, x.now, invoice.invoice_id)
+                    for x in carried
+                )
+        invoice_store.write_invoices(self.con, invoices)
+        invoice_store.record_billed(self.con, billed, self.now)
+        return invoices
+
+
+@dataclass(frozen=True)
+class BillResult:
+    last_closed: Period
+    tenants: int
+    invoices: list[Invoice]
+
+    @property
+    def late_lines(self) -> int:
+        return sum(ln.code == "late_usage" for inv in self.invoices for ln in inv.lines)
+
+
+def _periods(first: Period, last: Period) -> Iterator[Period]:
+    period = first
+    while period <= last:
+        yield period
+        period = period.next()
+
+
+def bill(
+    con: duckdb.DuckDBPyConnection,
+    usage: UsageData,
+    rules: Rules,
+    *,
+    as_of: datetime,
+    now: datetime | None = None,
+) -> BillResult:
+    """The nightly job: finalize every closed, not yet finalized period of every tenant, from
+    its first period on (no usage: base fee only)."""
+    session = _Session(con, usage, rules, now or datetime.now(UTC))
+    last = rules.last_closed(as_of)
+    with transaction(con):
+        tenants = load_tenants(con, usage.first_periods())
+        index = invoice_store.invoice_index(con)
+        targets: dict[str, list[Period]] = {}
+        for tenant in tenants.values():
+            todo = [
+                p
+                for p in _periods(tenant.first_period, last)
+                if (key := index.get((tenant.tenant_id, str(p)))) is None or key.is_draft
+            ]
+            if todo:
+                targets[tenant.tenant_id] = todo
+        invoices = session.finalize(tenants, targets, index)
+    return BillResult(last, len(tenants), invoices)
+
+
+def known_tenant(con: duckdb.DuckDBPyConnection, usage: UsageData, tenant_id: str) -> Tenant:
+    """The tenant, or a UserError if it never sent an event and was never added."""
+    tenant = load_tenants(con, usage.first_periods(), tenant_id).get(tenant_id)
+    if tenant is None:
+        raise UserError(f"unknown tenant {tenant_id!r}")
+    return tenant
+
+
+def generate(
+    con: duckdb.DuckDBPyConnection,
+    usage: UsageData,
+    rules: Rules,
+    tenant_id: str,
+    period: Period,
+    *,
+    now: datetime | None = None,
+) -> Invoice:
+    """The invoice of ``tenant_id`` for ``period``: the finalized one if it exists; finalized
+    now if the period is closed; otherwise a draft preview, recomputed (same invoice_id).
+
+    ``usage`` must hold at least this tenant's rows."""
+    session = _Session(con, usage, rules, now or datetime.now(UTC))
+    with transaction(con):
+        tenant = known_tenant(con, usage, tenant_id)
+        if period < tenant.first_period:
+            raise UserError(
+                f"tenant {tenant_id!r} starts in {tenant.first_period}; "
+                f"it has no invoice for {period}"
+            )
+        if period.start > session.now:
+            raise UserError(f"period {period} has not started yet")
+        index = invoice_store.invoice_index(con, tenant_id)
+        existing = index.get((tenant_id, str(period)))
+        if existing is None or existing.is_draft:
+            if period.is_closed(session.now, rules.grace):
+                session.finalize({tenant_id: tenant}, {tenant_id: [period]}, index)
+            else:
+                waiting = session.pending_late().get(tenant_id, [])
+                late = [x for x in waiting if Period.parse(x.billed.period) < period]
+                draft = session.build(tenant, period, existing, late, InvoiceStatus.draft)
+                invoice_store.write_invoices(con, [draft])
+        invoice = invoice_store.invoice_for(con, tenant_id, str(period))
+    assert invoice is not None
+    return invoice

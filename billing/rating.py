@@ -1,0 +1,186 @@
+"""Rating: usage + tier -> invoice lines (SPEC 6). Pure: no I/O, Decimal only.
+
+Each line amount is quantity x unit price rounded to the cent, half away from zero.
+Network is priced per MiB (bytes / 1,048,576, a fractional quantity). The risk adjustment is
+its own line, round(subtotal x (risk_multiplier - 1)) with subtotal = base + usage lines, shown
+as quantity = subtotal and unit price = multiplier - 1 so it explains itself; a tier with
+multiplier 1 has no such line. total = sum of all lines.
+
+With ``quota_mode = "included"`` a quota is a free allowance: the line's quantity is the usage
+above it. Otherwise quotas are only reported (utilisation and whether exceeded).
+
+A late-usage line is the difference between the period rated on its usage now and rated on
+what was already billed (same tier, base included on both sides so it cancels): summed with the
+earlier invoice, the period costs exactly what it would have cost had all usage been on time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from decimal import ROUND_HALF_UP, Decimal, localcontext
+
+from billing.model import InvoiceLine, QuotaUsage
+from billing.tiers import Tier
+
+MIB = 1_048_576
+CENT = Decimal("0.01")
+_PRECISION = 100  # enough digits that no product or quotient below is ever inexact
+
+
+def round_cents(value: Decimal) -> Decimal:
+    """To the cent, half away from zero (Decimal's ROUND_HALF_UP)."""
+    with localcontext(prec=_PRECISION):
+        return value.quantize(CENT, rounding=ROUND_HALF_UP) + 0  # + 0: never -0.00
+
+
+@dataclass(frozen=True)
+class Usage:
+    """The eight billable counters of one tenant in one period."""
+
+    cpu_ms: int = 0
+    network_bytes: int = 0
+    api_calls: int = 0
+    tool_executions: int = 0
+    data_retrievals: int = 0
+    egress_scans: int = 0
+    policy_checks: int = 0
+    violations: int = 0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object]) -> Usage:
+        """From a row or dict with (at least) the counter names; missing or null is 0."""
+        return cls(**{f.name: int(values.get(f.name) or 0) for f in fields(cls)})  # type: ignore[call-overload]
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def delta(self, earlier: Usage) -> dict[str, int]:
+        """Counters that changed since ``earlier``, with the change."""
+        now, before = self.as_dict(), earlier.as_dict()
+        return {k: now[k] - before[k] for k in now if now[k] != before[k]}
+
+
+@dataclass(frozen=True)
+class Meter:
+    """A usage line: its code, the counter it reads, its unit and its quota key."""
+
+    code: str
+    counter: str
+    description: str
+    quota: str
+    per: int = 1  # counter units per billed unit (MIB for network)
+
+    def quantity(self, usage: Usage) -> Decimal:
+        raw = Decimal(getattr(usage, self.counter))
+        if self.per == 1:
+            return raw
+        with localcontext(prec=_PRECISION):
+            return raw / self.per
+
+
+METERS: tuple[Meter, ...] = (
+    Meter("cpu", "cpu_ms", "CPU time (ms)", "cpu_ms"),
+    Meter("network", "network_bytes", "network transfer (MiB)", "network_mb", MIB),
+    Meter("api_calls", "api_calls", "API calls", "api_calls"),
+    Meter("tool_executions", "tool_executions", "tool executions", "tool_executions"),
+    Meter("data_retrievals", "data_retrievals", "data retrievals", "data_retrievals"),
+    Meter("egress_scans", "egress_scans", "egress scans", "egress_scans"),
+    Meter("policy_checks", "policy_checks", "policy checks", "policy_checks"),
+    Meter("violations", "violations", "policy violations", "violations"),
+)
+
+
+@dataclass(frozen=True)
+class Rating:
+    """The rated lines of one period (base, usage, risk adjustment) and its quota report."""
+
+    tier: str
+    lines: tuple[InvoiceLine, ...]
+    quotas: tuple[QuotaUsage, ...]
+
+    @property
+    def subtotal(self) -> Decimal:
+        """Base plus usage lines: what the risk adjustment applies to."""
+        return sum((ln.amount for ln in self.lines if ln.code != "risk_adjustment"), Decimal(0))
+
+    @property
+    def total(self) -> Decimal:
+        return sum((ln.amount for ln in self.lines), Decimal(0))
+
+
+def _line(code: str, description: str, quantity: Decimal, unit_price: Decimal) -> InvoiceLine:
+    with localcontext(prec=_PRECISION):
+        amount = round_cents(quantity * unit_price)
+    return InvoiceLine(
+        code=code, description=description, quantity=quantity, unit_price=unit_price, amount=amount
+    )
+
+
+def _billable(tier: Tier, meter: Meter, quantity: Decimal) -> tuple[Decimal, str]:
+    """The quantity to charge and its description (an allowance is subtracted if included)."""
+    allowance = tier.quota_of(meter.quota)
+    if tier.quota_mode != "included" or allowance is None:
+        return quantity, meter.description
+    free = Decimal(allowance)
+    return max(quantity - free, Decimal(0)), f"{meter.description} above {free} included"
+
+
+def quota_report(tier: Tier, usage: Usage) -> tuple[QuotaUsage, ...]:
+    """Utilisation of every quota the tier defines (network in MiB)."""
+    report = []
+    for meter in METERS:
+        limit = tier.quota_of(meter.quota)
+        if limit is None:
+            continue
+        used = meter.quantity(usage)
+        pct = None
+        if limit > 0:
+            with localcontext(prec=_PRECISION):
+                pct = round_cents(used * 100 / limit)
+        report.append(
+            QuotaUsage(
+                quota=meter.quota,
+                used=used,
+                limit=Decimal(limit),
+                utilisation_pct=pct,
+                exceeded=used > limit,
+            )
+        )
+    return tuple(report)
+
+
+def rate(tier: Tier, usage: Usage) -> Rating:
+    """Rate one tenant-period: base line, one line per meter, then the risk adjustment."""
+    lines = [
+        _line("base", f"{tier.display_name} base fee (month)", Decimal(1), tier.base_price_usd)
+    ]
+    for meter in METERS:
+        quantity, description = _billable(tier, meter, meter.quantity(usage))
+        lines.append(_line(meter.code, description, quantity, tier.price_of(meter.code)))
+    if tier.risk_multiplier != 1:
+        subtotal = sum((ln.amount for ln in lines), Decimal(0))
+        factor = tier.risk_multiplier - 1
+        lines.append(
+            _line("risk_adjustment", f"risk multiplier {tier.risk_multiplier}", subtotal, factor)
+        )
+    return Rating(tier=tier.name, lines=tuple(lines), quotas=quota_report(tier, usage))
+
+
+def late_usage_amount(tier: Tier, billed: Usage, now: Usage) -> Decimal:
+    """What the period costs now minus what was already billed for it (exact to the cent)."""
+    return rate(tier, now).total - rate(tier, billed).total
+
+
+def late_usage_line(period: str, tier: Tier, billed: Usage, now: Usage) -> InvoiceLine:
+    """The correction for usage of ``period`` that arrived after its invoice was final."""
+    amount = late_usage_amount(tier, billed, now)
+    changes = ", ".join(f"{k} +{v}" for k, v in now.delta(billed).items())
+    return InvoiceLine(
+        code="late_usage",
+        description=f"late usage for {period} ({tier.name}): {changes or 'no change'}",
+        quantity=Decimal(1),
+        unit_price=amount,
+        amount=amount,
+        period=period,
+    )

@@ -1,0 +1,245 @@
+"""Billing tiers: the three built-in tiers of the original tool (exact values) plus custom
+tiers from a TOML file (``METERING_TIERS_FILE``), validated strictly.
+
+A custom tiers file looks like this (every price is required; quotas are optional)::
+
+    [tiers.startup]
+    display_name = "Startup"
+    base_price_usd = 20.00
+    cpu_price_per_ms = 0.0000001
+    network_price_per_mb = 0.05
+    api_call_price = 0.001
+    tool_execution_price = 0.01
+    data_retrieval_price = 0.005
+    egress_scan_price = 0.002
+    policy_check_price = 0.001
+    violation_price = 1.00
+    risk_multiplier = 1.0
+    quota_mode = "included"      # "reported" (default): quotas are only reported
+
+    [tiers.startup.quotas]
+    cpu_ms = 3_600_000
+    network_mb = 1_000
+
+TOML floats are read as ``Decimal`` (``parse_float=Decimal``), so ``0.0000001`` stays exact.
+Built-in tiers cannot be redefined: invoices already rated with them must stay explainable.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pf_metering.errors import UserError
+
+DEFAULT_TIER = "basic"
+
+Price = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
+Limit = Annotated[int, Field(ge=0)]
+TierName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class Quotas(BaseModel):
+    """Monthly quotas; a missing one means no quota for that meter. Network is in MiB."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu_ms: Limit | None = None
+    network_mb: Limit | None = None
+    api_calls: Limit | None = None
+    tool_executions: Limit | None = None
+    data_retrievals: Limit | None = None
+    egress_scans: Limit | None = None
+    policy_checks: Limit | None = None
+    violations: Limit | None = None
+
+
+class TierSpec(BaseModel):
+    """One tier as written in the TOML file (the field names of the original tool)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    display_name: str | None = None
+    base_price_usd: Price
+    cpu_price_per_ms: Price
+    network_price_per_mb: Price
+    api_call_price: Price
+    tool_execution_price: Price
+    data_retrieval_price: Price
+    egress_scan_price: Price
+    policy_check_price: Price
+    violation_price: Price
+    risk_multiplier: Price = Decimal(1)
+    quota_mode: Literal["reported", "included"] = "reported"
+    quotas: Quotas = Field(default_factory=Quotas)
+
+
+class Tier(TierSpec):
+    """A tier with its name; ``price_of(code)`` gives the unit price of a usage line."""
+
+    name: TierName
+    display_name: str
+
+    def price_of(self, code: str) -> Decimal:
+        return Decimal(getattr(self, PRICE_FIELDS[code]))
+
+    def quota_of(self, quota: str) -> int | None:
+        value = getattr(self.quotas, quota)
+        return None if value is None else int(value)
+
+
+PRICE_FIELDS: dict[str, str] = {
+    "cpu": "cpu_price_per_ms",
+    "network": "network_price_per_mb",
+    "api_calls": "api_call_price",
+    "tool_executions": "tool_execution_price",
+    "data_retrievals": "data_retrieval_price",
+    "egress_scans": "egress_scan_price",
+    "policy_checks": "policy_check_price",
+    "violations": "violation_price",
+}
+"""Usage line code -> the tier field holding its unit price."""
+
+
+class TiersFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tiers: dict[TierName, TierSpec]
+
+
+def _d(text: str) -> Decimal:
+    return Decimal(text)
+
+
+def _builtin(name: str, display: str, values: dict[str, str], quotas: Quotas) -> Tier:
+    return Tier(
+        name=name,
+        display_name=display,
+        quotas=quotas,
+        **{k: _d(v) for k, v in values.items()},  # type: ignore[arg-type]
+    )
+
+
+BUILTIN_TIERS: dict[str, Tier] = {
+    "basic": _builtin(
+        "basic",
+        "Basic",
+        {
+            "base_price_usd": "50.00",
+            "cpu_price_per_ms": "0.0000001",
+            "network_price_per_mb": "0.05",
+            "api_call_price": "0.001",
+            "tool_execution_price": "0.01",
+            "data_retrieval_price": "0.005",
+            "egress_scan_price": "0.002",
+            "policy_check_price": "0.001",
+            "violation_price": "1.00",
+            "risk_multiplier": "1.0",
+        },
+        Quotas(
+            cpu_ms=3_600_000,
+            network_mb=1_000,
+            api_calls=10_000,
+            tool_executions=1_000,
+            data_retrievals=500,
+        ),
+    ),
+    "professional": _builtin(
+        "professional",
+        "Professional",
+        {
+            "base_price_usd": "200.00",
+            "cpu_price_per_ms": "0.00000008",
+            "network_price_per_mb": "0.04",
+            "api_call_price": "0.0008",
+            "tool_execution_price": "0.008",
+            "data_retrieval_price": "0.004",
+            "egress_scan_price": "0.0015",
+            "policy_check_price": "0.0008",
+            "violation_price": "0.80",
+            "risk_multiplier": "0.9",
+        },
+        Quotas(
+            cpu_ms=7_200_000,
+            network_mb=5_000,
+            api_calls=50_000,
+            tool_executions=5_000,
+            data_retrievals=2_500,
+        ),
+    ),
+    "enterprise": _builtin(
+        "enterprise",
+        "Enterprise",
+        {
+            "base_price_usd": "500.00",
+            "cpu_price_per_ms": "0.00000006",
+            "network_price_per_mb": "0.03",
+            "api_call_price": "0.0005",
+            "tool_execution_price": "0.005",
+            "data_retrieval_price": "0.003",
+            "egress_scan_price": "0.001",
+            "policy_check_price": "0.0005",
+            "violation_price": "0.50",
+            "risk_multiplier": "0.8",
+        },
+        Quotas(
+            cpu_ms=18_000_000,
+            network_mb=20_000,
+            api_calls=200_000,
+            tool_executions=20_000,
+            data_retrievals=10_000,
+        ),
+    ),
+}
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def parse_tiers_file(path: Path) -> dict[str, Tier]:
+    """The custom tiers of ``path``; any problem is one UserError naming the file and key."""
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh, parse_float=Decimal)
+    except OSError as exc:
+        raise UserError(f"cannot read tiers file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"invalid tiers file {path}: {exc}") from None
+    try:
+        parsed = TiersFile.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(
+            f"invalid tiers file {path}: {_where(first['loc'])}: {first['msg']}{more}"
+        ) from None
+    tiers: dict[str, Tier] = {}
+    for name, spec in parsed.tiers.items():
+        if name in BUILTIN_TIERS:
+            raise UserError(
+                f"invalid tiers file {path}: tiers.{name}: built-in tier, cannot be redefined"
+            )
+        fields = spec.model_dump(exclude={"display_name"})
+        tiers[name] = Tier(name=name, display_name=spec.display_name or name, **fields)
+    return tiers
+
+
+def load_tiers(path: Path | None) -> dict[str, Tier]:
+    """Built-in tiers, then the custom ones of ``path`` (if any), by name."""
+    tiers = dict(BUILTIN_TIERS)
+    if path is not None:
+        tiers.update(parse_tiers_file(path))
+    return tiers
+
+
+def get_tier(tiers: dict[str, Tier], name: str) -> Tier:
+    try:
+        return tiers[name]
+    except KeyError:
+        raise UserError(f"unknown tier {name!r}; known tiers: {', '.join(tiers)}") from None
