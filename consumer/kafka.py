@@ -60,14 +60,22 @@ def split_by_partition(messages: list[Message]) -> dict[int, list[Record]]:
 
 
 def end_offsets(consumer: Consumer, topic: str, timeout: float = 10.0) -> dict[int, int]:
-    """High watermark of every partition of ``topic``."""
+    """High watermark of every partition of ``topic``.
+
+    The cached value (from fetch responses) is used when known: a fresh ListOffsets
+    request queues behind the connection's long-poll fetch and can take half a second.
+    """
     meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
     if meta.error is not None:
         raise KafkaException(meta.error)
-    return {
-        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
-        for p in meta.partitions
-    }
+    ends = {}
+    for p in meta.partitions:
+        tp = TopicPartition(topic, p)
+        high = consumer.get_watermark_offsets(tp, cached=True)[1]
+        if high < 0:
+            high = consumer.get_watermark_offsets(tp, timeout=timeout)[1]
+        ends[p] = high
+    return ends
 
 
 def committed_offsets(consumer: Consumer, topic: str, partitions: list[int]) -> dict[int, int]:

@@ -73,6 +73,8 @@ class Worker:
         self.stop_requested = threading.Event()
         self.fatal: BaseException | None = None
         self.assigned_once = False
+        self.closing = False
+        self.failed = False
         self.ledgers = LedgerSet(settings.ledger_dir, self.topic, settings.metering_lock_timeout)
         conf = consumer_config(
             settings.kafka_common(), settings.metering_group, strategy, extra_config
@@ -83,6 +85,8 @@ class Worker:
 
     # -- rebalance callbacks (run inside consume()) -------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.closing:
+            return  # leaving the group: take nothing new
         try:
             for tp in partitions:
                 ledger = self.ledgers.acquire(tp.partition)
@@ -106,8 +110,9 @@ class Worker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:
+            snapshot = None if self.failed else self.settings.snapshot_dir
             for tp in partitions:
-                self.ledgers.release(tp.partition, self.settings.snapshot_dir)
+                self.ledgers.release(tp.partition, snapshot)
                 with contextlib.suppress(KeyError):
                     self.metrics.lag.remove(str(tp.partition))
             self.metrics.rebalances.labels(kind="revoke").inc()
@@ -221,6 +226,9 @@ class Worker:
         return True
 
     def _shutdown(self, clean: bool) -> None:
+        """Leave the group: its final revoke releases (and, if clean, publishes) ledgers."""
+        self.closing = True
+        self.failed = not clean
         try:
             if clean:
                 held = [
@@ -232,10 +240,12 @@ class Worker:
                     try:
                         self.consumer.commit(offsets=held, asynchronous=False)
                     except Exception as exc:  # lag monitoring only; the ledger has the truth
-                        log.warning("final Kafka offset commit failed: %s", exc)
-            self.ledgers.close(self.settings.snapshot_dir if clean else None)
+                        log.warning("final Kafka offset commit skipped: %s", exc)
         finally:
-            self.consumer.close()
+            try:
+                self.consumer.close()
+            finally:
+                self.ledgers.close(None if self.failed else self.settings.snapshot_dir)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: finish the batch in hand, publish, release partitions, exit."""

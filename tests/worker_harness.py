@@ -19,7 +19,9 @@ from schemas.codec import COUNTERS
 from tests.cli_runner import BIN
 
 
-def produce(bootstrap: str, topic: str, events: list[dict[str, Any]], version: int | None = None) -> None:
+def produce(
+    bootstrap: str, topic: str, events: list[dict[str, Any]], version: int | None = None
+) -> None:
     with Emitter(bootstrap, topic, schema_version=version, validate_events=False) as emitter:
         for e in events:
             emitter.emit(e)
@@ -54,7 +56,9 @@ def random_events(
     return out
 
 
-def with_duplicates(events: list[dict[str, Any]], ratio: float, seed: int = 2) -> list[dict[str, Any]]:
+def with_duplicates(
+    events: list[dict[str, Any]], ratio: float, seed: int = 2
+) -> list[dict[str, Any]]:
     """Interleave re-sends of earlier events (same event produced again)."""
     rng = random.Random(seed)
     out: list[dict[str, Any]] = []
@@ -114,6 +118,10 @@ def ledger_totals(env: dict[str, str]) -> dict[tuple[str, str], dict[str, int]]:
 
 def expected_totals(events: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, int]]:
     def flat(t: Totals) -> dict[str, int]:
-        return {"events": t.events, "sessions": len(t.sessions), **{c: t.counters[c] for c in COUNTERS}}
+        return {
+            "events": t.events,
+            "sessions": len(t.sessions),
+            **{c: t.counters[c] for c in COUNTERS},
+        }
 
     return {k: flat(v) for k, v in fold_totals(events).items()}
