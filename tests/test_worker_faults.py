@@ -39,7 +39,7 @@ def test_sigterm_stops_cleanly_mid_stream(env: dict[str, str]) -> None:
     proc = start_worker({**env, **SMALL_BATCHES})
     time.sleep(4)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "consumed" in err and "Traceback" not in err
     drain(env)
@@ -75,7 +75,7 @@ def test_eager_rebalancing_strategy_is_exact_too(env: dict[str, str]) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for _ in range(2)
     ]
     for proc in procs:
