@@ -75,7 +75,9 @@ def run_stripe_mock(binary: Path) -> Iterator[str]:
         port = _free_port()
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [str(binary), "-http-port", str(port)], stdout=out, stderr=subprocess.STDOUT
+                [str(binary), "-http-port", str(port), "-strict-version-check"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         try:
             _wait_listening(port, proc, log)
