@@ -12,14 +12,12 @@ import threading
 from collections.abc import Sequence
 from functools import partial
 from types import FrameType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import typer
 
 from billing.db import billing_db
 from billing.model import Invoice
-from billing.stripe_gateway import StripeGateway
-from billing.stripe_push import PushOutcome, PushResult, SentMarker, StripePusher
 from billing.stripe_state import Connect
 from billing.webhook_server import InvoiceStatusStore, WebhookApp, WebhookServer
 from pf_metering.config import Settings, settings
@@ -28,8 +26,11 @@ from pf_metering.errors import OperationError, UserError
 webhooks_app = typer.Typer(help="The Stripe webhook endpoint.", no_args_is_help=True)
 
 
-class InvoiceStore(SentMarker, InvoiceStatusStore, Protocol):
-    """What Stripe needs from ``billing.invoice_store``."""
+if TYPE_CHECKING:  # stripe-python takes seconds to import: only the push loads it
+    from billing.stripe_push import PushResult, SentMarker
+
+    class InvoiceStore(SentMarker, InvoiceStatusStore, Protocol):
+        """What Stripe needs from ``billing.invoice_store``."""
 
 
 def _invoice_store() -> InvoiceStore:
@@ -52,6 +53,9 @@ def push_to_stripe(
 ) -> list[PushResult]:
     """Push invoices (``bill`` passes every finalized one, so a rerun resumes earlier pushes),
     print one line per invoice on stderr, and raise OperationError if any failed."""
+    from billing.stripe_gateway import StripeGateway
+    from billing.stripe_push import PushOutcome, StripePusher
+
     cfg = settings()
     gateway = StripeGateway.from_settings(cfg)
     pusher = StripePusher(gateway, store or _invoice_store(), _billing_connect(cfg))
