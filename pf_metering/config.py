@@ -42,7 +42,6 @@ class Settings(BaseSettings):
     metering_snapshot_seconds: float = Field(default=5.0, gt=0, le=3600)
     metering_batch_size: int = Field(default=20000, ge=1, le=1_000_000)
     metering_lock_timeout: float = Field(default=60.0, ge=0)
-    metering_dead_letter_topic: str | None = None
 
     kafka_security_protocol: str | None = None
     kafka_sasl_mechanism: str | None = None
