@@ -233,14 +233,8 @@ def _invoice_table(invoices: Sequence[Invoice]) -> pa.Table:
             "created_at": pa.array(col("created_at"), _TS),
             "finalized_at": pa.array(col("finalized_at"), _TS),
             "stripe_invoice_id": pa.array(col("stripe_invoice_id"), pa.string()),
-            "lines": pa.array(
-                [to_json_text([ln.model_dump() for ln in inv.lines]) for inv in invoices],
-                pa.string(),
-            ),
-            "quotas": pa.array(
-                [to_json_text([q.model_dump() for q in inv.quotas]) for inv in invoices],
-                pa.string(),
-            ),
+            "lines": pa.array([_LINES.dump_json(inv.lines).decode() for inv in invoices]),
+            "quotas": pa.array([_QUOTAS.dump_json(inv.quotas).decode() for inv in invoices]),
             "computed_from": pa.array([to_json_text(c) for c in col("computed_from")], pa.string()),
         }
     )

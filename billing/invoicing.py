@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 import duckdb
@@ -28,7 +29,7 @@ from aggregator.views import UsageReader
 from billing import invoice_store
 from billing.db import transaction
 from billing.invoice_store import Billed, InvoiceKey
-from billing.model import Invoice, InvoiceLine, InvoiceStatus
+from billing.model import Invoice, InvoiceLine, InvoiceStatus, plain
 from billing.periods import Period
 from billing.rating import Usage, late_usage_line, rate
 from billing.tenants import Tenant, load_tenants
@@ -118,13 +119,16 @@ def _usage_facts(row: Mapping[str, Any] | None) -> dict[str, Any]:
     return facts
 
 
+@lru_cache(maxsize=256)
 def _tier_facts(tier: Tier) -> dict[str, Any]:
+    """The tier's prices as decimal strings (computed_from stays plain JSON); once per tier."""
     return {
         "name": tier.name,
-        "base_price_usd": tier.base_price_usd,
-        **{field: tier.price_of(code) for code, field in PRICE_FIELDS.items()},
-        "risk_multiplier": tier.risk_multiplier,
+        "base_price_usd": plain(tier.base_price_usd, 2),
+        **{field: plain(tier.price_of(code), 2) for code, field in PRICE_FIELDS.items()},
+        "risk_multiplier": plain(tier.risk_multiplier, 1),
         "quota_mode": tier.quota_mode,
+        "quotas": tier.quotas.model_dump(exclude_none=True),
     }
 
 
@@ -148,7 +152,7 @@ def build_invoice(
     ]
     lines = [*rating.lines, *late_lines]
     computed_from: dict[str, Any] = {
-        "tier": _tier_facts(tier),
+        "tier": dict(_tier_facts(tier)),
         "usage": _usage_facts(usage_row),
     }
     if late:

@@ -18,20 +18,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from decimal import ROUND_HALF_UP, Decimal, localcontext
+from decimal import ROUND_HALF_UP, Context, Decimal
+from functools import lru_cache
 
 from billing.model import InvoiceLine, QuotaUsage
 from billing.tiers import Tier
 
 MIB = 1_048_576
 CENT = Decimal("0.01")
-_PRECISION = 100  # enough digits that no product or quotient below is ever inexact
+_CTX = Context(prec=100, rounding=ROUND_HALF_UP)
+"""All arithmetic here: enough digits that no product or quotient is ever inexact (a byte
+count over 2**20 has up to 20 decimals), and half-away-from-zero rounding to the cent."""
 
 
 def round_cents(value: Decimal) -> Decimal:
-    """To the cent, half away from zero (Decimal's ROUND_HALF_UP)."""
-    with localcontext(prec=_PRECISION):
-        return value.quantize(CENT, rounding=ROUND_HALF_UP) + 0  # + 0: never -0.00
+    """To the cent, half away from zero (Decimal's ROUND_HALF_UP); never -0.00."""
+    return _CTX.plus(value.quantize(CENT, context=_CTX))
+
+
+def _amount(quantity: Decimal, unit_price: Decimal) -> Decimal:
+    return round_cents(_CTX.multiply(quantity, unit_price))
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ class Usage:
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> Usage:
         """From a row or dict with (at least) the counter names; missing or null is 0."""
-        return cls(**{f.name: int(values.get(f.name) or 0) for f in fields(cls)})  # type: ignore[call-overload]
+        return cls(*(int(values.get(name) or 0) for name in _COUNTER_NAMES))  # type: ignore[call-overload]
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -59,6 +65,9 @@ class Usage:
         """Counters that changed since ``earlier``, with the change."""
         now, before = self.as_dict(), earlier.as_dict()
         return {k: now[k] - before[k] for k in now if now[k] != before[k]}
+
+
+_COUNTER_NAMES = tuple(f.name for f in fields(Usage))
 
 
 @dataclass(frozen=True)
@@ -73,10 +82,7 @@ class Meter:
 
     def quantity(self, usage: Usage) -> Decimal:
         raw = Decimal(getattr(usage, self.counter))
-        if self.per == 1:
-            return raw
-        with localcontext(prec=_PRECISION):
-            return raw / self.per
+        return raw if self.per == 1 else _CTX.divide(raw, Decimal(self.per))
 
 
 METERS: tuple[Meter, ...] = (
@@ -110,20 +116,35 @@ class Rating:
 
 
 def _line(code: str, description: str, quantity: Decimal, unit_price: Decimal) -> InvoiceLine:
-    with localcontext(prec=_PRECISION):
-        amount = round_cents(quantity * unit_price)
     return InvoiceLine(
-        code=code, description=description, quantity=quantity, unit_price=unit_price, amount=amount
+        code=code,
+        description=description,
+        quantity=quantity,
+        unit_price=unit_price,
+        amount=_amount(quantity, unit_price),
     )
 
 
-def _billable(tier: Tier, meter: Meter, quantity: Decimal) -> tuple[Decimal, str]:
-    """The quantity to charge and its description (an allowance is subtracted if included)."""
-    allowance = tier.quota_of(meter.quota)
-    if tier.quota_mode != "included" or allowance is None:
-        return quantity, meter.description
-    free = Decimal(allowance)
-    return max(quantity - free, Decimal(0)), f"{meter.description} above {free} included"
+@dataclass(frozen=True)
+class _Charge:
+    """One meter as a tier prices it: unit price, free allowance (if included), description."""
+
+    meter: Meter
+    unit_price: Decimal
+    allowance: Decimal | None
+    description: str
+
+
+@lru_cache(maxsize=256)
+def _charges(tier: Tier) -> tuple[_Charge, ...]:
+    """Per tier once: the lookups every rating of it repeats (``bill`` rates thousands)."""
+    charges = []
+    for meter in METERS:
+        limit = tier.quota_of(meter.quota)
+        free = Decimal(limit) if tier.quota_mode == "included" and limit is not None else None
+        text = meter.description if free is None else f"{meter.description} above {free} included"
+        charges.append(_Charge(meter, tier.price_of(meter.code), free, text))
+    return tuple(charges)
 
 
 def quota_report(tier: Tier, usage: Usage) -> tuple[QuotaUsage, ...]:
@@ -136,8 +157,7 @@ def quota_report(tier: Tier, usage: Usage) -> tuple[QuotaUsage, ...]:
         used = meter.quantity(usage)
         pct = None
         if limit > 0:
-            with localcontext(prec=_PRECISION):
-                pct = round_cents(used * 100 / limit)
+            pct = round_cents(_CTX.divide(_CTX.multiply(used, Decimal(100)), Decimal(limit)))
         report.append(
             QuotaUsage(
                 quota=meter.quota,
@@ -155,12 +175,14 @@ def rate(tier: Tier, usage: Usage) -> Rating:
     lines = [
         _line("base", f"{tier.display_name} base fee (month)", Decimal(1), tier.base_price_usd)
     ]
-    for meter in METERS:
-        quantity, description = _billable(tier, meter, meter.quantity(usage))
-        lines.append(_line(meter.code, description, quantity, tier.price_of(meter.code)))
+    for charge in _charges(tier):
+        quantity = charge.meter.quantity(usage)
+        if charge.allowance is not None:
+            quantity = max(_CTX.subtract(quantity, charge.allowance), Decimal(0))
+        lines.append(_line(charge.meter.code, charge.description, quantity, charge.unit_price))
     if tier.risk_multiplier != 1:
         subtotal = sum((ln.amount for ln in lines), Decimal(0))
-        factor = tier.risk_multiplier - 1
+        factor = _CTX.subtract(tier.risk_multiplier, Decimal(1))
         lines.append(
             _line("risk_adjustment", f"risk multiplier {tier.risk_multiplier}", subtotal, factor)
         )

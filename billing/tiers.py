@@ -213,7 +213,8 @@ def parse_tiers_file(path: Path) -> dict[str, Tier]:
     try:
         parsed = TiersFile.model_validate(raw)
     except ValidationError as exc:
-        errors = exc.errors()
+        # an unknown key first: a misspelt key also shows up as the right one missing
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         first = errors[0]
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise UserError(

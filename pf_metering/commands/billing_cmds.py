@@ -8,7 +8,6 @@ format when ``-o`` is given.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,7 +24,6 @@ from rich.table import Table
 from aggregator.views import open_usage
 from billing import invoice_store, invoicing, tenants
 from billing.db import billing_db, transaction
-from billing.invoice_store import to_json_text
 from billing.invoicing import Rules, UsageData
 from billing.model import Invoice, InvoiceStatus, QuotaUsage, money, plain
 from billing.periods import Period
@@ -123,7 +121,8 @@ def _tiers_table(data: list[dict[str, Any]]) -> Table:
         table.add_row(field, *(str(t[field]) for t in data))
     quota_keys = sorted({k for t in data for k in t["quotas"]})
     for key in quota_keys:
-        table.add_row(f"quota {key}", *(f"{t['quotas'].get(key, '-'):,}" for t in data))
+        limits = (t["quotas"].get(key) for t in data)
+        table.add_row(f"quota {key}", *("-" if v is None else f"{v:,}" for v in limits))
     return table
 
 
@@ -325,13 +324,8 @@ def invoice_json(invoice: Invoice, now: datetime) -> dict[str, Any]:
         "finalized_at": invoice.finalized_at,
         "stripe_invoice_id": invoice.stripe_invoice_id,
         "quotas": [_quota_json(q) for q in invoice.quotas],
-        "computed_from": _plain_json(invoice.computed_from),
+        "computed_from": invoice.computed_from,
     }
-
-
-def _plain_json(data: dict[str, Any]) -> Any:
-    """Decimals as fixed-point strings, as stored."""
-    return json.loads(to_json_text(data))
 
 
 def _invoice_table(invoice: Invoice, now: datetime) -> Table:

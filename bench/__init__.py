@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print numbers (run with ``python -m bench.<name>``), not tests."""

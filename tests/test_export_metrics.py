@@ -1,0 +1,68 @@
+"""``export-metrics``: valid Prometheus text (parsed by prometheus-client's own parser), the
+original metric names, labels tenant and period escaped, ids with ``_`` whole, values equal to
+what ``usage`` reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from billing.prometheus_export import exposition
+from schemas.codec import COUNTERS
+from tests.test_billing_cli import Cli, pfm_fixture  # noqa: F401 (fixture)
+from tests.test_invoices import SEED, event
+
+TENANTS = ("acme_corp", "a.b:c-d_e", "plain")
+
+
+def test_export_metrics_parses_and_matches_usage(pfm: Cli, tmp_path: Path) -> None:
+    pfm.publish(
+        event("acme_corp", "2025-01", **SEED),
+        event("acme_corp", "2025-02", api_calls=5, violations=1),
+        event("a.b:c-d_e", "2025-01", cpu_ms=123_456_789, network_bytes=2**40),
+        event("plain", "2025-01", policy_checks=9),
+    )
+    out = tmp_path / "metrics.prom"
+    run = pfm("export-metrics", "-o", str(out))
+    assert run.code == 0 and "usage data as of" in run.err
+    text = out.read_text()
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(families) == {f"pf_usage_{c}" for c in COUNTERS} | {
+        "pf_usage_risk_score",
+        "pf_usage_risk_score_max",
+    }
+    for counter in COUNTERS:
+        family = families[f"pf_usage_{counter}"]
+        assert family.type == "counter"
+        assert {s.name for s in family.samples} == {f"pf_usage_{counter}_total"}
+        assert text.count(f"# TYPE pf_usage_{counter}_total counter") == 1  # once per family
+    assert families["pf_usage_risk_score"].type == "gauge"
+
+    samples = {
+        (f.name, s.labels["tenant"], s.labels["period"]): s.value
+        for f in families.values()
+        for s in f.samples
+    }
+    seen = {(t, p) for _, t, p in samples}
+    assert seen == {("acme_corp", "2025-01"), ("acme_corp", "2025-02"),
+                    ("a.b:c-d_e", "2025-01"), ("plain", "2025-01")}  # fmt: skip
+    for tenant, period in seen:
+        usage = json.loads(pfm("usage", tenant, period, "-f", "json").out)
+        for counter in COUNTERS:
+            assert samples[(f"pf_usage_{counter}", tenant, period)] == usage[counter], counter
+        assert samples[("pf_usage_risk_score", tenant, period)] == usage["risk_score_avg"]
+    assert samples[("pf_usage_network_bytes", "a.b:c-d_e", "2025-01")] == 2**40
+
+
+def test_label_values_are_escaped(pfm: Cli) -> None:
+    row = {"tenant_id": 'we"ird\\id', "period": "2025-01", "risk_score_avg": None,
+           "risk_score_max": None, **dict.fromkeys(COUNTERS, 1)}  # fmt: skip
+    text = exposition([row])
+    assert 'tenant="we\\"ird\\\\id"' in text
+    (family, *_) = text_string_to_metric_families(text)
+    assert family.samples[0].labels["tenant"] == 'we"ird\\id'
+    empty = pfm("export-metrics")
+    assert empty.code == 0 and "# TYPE pf_usage_cpu_ms_total counter" in empty.out
