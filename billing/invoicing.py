@@ -198,7 +198,14 @@ class _Session:
     now: datetime
 
     def tier_of(self, tenant: Tenant, period: Period) -> Tier:
-        return get_tier(self.rules.tiers, tenant.tier_for(period))
+        name = tenant.tier_for(period)
+        tier = self.rules.tiers.get(name)
+        if tier is None:
+            raise UserError(
+                f"tenant {tenant.tenant_id!r} is on tier {name!r} in {period}, which is not "
+                "defined (built-in tiers plus METERING_TIERS_FILE)"
+            )
+        return tier
 
     def pending_late(self) -> dict[str, list[LateUsage]]:
         """Per tenant, finalized periods with usage beyond what was billed, oldest first."""

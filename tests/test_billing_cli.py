@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -64,11 +65,16 @@ class Cli:
     def __call__(self, *args: str) -> Result:
         config.settings.cache_clear()
         self.monkeypatch.setattr(sys, "argv", ["pf-metering", *args])
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level  # main() configures logging: restore it
         try:
             main()
             code: Any = 0
         except SystemExit as exc:
             code = exc.code
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
         captured = self.capsys.readouterr()
         return Result(int(code or 0), captured.out, captured.err)
 

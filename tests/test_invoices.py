@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -19,7 +20,7 @@ from billing.db import billing_db
 from billing.model import Invoice, InvoiceStatus
 from billing.periods import Period
 from billing.rating import MIB, Usage, rate, round_cents
-from billing.tiers import BUILTIN_TIERS
+from billing.tiers import BUILTIN_TIERS, PRICE_FIELDS
 from pf_metering import config
 from pf_metering.errors import UserError
 from schemas.codec import COUNTERS
@@ -313,3 +314,27 @@ def test_two_bill_processes_at_once_leave_one_invoice_each(books: Books) -> None
         ).fetchone()
         billed = con.execute("SELECT count(*) FROM billed_usage").fetchone()
     assert rows == (120, 120, 120) and billed == (120,)
+
+
+def test_custom_tier_from_the_tiers_file(
+    books: Books, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "tiers.toml"
+    prices = "\n".join(f"{field} = 0.0000001" for field in PRICE_FIELDS.values())
+    path.write_text(
+        f"[tiers.startup]\nbase_price_usd = 20.00\n{prices}\nrisk_multiplier = 0.95\n"
+        'quota_mode = "included"\n[tiers.startup.quotas]\ncpu_ms = 1_000_000\n'
+    )
+    monkeypatch.setenv("METERING_TIERS_FILE", str(path))
+    config.settings.cache_clear()
+    books.publish(event("acme", "2025-01", cpu_ms=3_000_000))
+    books.set_tier("acme", "startup", "2025-01")
+    (invoice,) = books.bill(at(2025, 2, 2)).invoices
+    cpu = next(ln for ln in invoice.lines if ln.code == "cpu")
+    assert invoice.tier == "startup" and cpu.quantity == 2_000_000 and cpu.amount == Decimal("0.20")
+    assert invoice.total == Decimal("19.19")  # 20.20 - round(20.20 x 0.05) = 20.20 - 1.01
+
+    monkeypatch.delenv("METERING_TIERS_FILE")
+    config.settings.cache_clear()
+    with pytest.raises(UserError, match="tier 'startup' in 2025-02, which is not defined"):
+        books.bill(at(2025, 3, 2))

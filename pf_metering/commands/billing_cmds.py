@@ -37,8 +37,9 @@ from pf_metering.commands.common import (
     output_path,
     parse_period,
 )
+from pf_metering.commands.stripe_cmds import push_to_stripe, stripe_requested
 from pf_metering.config import settings
-from pf_metering.errors import OperationError, UserError
+from pf_metering.errors import UserError
 from pf_metering.output import Format, render, rows_table, write
 from schemas.codec import COUNTERS
 
@@ -360,19 +361,6 @@ def _invoice_caption(invoice: Invoice) -> str:
     return ", ".join(parts)
 
 
-def _push(invoices: Sequence[Invoice]) -> None:
-    """Hand invoices to the Stripe push (``stripe_cmds.push_to_stripe``)."""
-    try:
-        from pf_metering.commands.stripe_cmds import push_to_stripe
-    except ImportError:
-        raise OperationError("Stripe push not available") from None
-    push_to_stripe(invoices)
-
-
-def _stripe_wanted(flag: bool) -> bool:
-    return flag or settings().stripe_enabled
-
-
 def generate_invoice(
     tenant_id: str = typer.Argument(..., help="tenant identifier"),
     period: str = typer.Argument(..., help="billing period, YYYY-MM"),
@@ -389,9 +377,9 @@ def generate_invoice(
     rules = _rules()
     with _billing() as con:
         invoice = invoicing.generate(con, usage, rules, tenant_id, target)
-    if _stripe_wanted(stripe):
+    if stripe_requested(stripe):
         if invoice.status is InvoiceStatus.finalized and invoice.stripe_invoice_id is None:
-            _push([invoice])
+            push_to_stripe([invoice])
             with _billing() as con:
                 invoice = invoice_store.get_invoice(con, invoice.invoice_id) or invoice
         elif invoice.status is InvoiceStatus.draft:
@@ -488,10 +476,10 @@ def bill(
             f"total {money(total)} usd",
             file=sys.stderr,
         )
-    if _stripe_wanted(stripe):
+    if stripe_requested(stripe):
         with _billing() as con:
             pending = invoice_store.finalized_unsent(con)
-        _push(pending)
+        push_to_stripe(pending)
 
 
 # --- export-metrics -------------------------------------------------------------------------
