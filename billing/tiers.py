@@ -111,16 +111,12 @@ class TiersFile(BaseModel):
     tiers: dict[TierName, TierSpec]
 
 
-def _d(text: str) -> Decimal:
-    return Decimal(text)
-
-
 def _builtin(name: str, display: str, values: dict[str, str], quotas: Quotas) -> Tier:
     return Tier(
         name=name,
         display_name=display,
         quotas=quotas,
-        **{k: _d(v) for k, v in values.items()},  # type: ignore[arg-type]
+        **{k: Decimal(v) for k, v in values.items()},  # type: ignore[arg-type]
     )
 
 
