@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pf_metering.commands import billing_cmds, consume_cmds, produce, stripe_cmds
+from pf_metering.commands import billing_cmds, consume_cmds, produce, report_cmds, stripe_cmds
 
 
 def register_all(app: typer.Typer) -> None:
@@ -12,3 +12,4 @@ def register_all(app: typer.Typer) -> None:
     consume_cmds.register(app)
     stripe_cmds.register(app)
     billing_cmds.register(app)
+    report_cmds.register(app)

@@ -1,0 +1,265 @@
+"""The invoice as a printable, self-contained HTML page (``generate-invoice -f html``).
+
+One file, no external assets (inline CSS, system fonts), so it can be mailed, archived or
+printed to PDF as is. Every value from the invoice goes through ``html.escape``. The page
+building blocks (``page``, ``esc``, number formats, the status badge) are shared with the
+usage report.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from billing.model import Invoice, InvoiceLine, InvoiceStatus, QuotaUsage, plain
+from billing.rating import METERS
+
+CENT = Decimal("0.01")
+QUANTITY_PLACES = 4
+DASH = "\u2013"  # en dash
+QUOTA_LABELS = {m.quota: m.description for m in METERS}
+
+BASE_CSS = """
+:root { --ink: #1d2433; --muted: #5f6b7a; --line: #d9dee5; --soft: #f4f6f9; --accent: #2453a6; }
+* { box-sizing: border-box; }
+body { margin: 0; background: #fff; color: var(--ink);
+  font: 14px/1.45 "DejaVu Sans", "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 920px; margin: 0 auto; padding: 40px 48px; }
+h1 { font-size: 28px; margin: 0; letter-spacing: .02em; }
+h2 { font-size: 15px; margin: 28px 0 8px; text-transform: uppercase; letter-spacing: .06em;
+  color: var(--muted); }
+.sub { color: var(--muted); }
+table { width: 100%; border-collapse: collapse; }
+th { text-align: left; font-size: 12px; text-transform: uppercase; letter-spacing: .05em;
+  color: var(--muted); border-bottom: 2px solid var(--ink); padding: 6px 8px; }
+td { border-bottom: 1px solid var(--line); padding: 7px 8px; vertical-align: top; }
+tr { break-inside: avoid; }
+.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+code { font: 12px "DejaVu Sans Mono", Menlo, monospace; color: var(--muted); }
+.badge { display: inline-block; padding: 3px 10px; border-radius: 999px; font-size: 12px;
+  font-weight: bold; text-transform: uppercase; letter-spacing: .06em; color: #fff; }
+.st-draft { background: #7a8594; } .st-finalized { background: #2453a6; }
+.st-sent { background: #5b3fb0; } .st-paid { background: #23864a; }
+.st-overdue { background: #c0392b; }
+.st-void { background: #9aa3ad; text-decoration: line-through; }
+.note { background: var(--soft); border-left: 4px solid var(--accent); padding: 10px 14px;
+  margin: 18px 0; }
+footer { margin-top: 36px; padding-top: 12px; border-top: 1px solid var(--line);
+  color: var(--muted); font-size: 12px; }
+@page { size: A4; margin: 14mm; }
+@media print { main { padding: 0; max-width: none; } }
+"""
+
+INVOICE_CSS = """
+.head { display: flex; justify-content: space-between; align-items: flex-start; gap: 24px;
+  padding-bottom: 18px; border-bottom: 3px solid var(--accent); }
+.head .right { text-align: right; }
+.facts { display: grid; grid-template-columns: repeat(3, 1fr); gap: 14px 24px; margin-top: 20px; }
+.facts div span { display: block; font-size: 12px; color: var(--muted); text-transform: uppercase;
+  letter-spacing: .05em; }
+.facts div b { font-size: 15px; }
+.totals { width: 360px; margin: 14px 0 0 auto; }
+.totals td { border: none; padding: 4px 8px; }
+.totals tr.grand td { border-top: 2px solid var(--ink); font-size: 18px; font-weight: bold;
+  padding-top: 8px; }
+.bar { height: 10px; background: var(--soft); border-radius: 5px; overflow: hidden;
+  min-width: 120px; }
+.bar i { display: block; height: 100%; background: #3d7bd9; }
+.bar i.over { background: #c0392b; }
+.exceeded { color: #c0392b; font-weight: bold; }
+"""
+
+
+def esc(value: object) -> str:
+    """Text or attribute value, escaped (quotes too)."""
+    return html.escape(str(value), quote=True)
+
+
+def grouped(value: Decimal, places: int) -> str:
+    """``1234.5`` -> ``1,234.50`` (at least ``places`` decimals, never exponent notation)."""
+    text = plain(value, places)
+    sign = "-" if text.startswith("-") else ""
+    whole, _, frac = text.lstrip("-").partition(".")
+    return f"{sign}{int(whole):,}" + (f".{frac}" if frac else "")
+
+
+def amount_text(value: Decimal) -> str:
+    return grouped(value.quantize(CENT), 2)
+
+
+def quantity_text(value: Decimal) -> str:
+    """A quantity with at most four decimals; a rounded one says so (``≈``)."""
+    shown = value.quantize(Decimal(1).scaleb(-QUANTITY_PLACES)).normalize()
+    return grouped(shown, 0) if shown == value else f"≈ {grouped(shown, 0)}"
+
+
+def day(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%d %b %Y")
+
+
+def period_span(start: datetime, end: datetime) -> str:
+    """The days a period covers (its end is exclusive)."""
+    return f"{day(start)} {DASH} {day(end - timedelta(microseconds=1))}"
+
+
+def status_badge(status: InvoiceStatus) -> str:
+    return f'<span class="badge st-{esc(status.value)}">{esc(status.value)}</span>'
+
+
+def table(
+    headers: Sequence[tuple[str, bool]], rows: Iterable[Sequence[str]], css_class: str = ""
+) -> str:
+    """A table from pre-escaped cells; each header says whether its column is numeric."""
+    head = "".join(f"<th{' class=num' if num else ''}>{esc(h)}</th>" for h, num in headers)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td{' class=num' if num else ''}>{cell}</td>"
+            for (_, num), cell in zip(headers, row, strict=True)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    attr = f' class="{esc(css_class)}"' if css_class else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def page(title: str, body: str, css: str = "") -> str:
+    """A complete HTML document around ``body`` (already escaped)."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{BASE_CSS}{css}</style></head>"
+        f"<body><main>{body}</main></body></html>\n"
+    )
+
+
+def _usage_rows(lines: Sequence[InvoiceLine]) -> list[list[str]]:
+    return [
+        [
+            f"{esc(ln.description)}<br><code>{esc(ln.code)}</code>",
+            esc(quantity_text(ln.quantity)),
+            esc(grouped(ln.unit_price, 2)),
+            esc(amount_text(ln.amount)),
+        ]
+        for ln in lines
+    ]
+
+
+def _late_rows(lines: Sequence[InvoiceLine]) -> list[list[str]]:
+    return [
+        [esc(ln.period or ""), esc(ln.description), esc(amount_text(ln.amount))] for ln in lines
+    ]
+
+
+def quota_rows(quotas: Sequence[QuotaUsage]) -> list[list[str]]:
+    """Quota utilisation with a bar (shared with the report)."""
+    rows = []
+    for q in quotas:
+        pct = q.utilisation_pct
+        width = min(pct, Decimal(100)) if pct is not None else Decimal(100 if q.exceeded else 0)
+        over = " class=over" if q.exceeded else ""
+        state = '<span class="exceeded">exceeded</span>' if q.exceeded else "within quota"
+        rows.append(
+            [
+                esc(QUOTA_LABELS.get(q.quota, q.quota)),
+                esc(quantity_text(q.used)),
+                esc(quantity_text(q.limit)),
+                esc(f"{grouped(pct, 2)} %" if pct is not None else DASH),
+                f'<div class="bar"><i{over} style="width:{esc(plain(width))}%"></i></div>',
+                state,
+            ]
+        )
+    return rows
+
+
+QUOTA_HEADERS = (
+    ("Quota", False),
+    ("Used", True),
+    ("Limit", True),
+    ("Utilisation", True),
+    ("", False),
+    ("", False),
+)
+
+
+def _totals(
+    invoice: Invoice,
+    status: InvoiceStatus,
+    late: Sequence[InvoiceLine],
+    risk: Sequence[InvoiceLine],
+) -> str:
+    cur = esc(invoice.currency.upper())
+    label = "Total so far" if status is InvoiceStatus.draft else "Total due"
+    rows = [("Subtotal (base and usage)", invoice.subtotal)]
+    rows += [("Risk adjustment", sum((ln.amount for ln in risk), Decimal(0)))] if risk else []
+    rows += [("Late usage", sum((ln.amount for ln in late), Decimal(0)))] if late else []
+    body = "".join(
+        f'<tr><td>{esc(label)}</td><td class="num">{esc(amount_text(value))}</td></tr>'
+        for label, value in rows
+    )
+    return (
+        f'<table class="totals">{body}<tr class="grand"><td>{label} ({cur})</td>'
+        f'<td class="num">{esc(amount_text(invoice.total))}</td></tr>'
+        f'<tr><td colspan="2" class="sub">Due by {esc(day(invoice.due_date))}</td></tr></table>'
+    )
+
+
+def _facts(invoice: Invoice) -> str:
+    facts = [
+        ("Billed to", invoice.tenant_id),
+        ("Tier", invoice.tier),
+        ("Period", f"{invoice.period} ({period_span(invoice.period_start, invoice.period_end)})"),
+        ("Issued", day(invoice.created_at)),
+        ("Finalized", day(invoice.finalized_at) if invoice.finalized_at else "not yet (draft)"),
+        ("Due date", day(invoice.due_date)),
+    ]
+    if invoice.stripe_invoice_id:
+        facts.append(("Stripe invoice", invoice.stripe_invoice_id))
+    cells = "".join(f"<div><span>{esc(k)}</span><b>{esc(v)}</b></div>" for k, v in facts)
+    return f'<section class="facts">{cells}</section>'
+
+
+def render_invoice_html(
+    invoice: Invoice, quotas: Sequence[QuotaUsage] | None = None, *, now: datetime | None = None
+) -> str:
+    """The invoice as one HTML page; ``quotas`` defaults to the invoice's own quota report,
+    and the status shown is the one at ``now`` (an unpaid invoice past due is overdue)."""
+    status = invoice.status_on(now or datetime.now(UTC))
+    quotas = invoice.quotas if quotas is None else quotas
+    usage = [ln for ln in invoice.lines if ln.code != "late_usage"]
+    late = [ln for ln in invoice.lines if ln.code == "late_usage"]
+    risk = [ln for ln in usage if ln.code == "risk_adjustment"]
+    parts = [
+        '<header class="head"><div><h1>Invoice</h1>'
+        f'<div class="sub"><code>{esc(invoice.invoice_id)}</code></div></div>'
+        f'<div class="right">{status_badge(status)}'
+        '<div class="sub">pf-metering · Provability Fabric testbed</div></div></header>',
+        _facts(invoice),
+    ]
+    if status is InvoiceStatus.draft:
+        parts.append(
+            '<p class="note">Draft: the period is still open, so this preview is recomputed '
+            "until the period closes and the invoice is finalized.</p>"
+        )
+    headers = (("Description", False), ("Quantity", True), ("Unit price", True), ("Amount", True))
+    parts += ["<h2>Charges</h2>", table(headers, _usage_rows(usage))]
+    if late:
+        parts += [
+            "<h2>Late usage from earlier periods</h2>",
+            '<p class="sub">Usage that arrived after an earlier invoice was final, rated with '
+            "that period's tier.</p>",
+            table((("Period", False), ("Details", False), ("Amount", True)), _late_rows(late)),
+        ]
+    parts.append(_totals(invoice, status, late, risk))
+    if quotas:
+        parts += ["<h2>Quota utilisation</h2>", table(QUOTA_HEADERS, quota_rows(quotas))]
+    parts.append(
+        f"<footer>Amounts in {esc(invoice.currency.upper())}; each line is quantity &times; "
+        "unit price rounded to the cent (half away from zero); network is billed per MiB. "
+        f"Invoice {esc(invoice.invoice_id)}, created {esc(day(invoice.created_at))}.</footer>"
+    )
+    title = f"Invoice {invoice.invoice_id} {DASH} {invoice.tenant_id} {invoice.period}"
+    return page(title, "".join(parts), INVOICE_CSS)

@@ -1,0 +1,97 @@
+"""``report``: a tenant's usage over a range of periods, with its invoices, as an HTML page.
+
+Reads like the other commands: usage from the published snapshot (says how fresh on stderr),
+invoices from the billing file; it never creates or changes an invoice.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+
+from aggregator.views import open_usage
+from billing import invoice_store, invoicing
+from billing.db import billing_db
+from billing.invoicing import Rules, UsageData
+from billing.periods import Period
+from billing.report_html import PeriodUsage, UsageReport, render_report_html
+from billing.tiers import get_tier
+from pf_metering.commands.common import (
+    OUTPUT_OPTION,
+    QUIET_OPTION,
+    check_tenant,
+    output_path,
+    parse_period,
+)
+from pf_metering.config import settings
+from pf_metering.errors import UserError
+from pf_metering.output import write
+
+DEFAULT_MONTHS = 12
+MAX_PERIODS = 120
+
+
+def _periods(first: Period, last: Period) -> Iterator[Period]:
+    period = first
+    while period <= last:
+        yield period
+        period = period.next()
+
+
+def _range(start: str | None, end: str | None, now: datetime) -> list[Period]:
+    last = parse_period(end) if end else Period.of(now)
+    first = parse_period(start) if start else last
+    if start is None:
+        for _ in range(DEFAULT_MONTHS - 1):
+            first = first.previous()
+    if first > last:
+        raise UserError(f"--from {first} is after --to {last}")
+    periods = list(_periods(first, last))
+    if len(periods) > MAX_PERIODS:
+        raise UserError(f"{len(periods)} periods asked; a report covers at most {MAX_PERIODS}")
+    return periods
+
+
+def report(
+    tenant_id: str = typer.Argument(..., help="tenant identifier"),
+    start: str = typer.Option(
+        None, "--from", help=f"first period, YYYY-MM (default: {DEFAULT_MONTHS} months to --to)"
+    ),
+    end: str = typer.Option(None, "--to", help="last period, YYYY-MM (default: this month)"),
+    output: Path = OUTPUT_OPTION,
+    quiet: bool = QUIET_OPTION,
+) -> None:
+    """A tenant's usage per counter over periods (charts, quotas) with their invoices, as one
+    self-contained HTML page (write it with -o FILE.html)."""
+    check_tenant(tenant_id)
+    now = datetime.now(UTC)
+    periods = _range(start, end, now)
+    out = output_path(output)
+    cfg = settings()
+    reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
+    try:
+        freshness = reader.freshness.describe()
+        usage = UsageData.read(reader, tenant_id)
+    finally:
+        reader.close()
+    if not quiet:
+        print(freshness, file=sys.stderr)
+    rules = Rules.from_settings(cfg)
+    wanted = {str(p) for p in periods}
+    with billing_db(cfg.billing_db, cfg.metering_lock_timeout) as con:
+        tenant = invoicing.known_tenant(con, usage, tenant_id)
+        invoices = [i for i in invoice_store.list_invoices(con, tenant_id) if i.period in wanted]
+    rows = [
+        PeriodUsage.of(p, get_tier(rules.tiers, tenant.tier_for(p)), usage.row(tenant_id, p))
+        for p in periods
+    ]
+    page = render_report_html(UsageReport(tenant_id, rows, invoices, freshness, now))
+    write(page, out)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report")(report)

@@ -1,0 +1,292 @@
+"""The HTML invoice and usage report: everything escaped, nothing external, all the facts on the
+page, and a real headless Chromium renders them to a PNG that is not blank."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import tempfile
+import zlib
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from billing.invoice_html import amount_text, day, render_invoice_html
+from billing.invoice_store import Billed
+from billing.invoicing import LateUsage, build_invoice
+from billing.model import Invoice, InvoiceStatus
+from billing.periods import Period
+from billing.rating import Usage
+from billing.tiers import load_tiers
+from pf_metering.config import settings
+from tests.cli_runner import assert_user_error, run_cli
+from tests.events import make_event
+from tests.ledger_data import publish_usage
+
+ROOT = Path(__file__).resolve().parent.parent
+NASTY = "acme<script>alert('x')</script>&co"
+VOID = {"meta", "br", "hr", "img", "input", "link", "col", "area", "base", "wbr", "source"}
+
+
+# --- checks on the HTML text --------------------------------------------------------------
+
+
+class _Balance(HTMLParser):
+    """Fails on a closing tag that does not match the open one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        pass
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-1:]}"
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def visible_text(page: str) -> str:
+    """The page's text (entities decoded), after checking every tag is closed in order."""
+    parser = _Balance()
+    parser.feed(page)
+    parser.close()
+    assert parser.stack == [], f"unclosed {parser.stack}"
+    return " ".join(parser.text)
+
+
+def assert_self_contained(page: str) -> None:
+    lowered = page.lower()
+    for external in ("http:", "https:", "//", "src=", "<link", "@import", "url(", "<script"):
+        assert external not in lowered.replace("<!doctype html>", ""), external
+
+
+# --- Chromium and the PNG it writes -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Headless Chromium (installed once by deploy/ensure-chromium if it is missing)."""
+    out = subprocess.run(
+        [str(ROOT / "deploy" / "ensure-chromium")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def screenshot(chromium: str, page: Path, png: Path) -> None:
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [
+                chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile}",
+                f"--screenshot={png}", "--window-size=1000,1400", page.resolve().as_uri(),
+            ],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    assert png.is_file(), proc.stderr[-2000:]
+
+
+def _unfilter(raw: bytes, width: int, height: int, bpp: int) -> Iterator[bytes]:
+    """PNG scanline filters undone (RFC 2083, section 6)."""
+    stride = width * bpp
+    prev = bytearray(stride)
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, row = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
+        if kind == 1:
+            for i in range(bpp, stride):
+                row[i] = (row[i] + row[i - bpp]) & 0xFF
+        elif kind == 2:
+            row = bytearray((a + b) & 0xFF for a, b in zip(row, prev, strict=True))
+        elif kind == 3:
+            for i in range(stride):
+                left = row[i - bpp] if i >= bpp else 0
+                row[i] = (row[i] + ((left + prev[i]) >> 1)) & 0xFF
+        elif kind == 4:
+            for i in range(stride):
+                a = row[i - bpp] if i >= bpp else 0
+                b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                pred = a if pa <= pb and pa <= pc else b if pb <= pc else c
+                row[i] = (row[i] + pred) & 0xFF
+        yield bytes(row)
+        prev = row
+
+
+def png_rows(path: Path) -> tuple[int, list[list[tuple[int, int, int]]]]:
+    """Width and RGB rows of an 8-bit RGB or RGBA PNG, decoded with zlib and struct only."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, [], None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+    assert header is not None
+    width, height, depth, color, _, _, interlace = header
+    assert depth == 8 and color in (2, 6) and interlace == 0, header
+    bpp = 3 if color == 2 else 4
+    rows = []
+    for row in _unfilter(zlib.decompress(b"".join(idat)), width, height, bpp):
+        rows.append(list(zip(row[0::bpp], row[1::bpp], row[2::bpp], strict=True)))
+    return width, rows
+
+
+def assert_not_blank(png: Path) -> None:
+    """Ink (text, rules) over much of the page, and colour (badges, bars): the CSS applied."""
+    width, rows = png_rows(png)
+    thirds = [rows[: len(rows) // 3], rows[len(rows) // 3 : 2 * len(rows) // 3]]
+    for part in thirds:
+        ink = sum(1 for row in part for px in row if min(px) < 200)
+        assert ink > 0.005 * width * len(part), f"only {ink} dark pixels in a third of the page"
+    colour = sum(1 for row in rows for px in row if max(px) - min(px) > 80)
+    assert colour > 500, f"only {colour} coloured pixels"
+
+
+# --- the invoice --------------------------------------------------------------------------
+
+
+def _invoice(status: InvoiceStatus = InvoiceStatus.finalized) -> Invoice:
+    tiers = load_tiers(None)
+    usage = {"cpu_ms": 3_600_000, "network_bytes": 1_234_567_890, "api_calls": 52_000,
+             "tool_executions": 900, "data_retrievals": 4_000, "egress_scans": 1_300,
+             "policy_checks": 80_000, "violations": 12}  # fmt: skip
+    late = LateUsage(
+        Billed(NASTY, "2025-01", "basic", Usage(cpu_ms=100), "INV-1"),
+        tiers["basic"],
+        Usage(cpu_ms=5_100, api_calls=20),
+    )
+    moment = datetime(2025, 3, 1, 2, 30, tzinfo=UTC)
+    return build_invoice(
+        invoice_id="INV-1740796200000-9f3a1c2b",
+        tenant_id=NASTY,
+        period=Period(2025, 2),
+        tier=tiers["professional"],
+        usage_row=usage,
+        late=[late],
+        status=status,
+        created_at=moment,
+        finalized_at=moment if status is not InvoiceStatus.draft else None,
+        due_days=30,
+    )
+
+
+def test_invoice_page_shows_every_fact_escaped() -> None:
+    invoice = _invoice()
+    page = render_invoice_html(invoice, now=invoice.created_at)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert_self_contained(page)
+    text = visible_text(page)
+    assert NASTY in text  # shown as written, not interpreted
+    for line in invoice.lines:
+        assert amount_text(line.amount) in text, line
+    assert "late usage for 2025-01" in text and "2025-01" in text
+    assert amount_text(invoice.total) == "348.99" and "348.99" in text
+    assert day(invoice.due_date) == "31 Mar 2025" and "31 Mar 2025" in text
+    assert "finalized" in text and "professional" in text
+    assert "1,234.5" not in text and "≈ 1,177.3757" in text  # MiB, rounded and saying so
+    for quota in invoice.quotas:
+        assert f"{quota.utilisation_pct} %" in text
+
+
+def test_invoice_page_status_is_the_one_in_force() -> None:
+    invoice = _invoice()
+    overdue = visible_text(render_invoice_html(invoice, now=invoice.due_date + timedelta(days=1)))
+    assert "overdue" in overdue and "finalized" not in overdue.split("Invoice", 2)[1][:60]
+    draft = _invoice(InvoiceStatus.draft)
+    text = visible_text(render_invoice_html(draft, [], now=draft.created_at))
+    assert "Draft: the period is still open" in text and "Total so far" in text
+    assert "Quota utilisation" not in text  # quotas=[] overrides the invoice's own report
+
+
+def test_invoice_renders_in_chromium(chromium: str, tmp_path: Path) -> None:
+    invoice = _invoice()
+    page = tmp_path / "invoice.html"
+    page.write_text(render_invoice_html(invoice, now=invoice.created_at))
+    screenshot(chromium, page, tmp_path / "invoice.png")
+    assert_not_blank(tmp_path / "invoice.png")
+
+
+# --- the usage report ---------------------------------------------------------------------
+
+MONTHS = [Period(2025, m) for m in range(3, 8)]
+
+
+def _usage_history(data_env: dict[str, str]) -> None:
+    """Five months of usage for acme-corp (growing), professional from 2025-06, all billed."""
+    events: list[dict[str, Any]] = []
+    for n, period in enumerate(MONTHS, start=1):
+        moment = int((period.start + timedelta(days=3)).timestamp() * 1_000_000)
+        events += [
+            make_event("acme-corp", session_id=f"s-{n}-{i}", occurred_at=moment,
+                       cpu_ms=400_000 * n, api_calls=3_000 * n * n, network_bytes=2**20 * 90 * n)
+            for i in range(n)
+        ]  # fmt: skip
+    publish_usage(settings(), events)
+    run_cli("tenants", "set-tier", "acme-corp", "professional", "--from", "2025-06", check=True)
+    run_cli("bill", "--quiet", check=True)
+
+
+def test_report_charts_usage_and_lists_invoices(
+    data_env: dict[str, str], chromium: str, tmp_path: Path
+) -> None:
+    _usage_history(data_env)
+    out = tmp_path / "report.html"
+    proc = run_cli(
+        "report", "acme-corp", "--from", "2025-02", "--to", "2025-08", "-o", str(out), check=True
+    )
+    assert "usage data as of" in proc.stderr  # how fresh, like every reading command
+    page = out.read_text()
+    assert_self_contained(page)
+    text = visible_text(page)
+    assert page.count("<svg") == 9  # events and the eight counters
+    tiers = load_tiers(None)
+    in_force = ["basic"] * 4 + ["professional"] * 3  # 2025-02 .. 2025-08
+    quota_marks = sum(len(tiers[t].quotas.model_dump(exclude_none=True)) for t in in_force)
+    assert quota_marks and page.count("stroke-dasharray") == quota_marks
+    listed = json.loads(run_cli("invoices", "acme-corp", "-f", "json", check=True).stdout)
+    in_range = [i for i in listed if "2025-02" <= i["period"] <= "2025-08"]
+    assert [i["period"] for i in in_range] == [f"2025-0{m}" for m in range(3, 9)]
+    for invoice in in_range:  # 2025-08 has no usage: the base fee only
+        assert invoice["invoice_id"] in text and invoice["total"] in text
+    assert not [i for i in listed if i not in in_range and i["invoice_id"] in text]
+    assert "not invoiced yet" in text  # 2025-02, before the tenant's first usage
+    assert "professional" in text and "basic" in text
+    assert "Mar 25" in text and "Aug 25" in text
+    png = tmp_path / "report.png"
+    screenshot(chromium, out, png)
+    assert_not_blank(png)
+
+
+def test_report_rejects_bad_ranges_and_unknown_tenants(data_env: dict[str, str]) -> None:
+    assert_user_error(
+        run_cli("report", "acme-corp", "--from", "2025-05", "--to", "2025-03"), "after"
+    )
+    assert_user_error(run_cli("report", "acme-corp", "--from", "2025-13"), "invalid period")
+    assert_user_error(run_cli("report", "nobody", "--to", "2025-03"), "unknown tenant")
+    assert_user_error(
+        run_cli("report", "acme-corp", "--from", "2000-01", "--to", "2025-01"), "at most"
+    )
