@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(UV) || $(BIN)/pip install -q uv==0.13.8
 	$(UV) pip sync -q --python $(BIN)/python requirements.lock
 	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
+	@# PYTHONDONTWRITEBYTECODE may be set: precompile once so every CLI start is fast.
+	@$(BIN)/python -m compileall -q -j 2 $(VENV)/lib > /dev/null 2>&1 || true
 	@touch $@
 
 # Re-lock after editing dependencies in pyproject.toml.
