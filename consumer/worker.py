@@ -16,18 +16,21 @@ when a partition is revoked.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from aggregator.fold import Record, prepare_batch
-from aggregator.ledger import LedgerSet
+from aggregator.ledger import LedgerSet, ledger_path
 from aggregator.views import write_query_db
 from consumer.kafka import committed_offsets, consumer_config, end_offsets, split_by_partition
 from consumer.metrics import WorkerMetrics
@@ -38,6 +41,8 @@ from schemas.codec import Codec, default_codec
 log = logging.getLogger(__name__)
 DAY_MICROS = 86_400 * 1_000_000
 PRUNE_EVERY_SECONDS = 600.0
+# DuckDB writes its main header and two database headers (3 x 4 KiB) when it creates a file.
+DUCKDB_HEADER_BYTES = 12_288
 
 
 @dataclass
@@ -89,6 +94,10 @@ class Worker:
             return  # leaving the group: take nothing new
         try:
             for tp in partitions:
+                if tp.partition not in self.ledgers.held:
+                    set_aside_torn_ledger(
+                        ledger_path(self.settings.ledger_dir, self.topic, tp.partition)
+                    )
                 ledger = self.ledgers.acquire(tp.partition)
                 tp.offset = (
                     ledger.next_offset if ledger.next_offset is not None else OFFSET_BEGINNING
@@ -150,9 +159,13 @@ class Worker:
         return self.stats
 
     def _process(self, by_partition: dict[int, list[Record]]) -> None:
+        # The DEBUG lines trace each batch's phases (the fault tests use them to tell where
+        # a kill landed): "batch" -> "committing" -> "committed" (per partition) -> "done".
         now = int(time.time() * 1_000_000)
         window = self.settings.metering_dedup_days * DAY_MICROS
         committed: list[TopicPartition] = []
+        log.debug("batch: %d records of %d partition(s)",
+                  sum(map(len, by_partition.values())), len(by_partition))  # fmt: skip
         for partition, records in by_partition.items():
             ledger = self.ledgers.held.get(partition)
             if ledger is None:
@@ -164,13 +177,18 @@ class Worker:
             began = time.perf_counter()
             oldest = None if ledger.max_occurred_at is None else ledger.max_occurred_at - window
             batch = prepare_batch(partition, fresh, self.codec, now, oldest)
+            log.debug("committing p%d [%d, %d)", partition, fresh[0].offset, batch.next_offset)
             result = ledger.commit(batch)
+            log.debug("committed p%d [%d, %d): %d counted, %d duplicates, %d dead", partition,
+                      fresh[0].offset, batch.next_offset, result.counted, result.duplicates,
+                      result.dead)  # fmt: skip
             self.metrics.batch_seconds.observe(time.perf_counter() - began)
             self._count(partition, len(fresh), result.counted, result.duplicates, batch)
             committed.append(TopicPartition(self.topic, partition, batch.next_offset))
         if committed:
             self.metrics.last_commit.set(time.time())
             self.consumer.commit(offsets=committed, asynchronous=True)
+        log.debug("batch done")
 
     def _count(self, partition: int, consumed: int, counted: int, dups: int, batch: Any) -> None:
         self.stats.consumed += consumed
@@ -226,26 +244,36 @@ class Worker:
         return True
 
     def _shutdown(self, clean: bool) -> None:
-        """Leave the group: its final revoke releases (and, if clean, publishes) ledgers."""
+        """Leave the group: its final revoke releases (and, if clean, publishes) ledgers.
+
+        After a failure (``clean`` False) the error in flight is the one to report: errors of
+        the clean-up itself (a disk that refused the commit usually refuses the checkpoint
+        too) are logged at DEBUG and never replace it. Committed batches are safe either way:
+        they are in the ledger's write-ahead log, replayed on the next start.
+        """
         self.closing = True
         self.failed = not clean
-        try:
-            if clean:
-                held = [
-                    TopicPartition(self.topic, p, ledger.next_offset)
-                    for p, ledger in self.ledgers.held.items()
-                    if ledger.next_offset is not None
-                ]
-                if held:
-                    try:
-                        self.consumer.commit(offsets=held, asynchronous=False)
-                    except Exception as exc:  # lag monitoring only; the ledger has the truth
-                        log.warning("final Kafka offset commit skipped: %s", exc)
-        finally:
+        if clean:
+            held = [
+                TopicPartition(self.topic, p, ledger.next_offset)
+                for p, ledger in self.ledgers.held.items()
+                if ledger.next_offset is not None
+            ]
+            if held:
+                try:
+                    self.consumer.commit(offsets=held, asynchronous=False)
+                except Exception as exc:  # lag monitoring only; the ledger has the truth
+                    log.warning("final Kafka offset commit skipped: %s", exc)
+        first: Exception | None = None
+        snapshot = None if self.failed else self.settings.snapshot_dir
+        for step in (self.consumer.close, lambda: self.ledgers.close(snapshot)):
             try:
-                self.consumer.close()
-            finally:
-                self.ledgers.close(None if self.failed else self.settings.snapshot_dir)
+                step()
+            except Exception as exc:
+                log.debug("while stopping: %s", _first_line(exc))
+                first = first or exc
+        if clean and first is not None:
+            raise OperationError(f"stopping the worker failed: {_first_line(first)}") from None
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: finish the batch in hand, publish, release partitions, exit."""
@@ -256,3 +284,38 @@ class Worker:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def set_aside_torn_ledger(path: Path) -> bool:
+    """Move aside a ledger file whose creation the storage cut short; True if it did.
+
+    DuckDB writes a new file's headers before anything else, so a file shorter than them,
+    with no write-ahead log beside it, holds no data, yet DuckDB refuses to open it ever
+    again ("not a valid DuckDB database file"): a disk that filled up while a partition's
+    ledger was created would stop the worker for good. The file is renamed, never deleted,
+    and only while no one holds DuckDB's lock on it.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the lock DuckDB takes
+        except OSError:
+            return False  # open in another process: not torn, or not ours to judge
+        size = os.fstat(fd).st_size
+        if size >= DUCKDB_HEADER_BYTES or path.with_name(path.name + ".wal").exists():
+            return False
+        aside = path.with_name(f"{path.name}.torn-{time.time_ns()}")
+        os.replace(path, aside)
+    finally:
+        os.close(fd)
+    log.warning("ledger %s was cut short at creation (%d bytes, no data): moved to %s",
+                path, size, aside.name)  # fmt: skip
+    return True
