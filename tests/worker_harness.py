@@ -9,14 +9,20 @@ import subprocess
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from aggregator.fold import Totals, fold_totals
+import duckdb
+
+from aggregator.fold import Record, Totals, fold_totals
+from aggregator.ledger import ledger_path
 from aggregator.views import open_usage
 from emitter import Emitter
 from pf_metering.config import load_settings
 from schemas.codec import COUNTERS
 from tests.cli_runner import BIN
+
+TotalsByKey = dict[tuple[str, str], dict[str, int]]
 
 
 def produce(
@@ -69,14 +75,25 @@ def with_duplicates(
     return out
 
 
-def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(BIN), "consume", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_worker(env: dict[str, str], *args: str, log: Path | None = None) -> subprocess.Popen[str]:
+    """A ``consume`` process; with ``log``, its stdout and stderr go to that file (a pipe
+    nobody reads would block a chatty worker)."""
+    if log is None:
+        return subprocess.Popen(
+            [str(BIN), "consume", *args],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [str(BIN), "consume", *args],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
 
 def drain(env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -125,3 +142,60 @@ def expected_totals(events: list[dict[str, Any]]) -> dict[tuple[str, str], dict[
         }
 
     return {k: flat(v) for k, v in fold_totals(events).items()}
+
+
+def ledger_state(env: dict[str, str]) -> dict[int, tuple[int | None, TotalsByKey]]:
+    """Per partition, straight from the ledger files (no worker may hold them): the stored
+    next offset and the aggregates, opened read-only (the write-ahead log is replayed in
+    memory, the files stay untouched)."""
+    settings = load_settings(
+        metering_data_dir=env["METERING_DATA_DIR"], metering_topic=env["METERING_TOPIC"]
+    )
+    folder = ledger_path(settings.ledger_dir, settings.metering_topic, 0).parent
+    cols = ["tenant_id", "period", "events", "sessions", *COUNTERS]
+    out: dict[int, tuple[int | None, TotalsByKey]] = {}
+    for path in sorted(folder.glob("p-*.duckdb")):
+        partition = int(path.stem.split("-")[1])
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            row = con.execute("SELECT max(next_offset) FROM offsets").fetchone()
+            rows = con.execute(f"SELECT {', '.join(cols)} FROM aggregates").fetchall()
+        finally:
+            con.close()
+        totals = {(r[0], r[1]): dict(zip(cols[2:], r[2:], strict=True)) for r in rows}
+        out[partition] = (row[0] if row else None, totals)
+    return out
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 120) -> dict[int, list[Record]]:
+    """Every record of ``topic`` by partition, in offset order, read back independently of
+    the worker (a plain consumer, no group membership, no committed offsets)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    conf = {
+        "bootstrap.servers": bootstrap,
+        "group.id": "pf-read-topic",
+        "enable.auto.commit": False,
+    }
+    consumer = Consumer(conf)
+    try:
+        meta = consumer.list_topics(topic, timeout=30).topics[topic]
+        ends = {}
+        for p in meta.partitions:
+            ends[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        out: dict[int, list[Record]] = {p: [] for p in ends}
+        remaining = sum(ends.values())
+        deadline = time.monotonic() + timeout
+        while remaining > 0:
+            assert time.monotonic() < deadline, f"{remaining} records of {topic} not read back"
+            for msg in consumer.consume(10_000, 1.0):
+                partition, offset = msg.partition(), msg.offset()
+                if msg.error() or partition is None or offset is None:
+                    continue
+                if offset < ends[partition]:
+                    out[partition].append(Record(offset, msg.key(), msg.value()))
+                    remaining -= 1
+        return out
+    finally:
+        consumer.close()

@@ -1,0 +1,162 @@
+"""Storage refusing writes: the worker stops without advancing offsets, exits non-zero with a
+one-line error and no traceback; once the storage is fixed it resumes and totals are exact.
+
+The refusal is a real one from the kernel, portable and without root: the worker runs with
+``RLIMIT_FSIZE`` lowered (and SIGXFSZ ignored), so a write that would grow a file past the
+limit is cut short and the next one fails with EFBIG, which is what a full disk does to a
+write (ENOSPC) as far as DuckDB can tell. Three places are hit: the write-ahead log of a
+batch commit, the checkpoint when the worker stops, and the creation of the ledger itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from aggregator.fold import Record
+from consumer.worker import set_aside_torn_ledger
+from schemas.codec import default_codec
+from tests.cli_runner import BIN, assert_user_error
+from tests.worker_harness import (
+    drain,
+    expected_totals,
+    ledger_state,
+    ledger_totals,
+    produce,
+    random_events,
+    read_topic,
+    with_duplicates,
+)
+
+# Runs argv with a file-size limit: SIG_IGN and rlimits survive exec (no preexec_fn needed,
+# which is unsafe in a threaded parent).
+_LIMITED = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+BATCHES = {"METERING_BATCH_SIZE": "500"}
+
+
+def consume_with_file_limit(env: dict[str, str], limit: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _LIMITED, str(limit), str(BIN), "consume", "--drain"],
+        env={**os.environ, **env, **BATCHES},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def kafka_committed(env: dict[str, str], partitions: list[int]) -> dict[int, int]:
+    """The group's Kafka-side committed offsets (lag monitoring only)."""
+    consumer = Consumer(
+        {"bootstrap.servers": env["KAFKA_BOOTSTRAP_SERVERS"], "group.id": env["METERING_GROUP"]}
+    )
+    try:
+        got = consumer.committed(
+            [TopicPartition(env["METERING_TOPIC"], p) for p in partitions], timeout=30
+        )
+    finally:
+        consumer.close()
+    return {tp.partition: tp.offset for tp in got}
+
+
+def decoded(records: list[Record]) -> list[dict[str, Any]]:
+    codec = default_codec()
+    return [codec.decode(r.value) for r in records]
+
+
+def test_a_commit_refused_by_storage_stops_the_worker_without_advancing_offsets(
+    env: dict[str, str],
+) -> None:
+    events = with_duplicates(random_events(20_000, tenants=30, seed=31), ratio=0.1)
+    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
+
+    failed = consume_with_file_limit(env, 150_000)  # a WAL outgrows this after a few batches
+    assert_user_error(failed, "ledger commit failed for")
+    assert "File too large" in failed.stderr
+
+    # The stored offsets say exactly what the stored aggregates hold: per partition, the
+    # records below the offset (read back from Kafka and folded here) and nothing else.
+    topic = read_topic(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"])
+    state = ledger_state(env)
+    assert set(state) == set(topic)
+    for partition, (offset, totals) in state.items():
+        stored = offset or 0
+        assert totals == expected_totals(decoded(topic[partition][:stored])), partition
+    stopped_early = [p for p, (offset, _) in state.items() if (offset or 0) < len(topic[p])]
+    assert stopped_early, "the worker should have stopped before the end of the topic"
+    # Kafka's committed offsets (monitoring only) never run ahead of the ledger
+    for partition, offset in kafka_committed(env, sorted(topic)).items():
+        assert offset <= (state[partition][0] or 0), (partition, offset)
+
+    resumed = drain(env)  # storage fixed: no limit
+    assert "Traceback" not in resumed.stderr
+    assert ledger_totals(env) == expected_totals(events)
+
+
+@pytest.mark.parametrize(
+    ("limit", "fragment"),
+    [
+        (1, "cannot open ledger"),  # not even the ledger file can be created
+        (250_000, "stopping the worker failed"),  # every batch fits; the final checkpoint not
+    ],
+    ids=["ledger-creation", "checkpoint-at-stop"],
+)
+def test_storage_refusing_writes_elsewhere_is_one_line_and_loses_nothing(
+    env: dict[str, str], limit: int, fragment: str
+) -> None:
+    events = with_duplicates(random_events(6_000, tenants=30, seed=32), ratio=0.1)
+    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
+    failed = consume_with_file_limit(env, limit)
+    assert_user_error(failed, fragment)
+    assert "File too large" in failed.stderr
+    drain(env)
+    assert ledger_totals(env) == expected_totals(events)
+
+
+_LOCK_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_only_a_torn_unlocked_ledger_file_is_set_aside(tmp_path: Path) -> None:
+    torn = tmp_path / "p-0000.duckdb"
+    torn.write_bytes(b"\x00")
+    with_wal = tmp_path / "p-0001.duckdb"
+    with_wal.write_bytes(b"\x00")
+    (tmp_path / "p-0001.duckdb.wal").write_bytes(b"wal")
+    valid = tmp_path / "p-0002.duckdb"
+    duckdb.connect(str(valid)).close()
+    locked = tmp_path / "p-0003.duckdb"
+    locked.write_bytes(b"")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(locked)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert [set_aside_torn_ledger(p) for p in (torn, with_wal, valid, locked)] == [
+            True, False, False, False,
+        ]  # fmt: skip
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert not torn.exists() and len(list(tmp_path.glob("p-0000.duckdb.torn-*"))) == 1
+    assert with_wal.exists() and valid.exists() and locked.exists()
+    assert not set_aside_torn_ledger(tmp_path / "p-0009.duckdb")  # no file: nothing to do
