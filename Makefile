@@ -42,6 +42,7 @@ kafka-stop:
 	deploy/local-kafka stop
 
 test: install lint stripe-mock
+	deploy/ensure-chromium > /dev/null
 	$(BIN)/pytest -q tests
 
 soak: install stripe-mock

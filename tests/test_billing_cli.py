@@ -226,3 +226,17 @@ def test_real_console_script(data_env: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "inv.json"
     run_cli("generate-invoice", "acme", "2025-01", "-o", str(out), check=True)
     assert json.loads(out.read_text())["total"] == "53.66"
+
+
+def test_invoice_as_html_and_job_metrics_file(pfm: Cli, tmp_path: Path) -> None:
+    pfm.publish(event("acme", "2025-01", **SEED))
+    prom = tmp_path / "bill.prom"
+    assert pfm("bill", "--as-of", "2025-02-01T02:00:00Z", "--metrics-file", str(prom)).code == 0
+    text = prom.read_text()
+    assert "pf_invoices_finalized_total 1.0" in text and "pf_stripe_errors_total 0.0" in text
+    page = tmp_path / "inv.html"
+    assert pfm("generate-invoice", "acme", "2025-01", "-f", "html", "-o", str(page)).code == 0
+    html_text = page.read_text()
+    doc = pfm("generate-invoice", "acme", "2025-01", "-f", "json").json()
+    assert html_text.lstrip().lower().startswith("<!doctype html")
+    assert doc["invoice_id"] in html_text and "53.66" in html_text

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import typer
@@ -37,16 +37,25 @@ from pf_metering.commands.common import (
     output_path,
     parse_period,
 )
-from pf_metering.commands.stripe_cmds import push_to_stripe, stripe_requested
+from pf_metering.commands.stripe_cmds import PushFailed, push_to_stripe, stripe_requested
 from pf_metering.config import settings
 from pf_metering.errors import UserError
 from pf_metering.output import Format, render, rows_table, write
 from schemas.codec import COUNTERS
 
+if TYPE_CHECKING:
+    from billing.stripe_push import PushResult
+
 
 class TableOrJson(StrEnum):
     table = "table"
     json = "json"
+
+
+class InvoiceFormat(StrEnum):
+    table = "table"
+    json = "json"
+    html = "html"
 
 
 TABLE_JSON_OPTION = typer.Option(
@@ -57,7 +66,7 @@ STRIPE_OPTION = typer.Option(
 )
 
 
-def _format(fmt: TableOrJson | None, output: Path | None) -> Format:
+def _format(fmt: TableOrJson | InvoiceFormat | None, output: Path | None) -> Format:
     if fmt is None:
         return Format.json if output is not None else Format.table
     return Format(fmt.value)
@@ -366,7 +375,9 @@ def generate_invoice(
     period: str = typer.Argument(..., help="billing period, YYYY-MM"),
     output: Path = OUTPUT_OPTION,
     stripe: bool = STRIPE_OPTION,
-    fmt: TableOrJson | None = TABLE_JSON_OPTION,
+    fmt: InvoiceFormat | None = typer.Option(
+        None, "-f", "--format", help="table, json or html (default: table; json with -o)"
+    ),
 ) -> None:
     """The invoice of a tenant for a period: finalized once the period is closed (then never
     changes), else a draft preview recomputed on each call; always the same invoice_id."""
@@ -385,6 +396,11 @@ def generate_invoice(
         elif invoice.status is InvoiceStatus.draft:
             print(f"{target} is still open: draft invoices are not pushed", file=sys.stderr)
     now = _now()
+    if fmt is InvoiceFormat.html:
+        from billing.invoice_html import render_invoice_html
+
+        write(render_invoice_html(invoice, now=now), out)
+        return
     render(
         _format(fmt, output),
         out,
@@ -459,11 +475,33 @@ def bill(
     ),
     stripe: bool = STRIPE_OPTION,
     quiet: bool = QUIET_OPTION,
+    metrics_file: Path = typer.Option(
+        None, "--metrics-file", help="write job metrics here (node-exporter textfile)"
+    ),
 ) -> None:
     """The nightly job: finalize every closed, not yet invoiced period of every tenant (from its
     first period, base fee even without usage), with late-usage corrections; then push."""
     now = _now()
     moment = _parse_as_of(as_of, now)
+    finalized, ok = 0, False
+    pushes: list[PushResult] = []
+    try:
+        finalized, pushes = _run_bill(moment, now, stripe, quiet)
+        ok = True
+    except PushFailed as exc:
+        pushes = exc.results
+        raise
+    finally:
+        if metrics_file is not None:
+            from billing.job_metrics import BillRun, write_job_metrics
+
+            write_job_metrics(metrics_file, BillRun.of(finalized, pushes, succeeded=ok))
+
+
+def _run_bill(
+    moment: datetime, now: datetime, stripe: bool, quiet: bool
+) -> tuple[int, list[PushResult]]:
+    """Finalize, report, push; returns (invoices finalized, push results)."""
     usage = _read_usage(quiet=quiet)
     rules = _rules()
     with _billing() as con:
@@ -476,10 +514,12 @@ def bill(
             f"total {money(total)} usd",
             file=sys.stderr,
         )
+    pushes: list[PushResult] = []
     if stripe_requested(stripe):
         with _billing() as con:
             pending = invoice_store.finalized_unsent(con)
-        push_to_stripe(pending)
+        pushes = push_to_stripe(pending)
+    return len(result.invoices), pushes
 
 
 # --- export-metrics -------------------------------------------------------------------------

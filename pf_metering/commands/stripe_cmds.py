@@ -43,6 +43,14 @@ def _billing_connect(cfg: Settings) -> Connect:
     return partial(billing_db, cfg.billing_db, cfg.metering_lock_timeout)
 
 
+class PushFailed(OperationError):
+    """Some invoices failed to push; ``results`` has every invoice's outcome."""
+
+    def __init__(self, message: str, results: list[PushResult]) -> None:
+        super().__init__(message)
+        self.results = results
+
+
 def stripe_requested(flag: bool) -> bool:
     """``--stripe`` on the command line, or ``STRIPE_ENABLED=true`` in the environment."""
     return flag or settings().stripe_enabled
@@ -70,9 +78,10 @@ def push_to_stripe(
         print(line, file=sys.stderr)
     failed = [r.invoice_id for r in results if not r.ok]
     if failed:
-        raise OperationError(
+        raise PushFailed(
             f"{len(failed)} of {len(results)} invoices failed to push to Stripe: "
-            + ", ".join(failed)
+            + ", ".join(failed),
+            results,
         )
     return results
 
