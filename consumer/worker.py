@@ -27,7 +27,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from aggregator.fold import Record, prepare_batch
 from aggregator.ledger import LedgerSet, ledger_path
@@ -233,9 +239,18 @@ class Worker:
         """True once every partition of the topic is consumed to its end (by anyone)."""
         if not self.assigned_once:
             return False
-        ends = end_offsets(self.consumer, self.topic)
-        others = [p for p in ends if p not in self.ledgers.held]
-        theirs = committed_offsets(self.consumer, self.topic, others)
+        try:
+            ends = end_offsets(self.consumer, self.topic)
+            others = [p for p in ends if p not in self.ledgers.held]
+            theirs = committed_offsets(self.consumer, self.topic, others)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.fatal():
+                raise
+            # The broker is unreachable (restarting, say): not knowing the end is not the
+            # end. Keep waiting, as a worker without --drain does.
+            log.warning("drain: end offsets unknown for now (%s); waiting for the broker", exc)
+            return False
         for partition, end in ends.items():
             ledger = self.ledgers.held.get(partition)
             done = (ledger.next_offset or 0) if ledger else max(theirs.get(partition, 0), 0)

@@ -1,0 +1,147 @@
+"""The broker stopped and restarted mid-run: workers survive, nothing is lost or doubled.
+
+The test starts a broker of its own with ``deploy/local-kafka`` on a dedicated port (state in
+``.cache/kafka-PORT``), so the broker the rest of the suite shares is never touched. Two
+independent pipelines read the same topic through the outage: a long-running worker and a
+``--drain`` worker (own data folder, own group), while a producer keeps sending through it
+(its idempotent retries land after the restart). ``make test`` restarts the broker once;
+``PF_SOAK=1`` (``make soak``) sends more and restarts it three times.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emitter import Emitter
+from pf_metering import config
+from tests.kafka_broker import create_topic, local_kafka
+from tests.worker_harness import (
+    drain,
+    expected_totals,
+    ledger_totals,
+    produce,
+    random_events,
+    start_worker,
+    with_duplicates,
+)
+
+PORT = int(os.environ.get("PF_FAULT_KAFKA_PORT", "29192"))
+SOAK = os.environ.get("PF_SOAK") == "1"
+EVENTS = 100_000 if SOAK else 30_000
+RESTARTS = 3 if SOAK else 1
+RUN_ENV = {"METERING_BATCH_SIZE": "500", "METERING_SNAPSHOT_SECONDS": "0.5", "LOG_LEVEL": "DEBUG"}
+DRAIN_WAITING = "drain: end offsets unknown for now"
+
+
+@pytest.fixture(scope="module")
+def own_broker() -> Iterator[str]:
+    """A broker of this module's own, stopped at the end."""
+    address = local_kafka("start", PORT)
+    try:
+        yield address
+    finally:
+        local_kafka("stop", PORT)
+
+
+@pytest.fixture
+def broker_env(
+    own_broker: str, data_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    values = {"KAFKA_BOOTSTRAP_SERVERS": own_broker, "METERING_TOPIC": create_topic(own_broker)}
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    config.settings.cache_clear()
+    return {**data_env, **values}
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def committed_batches(log: Path) -> int:
+    return log.read_text().count("consumer.worker: committed p")
+
+
+class SlowProducer(threading.Thread):
+    """Sends events in chunks with pauses, so sending goes on through a broker outage."""
+
+    def __init__(self, bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
+        super().__init__(daemon=True)
+        self.args = (bootstrap, topic, events)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        bootstrap, topic, events = self.args
+        try:
+            with Emitter(bootstrap, topic, validate_events=False) as emitter:
+                for i in range(0, len(events), 500):
+                    for event in events[i : i + 500]:
+                        emitter.emit(event)
+                    time.sleep(0.25)
+        except BaseException as exc:  # reported by the test thread
+            self.error = exc
+
+
+def test_workers_survive_a_broker_restart_mid_run(
+    broker_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = broker_env
+    events = with_duplicates(random_events(EVENTS, tenants=40, seed=41), ratio=0.1)
+    backlog, live = events[: len(events) * 2 // 3], events[len(events) * 2 // 3 :]
+    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], backlog)
+    drain_env = {
+        **env,
+        "METERING_DATA_DIR": str(tmp_path / "drain-data"),
+        "METERING_GROUP": env["METERING_GROUP"] + "-drain",
+    }
+    run_log, drain_log = tmp_path / "run.log", tmp_path / "drain.log"
+    runner = start_worker({**env, **RUN_ENV}, log=run_log)
+    drainer = start_worker({**drain_env, **RUN_ENV}, "--drain", log=drain_log)
+    producer = SlowProducer(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], live)
+    try:
+        wait_for(lambda: committed_batches(run_log) > 0, "the worker to commit a batch")
+        wait_for(lambda: committed_batches(drain_log) > 0, "the drain worker to commit")
+        # Hold the drain worker mid-run so that it surely meets the outage with work left.
+        os.kill(drainer.pid, signal.SIGSTOP)
+        producer.start()
+        for n in range(RESTARTS):
+            if n:
+                seen = committed_batches(run_log)
+                wait_for(lambda s=seen: committed_batches(run_log) > s, "another batch")
+            local_kafka("stop", PORT)
+            if n == 0:
+                os.kill(drainer.pid, signal.SIGCONT)
+                wait_for(lambda: DRAIN_WAITING in drain_log.read_text(), "the drain to wait")
+            for proc, log in ((runner, run_log), (drainer, drain_log)):
+                assert proc.poll() is None, log.read_text()[-3000:]  # alive, broker down
+            local_kafka("start", PORT)
+        producer.join(timeout=300)
+        assert not producer.is_alive() and producer.error is None, producer.error
+        assert drainer.wait(timeout=300) == 0, drain_log.read_text()[-3000:]
+        expected = expected_totals(events)
+        wait_for(lambda: ledger_totals(env) == expected, "the worker to count every event")
+        assert runner.poll() is None, run_log.read_text()[-3000:]  # survived every restart
+    finally:
+        for proc in (runner, drainer):
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+    assert runner.returncode == 0, run_log.read_text()[-3000:]
+    for log in (run_log, drain_log):
+        assert "Traceback" not in log.read_text()
+    drain(env)  # nothing left over, nothing counted again
+    assert ledger_totals(env) == expected
+    drain(drain_env)  # what the producer sent after the drain worker's end
+    assert ledger_totals(drain_env) == expected
