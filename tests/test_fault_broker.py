@@ -73,6 +73,12 @@ def committed_batches(log: Path) -> int:
     return log.read_text().count("consumer.worker: committed p")
 
 
+def more_batches(log: Path) -> Callable[[], bool]:
+    """True once the worker has committed more batches than it has now."""
+    now = committed_batches(log)
+    return lambda: committed_batches(log) > now
+
+
 class SlowProducer(threading.Thread):
     """Sends events in chunks with pauses, so sending goes on through a broker outage."""
 
@@ -117,8 +123,7 @@ def test_workers_survive_a_broker_restart_mid_run(
         producer.start()
         for n in range(RESTARTS):
             if n:
-                seen = committed_batches(run_log)
-                wait_for(lambda s=seen: committed_batches(run_log) > s, "another batch")
+                wait_for(more_batches(run_log), "another batch")
             local_kafka("stop", PORT)
             if n == 0:
                 os.kill(drainer.pid, signal.SIGCONT)
