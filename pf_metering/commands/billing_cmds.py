@@ -459,13 +459,15 @@ def _parse_as_of(text: str | None, now: datetime) -> datetime:
         return now
     try:
         moment = datetime.fromisoformat(text.strip())
-    except ValueError:
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise UserError(
             f"invalid --as-of {text[:40]!r}: expected ISO-8601, e.g. 2025-02-01T02:00:00Z"
         ) from None
-    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     if moment > now:
         raise UserError(f"--as-of {text} lies in the future")
+    if moment.year < 1970:  # no period before 1970 exists; earlier instants overflow
+        raise UserError(f"--as-of {text[:40]} lies before 1970")
     return moment
 
 
