@@ -191,7 +191,7 @@ def tenants_set_tier(
     check_tenant(tenant_id)
     get_tier(load_tiers(settings().metering_tiers_file), tier)
     now = _now()
-    period = parse_period(start) if start else Period.of(now)
+    period = parse_period(start) if start is not None else Period.of(now)
     usage = _read_usage(tenant_id, quiet=True)
     with _billing() as con, transaction(con):
         invoicing.known_tenant(con, usage, tenant_id)
