@@ -6,6 +6,7 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import typer
@@ -69,11 +70,24 @@ def dead_letters(fmt: Format = FORMAT_OPTION, output: Path = OUTPUT_OPTION) -> N
         row["key"] = row["key"].decode("utf-8", "replace") if row["key"] is not None else None
         row["value"] = row["value"].hex() if row["value"] is not None else None
     reader.close()
+    shown = [{k: printable(v) for k, v in r.items()} for r in rows]  # keys come from anyone
     render(
-        fmt, output_path(output), json_data=rows, csv_rows=lambda: rows,
-        table=lambda: rows_table([{k: v for k, v in r.items() if k != "value"} for r in rows],
+        fmt, output_path(output), json_data=rows, csv_rows=lambda: shown,
+        table=lambda: rows_table([{k: v for k, v in r.items() if k != "value"} for r in shown],
                                  title=f"{len(rows)} dead letters"),
     )  # fmt: skip
+
+
+def printable(value: Any) -> Any:
+    """A value safe to print on a terminal: bytes as hex, and in text every control or
+    format character (ANSI escape sequences, BEL, CR, bidi overrides) shown escaped."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, str) and not value.isprintable():
+        return "".join(
+            c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value
+        )
+    return value
 
 
 _WRITES = re.compile(
@@ -113,8 +127,10 @@ def sql(
         raise UserError(f"query failed: {str(exc).splitlines()[0]}") from None
     finally:
         reader.close()
-    render(fmt, output_path(output), json_data=rows, csv_rows=lambda: rows,
-           table=lambda: rows_table(rows))  # fmt: skip
+    shown = [{k: printable(v) for k, v in r.items()} for r in rows]
+    data = [{k: v.hex() if isinstance(v, bytes) else v for k, v in r.items()} for r in rows]
+    render(fmt, output_path(output), json_data=data, csv_rows=lambda: shown,
+           table=lambda: rows_table(shown))  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:
