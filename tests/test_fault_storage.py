@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from aggregator.fold import Record
@@ -76,52 +75,41 @@ def decoded(records: list[Record]) -> list[dict[str, Any]]:
     return [codec.decode(r.value) for r in records]
 
 
-def test_a_commit_refused_by_storage_stops_the_worker_without_advancing_offsets(
-    env: dict[str, str],
-) -> None:
-    events = with_duplicates(random_events(20_000, tenants=30, seed=31), ratio=0.1)
+def test_storage_refusing_writes_stops_the_worker_and_loses_nothing(env: dict[str, str]) -> None:
+    """One topic, storage refusing writes three ways in a row, then fixed."""
+    events = with_duplicates(random_events(10_000, tenants=30, seed=31), ratio=0.1)
     produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
 
-    failed = consume_with_file_limit(env, 150_000)  # a WAL outgrows this after a few batches
-    assert_user_error(failed, "ledger commit failed for")
+    # 1. Not even a ledger file can be created (it is left torn, a byte long).
+    failed = consume_with_file_limit(env, 1)
+    assert_user_error(failed, "cannot open ledger")
     assert "File too large" in failed.stderr
 
+    # 2. A batch commit: a write-ahead log outgrows the limit after a few batches.
+    failed = consume_with_file_limit(env, 60_000)
+    assert_user_error(failed, "ledger commit failed for")
+    assert "File too large" in failed.stderr
+    assert "cut short at creation" in failed.stderr  # the torn files of 1. were set aside
     # The stored offsets say exactly what the stored aggregates hold: per partition, the
     # records below the offset (read back from Kafka and folded here) and nothing else.
     topic = read_topic(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"])
     state = ledger_state(env)
     assert set(state) == set(topic)
     for partition, (offset, totals) in state.items():
-        stored = offset or 0
-        assert totals == expected_totals(decoded(topic[partition][:stored])), partition
+        assert totals == expected_totals(decoded(topic[partition][: offset or 0])), partition
     stopped_early = [p for p, (offset, _) in state.items() if (offset or 0) < len(topic[p])]
     assert stopped_early, "the worker should have stopped before the end of the topic"
     # Kafka's committed offsets (monitoring only) never run ahead of the ledger
     for partition, offset in kafka_committed(env, sorted(topic)).items():
         assert offset <= (state[partition][0] or 0), (partition, offset)
 
+    # 3. Every batch fits, the checkpoint when the worker stops does not.
+    failed = consume_with_file_limit(env, 250_000)
+    assert_user_error(failed, "stopping the worker failed")
+    assert "File too large" in failed.stderr
+
     resumed = drain(env)  # storage fixed: no limit
     assert "Traceback" not in resumed.stderr
-    assert ledger_totals(env) == expected_totals(events)
-
-
-@pytest.mark.parametrize(
-    ("limit", "fragment"),
-    [
-        (1, "cannot open ledger"),  # not even the ledger file can be created
-        (250_000, "stopping the worker failed"),  # every batch fits; the final checkpoint not
-    ],
-    ids=["ledger-creation", "checkpoint-at-stop"],
-)
-def test_storage_refusing_writes_elsewhere_is_one_line_and_loses_nothing(
-    env: dict[str, str], limit: int, fragment: str
-) -> None:
-    events = with_duplicates(random_events(6_000, tenants=30, seed=32), ratio=0.1)
-    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
-    failed = consume_with_file_limit(env, limit)
-    assert_user_error(failed, fragment)
-    assert "File too large" in failed.stderr
-    drain(env)
     assert ledger_totals(env) == expected_totals(events)
 
 
