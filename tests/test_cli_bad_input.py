@@ -274,7 +274,7 @@ def test_dead_letters_and_sql_never_print_terminal_escapes(env: dict[str, str], 
     produce_raw(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"],
                 [(evil, b"not avro"), (evil, mismatched)])  # fmt: skip
     drain(env)
-    formats = ([], ["-f", "csv"], ["-f", "json"])
+    formats: tuple[list[str], ...] = ([], ["-f", "csv"], ["-f", "json"])
     runs = [pfm("dead-letters", *fmt) for fmt in formats]
     runs += [pfm("sql", "SELECT decode(key) AS k, reason FROM dead_letters", *f) for f in formats]
     for run in runs:
