@@ -2,7 +2,9 @@
 
 ``prepare_batch`` decodes and validates every record: valid events become one Arrow table
 (with the in-batch duplicate flag already set), invalid ones become dead letters with
-their reason. ``fold_totals`` is the reference fold used to reconcile totals in tests.
+their reason. The columnar path (``aggregator.fast_decode``) takes what it can vouch for;
+``decode_record``, the per-record path, takes the rest and names every reason.
+``fold_totals`` is the reference fold used to reconcile totals in tests.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+import polars as pl
 import pyarrow as pa
 
+from aggregator.fast_decode import DECODED, STRINGS, decode_fast
 from schemas.codec import COUNTERS, Codec, DecodeError
 from schemas.validation import validate
 
@@ -56,7 +60,12 @@ EVENT_SCHEMA = pa.schema(
 
 @dataclass
 class PreparedBatch:
-    """One partition's slice of a poll, decoded: valid events as columns, the rest dead."""
+    """One partition's slice of a poll, decoded: valid events as columns, the rest dead.
+
+    ``deltas`` and ``sessions`` (``deltas_of`` and ``sessions_of`` over all of
+    ``events``) are precomputed while the batch is in polars anyway; the ledger uses them
+    when every event turns out fresh, and recomputes them over the fresh ones otherwise.
+    """
 
     partition: int
     next_offset: int
@@ -64,11 +73,62 @@ class PreparedBatch:
     dead: list[DeadLetter] = field(default_factory=list)
     consumed: int = 0
     max_occurred_at: int | None = None
+    deltas: pa.Table | None = None
+    sessions: pa.Table | None = None
+
+
+def deltas_of(events: pl.DataFrame) -> pl.DataFrame:
+    """Per (tenant_id, period): event count, counter sums, risk-score sum/count/max and the
+    first and last occurred_at: what these events add to the aggregates."""
+    risk, at = pl.col("risk_score"), pl.col("occurred_at")
+    return events.group_by("tenant_id", "period").agg(
+        pl.len().cast(pl.Int64).alias("events"),
+        *[pl.col(c).sum() for c in COUNTERS],
+        risk.sum().alias("risk_score_sum"),
+        risk.count().cast(pl.Int64).alias("risk_score_count"),
+        risk.max().alias("risk_score_max"),
+        at.min().alias("first_occurred_at"),
+        at.max().alias("last_occurred_at"),
+    )
+
+
+def sessions_of(events: pl.DataFrame) -> pl.DataFrame:
+    """The distinct (tenant_id, period, session_id) of these events."""
+    return events.select("tenant_id", "period", "session_id").unique()
+
+
+# 0001-01-01T00:00:00Z: the first instant a period can be named for (datetime's range).
+FIRST_PERIOD_MICROS = -62_135_596_800 * 1_000_000
+TOO_OLD = "outside_dedup_window: older than the dedup window allows counting"
 
 
 def period_of(micros: int) -> str:
     moment = datetime.fromtimestamp(micros / 1_000_000, UTC)
     return f"{moment.year:04d}-{moment.month:02d}"
+
+
+def decode_record(
+    rec: Record, codec: Codec, now_micros: int, oldest_allowed_micros: int | None
+) -> dict[str, Any] | DeadLetter:
+    """The per-record path: decode, validate and date one record, or say why not.
+
+    This is the reference for every dead-letter reason; the columnar path hands it
+    every record it cannot vouch for.
+    """
+    try:
+        event = codec.decode(rec.value)
+    except DecodeError as exc:
+        return DeadLetter(rec.offset, rec.key, rec.value, f"{exc.reason}: {exc.detail}")
+    reason = validate(event, now_micros, rec.key)
+    occurred = event["occurred_at"]
+    too_old = occurred < FIRST_PERIOD_MICROS or (
+        oldest_allowed_micros is not None and occurred < oldest_allowed_micros
+    )
+    if reason is None and too_old:
+        reason = TOO_OLD
+    if reason is not None:
+        return DeadLetter(rec.offset, rec.key, rec.value, reason)
+    return {**event, "offset": rec.offset, "period": period_of(occurred)}
 
 
 def prepare_batch(
@@ -77,38 +137,53 @@ def prepare_batch(
     codec: Codec,
     now_micros: int,
     oldest_allowed_micros: int | None,
+    *,
+    columnar: bool = True,
 ) -> PreparedBatch:
-    """Decode, validate and columnise ``records`` (offset order) of one partition."""
-    columns: dict[str, list[Any]] = {name: [] for name in EVENT_SCHEMA.names}
+    """Decode, validate and columnise ``records`` (offset order) of one partition.
+
+    With ``columnar`` (the default) the batch goes through ``aggregator.fast_decode``
+    and only the records it leaves over take the per-record path; without, every record
+    does. Both give the same PreparedBatch.
+    """
+    if columnar:
+        fast = decode_fast(records, codec, now_micros, oldest_allowed_micros)
+        frame, slow = fast.events.with_columns(_PERIOD), fast.slow
+    else:
+        frame, slow = _EMPTY_FRAME, list(range(len(records)))
+    rows: list[dict[str, Any]] = []
     dead: list[DeadLetter] = []
-    seen: set[tuple[str, str]] = set()
-    max_at: int | None = None
-    for rec in records:
-        try:
-            event = codec.decode(rec.value)
-        except DecodeError as exc:
-            dead.append(DeadLetter(rec.offset, rec.key, rec.value, f"{exc.reason}: {exc.detail}"))
-            continue
-        reason = validate(event, now_micros, rec.key)
-        too_old = oldest_allowed_micros is not None and event["occurred_at"] < oldest_allowed_micros
-        if reason is None and too_old:
-            reason = "outside_dedup_window: older than the dedup window allows counting"
-        if reason is not None:
-            dead.append(DeadLetter(rec.offset, rec.key, rec.value, reason))
-            continue
-        ident = (event["tenant_id"], event["event_id"])
-        columns["offset"].append(rec.offset)
-        columns["period"].append(period_of(event["occurred_at"]))
-        columns["first_in_batch"].append(ident not in seen)
-        seen.add(ident)
-        for name in EVENT_SCHEMA.names[1:-1]:
-            if name != "period":
-                columns[name].append(event[name])
-        occurred = event["occurred_at"]
-        max_at = occurred if max_at is None or occurred > max_at else max_at
-    table = pa.Table.from_pydict(columns, schema=EVENT_SCHEMA)
+    for i in slow:
+        out = decode_record(records[i], codec, now_micros, oldest_allowed_micros)
+        if isinstance(out, DeadLetter):
+            dead.append(out)
+        else:
+            rows.append(out)
+    if rows:
+        extra = pl.DataFrame(rows, schema=_FRAME_SCHEMA)
+        frame = pl.concat([frame, extra]).sort("offset") if frame.height else extra
+    table = frame.select(
+        *[c for c in EVENT_SCHEMA.names if c != "first_in_batch"],
+        pl.struct("tenant_id", "event_id").is_first_distinct().alias("first_in_batch"),
+    )
+    events = table.to_arrow().cast(EVENT_SCHEMA)
+    max_at = frame.get_column("occurred_at").max() if frame.height else None
     next_offset = records[-1].offset + 1 if records else 0
-    return PreparedBatch(partition, next_offset, table, dead, len(records), max_at)
+    assert max_at is None or isinstance(max_at, int)
+    return PreparedBatch(
+        partition, next_offset, events, dead, len(records), max_at,
+        deltas_of(frame).to_arrow(), sessions_of(frame).to_arrow(),
+    )  # fmt: skip
+
+
+_FRAME_SCHEMA = {
+    "offset": pl.Int64,
+    **{name: pl.String if name in STRINGS else pl.Float64 if name == "risk_score" else pl.Int64
+       for name in DECODED},
+    "period": pl.String,
+}  # fmt: skip
+_EMPTY_FRAME = pl.DataFrame(schema=_FRAME_SCHEMA)
+_PERIOD = pl.from_epoch("occurred_at", "us").dt.strftime("%Y-%m").alias("period")
 
 
 @dataclass

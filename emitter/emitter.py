@@ -1,24 +1,45 @@
 """Emitter: validated, batched, idempotent publishing of usage events to Kafka.
 
-Services call ``emit(event)`` for each usage delta and ``close()`` (or use ``with``) at the
+Services call ``emit(event)`` for each usage delta, or ``emit_many(events)`` for a batch
+(dicts, a polars DataFrame or an Arrow table), and ``close()`` (or use ``with``) at the
 end. Events are validated before they leave the process, keyed by tenant_id (so one
 tenant's events share a partition) and sent by an idempotent, compressing producer.
 Delivery failures are never swallowed: ``flush``/``close`` raise ``DeliveryFailed``.
+
+``emit_many`` is the bulk path: it validates a chunk with vectorised rules (the exact
+per-event ``validate`` names the reason of any row they do not vouch for), encodes it
+with ``schemas.columnar.encode`` (fastavro's exact bytes) and queues it with
+``produce_batch``. The producer reports deliveries only when they fail, so a healthy
+event costs no Python callback.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
+from itertools import islice
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeAlias
 
+import polars as pl
+import pyarrow as pa
 from confluent_kafka import KafkaError, Message, Producer
 
-from schemas.codec import COUNTERS, Codec, default_codec
+from schemas.bulk_validation import surely_valid
+from schemas.codec import COUNTERS, Codec, PublishedSchema, default_codec
+from schemas.columnar import FlatSchema, encode
 from schemas.validation import validate
+
+EventBatch: TypeAlias = "Iterable[dict[str, Any]] | pl.DataFrame | pa.Table"
+_Rows: TypeAlias = "pl.DataFrame | list[dict[str, Any]]"
+# Rows validated, encoded and queued together by emit_many.
+CHUNK_ROWS = 50_000
+_POLARS_TYPES = {
+    "int": pl.Int64, "long": pl.Int64, "string": pl.String, "bytes": pl.Binary,
+    "float": pl.Float64, "double": pl.Float64, "boolean": pl.Boolean, "null": pl.Null,
+}  # fmt: skip
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
@@ -29,6 +50,8 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "queue.buffering.max.messages": 1_000_000,
     "queue.buffering.max.kbytes": 1_048_576,
     "message.timeout.ms": 120_000,
+    # Only failures call back into Python: one callback per event costs ~30% of throughput.
+    "delivery.report.only.error": True,
 }
 
 
@@ -84,14 +107,18 @@ class Emitter:
         self.schema_version = schema_version
         self.validate_events = validate_events
         self.sent = 0
-        self.delivered = 0
+        self.failed = 0
         self.failures: list[tuple[str, str]] = []
 
+    @property
+    def delivered(self) -> int:
+        """Events acknowledged so far (sent, minus failed, minus still queued)."""
+        return self.sent - self.failed - len(self._producer)
+
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is None:
-            self.delivered += 1
-        else:
+        if err is not None:
             key = msg.key()
+            self.failed += 1
             self.failures.append((key.decode("utf-8", "replace") if key else "?", str(err)))
 
     def emit(self, event: dict[str, Any]) -> str:
@@ -106,12 +133,67 @@ class Emitter:
         )
         return str(record["event_id"])
 
-    def emit_many(self, events: Iterable[dict[str, Any]]) -> int:
-        n = 0
-        for event in events:
-            self.emit(event)
-            n += 1
-        return n
+    def emit_many(self, events: EventBatch) -> int:
+        """Validate, encode and queue many events; returns how many were queued.
+
+        Works in chunks of ``CHUNK_ROWS``: a chunk is validated whole before any of it is
+        queued, so an invalid event raises ``InvalidEvent`` with nothing of its chunk sent
+        (earlier chunks were). Dicts are normalised as ``emit`` does (event_id generated
+        when missing, datetimes to microseconds, counters default 0).
+        """
+        writer = self.codec.writer(self.schema_version)
+        flat = FlatSchema.of(writer.raw)
+        return sum(self._emit_chunk(chunk, writer, flat) for chunk in _chunks(events))
+
+    def _emit_chunk(self, chunk: _Rows, writer: PublishedSchema, flat: FlatSchema | None) -> int:
+        frame = None if flat is None else _typed(chunk, writer, flat)
+        if flat is None or frame is None:  # not columnar: the per-event path decides
+            rows = chunk.to_dicts() if isinstance(chunk, pl.DataFrame) else chunk
+            for event in rows:
+                self.emit(event)
+            return len(rows)
+        if self.validate_events:
+            self._check(frame)
+        values = encode(frame.to_arrow(), flat, writer.header).to_pylist()
+        self._produce_batch(frame.get_column("tenant_id").to_list(), values)
+        return frame.height
+
+    def _check(self, frame: pl.DataFrame) -> None:
+        """Raise InvalidEvent for the first row ``validate`` refuses."""
+        now = int(time.time() * 1_000_000)
+        vouched = frame.select(surely_valid(now)).to_series()
+        if vouched.all():
+            return
+        for row in frame.filter(~vouched).iter_rows(named=True):
+            reason = validate(row, now_micros=now)
+            if reason:
+                raise InvalidEvent(reason)
+
+    def _produce_batch(self, keys: list[str | None], values: list[bytes]) -> None:
+        messages: list[dict[str, Any]] = [
+            {"key": k, "value": v} for k, v in zip(keys, values, strict=True)
+        ]
+        while messages:
+            queued = self._producer.produce_batch(
+                self.topic, messages, on_delivery=self._on_delivery
+            )
+            self.sent += queued
+            if queued == len(messages):
+                break
+            retry = []
+            for m in messages:
+                err = m.get("_error")
+                if err is None:
+                    continue
+                if err.code() == KafkaError._QUEUE_FULL:
+                    retry.append({"key": m["key"], "value": m["value"]})
+                else:
+                    self.failed += 1
+                    self.failures.append((str(m["key"]), str(err)))
+            messages = retry
+            if messages:
+                self._producer.poll(0.05)  # local queue full: let deliveries drain
+        self._producer.poll(0)
 
     def produce_raw(self, key: bytes | None, value: bytes | None) -> None:
         """Queue pre-encoded bytes (also used by tests to send invalid values on purpose)."""
@@ -150,3 +232,60 @@ class Emitter:
             self.close()
         else:
             self._producer.flush(10)
+
+
+def _chunks(events: EventBatch) -> Iterator[_Rows]:
+    if isinstance(events, pa.Table):
+        events = pl.DataFrame(pl.from_arrow(events))
+    if isinstance(events, pl.DataFrame):
+        yield from events.iter_slices(CHUNK_ROWS)
+        return
+    it = iter(events)
+    while chunk := list(islice(it, CHUNK_ROWS)):
+        yield chunk
+
+
+def _typed(chunk: _Rows, writer: PublishedSchema, flat: FlatSchema) -> pl.DataFrame | None:
+    """The chunk as one typed column per writer field, normalised like ``normalise``;
+    None when its values do not fit the columns (the per-event path then decides)."""
+    defaults = {f["name"]: f.get("default") for f in writer.raw["fields"]}
+    dtypes = {f.name: _POLARS_TYPES[f.kind] for f in flat.fields}
+    try:
+        if isinstance(chunk, pl.DataFrame):
+            frame = pl.DataFrame(
+                [_column(chunk, name, dtype, defaults.get(name)) for name, dtype in dtypes.items()]
+            )
+        else:
+            frame = pl.DataFrame(
+                {name: _normalised(chunk, name, defaults.get(name)) for name in dtypes},
+                schema=dtypes,
+            )
+    except (TypeError, ValueError, OverflowError, pl.exceptions.PolarsError):
+        return None
+    if frame.select(pl.col("occurred_at").is_null().any()).item():
+        return None
+    return frame
+
+
+def _column(
+    frame: pl.DataFrame, name: str, dtype: pl.DataType | type[pl.DataType], default: Any
+) -> pl.Series:
+    if name not in frame.columns:
+        if name == "event_id":
+            return pl.Series(name, [str(uuid.uuid4()) for _ in range(frame.height)], dtype)
+        return pl.Series(name, [default] * frame.height, dtype)
+    column = frame.get_column(name)
+    if name == "occurred_at" and isinstance(column.dtype, pl.Datetime):
+        if column.dtype.time_zone is None:
+            raise InvalidEvent("occurred_at must be timezone-aware (UTC)")
+        return column.dt.epoch("us")
+    return column.cast(dtype)
+
+
+def _normalised(events: list[dict[str, Any]], name: str, default: Any) -> list[Any]:
+    if name == "event_id":
+        return [e["event_id"] if "event_id" in e else str(uuid.uuid4()) for e in events]
+    if name == "occurred_at":
+        values = [e["occurred_at"] for e in events]
+        return values if all(type(v) is int for v in values) else [to_micros(v) for v in values]
+    return [e.get(name, default) for e in events]

@@ -1,0 +1,138 @@
+"""(c): the real worker, ``pf-metering consume --drain``, as a subprocess from empty.
+
+Timed from process start (interpreter start, imports and group join included) to exit;
+its peak RSS is the largest sum over the process tree, polled with psutil. Optionally the
+partition ledgers are first given ``preload`` dedup ids, as if that many events had been
+counted inside the dedup window.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from aggregator.ledger import LedgerSet
+
+BIN = Path(sys.executable).parent / "pf-metering"
+_SUMMARY = re.compile(
+    r"consumed (\d+) records: (\d+) counted, (\d+) duplicates, (\d+) dead-lettered"
+)
+
+
+@dataclass
+class WorkerRun:
+    """What one drain of the worker did and cost."""
+
+    events: int
+    seconds: float
+    cpu_seconds: float  # user + system of the worker process (all its threads)
+    peak_rss_bytes: int
+    consumed: int
+    counted: int
+    duplicates: int
+    dead: int
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+def preload_seen_ids(ledger_dir: Path, topic: str, partitions: int, ids: int) -> float:
+    """Put ``ids`` dedup ids (spread over the partitions, inside the window) into the
+    ledgers' ``seen_events``; returns the seconds it took."""
+    started = time.perf_counter()
+    now = int(time.time() * 1_000_000)
+    ledgers = LedgerSet(ledger_dir, topic, lock_timeout=10, memory_limit="1GB")
+    try:
+        for p in range(partitions):
+            ledger = ledgers.acquire(p)
+            lo, hi = p * ids // partitions, (p + 1) * ids // partitions
+            ledgers.con.execute(
+                f"""INSERT INTO {ledger.alias}.seen_events
+                    SELECT md5_number('preload' || chr(0) || i::VARCHAR), {p},
+                           {now} - (i % 1000000) * 1000000
+                    FROM range({lo}, {hi}) t(i)"""
+            )
+    finally:
+        ledgers.close(None)
+    return time.perf_counter() - started
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def run_worker(
+    bootstrap: str, topic: str, data_dir: Path, expected: int, extra_env: dict[str, str],
+    source: Path | None = None, timeout: float = 3600,
+) -> WorkerRun:  # fmt: skip
+    """Drain ``topic`` with a fresh worker (own group, own data dir) and measure it.
+
+    ``source``: run the worker from another checkout (before/after comparisons)."""
+    command = [str(BIN), "consume", "--drain"]
+    if source is not None:
+        command = [sys.executable, "-c", "from pf_metering.cli import main; main()", *command[1:]]
+    env = {
+        **os.environ,
+        **({"PYTHONPATH": str(source)} if source is not None else {}),
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "METERING_TOPIC": topic,
+        "METERING_DATA_DIR": str(data_dir),
+        "METERING_GROUP": f"bench-worker-{uuid.uuid4().hex[:8]}",
+        **extra_env,
+    }
+    log_path = data_dir / "worker.log"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    peak = [0]
+    with log_path.open("w") as log:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=source)
+        watched = psutil.Process(proc.pid)
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.is_set():
+                try:
+                    peak[0] = max(peak[0], _tree_rss(watched))
+                except psutil.Error:
+                    return
+                done.wait(0.05)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            elapsed = time.perf_counter() - started
+            done.set()
+            poller.join()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    output = log_path.read_text()
+    if code != 0:
+        raise RuntimeError(f"worker exited {code}:\n{output[-3000:]}")
+    found = _SUMMARY.search(output)
+    if found is None:
+        raise RuntimeError(f"worker printed no summary:\n{output[-3000:]}")
+    consumed, counted, duplicates, dead = (int(g) for g in found.groups())
+    return WorkerRun(expected, elapsed, cpu, peak[0], consumed, counted, duplicates, dead)
