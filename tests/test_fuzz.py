@@ -413,12 +413,6 @@ def dead_letter_counts(env: dict[str, str]) -> dict[str, int]:
 
 
 @pytest.mark.soak
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in aggregator/ledger.py: dead letters are inserted with executemany, ~2 ms "
-    "and a 256 KiB block each inside the batch transaction; ~4k in one partition commit run "
-    "out of DuckDB's 512 MB and the worker dies on the same batch at every restart",
-)
 def test_a_flood_of_invalid_events_does_not_stall_the_valid_ones(
     env: dict[str, str], tmp_path: Path
 ) -> None:
