@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -148,6 +149,10 @@ class Worker:
             [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
         )  # fmt: skip
+        # A poll allocates two tracked objects per record; at the default thresholds the
+        # cyclic GC then runs full collections over every batch in flight (~15% of CPU,
+        # measured). Collect young objects 70x less often; nothing here builds cycles.
+        gc.set_threshold(50_000, 20, 100)
         clean = False
         try:
             while not self.stop_requested.is_set():
