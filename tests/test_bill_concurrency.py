@@ -134,10 +134,12 @@ def test_bill_killed_midway_then_rerun(
     env = copy_of(unbilled, tmp_path / "run")
     for n in range(KILLS):
         proc = start_bill(env)
-        opened = wait_until_open(proc)
-        time.sleep(max(0.0, opened + rnd.uniform(0, held) - time.monotonic()))
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+        try:
+            opened = wait_until_open(proc)
+            time.sleep(max(0.0, opened + rnd.uniform(0, held) - time.monotonic()))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=60)
         found = invoices(env)
         assert found in ({}, expected)  # all or nothing, never a part
         landed["after the commit" if found else "before the commit"] += 1
@@ -197,11 +199,13 @@ def test_bill_stripe_killed_midway_then_rerun(
     kills = 0
     for _ in range(KILLS):
         proc = start_bill(env, "--stripe")
-        wait_for(stripe_calls_or_exit(fake_stripe, rnd.randint(1, 40), proc))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.communicate(timeout=60)
+        try:
+            wait_for(stripe_calls_or_exit(fake_stripe, rnd.randint(1, 40), proc))
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.communicate(timeout=60)
     assert kills >= KILLS // 2
     run_cli("bill", "--as-of", AS_OF, "--quiet", "--stripe", env=env, check=True)
     assert_one_stripe_invoice_each(env, fake_stripe)

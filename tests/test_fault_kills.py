@@ -122,18 +122,16 @@ class KillReport:
 
 
 def _wait(life: Life, proc: subprocess.Popen[str], until: float, goal: int) -> None:
-    """Follow the trace until ``goal`` events are committed (or the worker idles)."""
-    idle_since: float | None = None
+    """Follow the trace until ``goal`` events are committed, or the worker sits idle."""
+    quiet_since, seen = time.monotonic(), life._read
     while time.monotonic() < until:
         life.refresh()
         if life.committed_events >= goal:
             return
-        if life.last == "done" and life.committed_events:
-            idle_since = idle_since or time.monotonic()
-            if time.monotonic() - idle_since > 3:
-                return  # nothing left to consume: kill it idle
-        else:
-            idle_since = None
+        if life._read != seen:
+            quiet_since, seen = time.monotonic(), life._read
+        elif life.assigned and time.monotonic() - quiet_since > 3:
+            return  # nothing left to consume: kill it idle
         assert proc.poll() is None, f"worker exited: {life.log.read_text()[-3000:]}"
         time.sleep(0.003)
     raise AssertionError(f"worker made no progress: {life.log.read_text()[-3000:]}")
@@ -142,7 +140,9 @@ def _wait(life: Life, proc: subprocess.Popen[str], until: float, goal: int) -> N
 def kill_at_random_points(
     env: dict[str, str], produced: int, kills: int, rng: random.Random, logs: Path
 ) -> KillReport:
-    """Run ``kills`` worker lives over the backlog, each SIGKILLed at a random point."""
+    """Run ``kills`` worker lives over the backlog, each SIGKILLed at a random point: most
+    once they committed a random share of what is left (so kills spread over the whole run
+    however fast the worker is), some at a random moment of start-up."""
     report = KillReport()
     done = 0  # events committed so far, from the traces
     group = env["METERING_GROUP"]
@@ -151,16 +151,19 @@ def kill_at_random_points(
             group = f"{env['METERING_GROUP']}-life{i}"
         life = Life(logs / f"life-{i:02d}.log")
         proc = start_worker({**env, **RUN_ENV, "METERING_GROUP": group}, log=life.log)
-        if rng.random() < STARTUP_KILL_SHARE:
-            time.sleep(rng.uniform(0.2, 3.0))
-        else:
-            share = produced / (kills + 2)
-            goal = max(1, min(int(rng.uniform(0.2, 1.8) * share), (produced - done) // 2))
-            _wait(life, proc, time.monotonic() + 180, goal)
-            time.sleep(rng.uniform(0, 0.05))
-        assert proc.poll() is None, f"worker exited by itself: {life.log.read_text()[-3000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        try:
+            if rng.random() < STARTUP_KILL_SHARE:
+                time.sleep(rng.uniform(0.1, 1.5))
+            else:
+                share = max(produced - done, 0) / (kills - i + 1)
+                goal = max(1, int(rng.uniform(0.2, 1.8) * share))
+                _wait(life, proc, time.monotonic() + 180, goal)
+                time.sleep(rng.uniform(0, 0.05))
+            assert proc.poll() is None, f"worker exited by itself: {life.log.read_text()[-3000:]}"
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
         life.refresh()
         done += life.committed_events
         report.lives.append(life)
