@@ -36,7 +36,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from aggregator.fold import Record, prepare_batch
+from aggregator.fold import RecordBatch, prepare_batch
 from aggregator.ledger import LedgerSet, ledger_path
 from aggregator.views import write_query_db
 from consumer.kafka import committed_offsets, consumer_config, end_offsets, split_by_partition
@@ -169,7 +169,7 @@ class Worker:
             self._shutdown(clean)
         return self.stats
 
-    def _process(self, by_partition: dict[int, list[Record]]) -> None:
+    def _process(self, by_partition: dict[int, RecordBatch]) -> None:
         # The DEBUG lines trace each batch's phases (the fault tests use them to tell where
         # a kill landed): "batch" -> "committing" -> "committed" (per partition) -> "done".
         now = int(time.time() * 1_000_000)
@@ -182,7 +182,7 @@ class Worker:
             if ledger is None:
                 continue  # revoked while the messages were in flight: the new owner redoes them
             start = ledger.next_offset or 0
-            fresh = [r for r in records if r.offset >= start]
+            fresh = records.since(start)
             if not fresh:
                 continue
             began = time.perf_counter()
@@ -322,8 +322,8 @@ def set_aside_torn_ledger(path: Path) -> bool:
     """
     try:
         fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return False
+    except OSError:
+        return False  # missing, or unwritable: opening the ledger will say what is wrong
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the lock DuckDB takes

@@ -148,3 +148,6 @@ def test_only_a_torn_unlocked_ledger_file_is_set_aside(tmp_path: Path) -> None:
     assert not torn.exists() and len(list(tmp_path.glob("p-0000.duckdb.torn-*"))) == 1
     assert with_wal.exists() and valid.exists() and locked.exists()
     assert not set_aside_torn_ledger(tmp_path / "p-0009.duckdb")  # no file: nothing to do
+    unwritable = tmp_path / "p-0004.duckdb"
+    unwritable.mkdir()  # cannot be opened for writing (as on a read-only disk): left alone
+    assert not set_aside_torn_ledger(unwritable) and unwritable.is_dir()
