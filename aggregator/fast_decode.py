@@ -25,18 +25,24 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aggregator.records import Record, columns_of
 from schemas.bulk_validation import surely_valid
 from schemas.codec import COUNTERS, MAX_VALUE_BYTES, Codec, PublishedSchema
-from schemas.columnar import FRAME_PADDING, HEADER_FIELD, FlatSchema, arange, container_block, frame
-
-if TYPE_CHECKING:
-    from aggregator.fold import Record
+from schemas.columnar import (
+    FRAME_PADDING,
+    HEADER_FIELD,
+    FlatField,
+    FlatSchema,
+    arange,
+    container_block,
+    frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +77,21 @@ class FastDecoded:
 def fast_schema(writer: PublishedSchema, reader: PublishedSchema) -> FastSchema | None:
     """The columnar plan for ``writer``, or None when it needs per-record resolution.
 
-    Supported: flat writers in which every reader field either exists with the same
-    primitive type and nullability, or is absent, has a default and is not needed here.
+    Supported: a flat writer in which every field of the reader either exists with the
+    same primitive type and nullability, or is absent, has a default and is not needed
+    here (resolution would fill it in; the ledger ignores it).
     """
-    flat_writer = FlatSchema.of(writer.raw)
-    flat_reader = FlatSchema.of(reader.raw)
-    if flat_writer is None or flat_reader is None:
+    flat = FlatSchema.of(writer.raw)
+    if flat is None:
         return None
-    defaults = {f["name"] for f in reader.raw["fields"] if "default" in f}
-    for field in flat_reader.fields:
-        mine = flat_writer.field(field.name)
+    for spec in reader.raw["fields"]:
+        mine, theirs = flat.field(spec["name"]), FlatField.of(spec)
         if mine is None:
-            if field.name in DECODED or field.name not in defaults:
+            if spec["name"] in DECODED or "default" not in spec:
                 return None
-        elif (mine.kind, mine.nullable) != (field.kind, field.nullable):
+        elif theirs is None or (mine.kind, mine.nullable) != (theirs.kind, theirs.nullable):
             return None
-    return FastSchema(writer.header, flat_writer, flat_writer.container_prefix())
+    return FastSchema(writer.header, flat, flat.container_prefix())
 
 
 @cache
@@ -105,7 +110,8 @@ def decode_fast(
 ) -> FastDecoded:
     """Decode and validate what the columnar path can vouch for; see the module doc."""
     n = len(records)
-    padded = _array(pa.array([r.value for r in records] + [_PAD], pa.large_binary()))
+    offsets, keys, values_ = columns_of(records)
+    padded = _array(pa.array([*values_, _PAD], pa.large_binary()))
     values = padded.slice(0, n)
     heads = pc.binary_slice(values, 0, 10)
     small = pc.less_equal(pc.binary_length(values), pa.scalar(MAX_VALUE_BYTES, pa.int64()))
@@ -128,10 +134,10 @@ def decode_fast(
     joined = pl.concat(frames) if len(frames) > 1 else frames[0]
     rows = joined.get_column("_row").to_arrow()
     joined = joined.with_columns(
-        pl.Series("offset", pa.array([r.offset for r in records], pa.int64()).take(rows)),
-        pl.Series("_key", pa.array([r.key for r in records], pa.large_binary()).take(rows)),
+        pl.Series("offset", pa.array(offsets, pa.int64()).take(rows)),
+        pl.Series("_key", pa.array(keys, pa.large_binary()).take(rows)),
     )
-    accepted = joined.filter(_accepts(now_micros, oldest_allowed_micros))
+    accepted = joined.filter(_accepts(joined, now_micros, oldest_allowed_micros))
     if len(frames) > 1:
         accepted = accepted.sort("offset")
     slow: list[int] = []
@@ -141,14 +147,14 @@ def decode_fast(
     return FastDecoded(accepted.select("offset", *DECODED), slow)
 
 
-def _accepts(now_micros: int, oldest_allowed_micros: int | None) -> pl.Expr:
+def _accepts(events: pl.DataFrame, now_micros: int, oldest_allowed_micros: int | None) -> pl.Expr:
     """Rows counted as they are: valid, key = tenant, and an occurred_at in range.
 
     Negative timestamps (before 1970) and ones older than the dedup window go to the
     per-record path, which dead-letters or dates them exactly as it always has.
     """
     at = pl.col("occurred_at")
-    ok = surely_valid(now_micros) & (at >= 0)
+    ok = surely_valid(events, now_micros) & (at >= 0)
     if oldest_allowed_micros is not None:
         ok = ok & (at >= oldest_allowed_micros)
     key = pl.col("_key")

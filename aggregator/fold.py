@@ -13,22 +13,15 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
 from aggregator.fast_decode import DECODED, STRINGS, decode_fast
+from aggregator.records import Record, RecordBatch
 from schemas.codec import COUNTERS, Codec, DecodeError
 from schemas.validation import validate
-
-
-class Record(NamedTuple):
-    """What the ledger needs of one Kafka message."""
-
-    offset: int
-    key: bytes | None
-    value: bytes | None
 
 
 @dataclass(frozen=True)
@@ -148,7 +141,7 @@ def prepare_batch(
     """
     if columnar:
         fast = decode_fast(records, codec, now_micros, oldest_allowed_micros)
-        frame, slow = fast.events.with_columns(_PERIOD), fast.slow
+        frame, slow = _with_periods(fast.events), fast.slow
     else:
         frame, slow = _EMPTY_FRAME, list(range(len(records)))
     rows: list[dict[str, Any]] = []
@@ -162,9 +155,12 @@ def prepare_batch(
     if rows:
         extra = pl.DataFrame(rows, schema=_FRAME_SCHEMA)
         frame = pl.concat([frame, extra]).sort("offset") if frame.height else extra
+    if frame.get_column("event_id").n_unique() == frame.height:  # the usual case: cheap
+        first: pl.Expr = pl.lit(True)
+    else:
+        first = pl.struct("tenant_id", "event_id").is_first_distinct()
     table = frame.select(
-        *[c for c in EVENT_SCHEMA.names if c != "first_in_batch"],
-        pl.struct("tenant_id", "event_id").is_first_distinct().alias("first_in_batch"),
+        *[c for c in EVENT_SCHEMA.names if c != "first_in_batch"], first.alias("first_in_batch")
     )
     events = table.to_arrow().cast(EVENT_SCHEMA)
     max_at = frame.get_column("occurred_at").max() if frame.height else None
@@ -176,6 +172,8 @@ def prepare_batch(
     )  # fmt: skip
 
 
+__all__ = ["EVENT_SCHEMA", "DeadLetter", "PreparedBatch", "Record", "RecordBatch", "prepare_batch"]
+
 _FRAME_SCHEMA = {
     "offset": pl.Int64,
     **{name: pl.String if name in STRINGS else pl.Float64 if name == "risk_score" else pl.Int64
@@ -183,7 +181,18 @@ _FRAME_SCHEMA = {
     "period": pl.String,
 }  # fmt: skip
 _EMPTY_FRAME = pl.DataFrame(schema=_FRAME_SCHEMA)
-_PERIOD = pl.from_epoch("occurred_at", "us").dt.strftime("%Y-%m").alias("period")
+
+
+def _with_periods(events: pl.DataFrame) -> pl.DataFrame:
+    """Add ``period`` (``period_of``) to events with occurred_at >= 0: the month key is
+    computed per row, its name once per distinct month (strftime per row costs 2x)."""
+    at = pl.from_epoch("occurred_at", "us")
+    keys = events.select((at.dt.year() * 100 + at.dt.month()).alias("k")).to_series()
+    months = keys.unique()
+    names = [f"{k // 100:04d}-{k % 100:02d}" for k in months.to_list()]
+    return events.with_columns(
+        keys.replace_strict(months, names, return_dtype=pl.String).alias("period")
+    )
 
 
 @dataclass

@@ -1,18 +1,17 @@
 """A thin, typed shell over confluent-kafka's Consumer for the worker.
 
 It owns the client configuration (offsets never auto-committed or auto-stored: the ledger
-is the source of truth) and turns polled messages into per-partition ``Record`` lists.
+is the source of truth) and turns polled messages into per-partition ``RecordBatch``es.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from aggregator.fold import Record
+from aggregator.records import RecordBatch
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +39,38 @@ def consumer_config(
     }
 
 
-def split_by_partition(messages: list[Message]) -> dict[int, list[Record]]:
-    """Group polled messages by partition; raise on fatal client errors, log the rest."""
-    out: dict[int, list[Record]] = defaultdict(list)
-    for msg in messages:
-        err = msg.error()
-        if err is not None:
-            if err.fatal():
+def split_by_partition(messages: list[Message]) -> dict[int, RecordBatch]:
+    """Group polled messages by partition, column-wise; raise on fatal client errors,
+    log the rest. A poll arrives in runs of one partition (one per fetch response), so
+    the columns are cut into runs by slicing, not record by record."""
+    errors = [m.error() for m in messages]
+    if any(e is not None for e in errors):
+        for err in errors:
+            if err is not None and err.fatal():
                 raise KafkaException(err)
-            if err.code() != KafkaError._PARTITION_EOF:
+            if err is not None and err.code() != KafkaError._PARTITION_EOF:
                 log.warning("kafka: %s", err)
-            continue
-        partition = msg.partition()
-        offset = msg.offset()
-        if partition is None or offset is None:
-            continue
-        out[partition].append(Record(offset, msg.key(), msg.value()))
+        messages = [m for m, e in zip(messages, errors, strict=True) if e is None]
+    maybe_partitions = [m.partition() for m in messages]
+    maybe_offsets = [m.offset() for m in messages]
+    if None in maybe_partitions or None in maybe_offsets:
+        messages = [m for m in messages if m.partition() is not None and m.offset() is not None]
+        return split_by_partition(messages)
+    partitions = cast("list[int]", maybe_partitions)
+    offsets = cast("list[int]", maybe_offsets)
+    keys = [m.key() for m in messages]
+    values = [m.value() for m in messages]
+    cuts = [i for i in range(1, len(partitions)) if partitions[i] != partitions[i - 1]]
+    out: dict[int, RecordBatch] = {}
+    for start, end in zip([0, *cuts], [*cuts, len(partitions)], strict=True):
+        partition = partitions[start]
+        batch = out.get(partition)
+        if batch is None:
+            out[partition] = RecordBatch(offsets[start:end], keys[start:end], values[start:end])
+        else:
+            batch.offsets.extend(offsets[start:end])
+            batch.keys.extend(keys[start:end])
+            batch.values.extend(values[start:end])
     return out
 
 

@@ -161,7 +161,7 @@ class Emitter:
     def _check(self, frame: pl.DataFrame) -> None:
         """Raise InvalidEvent for the first row ``validate`` refuses."""
         now = int(time.time() * 1_000_000)
-        vouched = frame.select(surely_valid(now)).to_series()
+        vouched = frame.select(surely_valid(frame, now)).to_series()
         if vouched.all():
             return
         for row in frame.filter(~vouched).iter_rows(named=True):

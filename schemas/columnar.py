@@ -46,6 +46,11 @@ class FlatField:
     def nullable(self) -> bool:
         return self.null_branch is not None
 
+    @classmethod
+    def of(cls, spec: Any) -> FlatField | None:
+        """The flat view of one field spec, or None when it is not flat."""
+        return _flat_field(spec)
+
 
 @dataclass(frozen=True)
 class FlatSchema:

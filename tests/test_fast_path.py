@@ -1,0 +1,414 @@
+"""The columnar hot path gives exactly what the per-record path gives, and falls back.
+
+``prepare_batch(columnar=True)`` (the worker's path) is held to ``columnar=False`` (every
+record through ``Codec.decode`` + ``validate``) on the same batches: same events table,
+same dead letters with the same reasons. Malformed bodies amid valid ones, writer schemas
+the columnar decoder cannot handle, and the framing walk and bulk encoder on their own.
+The emitter's bulk path is checked byte for byte against ``emit`` through the real broker.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.fast_decode import decode_fast, plans
+from aggregator.fold import DeadLetter, PreparedBatch, Record, RecordBatch, prepare_batch
+from emitter import DeliveryFailed, Emitter, InvalidEvent
+from schemas.codec import COUNTERS, HEADER_LEN, Codec, default_codec, discover, load_schema
+from schemas.columnar import FRAME_PADDING, FlatSchema, encode, frame
+from tests.events import make_event
+from tests.worker_harness import random_events, with_duplicates
+
+CODEC = default_codec()
+NOW = int(time.time() * 1_000_000)
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def records_of(
+    values: Sequence[tuple[bytes | None, bytes | None]], first: int = 100
+) -> list[Record]:
+    return [Record(first + i, key, value) for i, (key, value) in enumerate(values)]
+
+
+def encoded(events: list[dict[str, Any]], version: int | None = None) -> list[Record]:
+    return records_of([(e["tenant_id"].encode(), CODEC.encode(e, version)) for e in events])
+
+
+def dead_view(dead: list[DeadLetter]) -> list[tuple[int, bytes | None, bytes | None, str]]:
+    # fastavro names a BytesIO by its address in some messages: not part of the reason
+    return [(d.offset, d.key, d.value, re.sub(r" at 0x[0-9a-f]+", "", d.reason)) for d in dead]
+
+
+def assert_same(fast: PreparedBatch, slow: PreparedBatch) -> None:
+    assert fast.events.schema == slow.events.schema
+    assert fast.events.to_pylist() == slow.events.to_pylist()
+    assert sorted(dead_view(fast.dead)) == sorted(dead_view(slow.dead))
+    assert (fast.next_offset, fast.consumed, fast.max_occurred_at) == (
+        slow.next_offset, slow.consumed, slow.max_occurred_at,
+    )  # fmt: skip
+
+
+def both(records: list[Record], codec: Codec = CODEC) -> PreparedBatch:
+    """The columnar result, after checking it equals the per-record one."""
+    fast = prepare_batch(2, records, codec, NOW, None)
+    assert_same(fast, prepare_batch(2, records, codec, NOW, None, columnar=False))
+    return fast
+
+
+# --- the columnar path against the per-record path --------------------------------------
+
+
+def test_clean_batch_is_decoded_columnar_and_equal() -> None:
+    events = random_events(2000, tenants=7, seed=21, period=(2025, 3))
+    records = encoded(events)
+    decoded = decode_fast(records, CODEC, NOW, None)
+    assert decoded.slow == [] and decoded.events.height == len(events)
+    batch = both(records)
+    assert batch.events.column("event_id").to_pylist() == [e["event_id"] for e in events]
+    assert batch.events.column("first_in_batch").to_pylist() == [True] * len(events)
+
+
+def test_versions_interleaved_duplicates_and_keys() -> None:
+    events = with_duplicates(random_events(3000, tenants=5, seed=22), ratio=0.1)
+    rnd = random.Random(5)
+    records = [
+        Record(i, rnd.choice([None, e["tenant_id"].encode()]), CODEC.encode(e, rnd.choice([1, 2])))
+        for i, e in enumerate({**e, "region": rnd.choice([None, "eu"])} for e in events)
+    ]
+    batch = both(records)
+    flags = batch.events.column("first_in_batch").to_pylist()
+    assert flags.count(False) == len(events) - len(
+        {(e["tenant_id"], e["event_id"]) for e in events}
+    )
+
+
+def test_every_invalid_class_gets_the_per_record_reason() -> None:
+    good = [make_event(tenant="good", session_id=f"s{i}") for i in range(30)]
+    bad = [
+        make_event(tenant="bad", event_id=""),
+        make_event(tenant="bad", event_id="x" * 129),
+        make_event(tenant="bad", session_id=""),
+        make_event(tenant="bad", source="é" * 129),
+        make_event(tenant="bad", api_calls=-3),
+        make_event(tenant="bad", violations=INT64[0]),
+        make_event(tenant="bad", risk_score=math.nan),
+        make_event(tenant="bad", risk_score=-math.inf),
+        make_event(tenant="bad", risk_score=1.0000001),
+        make_event(tenant="bad", occurred_at=NOW + 3_600_000_000),
+        make_event(tenant="bad", occurred_at=INT64[0]),
+        make_event(tenant="no spaces"),
+    ]
+    values: list[tuple[bytes | None, bytes | None]] = [
+        (e["tenant_id"].encode(), CODEC.encode(e)) for e in good + bad
+    ]
+    values += [
+        (b"good", CODEC.encode(make_event(tenant="other"))),  # key mismatch
+        (b"good", b"not avro"),
+        (b"good", None),
+        (b"good", b"\xc3\x01" + b"\x11" * 8 + b"\x00"),
+        (b"good", b"\xc3\x01" + bytes(70_000)),
+    ]
+    random.Random(3).shuffle(values)
+    batch = both(records_of(values))
+    assert batch.events.num_rows == len(good)
+    codes = sorted(d.reason_code for d in batch.dead)
+    assert codes == sorted(
+        ["invalid_event_id"] * 2 + ["invalid_session_id", "invalid_source"]
+        + ["negative_counter"] * 2 + ["invalid_risk_score"] * 3
+        + ["future_timestamp", "outside_dedup_window", "invalid_tenant_id", "key_mismatch"]
+        + ["not_single_object"] * 2 + ["unknown_fingerprint", "oversized"]
+    )  # fmt: skip
+
+
+def test_malformed_bodies_amid_valid_ones_leave_neighbours_exact() -> None:
+    """Truncated, padded and overlong bodies inside one block: each is dead-lettered as
+    undecodable, each neighbour decodes to exactly its own event."""
+    events = random_events(400, tenants=3, seed=23)
+    values = [CODEC.encode(e) for e in events]
+    broken = {
+        10: values[10][:-1],  # truncated: its last field runs into the next value
+        11: values[11] + b"\x00",  # a trailing byte
+        200: values[200][: HEADER_LEN + 5],  # cut inside the first string
+        201: values[201][:HEADER_LEN],  # header only
+        399: values[399] + values[0][HEADER_LEN:],  # two bodies in one value
+    }
+    records = records_of([(e["tenant_id"].encode(), broken.get(i, values[i])) for i, e in
+                          enumerate(events)])  # fmt: skip
+    batch = both(records)
+    assert sorted(d.offset - 100 for d in batch.dead) == sorted(broken)
+    assert {d.reason_code for d in batch.dead} == {"undecodable_body"}
+    counted = {row["offset"] - 100: row for row in batch.events.to_pylist()}
+    assert sorted(counted) == [i for i in range(len(events)) if i not in broken]
+    for i, row in counted.items():
+        assert {k: row[k] for k in ("event_id", "cpu_ms", "risk_score")} == {
+            k: events[i][k] for k in ("event_id", "cpu_ms", "risk_score")
+        }
+
+
+def test_an_overlong_varint_cannot_shift_a_neighbour() -> None:
+    """A body whose varint is non-canonical (valid Avro) and that is also one byte short
+    would fool a check of canonical lengths; the framing walk reads the bytes as a decoder
+    does and sends it to the per-record path."""
+    first, second = make_event(tenant="t", cpu_ms=5), make_event(tenant="t")
+    value = CODEC.encode(first, 1)
+    fields = CODEC.versions[1].field_names
+    # re-encode cpu_ms (zig-zag 10 = 0x0a) as the 2-byte varint 0x8a 0x00
+    cpu_at = _field_offset(value, fields.index("cpu_ms"))
+    assert value[cpu_at] == 0x0A
+    overlong = value[:cpu_at] + b"\x8a\x00" + value[cpu_at + 1 :]
+    assert CODEC.decode(overlong)["cpu_ms"] == 5
+    batch = both(records_of([(b"t", overlong), (b"t", CODEC.encode(second, 1))]))
+    assert batch.events.num_rows == 2  # a valid non-canonical body is counted...
+    short = overlong[:-1]
+    batch = both(records_of([(b"t", short), (b"t", CODEC.encode(second, 1))]))
+    assert [d.reason_code for d in batch.dead] == ["undecodable_body"]  # ...a short one not
+    assert batch.events.column("event_id").to_pylist() == [second["event_id"]]
+
+
+def _field_offset(value: bytes, index: int) -> int:
+    """Byte offset of field ``index`` of a v1 value (strings and longs before it)."""
+    pos = HEADER_LEN
+    for field in range(index):
+        shift = length = 0
+        while True:
+            byte = value[pos]
+            length |= (byte & 0x7F) << shift
+            pos += 1
+            shift += 7
+            if byte < 0x80:
+                break
+        if field in (0, 1, 2, 4):  # event_id, tenant_id, session_id, source: strings
+            pos += length >> 1
+    return pos
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_random_mutations_agree_with_the_per_record_path(seed: int) -> None:
+    rnd = random.Random(seed)
+    events = random_events(rnd.randrange(1, 300), tenants=4, seed=seed)
+    values: list[tuple[bytes | None, bytes | None]] = []
+    for e in events:
+        value = CODEC.encode(e, rnd.choice([1, 2]))
+        if rnd.random() < 0.1:
+            data = bytearray(value)
+            at = rnd.randrange(HEADER_LEN, len(data))
+            if rnd.random() < 0.5:
+                data[at] ^= rnd.randrange(1, 256)
+            else:
+                del data[at:]
+            value = bytes(data)
+        values.append((e["tenant_id"].encode(), value))
+    both(records_of(values))
+
+
+# --- fallback: what the columnar decoder cannot handle -------------------------------------
+
+
+def _codec_with(tmp_path: Path, name: str, extra_field: dict[str, Any]) -> Codec:
+    raw = copy.deepcopy(CODEC.reader.raw)
+    raw["fields"].append(extra_field)
+    for schema in discover():
+        (tmp_path / schema.path.name).write_text(schema.path.read_text())
+    (tmp_path / name).write_text(json.dumps(raw))
+    return Codec(discover(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"name": "tags", "type": {"type": "array", "items": "string"}, "default": []},
+        {"name": "where", "type": ["null", {"type": "record", "name": "Where",
+                                            "fields": [{"name": "zone", "type": "string"}]}],
+         "default": None},
+    ],
+)  # fmt: skip
+def test_a_writer_schema_it_cannot_handle_takes_the_per_record_path(
+    tmp_path: Path, field: dict[str, Any]
+) -> None:
+    codec = _codec_with(tmp_path, "usage_event.v9.avsc", field)
+    v9 = codec.versions[9]
+    assert FlatSchema.of(v9.raw) is None
+    assert all(p.header != v9.header for p in plans(codec))
+    events = random_events(60, tenants=2, seed=24)
+    extra: list[str] | None = [] if field["name"] == "tags" else None
+    values = [
+        (e["tenant_id"].encode(), codec.encode({**e, field["name"]: extra}, 9 if i % 2 else 1))
+        for i, e in enumerate(events)
+    ]
+    records = records_of(values)
+    decoded = decode_fast(records, codec, NOW, None)
+    assert decoded.slow == list(range(1, len(events), 2))  # the v9 ones, and only them
+    batch = both(records, codec)
+    assert batch.events.num_rows == len(events) and not batch.dead
+
+
+def test_a_reader_field_the_writer_lacks_without_default_is_not_columnar(tmp_path: Path) -> None:
+    """Resolution would fail per record (undecodable_body): the columnar plan must not
+    pretend otherwise."""
+    raw = copy.deepcopy(CODEC.reader.raw)
+    raw["fields"].append({"name": "mandatory", "type": "string"})
+    path = tmp_path / "usage_event.v9.avsc"
+    path.write_text(json.dumps(raw))
+    reader = load_schema(path, 9)
+    codec = Codec([*discover(), reader])
+    assert [p.header for p in plans(codec)] == [reader.header]
+    events = random_events(20, tenants=2, seed=25)
+    batch = both(encoded(events, version=1), codec)
+    assert batch.events.num_rows == 0
+    assert {d.reason_code for d in batch.dead} == {"undecodable_body"}
+
+
+# --- the framing walk and the bulk encoder on their own ------------------------------------
+
+
+def _layout(values: list[bytes]) -> tuple[pa.Array, pa.Array, pa.Array]:
+    arr = pa.array([*values, bytes(FRAME_PADDING)], pa.large_binary())
+    offsets = pa.Array.from_buffers(pa.int64(), len(arr) + 1, [None, arr.buffers()[1]])
+    data = pa.Array.from_buffers(pa.uint8(), arr.buffers()[2].size, [None, arr.buffers()[2]])
+    starts = offsets.slice(0, len(values)).to_pylist()
+    return (
+        data,
+        pa.array([s + HEADER_LEN for s in starts], pa.int64()),
+        offsets.slice(1, len(values)),
+    )
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_frame_accepts_whole_records_only(version: int) -> None:
+    flat = FlatSchema.of(CODEC.versions[version].raw)
+    assert flat is not None
+    good = [CODEC.encode({**make_event(), "region": r}, version) for r in (None, "eu-west-1")]
+    values = [*good, good[0][:-1], good[1] + b"\x00", good[0][:HEADER_LEN], good[1][:-9]]
+    assert frame(*_layout(values), flat).to_pylist() == [True, True, False, False, False, False]
+
+
+def test_frame_refuses_without_padding() -> None:
+    flat = FlatSchema.of(CODEC.versions[1].raw)
+    assert flat is not None
+    value = CODEC.encode(make_event(), 1)
+    data = pa.array(list(value), pa.uint8())
+    with pytest.raises(ValueError, match="FRAME_PADDING"):
+        frame(data, pa.array([HEADER_LEN], pa.int64()), pa.array([len(value)], pa.int64()), flat)
+
+
+_strings = st.text(max_size=150)
+_longs = st.integers(*INT64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {
+                "event_id": _strings, "tenant_id": _strings, "session_id": _strings,
+                "occurred_at": _longs, "source": _strings,
+                **{c: _longs for c in COUNTERS},
+                "risk_score": st.none() | st.floats(allow_nan=True, allow_infinity=True),
+                "region": st.none() | _strings,
+            }
+        ),
+        min_size=1, max_size=40,
+    ),
+    version=st.sampled_from([1, 2]),
+)  # fmt: skip
+def test_bulk_encode_is_fastavro_byte_for_byte(rows: list[dict[str, Any]], version: int) -> None:
+    writer = CODEC.versions[version]
+    flat = FlatSchema.of(writer.raw)
+    assert flat is not None
+    table = pl.DataFrame(
+        rows,
+        schema={
+            **{n: pl.String for n in ("event_id", "tenant_id", "session_id", "source")},
+            "occurred_at": pl.Int64, **dict.fromkeys(COUNTERS, pl.Int64),
+            "risk_score": pl.Float64, "region": pl.String,
+        },
+    ).to_arrow()  # fmt: skip
+    got = encode(table, flat, writer.header).to_pylist()
+    assert got == [CODEC.encode(row, version) for row in rows]
+
+
+def test_record_batch_since_drops_redelivered() -> None:
+    batch = RecordBatch([5, 6, 7, 8], [b"a", b"b", None, b"d"], [b"1", b"2", b"3", None])
+    assert batch.since(5) is batch
+    later = batch.since(7)
+    assert list(later) == [Record(7, None, b"3"), Record(8, b"d", None)]
+    assert len(batch.since(9)) == 0 and batch[1] == Record(6, b"b", b"2")
+
+
+# --- the emitter's bulk path ---------------------------------------------------------------
+
+
+def _read(bootstrap: str, topic: str, expected: int) -> list[tuple[bytes | None, bytes | None]]:
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4()}",
+         "enable.auto.commit": False}
+    )  # fmt: skip
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(6)])
+    got: list[tuple[bytes | None, bytes | None]] = []
+    deadline = time.time() + 60
+    while len(got) < expected and time.time() < deadline:
+        got += [(m.key(), m.value()) for m in consumer.consume(1000, 1.0) if m.error() is None]
+    consumer.close()
+    return got
+
+
+def test_emit_many_sends_what_emit_sends(kafka_bootstrap: str, topic: str) -> None:
+    events = random_events(700, tenants=9, seed=26)
+    frame_events = pl.DataFrame(random_events(300, tenants=9, seed=27))
+    with Emitter(kafka_bootstrap, topic) as emitter:
+        assert emitter.emit_many(iter(events)) == len(events)
+        assert emitter.emit_many(frame_events) == frame_events.height
+        assert emitter.emit_many(frame_events.to_arrow().slice(0, 10)) == 10
+    expected = [e["tenant_id"].encode() + b"|" + CODEC.encode(e) for e in events]
+    expected += [e["tenant_id"].encode() + b"|" + CODEC.encode(e) for e in frame_events.to_dicts()]
+    expected += expected[len(events) : len(events) + 10]
+    got = _read(kafka_bootstrap, topic, len(expected))
+    assert sorted((k or b"") + b"|" + (v or b"") for k, v in got) == sorted(expected)
+
+
+def test_emit_many_normalises_like_emit(kafka_bootstrap: str, topic: str) -> None:
+    event = make_event(tenant="norm")
+    for name in ("event_id", "cpu_ms", "risk_score"):
+        event.pop(name)
+    with Emitter(kafka_bootstrap, topic) as emitter:
+        emitter.emit_many([event])
+    ((key, value),) = _read(kafka_bootstrap, topic, 1)
+    decoded = CODEC.decode(value)
+    assert key == b"norm" and decoded["cpu_ms"] == 0 and decoded["risk_score"] is None
+    assert uuid.UUID(decoded["event_id"])
+
+
+def test_emit_many_validates_the_chunk_before_sending_any(kafka_bootstrap: str, topic: str) -> None:
+    events = [make_event(tenant="t") for _ in range(50)] + [make_event(tenant="t", cpu_ms=-1)]
+    with Emitter(kafka_bootstrap, topic) as emitter:
+        with pytest.raises(InvalidEvent, match="negative_counter: cpu_ms=-1"):
+            emitter.emit_many(events)
+        assert emitter.sent == 0
+        with pytest.raises(InvalidEvent, match="invalid_tenant_id"):
+            emitter.emit_many(pl.DataFrame([make_event(tenant="no spaces")]))
+        assert emitter.sent == 0
+
+
+def test_emit_many_surfaces_delivery_failures(topic: str) -> None:
+    emitter = Emitter("127.0.0.1:1", topic, config={"message.timeout.ms": 1500})
+    emitter.emit_many(random_events(20, seed=28))
+    with pytest.raises(DeliveryFailed) as failed:
+        emitter.flush(timeout=10)
+    assert len(failed.value.errors) == 20 and emitter.delivered == 0
