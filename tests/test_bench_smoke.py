@@ -1,0 +1,27 @@
+"""``make bench`` works end to end on a tiny run (structure only: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import run
+
+
+def test_bench_runs_and_writes_its_results(
+    kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    out = tmp_path / "bench-results.json"
+    argv = ["--events", "3000", "--tenants", "20", "--preload-ids", "5000", "--skip-bill"]
+    results = run.main([*argv, "--output", str(out)])
+    assert json.loads(out.read_text()) == results
+    for key in ("raw_consume_events_per_s", "naive_events_per_s", "worker_events_per_s"):
+        assert results[key]["median"] > 0 and len(results[key]["samples"]) == 1
+    assert results["events"] == 3000 and results["preload_ids"] == 5000
+    assert results["worker_peak_rss_bytes"] > 0
+    assert results["c_over_a"] > 0 and results["c_over_b"] > 0
+    assert results["emitter_events_per_s"] > 0 and results["emitter_dict_events_per_s"] > 0
+    assert results["machine"]["cpus"] >= 1
