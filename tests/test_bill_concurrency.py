@@ -125,6 +125,7 @@ def test_two_bill_runs_at_once(
     assert invoices(env) == reference[0]
 
 
+@pytest.mark.soak
 def test_bill_killed_midway_then_rerun(
     unbilled: Path, reference: tuple[Invoices, float], tmp_path: Path
 ) -> None:
@@ -191,6 +192,7 @@ def test_two_bill_stripe_runs_at_once_push_each_invoice_once(
     assert_one_stripe_invoice_each(env, fake_stripe)
 
 
+@pytest.mark.soak
 def test_bill_stripe_killed_midway_then_rerun(
     small: dict[str, str], fake_stripe: FakeStripe
 ) -> None:
@@ -200,7 +202,7 @@ def test_bill_stripe_killed_midway_then_rerun(
     for _ in range(KILLS):
         proc = start_bill(env, "--stripe")
         try:
-            wait_for(stripe_calls_or_exit(fake_stripe, rnd.randint(1, 40), proc))
+            wait_for(stripe_calls_or_exit(fake_stripe, rnd.randint(1, 15), proc))
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)

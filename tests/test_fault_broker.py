@@ -99,6 +99,7 @@ class SlowProducer(threading.Thread):
             self.error = exc
 
 
+@pytest.mark.soak
 def test_workers_survive_a_broker_restart_mid_run(
     broker_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -273,6 +273,7 @@ def fuzz(items: st.SearchStrategy[Any], body: Callable[[Batch], int]) -> int:
     return checked
 
 
+@pytest.mark.soak
 def test_fuzzed_bytes_never_crash_and_every_reject_names_its_reason() -> None:
     tally: Tally = Counter()
 
@@ -291,6 +292,7 @@ def test_fuzzed_bytes_never_crash_and_every_reject_names_its_reason() -> None:
     assert checked >= FUZZ_INPUTS and tally["counted"] and len(tally) >= 8
 
 
+@pytest.mark.soak
 def test_fuzzed_events_are_counted_exactly_when_the_spec_allows() -> None:
     tally: Tally = Counter()
 
