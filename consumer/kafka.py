@@ -24,6 +24,11 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "max.poll.interval.ms": 300_000,
     "fetch.max.bytes": 52_428_800,
     "queued.max.messages.kbytes": 262_144,
+    # Throughput (docs/performance.md): the 1 MiB default per partition makes a fetch
+    # round trip per MiB; and once a partition's prefetch queue is full the fetcher
+    # otherwise waits a whole second before asking again.
+    "max.partition.fetch.bytes": 10_485_760,
+    "fetch.queue.backoff.ms": 50,
 }
 
 
