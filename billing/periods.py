@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-_PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+_PERIOD_RE = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")  # ASCII digits only, whole string
 
 
 @dataclass(frozen=True, order=True)
@@ -17,7 +17,7 @@ class Period:
     @classmethod
     def parse(cls, text: str) -> Period:
         """Strict ``YYYY-MM``: 2025-13, 2025-1 and 25-01 are errors."""
-        m = _PERIOD_RE.match(text.strip() if isinstance(text, str) else "")
+        m = _PERIOD_RE.fullmatch(text.strip() if isinstance(text, str) else "")
         if not m or int(m.group(1)) < 1970:
             raise ValueError(f"invalid period {text!r}: expected YYYY-MM, e.g. 2025-01")
         return cls(int(m.group(1)), int(m.group(2)))

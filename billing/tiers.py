@@ -206,6 +206,8 @@ def parse_tiers_file(path: Path) -> dict[str, Tier]:
         raise UserError(f"cannot read tiers file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"invalid tiers file {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"invalid tiers file {path}: not UTF-8 text") from None
     try:
         parsed = TiersFile.model_validate(raw)
     except ValidationError as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import polars as pl
 
 from schemas.codec import COUNTERS
-from schemas.validation import MAX_FUTURE_MICROS, MAX_ID_LEN, validate
+from schemas.validation import MAX_FUTURE_MICROS, MAX_ID_LEN, MIN_OCCURRED_MICROS, validate
 
 # An event valid in every respect but its tenant: validate(probe) judges the tenant alone.
 _PROBE = {
@@ -53,5 +53,6 @@ def surely_valid(events: pl.DataFrame, now_micros: int) -> pl.Expr:
         *[pl.col(name) >= 0 for name in COUNTERS],
         risk.is_null() | (risk.is_finite() & (risk >= 0.0) & (risk <= 1.0)),
         pl.col("occurred_at") <= now_micros + MAX_FUTURE_MICROS,
+        pl.col("occurred_at") >= MIN_OCCURRED_MICROS,
     ]
     return pl.all_horizontal(rules).fill_null(False)

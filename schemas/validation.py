@@ -8,8 +8,10 @@ from typing import Any
 
 from schemas.codec import COUNTERS
 
-TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# \Z, not $: "$" would also accept a trailing newline.
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 MAX_FUTURE_MICROS = 5 * 60 * 1_000_000
+MIN_OCCURRED_MICROS = 0  # 1970-01-01: billing periods start there
 MAX_ID_LEN = 128
 # Every reason code a dead letter can carry (metrics label values).
 REASONS = (
@@ -24,6 +26,7 @@ REASONS = (
     "negative_counter",
     "invalid_risk_score",
     "future_timestamp",
+    "timestamp_before_1970",
     "key_mismatch",
     "outside_dedup_window",
 )
@@ -51,6 +54,8 @@ def validate(event: dict[str, Any], now_micros: int, key: bytes | None = None) -
     risk = event.get("risk_score")
     if risk is not None and not (math.isfinite(risk) and 0.0 <= risk <= 1.0):
         return f"invalid_risk_score: {risk!r} is not within [0, 1]"
+    if event["occurred_at"] < MIN_OCCURRED_MICROS:
+        return "timestamp_before_1970: occurred_at precedes 1970-01-01T00:00:00Z"
     if event["occurred_at"] > now_micros + MAX_FUTURE_MICROS:
         return "future_timestamp: occurred_at is more than 5 minutes in the future"
     if key is not None and key != tenant.encode():

@@ -52,6 +52,7 @@ def test_every_invalid_class_is_dead_lettered_and_nothing_else(env: dict[str, st
         "negative_counter": make_event(tenant="bad", api_calls=-3),
         "invalid_risk_score": make_event(tenant="bad", risk_score=float("nan")),
         "future_timestamp": make_event(tenant="bad", occurred_at=now + 3_600_000_000),
+        "timestamp_before_1970": make_event(tenant="bad", occurred_at=-86_400_000_000),
     }
     raw: list[tuple[bytes | None, bytes | None, str]] = [
         (b"bad", codec.encode(e), reason) for reason, e in bad_events.items()

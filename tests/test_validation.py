@@ -35,6 +35,7 @@ NOW = int(time.time() * 1_000_000)
         ({"risk_score": -0.01}, "invalid_risk_score"),
         ({"risk_score": 1.5}, "invalid_risk_score"),
         ({"occurred_at": NOW + 6 * 60 * 1_000_000}, "future_timestamp"),
+        ({"occurred_at": -1}, "timestamp_before_1970"),
     ],
 )
 def test_invalid_event_reason(overrides: dict[str, Any], reason: str) -> None:
