@@ -73,3 +73,28 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
 
 
 Work = Callable[[duckdb.DuckDBPyConnection], object]
+
+
+# Billing tables the read-only ``sql`` command offers beside the usage views.
+QUERYABLE_TABLES = ("tenants", "tenant_tiers", "invoices", "billed_usage")
+
+
+def copy_queryable_tables(target: duckdb.DuckDBPyConnection, path: Path, timeout: float) -> None:
+    """Copy the billing tables into ``target`` (an in-memory connection), reading the file
+    read-only and briefly, so ad-hoc queries never hold it."""
+    if not path.exists():
+        return
+    source = open_with_retry(path, timeout, read_only=True, what="billing database")
+    try:
+        present = {
+            row[0] for row in source.execute("SELECT table_name FROM duckdb_tables()").fetchall()
+        }
+        for table in QUERYABLE_TABLES:
+            if table not in present:
+                continue
+            data = source.execute(f"SELECT * FROM {table}").to_arrow_table()
+            target.register("_billing_copy", data)
+            target.execute(f"CREATE TABLE {table} AS SELECT * FROM _billing_copy")
+            target.unregister("_billing_copy")
+    finally:
+        source.close()

@@ -240,3 +240,20 @@ def test_invoice_as_html_and_job_metrics_file(pfm: Cli, tmp_path: Path) -> None:
     doc = pfm("generate-invoice", "acme", "2025-01", "-f", "json").json()
     assert html_text.lstrip().lower().startswith("<!doctype html")
     assert doc["invoice_id"] in html_text and "53.66" in html_text
+
+
+def test_sql_joins_usage_with_billing_tables(pfm: Cli) -> None:
+    pfm.publish(event("acme", "2025-01", **SEED))
+    assert pfm("bill", "--as-of", "2025-02-01T02:00:00Z", "--quiet").code == 0
+    rows = pfm(
+        "sql",
+        "SELECT i.tenant_id, i.period, i.total, u.events, t.tenant_id AS known "
+        "FROM invoices i JOIN usage u USING (tenant_id, period) "
+        "LEFT JOIN tenants t USING (tenant_id)",
+        "-f",
+        "json",
+    ).json()
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert (row["tenant_id"], row["period"], row["events"]) == ("acme", "2025-01", 1)
+    assert Decimal(str(row["total"])) == Decimal("53.66")

@@ -12,6 +12,7 @@ import duckdb
 import typer
 
 from aggregator.views import materialize, open_usage
+from billing.db import copy_queryable_tables
 from consumer.metrics import WorkerMetrics
 from consumer.worker import Worker
 from pf_metering.commands.common import FORMAT_OPTION, OUTPUT_OPTION, QUIET_OPTION, output_path
@@ -102,7 +103,8 @@ def sql(
     fmt: Format = FORMAT_OPTION,
     output: Path = OUTPUT_OPTION,
 ) -> None:
-    """Read-only ad-hoc query over the views usage and dead_letters (and billing views)."""
+    """Read-only ad-hoc query over usage, dead_letters, tenants, tenant_tiers, invoices and
+    billed_usage."""
     stripped = query.strip().rstrip(";")
     if ";" in stripped:
         raise UserError("sql takes exactly one statement")
@@ -116,6 +118,7 @@ def sql(
     reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
     con = reader.con
     materialize(con)
+    copy_queryable_tables(con, cfg.billing_db, cfg.metering_lock_timeout)
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     print(reader.freshness.describe(), file=sys.stderr)
