@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from aggregator.fold import Record, prepare_batch
@@ -150,7 +150,7 @@ def random_value(rnd: random.Random) -> tuple[bytes | None, bytes | None]:
 
 ids = st.one_of(st.text(max_size=140), st.sampled_from(WILD_STRINGS))
 tenant_ids = st.one_of(
-    st.from_regex(TENANT_SPEC, fullmatch=True), st.text(max_size=140).map(lambda t: t.rstrip("\n"))
+    st.from_regex(TENANT_SPEC, fullmatch=True), st.text(max_size=140), st.just("acme\n")
 )
 longs = st.one_of(st.integers(0, 10**9), st.integers(*INT64), st.sampled_from(WILD_LONGS))
 risks = st.one_of(st.none(), st.floats(0, 1), st.floats(), st.sampled_from(WILD_RISKS))
@@ -195,10 +195,8 @@ def reference_outcome(rec: Record, oldest: int | None) -> str | None:
     reason = validate(event, NOW, rec.key)
     if reason is not None:
         return reason_code(reason)
-    if event["occurred_at"] < FIRST_INSTANT or (
-        oldest is not None and event["occurred_at"] < oldest
-    ):
-        return "outside_dedup_window"  # before year 1 there is no calendar month to count in
+    if oldest is not None and event["occurred_at"] < oldest:
+        return "outside_dedup_window"
     return None
 
 
@@ -221,9 +219,7 @@ def spec_violations(event: dict[str, Any], key: bytes | None, oldest: int | None
         broken.add("timestamp_before_1970")
     if key is not None and key != event["tenant_id"].encode():
         broken.add("key_mismatch")
-    if event["occurred_at"] < FIRST_INSTANT or (
-        oldest is not None and event["occurred_at"] < oldest
-    ):
+    if oldest is not None and event["occurred_at"] < oldest:
         broken.add("outside_dedup_window")
     return broken
 
@@ -263,8 +259,11 @@ def fuzz(items: st.SearchStrategy[Any], body: Callable[[Batch], int]) -> int:
         oldest_allowed,
     )  # fmt: skip
 
+    # No shrinking: a failing batch of hundreds of records would take Hypothesis minutes to
+    # shrink; the assertion names the failing record, and the printed blob replays the batch.
     @settings(max_examples=max(FUZZ_INPUTS // 200, 20), deadline=None, database=None,
-              print_blob=True, suppress_health_check=list(HealthCheck))  # fmt: skip
+              print_blob=True, suppress_health_check=list(HealthCheck),
+              phases=[Phase.explicit, Phase.reuse, Phase.generate])  # fmt: skip
     @given(batches)
     def run(batch: Batch) -> None:
         nonlocal checked
