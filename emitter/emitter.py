@@ -27,7 +27,7 @@ import polars as pl
 import pyarrow as pa
 from confluent_kafka import KafkaError, Message, Producer
 
-from schemas.bulk_validation import surely_valid
+from schemas.bulk_validation import vouched
 from schemas.codec import COUNTERS, Codec, PublishedSchema, default_codec
 from schemas.columnar import FlatSchema, encode
 from schemas.validation import validate
@@ -161,10 +161,10 @@ class Emitter:
     def _check(self, frame: pl.DataFrame) -> None:
         """Raise InvalidEvent for the first row ``validate`` refuses."""
         now = int(time.time() * 1_000_000)
-        vouched = frame.select(surely_valid(frame, now)).to_series()
-        if vouched.all():
+        ok = vouched(frame, now)
+        if ok.all():
             return
-        for row in frame.filter(~vouched).iter_rows(named=True):
+        for row in frame.filter(~ok).iter_rows(named=True):
             reason = validate(row, now_micros=now)
             if reason:
                 raise InvalidEvent(reason)

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from aggregator.fast_decode import decode_fast, plans
 from aggregator.fold import DeadLetter, PreparedBatch, Record, RecordBatch, prepare_batch
 from emitter import DeliveryFailed, Emitter, InvalidEvent
+from schemas import bulk_validation
 from schemas.codec import COUNTERS, HEADER_LEN, Codec, default_codec, discover, load_schema
 from schemas.columnar import FRAME_PADDING, FlatSchema, encode, frame
 from schemas.validation import REASONS
@@ -213,6 +214,20 @@ def test_random_mutations_agree_with_the_per_record_path(seed: int) -> None:
             value = bytes(data)
         values.append((e["tenant_id"].encode(), value))
     both(records_of(values))
+
+
+def test_vectorised_rules_drifting_from_validate_are_caught(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If the vectorised twin of ``validate`` ever lets through what validate refuses
+    (here: it forgets the future-timestamp limit), the audit of the extremes catches it
+    and the batch goes through validate event by event: nothing wrong is counted."""
+    monkeypatch.setattr(bulk_validation, "MAX_FUTURE_MICROS", 10**18)
+    events = random_events(200, tenants=3, seed=29)
+    events[77]["occurred_at"] = NOW + 3_600_000_000
+    batch = both(encoded(events))
+    assert [(d.offset, d.reason_code) for d in batch.dead] == [(177, "future_timestamp")]
+    assert "vectorised validation vouched" in caplog.text
 
 
 # --- fallback: what the columnar decoder cannot handle -------------------------------------
