@@ -138,8 +138,9 @@ def measure(args: argparse.Namespace, bootstrap: str, topic: str, work: Path) ->
         run = runs[-1]
         if run.counted != args.events or run.dead or run.duplicates:
             raise RuntimeError(f"worker counted {run.counted} of {args.events}: {run}")
+        rss = run.peak_rss_bytes / GIB
         print(f"[{round_ + 1}/{args.repeat}] (c) worker        {run.rate:>12,.0f} events/s, "
-              f"peak RSS {run.peak_rss_bytes / GIB:.2f} GiB")  # fmt: skip
+              f"{run.cpu_seconds:.1f} s CPU, peak RSS {rss:.2f} GiB")  # fmt: skip
         shutil.rmtree(data, ignore_errors=True)
     a = statistics.median(m.rate for m in raw)
     c = statistics.median(r.rate for r in runs)
@@ -149,6 +150,7 @@ def measure(args: argparse.Namespace, bootstrap: str, topic: str, work: Path) ->
         "raw_consume_events_per_s": summary([m.rate for m in raw]),
         "worker_events_per_s": summary([r.rate for r in runs]),
         "worker_seconds": [round(r.seconds, 2) for r in runs],
+        "worker_cpu_seconds": [round(r.cpu_seconds, 2) for r in runs],
         "worker_peak_rss_bytes": peak,
         "worker_peak_rss_gib": round(peak / GIB, 3),
         "rss_target_met": peak <= RSS_TARGET,
