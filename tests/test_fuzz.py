@@ -50,6 +50,7 @@ from tests.worker_harness import (
     produce,
     produce_raw,
     random_events,
+    read_while_running,
     start_worker,
     with_duplicates,
 )
@@ -426,7 +427,10 @@ def test_a_flood_of_invalid_events_does_not_stall_the_valid_ones(
     try:
         expected = expected_totals(valid)
         deadline = time.monotonic() + 600
-        while ledger_totals(env) != expected or dead_letter_counts(env) != dict(classes):
+        while (
+            read_while_running(lambda: ledger_totals(env)) != expected
+            or read_while_running(lambda: dead_letter_counts(env)) != classes
+        ):
             assert worker.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the valid events were not all counted"
             time.sleep(0.5)
