@@ -9,12 +9,14 @@ Views (all read-only):
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
 from aggregator.snapshot import Freshness, freshness, snapshot_files, topic_dir
+from pf_metering.errors import OperationError
 from schemas.codec import COUNTERS
 
 _EMPTY_AGGREGATES = (
@@ -64,7 +66,8 @@ def define_views(
 
 
 def materialize(con: duckdb.DuckDBPyConnection) -> None:
-    """Copy the views into memory so file access can be switched off for ad-hoc SQL."""
+    """Copy the views into memory: readers then see one consistent snapshot, never a file
+    being replaced under them, and ad-hoc SQL can run with file access switched off."""
     for name in ("usage", "dead_letters"):
         con.execute(f"CREATE TABLE _m_{name} AS SELECT * FROM {name}")
     for name in ("usage", "dead_letters", "raw_aggregates"):
@@ -75,7 +78,7 @@ def materialize(con: duckdb.DuckDBPyConnection) -> None:
 
 @dataclass
 class UsageReader:
-    """An in-memory DuckDB connection whose views read the current snapshot."""
+    """An in-memory DuckDB connection holding a copy of the current snapshot."""
 
     con: duckdb.DuckDBPyConnection
     freshness: Freshness
@@ -84,14 +87,29 @@ class UsageReader:
         self.con.close()
 
 
+READ_ATTEMPTS = 5
+
+
 def open_usage(snapshot_dir: Path, topic: str) -> UsageReader:
-    con = duckdb.connect(":memory:")
-    define_views(
-        con,
-        snapshot_files(snapshot_dir, topic, "aggregates"),
-        snapshot_files(snapshot_dir, topic, "dead_letters"),
-    )
-    return UsageReader(con, freshness(snapshot_dir, topic))
+    """Copy the snapshot into memory. A worker may replace a Parquet file while DuckDB reads
+    it (DuckDB opens it more than once: 'Invalid data' or a vanished file), so a failed
+    copy is retried from a fresh listing; a persistent failure is reported."""
+    for attempt in range(READ_ATTEMPTS):
+        con = duckdb.connect(":memory:")
+        try:
+            define_views(
+                con,
+                snapshot_files(snapshot_dir, topic, "aggregates"),
+                snapshot_files(snapshot_dir, topic, "dead_letters"),
+            )
+            materialize(con)
+            return UsageReader(con, freshness(snapshot_dir, topic))
+        except duckdb.Error as exc:
+            con.close()
+            if attempt == READ_ATTEMPTS - 1:
+                raise OperationError(f"cannot read the usage snapshot: {exc}") from None
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def write_query_db(data_dir: Path, snapshot_dir: Path, topic: str) -> Path:

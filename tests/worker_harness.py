@@ -20,6 +20,7 @@ from aggregator.ledger import ledger_path
 from aggregator.views import open_usage
 from emitter import Emitter
 from pf_metering.config import load_settings
+from pf_metering.errors import OperationError
 from schemas.codec import COUNTERS
 from tests.cli_runner import BIN
 
@@ -137,12 +138,10 @@ def ledger_totals(env: dict[str, str]) -> dict[tuple[str, str], dict[str, int]]:
 
 def read_while_running(read: Callable[[], T]) -> T | None:
     """``read()`` of the published snapshot while a worker may be replacing its files; None
-    when the read met a file being replaced. (DuckDB's Parquet reader opens a file more than
-    once, so a rename between the opens fails the read with "TProtocolException: Invalid
-    data" or "Out of buffer": a reader race of the snapshot design, reported.)"""
+    when the read still met a file being replaced (``open_usage`` retries such reads)."""
     try:
         return read()
-    except duckdb.Error:
+    except (duckdb.Error, OperationError):
         return None
 
 

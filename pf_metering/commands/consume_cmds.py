@@ -11,7 +11,7 @@ from typing import Any
 import duckdb
 import typer
 
-from aggregator.views import materialize, open_usage
+from aggregator.views import open_usage
 from billing.db import copy_queryable_tables
 from consumer.metrics import WorkerMetrics
 from consumer.worker import Worker
@@ -117,7 +117,6 @@ def sql(
     cfg = settings()
     reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
     con = reader.con
-    materialize(con)
     copy_queryable_tables(con, cfg.billing_db, cfg.metering_lock_timeout)
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
