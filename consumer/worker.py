@@ -92,6 +92,8 @@ class Worker:
             settings.kafka_common(), settings.metering_group, strategy, extra_config
         )
         conf["error_cb"] = self._on_error
+        conf["logger"] = logging.getLogger("rdkafka")  # librdkafka's logs obey LOG_FORMAT too
+        self._errors_logged: dict[str, float] = {}
         self.consumer = Consumer(conf)
         self._last_prune = time.monotonic()
 
@@ -140,7 +142,13 @@ class Worker:
             raise
 
     def _on_error(self, err: Any) -> None:
-        log.warning("kafka client: %s", err)
+        """Log a client error once per 30 s (librdkafka repeats them every few ms while a
+        broker is down)."""
+        text = str(err)
+        now = time.monotonic()
+        if now - self._errors_logged.get(text, -1e9) >= 30.0:
+            self._errors_logged[text] = now
+            log.warning("kafka client: %s", text)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> WorkerStats:

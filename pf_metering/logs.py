@@ -50,9 +50,31 @@ class _RedactingFormatter(logging.Formatter):
         return redact(text, self.secrets)
 
 
+class RepeatFilter(logging.Filter):
+    """Drops a message repeated within ``window`` seconds (librdkafka repeats connection
+    failures every few milliseconds while a broker is down)."""
+
+    def __init__(self, window: float = 30.0) -> None:
+        super().__init__()
+        self.window = window
+        self.seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        last = self.seen.get(text)
+        if last is not None and record.created - last < self.window:
+            return False
+        if len(self.seen) > 1000:
+            self.seen.clear()
+        self.seen[text] = record.created
+        return True
+
+
 def configure(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_RedactingFormatter(secrets_of(settings), settings.log_format == "json"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+    rdkafka = logging.getLogger("rdkafka")
+    rdkafka.filters[:] = [RepeatFilter()]
