@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -74,6 +75,7 @@ class Worker:
         codec: Codec | None = None,
         strategy: str = "cooperative-sticky",
         extra_config: dict[str, Any] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.metering_topic
@@ -96,6 +98,8 @@ class Worker:
         self._errors_logged: dict[str, float] = {}
         self.consumer = Consumer(conf)
         self._last_prune = time.monotonic()
+        self.progress = progress  # called with (records consumed, records still to go)
+        self.lag: dict[int, int] = {}
 
     # -- rebalance callbacks (run inside consume()) -------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -244,9 +248,11 @@ class Worker:
             except Exception:
                 continue
             if high >= 0:
-                self.metrics.lag.labels(partition=str(partition)).set(
-                    max(0, high - (ledger.next_offset or 0))
-                )
+                self.lag[partition] = max(0, high - (ledger.next_offset or 0))
+                self.metrics.lag.labels(partition=str(partition)).set(self.lag[partition])
+        if self.progress is not None:
+            held = sum(v for p, v in self.lag.items() if p in self.ledgers.held)
+            self.progress(self.stats.consumed, held)
 
     def _drained(self) -> bool:
         """True once every partition of the topic is consumed to its end (by anyone)."""

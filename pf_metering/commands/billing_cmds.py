@@ -41,6 +41,7 @@ from pf_metering.commands.stripe_cmds import PushFailed, push_to_stripe, stripe_
 from pf_metering.config import settings
 from pf_metering.errors import UserError
 from pf_metering.output import Format, render, rows_table, write
+from pf_metering.progress import status
 from schemas.codec import COUNTERS
 
 if TYPE_CHECKING:
@@ -506,7 +507,10 @@ def _run_bill(
     """Finalize, report, push; returns (invoices finalized, push results)."""
     usage = _read_usage(quiet=quiet)
     rules = _rules()
-    with _billing() as con:
+    with (
+        status(f"billing {len(usage.rows)} tenant-periods of usage", quiet),
+        _billing() as con,
+    ):
         result = invoicing.bill(con, usage, rules, as_of=moment, now=now)
     if not quiet:
         total = sum((inv.total for inv in result.invoices), Decimal(0))

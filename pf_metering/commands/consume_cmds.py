@@ -19,6 +19,7 @@ from pf_metering.commands.common import FORMAT_OPTION, OUTPUT_OPTION, QUIET_OPTI
 from pf_metering.config import settings
 from pf_metering.errors import UserError
 from pf_metering.output import Format, render, rows_table
+from pf_metering.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,15 @@ def consume(
             raise UserError(
                 f"cannot serve metrics on port {metrics_port}: {exc.strerror}"
             ) from None
-    worker = Worker(cfg, drain=drain, metrics=metrics, strategy=strategy)
-    worker.install_signal_handlers()
-    stats = worker.run()
+    with progress_bar(quiet or not drain) as bar:
+        task = bar.add_task("draining", total=None)
+
+        def show(consumed: int, remaining: int) -> None:
+            bar.update(task, completed=consumed, total=consumed + remaining)
+
+        worker = Worker(cfg, drain=drain, metrics=metrics, strategy=strategy, progress=show)
+        worker.install_signal_handlers()
+        stats = worker.run()
     if not quiet:
         print(
             f"consumed {stats.consumed} records: {stats.counted} counted, "
