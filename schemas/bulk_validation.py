@@ -78,7 +78,9 @@ def vouched(events: pl.DataFrame, now_micros: int) -> pl.Series:
 
 
 def _audit(events: pl.DataFrame, mask: pl.Series, now_micros: int) -> bool:
-    rows = events.select(*_STRINGS, *_NUMBERS).with_row_index("i").filter(mask)
+    rows = events.select(*_STRINGS, *_NUMBERS).with_row_index("i")
+    if not mask.all():
+        rows = rows.filter(mask)
     at = pl.col("i")
     picks = [
         *[at.get(pl.col(c).str.len_chars().arg_min()) for c in _STRINGS],
