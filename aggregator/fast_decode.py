@@ -173,19 +173,43 @@ def _decode_group(plan: FastSchema, padded: pa.Array, rows: pa.Array) -> pl.Data
         keep = pa.concat_arrays([proven, pa.array([False])])
         padded = padded.filter(keep)  # the pad is not needed any more
         starts, ends, data = _layout(padded, padding=False)
-    first, last = starts[0].as_py(), ends[-1].as_py()
-    payload = memoryview(data.buffers()[1])[first:last]
-    container = b"".join((plan.prefix, *container_block(len(rows), payload)))
+    buffer = data.buffers()[1]
+    frames = _decode_rows(plan, buffer, starts, ends, rows, 0, len(rows))
+    if not frames:
+        return None
+    return pl.concat(frames) if len(frames) > 1 else frames[0]
+
+
+# A decoder error sends the smallest group containing it per record: halves are retried
+# down to this many rows.
+_BISECT_MIN_ROWS = 32
+
+
+def _decode_rows(
+    plan: FastSchema, buffer: pa.Buffer, starts: pa.Array, ends: pa.Array, rows: pa.Array,
+    lo: int, hi: int,
+) -> list[pl.DataFrame]:  # fmt: skip
+    """Decode proven rows ``lo:hi`` (contiguous in ``buffer``) as one block. If polars
+    refuses the block (invalid UTF-8 in a string, say), each half is retried, so one bad
+    value costs a few extra decodes rather than the whole batch."""
+    payload = memoryview(buffer)[starts[lo].as_py() : ends[hi - 1].as_py()]
+    container = b"".join((plan.prefix, *container_block(hi - lo, payload)))
     try:
         decoded = pl.read_avro(io.BytesIO(container), columns=[HEADER_FIELD, *DECODED])
     except (Exception, _Panic) as exc:
-        log.debug("columnar decode refused a batch, per-record path instead: %s", exc)
-        return None
+        if hi - lo <= _BISECT_MIN_ROWS:
+            log.debug("columnar decode refused %d rows, per-record path: %s", hi - lo, exc)
+            return []
+        mid = (lo + hi) // 2
+        return [
+            *_decode_rows(plan, buffer, starts, ends, rows, lo, mid),
+            *_decode_rows(plan, buffer, starts, ends, rows, mid, hi),
+        ]
     canary = (pl.col(HEADER_FIELD).cast(pl.Binary) == pl.lit(plan.header, pl.Binary)).all()
-    if decoded.height != len(rows) or not decoded.select(canary).item():
+    if decoded.height != hi - lo or not decoded.select(canary).item():
         log.warning("columnar decode disagreed with the framing walk; per-record path instead")
-        return None
-    return decoded.drop(HEADER_FIELD).with_columns(pl.Series("_row", rows))
+        return []
+    return [decoded.drop(HEADER_FIELD).with_columns(pl.Series("_row", rows.slice(lo, hi - lo)))]
 
 
 def _layout(values: pa.Array, padding: bool = True) -> tuple[pa.Array, pa.Array, pa.Array]:

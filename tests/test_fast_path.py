@@ -159,6 +159,22 @@ def test_malformed_bodies_amid_valid_ones_leave_neighbours_exact() -> None:
         }
 
 
+def test_invalid_utf8_costs_only_its_neighbourhood_the_fast_path() -> None:
+    """A structurally sound body with invalid UTF-8 makes polars refuse its block; halves
+    are retried, so only a small group around it takes the per-record path."""
+    events = random_events(2000, tenants=4, seed=30)
+    values = [CODEC.encode(e) for e in events]
+    sid = events[1234]["session_id"].encode()
+    values[1234] = values[1234].replace(sid, b"\xff" * len(sid), 1)
+    records = records_of(
+        [(e["tenant_id"].encode(), v) for e, v in zip(events, values, strict=True)]
+    )
+    decoded = decode_fast(records, CODEC, NOW, None)
+    assert 1234 in decoded.slow and len(decoded.slow) <= 32
+    batch = both(records)
+    assert [(d.offset - 100, d.reason_code) for d in batch.dead] == [(1234, "undecodable_body")]
+
+
 def test_an_overlong_varint_cannot_shift_a_neighbour() -> None:
     """A body whose varint is non-canonical (valid Avro) and that is also one byte short
     would fool a check of canonical lengths; the framing walk reads the bytes as a decoder
