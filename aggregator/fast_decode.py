@@ -25,7 +25,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -40,6 +39,7 @@ from schemas.columnar import (
     FlatField,
     FlatSchema,
     arange,
+    as_array,
     container_block,
     frame,
 )
@@ -101,17 +101,13 @@ def plans(codec: Codec) -> tuple[FastSchema, ...]:
     return tuple(p for p in found if p is not None)
 
 
-def _array(values: Any) -> pa.Array:
-    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-
-
 def decode_fast(
     records: Sequence[Record], codec: Codec, now_micros: int, oldest_allowed_micros: int | None
 ) -> FastDecoded:
     """Decode and validate what the columnar path can vouch for; see the module doc."""
     n = len(records)
     offsets, keys, values_ = columns_of(records)
-    padded = _array(pa.array([*values_, _PAD], pa.large_binary()))
+    padded = as_array(pa.array([*values_, _PAD], pa.large_binary()))
     values = padded.slice(0, n)
     heads = pc.binary_slice(values, 0, 10)
     small = pc.less_equal(pc.binary_length(values), pa.scalar(MAX_VALUE_BYTES, pa.int64()))

@@ -29,7 +29,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from schemas.bulk_validation import vouched
 from schemas.codec import COUNTERS, Codec, PublishedSchema, default_codec
-from schemas.columnar import FlatSchema, encode
+from schemas.columnar import ENCODES, FlatSchema, encode
 from schemas.validation import validate
 
 EventBatch: TypeAlias = "Iterable[dict[str, Any]] | pl.DataFrame | pa.Table"
@@ -142,7 +142,7 @@ class Emitter:
         when missing, datetimes to microseconds, counters default 0).
         """
         writer = self.codec.writer(self.schema_version)
-        flat = FlatSchema.of(writer.raw)
+        flat = FlatSchema.of(writer.raw) if ENCODES else None
         return sum(self._emit_chunk(chunk, writer, flat) for chunk in _chunks(events))
 
     def _emit_chunk(self, chunk: _Rows, writer: PublishedSchema, flat: FlatSchema | None) -> int:

@@ -19,6 +19,7 @@ fall back to the per-record path.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ _VARINT_MAX = {"int": 5, "long": 10}
 # Field used in decoding containers to swallow each value's 10-byte single-object header.
 HEADER_FIELD = "__single_object_header"
 _SYNC = bytes(range(16))
+# ``encode`` builds Arrow views and doubles from native words: Avro is little-endian.
+ENCODES = sys.byteorder == "little"
 _PRUNED_KEYS = frozenset({"default", "doc", "logicalType", "aliases", "order"})
 
 
@@ -167,7 +170,8 @@ def _as_int(mask: pa.Array, dtype: pa.DataType = pa.int64()) -> pa.Array:
     return pc.if_else(mask, one, zero)
 
 
-def _array(values: Any) -> pa.Array:
+def as_array(values: Any) -> pa.Array:
+    """One contiguous array from an Array or ChunkedArray result."""
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
@@ -308,7 +312,7 @@ def _inline_views(length: pa.Array, low: pa.Array, high: pa.Array) -> pa.Array:
     first = pc.bit_wise_or(length, pc.shift_left(low, _u64(32)))
     i = arange(2 * n)  # word i of the output comes from row i // 2, word i % 2
     order = pc.add(pc.shift_right(i, _I1), pc.multiply(pc.bit_wise_and(i, _I1), _i64(n)))
-    words = _array(pc.take(pa.concat_arrays([first, high]), order)).buffers()[1]
+    words = as_array(pc.take(pa.concat_arrays([first, high]), order)).buffers()[1]
     views = pa.Array.from_buffers(pa.binary_view(), n, [None, words])
     return views.cast(pa.binary())
 
@@ -390,7 +394,7 @@ def _field_pieces(field: FlatField, column: pa.Array) -> list[pa.Array]:
             if field.kind == "double"
             else (pa.float32(), pa.uint32(), 4)
         )
-        floats = _array(pc.fill_null(column.cast(width), pa.scalar(0.0, width)))
+        floats = as_array(pc.fill_null(column.cast(width), pa.scalar(0.0, width)))
         bits = floats.view(uint).cast(pa.uint64())
         pieces.append(_masked(_fixed_bytes(bits, size), present))
     return pieces
@@ -401,11 +405,13 @@ def encode(columns: pa.Table, schema: FlatSchema, header: bytes) -> pa.Array:
 
     ``columns`` holds one column per schema field, already valid for it: int64 for
     int/long, string for string, binary for bytes, float64 for float/double, bool for
-    boolean; nulls only in union fields.
+    boolean; nulls only in union fields. Only where ``ENCODES`` (little-endian hosts).
     """
+    if not ENCODES:
+        raise NotImplementedError("bulk Avro encoding needs a little-endian host")
     if columns.num_rows == 0:
         return pa.array([], pa.binary())
     pieces: list[Any] = [pa.scalar(header, pa.binary())]
     for field in schema.fields:
-        pieces.extend(_field_pieces(field, _array(columns.column(field.name))))
-    return _array(pc.binary_join_element_wise(*pieces, b""))
+        pieces.extend(_field_pieces(field, as_array(columns.column(field.name))))
+    return as_array(pc.binary_join_element_wise(*pieces, b""))
