@@ -23,6 +23,8 @@ from aggregator.records import Record, RecordBatch
 from schemas.codec import COUNTERS, Codec, DecodeError
 from schemas.validation import validate
 
+__all__ = ["EVENT_SCHEMA", "DeadLetter", "PreparedBatch", "Record", "RecordBatch", "prepare_batch"]
+
 
 @dataclass(frozen=True)
 class DeadLetter:
@@ -171,8 +173,6 @@ def prepare_batch(
         deltas_of(frame).to_arrow(), sessions_of(frame).to_arrow(),
     )  # fmt: skip
 
-
-__all__ = ["EVENT_SCHEMA", "DeadLetter", "PreparedBatch", "Record", "RecordBatch", "prepare_batch"]
 
 _FRAME_SCHEMA = {
     "offset": pl.Int64,
