@@ -112,8 +112,9 @@ class Emitter:
 
     @property
     def delivered(self) -> int:
-        """Events acknowledged so far (sent, minus failed, minus still queued)."""
-        return self.sent - self.failed - len(self._producer)
+        """Events acknowledged so far (sent, minus failed, minus still queued). A failed
+        event can be counted before librdkafka drops it from its queue: never below 0."""
+        return max(0, self.sent - self.failed - len(self._producer))
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
