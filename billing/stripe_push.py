@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 import duckdb
 import stripe
@@ -134,6 +134,22 @@ def _metadata_value(obj: stripe.StripeObject, key: str) -> str | None:
     return str(data[key]) if data is not None and key in data else None
 
 
+def invoice_create_args(invoice: Invoice) -> dict[str, Any]:
+    """What creating our invoice's Stripe draft sends (besides the customer): the same
+    body on every rerun, so its idempotency key never meets a different request."""
+    return {
+        "currency": invoice.currency,
+        "days_until_due": days_until_due(invoice),
+        "description": f"pf-metering {invoice.tenant_id} {invoice.period}",
+        "metadata": {
+            "invoice_id": invoice.invoice_id,
+            "tenant_id": invoice.tenant_id,
+            "period": invoice.period,
+        },
+        "idempotency_key": invoice_key(invoice.invoice_id),
+    }
+
+
 @dataclass
 class StripePusher:
     gateway: StripeGateway
@@ -209,16 +225,7 @@ class StripePusher:
         remote = self.gateway.find_invoice(invoice.invoice_id)
         if remote is None:
             remote = self.gateway.create_invoice(
-                customer_id=customer_id,
-                currency=invoice.currency,
-                days_until_due=days_until_due(invoice),
-                description=f"pf-metering {invoice.tenant_id} {invoice.period}",
-                metadata={
-                    "invoice_id": invoice.invoice_id,
-                    "tenant_id": invoice.tenant_id,
-                    "period": invoice.period,
-                },
-                idempotency_key=invoice_key(invoice.invoice_id),
+                customer_id=customer_id, **invoice_create_args(invoice)
             )
         elif remote.customer != customer_id:
             raise PushRefused(

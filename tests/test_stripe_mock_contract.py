@@ -19,7 +19,7 @@ import pytest
 import stripe
 
 from billing.stripe_gateway import StripeGateway
-from billing.stripe_push import days_until_due, finalize_key, invoice_key, planned_items
+from billing.stripe_push import finalize_key, invoice_create_args, planned_items
 from tests.stripe_fixtures import (  # noqa: F401 (fixtures)
     API_KEY,
     LocalBilling,
@@ -55,18 +55,7 @@ def test_customer_search_and_create(mock_gateway: StripeGateway) -> None:
 
 def test_invoice_create_retrieve_and_search(mock_gateway: StripeGateway) -> None:
     invoice = sample_invoices()[0]
-    created = mock_gateway.create_invoice(
-        customer_id="cus_123",
-        currency=invoice.currency,
-        days_until_due=days_until_due(invoice),
-        description=f"pf-metering {invoice.tenant_id} {invoice.period}",
-        metadata={
-            "invoice_id": invoice.invoice_id,
-            "tenant_id": invoice.tenant_id,
-            "period": invoice.period,
-        },
-        idempotency_key=invoice_key(invoice.invoice_id),
-    )
+    created = mock_gateway.create_invoice(customer_id="cus_123", **invoice_create_args(invoice))
     assert isinstance(created, stripe.Invoice)
     assert isinstance(created.status, str) and isinstance(created.total, int)
     assert isinstance(created.customer, str)
