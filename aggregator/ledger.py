@@ -25,7 +25,6 @@ import pyarrow.compute as pc
 
 from aggregator.fold import PreparedBatch, deltas_of, sessions_of
 from aggregator.snapshot import publish_partition
-from billing.db import open_with_retry
 from pf_metering.errors import OperationError
 from schemas.codec import COUNTERS
 
@@ -311,4 +310,4 @@ def _sql_str(path: Path) -> str:
     return str(path).replace("'", "''")
 
 
-__all__ = ["CommitResult", "LedgerSet", "PartitionLedger", "ledger_path", "open_with_retry"]
+__all__ = ["CommitResult", "LedgerSet", "PartitionLedger", "ledger_path"]
