@@ -113,9 +113,7 @@ class PartitionLedger:
         """
         a, con = self.alias, self.con
         events = batch.events
-        max_at = self.max_occurred_at
-        if batch.max_occurred_at is not None:
-            max_at = max(max_at or batch.max_occurred_at, batch.max_occurred_at)
+        max_at = later_of(self.max_occurred_at, batch.max_occurred_at)
         registered = ["batch_events"]
         con.register("batch_events", events)
         try:
@@ -301,6 +299,11 @@ def _with_sessions(deltas: pa.Table, opened: pa.Table, partition: int) -> pa.Tab
     )
 
 
+def later_of(a: int | None, b: int | None) -> int | None:
+    """The later of two optional timestamps (None: none seen yet)."""
+    return b if a is None else a if b is None else max(a, b)
+
+
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> int:
     row = con.execute(sql, params).fetchone()
     return int(row[0]) if row else 0
@@ -310,4 +313,4 @@ def _sql_str(path: Path) -> str:
     return str(path).replace("'", "''")
 
 
-__all__ = ["CommitResult", "LedgerSet", "PartitionLedger", "ledger_path"]
+__all__ = ["CommitResult", "LedgerSet", "PartitionLedger", "later_of", "ledger_path"]

@@ -9,8 +9,14 @@ Commit contract (why exactly-once holds):
    table (the same event produced twice) are recorded as duplicates, not counted.
 4. The Kafka-side commit happens after the DuckDB commit and is only for lag monitoring.
 A worker killed between 1 and 4 redoes the batch from the ledger's offset: nothing is lost
-or doubled. Callbacks run inside ``consume()``, between batches, so no batch is in flight
-when a partition is revoked.
+or doubled.
+
+Pipelining: the main thread polls and decodes; the ledger commits run on one background
+stage (``consumer.pipeline``), in order, so poll N+1 is decoded while poll N commits. The
+main thread tracks each partition's ``Head`` (where it stands once everything handed over
+is committed) to cut and date the next batch. Rebalance callbacks (which run inside
+``consume()``) and every other use of the ledgers' connection first wait for the stage to
+be empty, so no batch is in flight when a partition is revoked.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +44,12 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from aggregator.fold import RecordBatch, prepare_batch
-from aggregator.ledger import LedgerSet, ledger_path
+from aggregator.fold import PreparedBatch, RecordBatch, prepare_batch
+from aggregator.ledger import LedgerSet, later_of, ledger_path
 from aggregator.views import write_query_db
 from consumer.kafka import committed_offsets, consumer_config, end_offsets, split_by_partition
 from consumer.metrics import WorkerMetrics
+from consumer.pipeline import Stage
 from pf_metering.config import Settings
 from pf_metering.errors import OperationError
 from schemas.codec import Codec, default_codec
@@ -61,6 +69,31 @@ class WorkerStats:
     dead: int = 0
     batches: int = 0
     started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Head:
+    """Where a partition stands once every batch handed to the committer is applied."""
+
+    next_offset: int | None
+    max_occurred_at: int | None
+
+    def advance(self, batch: PreparedBatch) -> None:
+        self.next_offset = batch.next_offset
+        self.max_occurred_at = later_of(self.max_occurred_at, batch.max_occurred_at)
+
+
+@dataclass
+class CommitJob:
+    """One partition's prepared slice of a poll, on its way to the ledger."""
+
+    batch: PreparedBatch
+    first_offset: int
+    consumed: int
+    prepare_seconds: float
+
+
+POLL_END = None  # queued after a poll's jobs: the committer then logs "batch done"
 
 
 class Worker:
@@ -100,12 +133,16 @@ class Worker:
         self._last_prune = time.monotonic()
         self.progress = progress  # called with (records consumed, records still to go)
         self.lag: dict[int, int] = {}
+        self.heads: dict[int, Head] = {}
+        self.committer: Stage[CommitJob | None] = Stage("ledger-commit", self._commit)
+        self._acknowledged: deque[TopicPartition] = deque()  # committed, for Kafka's books
 
     # -- rebalance callbacks (run inside consume()) -------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self.closing:
             return  # leaving the group: take nothing new
         try:
+            self.committer.flush()
             for tp in partitions:
                 if tp.partition not in self.ledgers.held:
                     set_aside_torn_ledger(
@@ -115,6 +152,7 @@ class Worker:
                 tp.offset = (
                     ledger.next_offset if ledger.next_offset is not None else OFFSET_BEGINNING
                 )
+                self.heads[tp.partition] = Head(ledger.next_offset, ledger.max_occurred_at)
                 ledger.publish(self.settings.snapshot_dir)
             if self.cooperative:
                 consumer.incremental_assign(partitions)
@@ -132,8 +170,11 @@ class Worker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:
+            if not self.closing:  # (closing: the committer is stopped already)
+                self.committer.flush()
             snapshot = None if self.failed else self.settings.snapshot_dir
             for tp in partitions:
+                self.heads.pop(tp.partition, None)
                 self.ledgers.release(tp.partition, snapshot)
                 with contextlib.suppress(KeyError):
                     self.metrics.lag.remove(str(tp.partition))
@@ -168,50 +209,79 @@ class Worker:
         clean = False
         try:
             while not self.stop_requested.is_set():
-                messages = self.consumer.consume(self.settings.metering_batch_size, 0.5)
+                size = self.settings.metering_batch_size
+                if self.drain:
+                    remaining = self._remaining()
+                    if remaining == 0 and self._drained():
+                        break
+                    # ask for no more than is left: a poll returns early only when full
+                    size = min(size, remaining or size)
+                messages = self.consumer.consume(size, 0.5)
                 if self.fatal is not None:
                     raise OperationError(f"partition assignment failed: {self.fatal}")
+                self._acknowledge()
                 if messages:
                     self._process(split_by_partition(messages))
                 self._housekeeping(idle=not messages)
                 if self.drain and not messages and self._drained():
                     break
+            self.committer.flush()
             clean = True
         finally:
             self._shutdown(clean)
         return self.stats
 
     def _process(self, by_partition: dict[int, RecordBatch]) -> None:
-        # The DEBUG lines trace each batch's phases (the fault tests use them to tell where
-        # a kill landed): "batch" -> "committing" -> "committed" (per partition) -> "done".
+        """Decode each partition's records and hand them to the committer.
+
+        The DEBUG lines trace each batch's phases (the fault tests use them to tell where a
+        kill landed): "batch" -> "committing" -> "committed" (per partition) -> "done"; the
+        last three come from the committer's thread.
+        """
         now = int(time.time() * 1_000_000)
         window = self.settings.metering_dedup_days * DAY_MICROS
-        committed: list[TopicPartition] = []
         log.debug("batch: %d records of %d partition(s)",
                   sum(map(len, by_partition.values())), len(by_partition))  # fmt: skip
         for partition, records in by_partition.items():
-            ledger = self.ledgers.held.get(partition)
-            if ledger is None:
+            head = self.heads.get(partition)
+            if head is None:
                 continue  # revoked while the messages were in flight: the new owner redoes them
-            start = ledger.next_offset or 0
-            fresh = records.since(start)
+            fresh = records.since(head.next_offset or 0)
             if not fresh:
                 continue
             began = time.perf_counter()
-            oldest = None if ledger.max_occurred_at is None else ledger.max_occurred_at - window
+            oldest = None if head.max_occurred_at is None else head.max_occurred_at - window
             batch = prepare_batch(partition, fresh, self.codec, now, oldest)
-            log.debug("committing p%d [%d, %d)", partition, fresh[0].offset, batch.next_offset)
-            result = ledger.commit(batch)
-            log.debug("committed p%d [%d, %d): %d counted, %d duplicates, %d dead", partition,
-                      fresh[0].offset, batch.next_offset, result.counted, result.duplicates,
-                      result.dead)  # fmt: skip
-            self.metrics.batch_seconds.observe(time.perf_counter() - began)
-            self._count(partition, len(fresh), result.counted, result.duplicates, batch)
-            committed.append(TopicPartition(self.topic, partition, batch.next_offset))
-        if committed:
-            self.metrics.last_commit.set(time.time())
-            self.consumer.commit(offsets=committed, asynchronous=True)
-        log.debug("batch done")
+            head.advance(batch)
+            job = CommitJob(batch, fresh[0].offset, len(fresh), time.perf_counter() - began)
+            self.committer.submit(job)
+        self.committer.submit(POLL_END)
+
+    def _commit(self, job: CommitJob | None) -> None:
+        """The committer's work (its own thread): one partition batch into its ledger."""
+        if job is None:
+            log.debug("batch done")
+            return
+        batch, partition = job.batch, job.batch.partition
+        began = time.perf_counter()
+        log.debug("committing p%d [%d, %d)", partition, job.first_offset, batch.next_offset)
+        result = self.ledgers.held[partition].commit(batch)
+        log.debug("committed p%d [%d, %d): %d counted, %d duplicates, %d dead", partition,
+                  job.first_offset, batch.next_offset, result.counted, result.duplicates,
+                  result.dead)  # fmt: skip
+        self.metrics.batch_seconds.observe(job.prepare_seconds + time.perf_counter() - began)
+        self._count(partition, job.consumed, result.counted, result.duplicates, batch)
+        self.metrics.last_commit.set(time.time())
+        self._acknowledged.append(TopicPartition(self.topic, partition, batch.next_offset))
+
+    def _acknowledge(self) -> None:
+        """Tell Kafka the offsets the ledgers committed (for lag monitoring only)."""
+        done: dict[int, TopicPartition] = {}
+        while self._acknowledged:
+            tp = self._acknowledged.popleft()
+            done[tp.partition] = tp
+        if done:
+            self.consumer.commit(offsets=list(done.values()), asynchronous=True)
 
     def _count(self, partition: int, consumed: int, counted: int, dups: int, batch: Any) -> None:
         self.stats.consumed += consumed
@@ -228,10 +298,17 @@ class Worker:
     def _housekeeping(self, idle: bool) -> None:
         now = time.monotonic()
         due = now - self.settings.metering_snapshot_seconds
-        for ledger in list(self.ledgers.held.values()):
-            if ledger.last_commit > ledger.last_publish and (idle or ledger.last_publish <= due):
-                ledger.publish(self.settings.snapshot_dir)
-        if now - self._last_prune > PRUNE_EVERY_SECONDS:
+        stale = [
+            ledger
+            for ledger in self.ledgers.held.values()
+            if ledger.last_commit > ledger.last_publish and (idle or ledger.last_publish <= due)
+        ]
+        prune = now - self._last_prune > PRUNE_EVERY_SECONDS
+        if idle or stale or prune:
+            self.committer.flush()  # publishing and pruning use the ledgers' connection
+        for ledger in stale:
+            ledger.publish(self.settings.snapshot_dir)
+        if prune:
             window = self.settings.metering_dedup_days * DAY_MICROS
             for ledger in self.ledgers.held.values():
                 ledger.prune(window)
@@ -239,20 +316,35 @@ class Worker:
         if idle or self.stats.batches % 20 == 0:
             self._update_lag()
 
+    def _high_watermark(self, partition: int) -> int:
+        """The partition's end as last seen in a fetch response (-1: not known yet)."""
+        try:
+            tp = TopicPartition(self.topic, partition)
+            return int(self.consumer.get_watermark_offsets(tp, cached=True)[1])
+        except KafkaException:
+            return -1
+
     def _update_lag(self) -> None:
-        for partition, ledger in self.ledgers.held.items():
-            try:
-                high = self.consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, partition), cached=True
-                )[1]
-            except Exception:
-                continue
+        for partition, head in self.heads.items():
+            high = self._high_watermark(partition)
             if high >= 0:
-                self.lag[partition] = max(0, high - (ledger.next_offset or 0))
+                self.lag[partition] = max(0, high - (head.next_offset or 0))
                 self.metrics.lag.labels(partition=str(partition)).set(self.lag[partition])
         if self.progress is not None:
-            held = sum(v for p, v in self.lag.items() if p in self.ledgers.held)
+            held = sum(v for p, v in self.lag.items() if p in self.heads)
             self.progress(self.stats.consumed, held)
+
+    def _remaining(self) -> int | None:
+        """Records left in the partitions held, per the cached ends (None: not known)."""
+        if not self.heads:
+            return None
+        total = 0
+        for partition, head in self.heads.items():
+            high = self._high_watermark(partition)
+            if high < 0:
+                return None
+            total += max(0, high - (head.next_offset or 0))
+        return total
 
     def _drained(self) -> bool:
         """True once every partition of the topic is consumed to its end (by anyone)."""
@@ -260,7 +352,7 @@ class Worker:
             return False
         try:
             ends = end_offsets(self.consumer, self.topic)
-            others = [p for p in ends if p not in self.ledgers.held]
+            others = [p for p in ends if p not in self.heads]
             theirs = committed_offsets(self.consumer, self.topic, others)
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
@@ -271,8 +363,8 @@ class Worker:
             log.warning("drain: end offsets unknown for now (%s); waiting for the broker", exc)
             return False
         for partition, end in ends.items():
-            ledger = self.ledgers.held.get(partition)
-            done = (ledger.next_offset or 0) if ledger else max(theirs.get(partition, 0), 0)
+            head = self.heads.get(partition)
+            done = (head.next_offset or 0) if head else max(theirs.get(partition, 0), 0)
             if done < end:
                 return False
         return True
@@ -287,7 +379,13 @@ class Worker:
         """
         self.closing = True
         self.failed = not clean
-        if clean:
+        first: Exception | None = None
+        try:
+            self.committer.close()  # batches already decoded are still committed
+        except Exception as exc:
+            log.debug("while stopping: %s", _first_line(exc))
+            self.failed, first = True, exc
+        if clean and not self.failed:
             held = [
                 TopicPartition(self.topic, p, ledger.next_offset)
                 for p, ledger in self.ledgers.held.items()
@@ -298,7 +396,6 @@ class Worker:
                     self.consumer.commit(offsets=held, asynchronous=False)
                 except Exception as exc:  # lag monitoring only; the ledger has the truth
                     log.warning("final Kafka offset commit skipped: %s", exc)
-        first: Exception | None = None
         snapshot = None if self.failed else self.settings.snapshot_dir
         for step in (self.consumer.close, lambda: self.ledgers.close(snapshot)):
             try:
