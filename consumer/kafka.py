@@ -79,17 +79,24 @@ def split_by_partition(messages: list[Message]) -> dict[int, RecordBatch]:
     return out
 
 
-def end_offsets(consumer: Consumer, topic: str, timeout: float = 10.0) -> dict[int, int]:
-    """High watermark of every partition of ``topic``.
+def topic_partitions(consumer: Consumer, topic: str, timeout: float = 10.0) -> list[int]:
+    """The partition ids of ``topic``, from a metadata request."""
+    meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
+    if meta.error is not None:
+        raise KafkaException(meta.error)
+    return sorted(meta.partitions)
+
+
+def end_offsets(
+    consumer: Consumer, topic: str, partitions: list[int], timeout: float = 10.0
+) -> dict[int, int]:
+    """High watermark of each of ``partitions`` of ``topic``.
 
     The cached value (from fetch responses) is used when known: a fresh ListOffsets
     request queues behind the connection's long-poll fetch and can take half a second.
     """
-    meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
-    if meta.error is not None:
-        raise KafkaException(meta.error)
     ends = {}
-    for p in meta.partitions:
+    for p in partitions:
         tp = TopicPartition(topic, p)
         high = consumer.get_watermark_offsets(tp, cached=True)[1]
         if high < 0:

@@ -47,7 +47,13 @@ from confluent_kafka import (
 from aggregator.fold import PreparedBatch, RecordBatch, prepare_batch
 from aggregator.ledger import LedgerSet, later_of, ledger_path
 from aggregator.views import write_query_db
-from consumer.kafka import committed_offsets, consumer_config, end_offsets, split_by_partition
+from consumer.kafka import (
+    committed_offsets,
+    consumer_config,
+    end_offsets,
+    split_by_partition,
+    topic_partitions,
+)
 from consumer.metrics import WorkerMetrics
 from consumer.pipeline import Stage
 from pf_metering.config import Settings
@@ -57,6 +63,9 @@ from schemas.codec import Codec, default_codec
 log = logging.getLogger(__name__)
 DAY_MICROS = 86_400 * 1_000_000
 PRUNE_EVERY_SECONDS = 600.0
+# --drain's view of the topic's partitions is refreshed this often (partitions are rarely
+# added; the metadata request waits behind a fetch, ~0.3 s, so not on every check).
+PARTITIONS_MAX_AGE_SECONDS = 10.0
 # DuckDB writes its main header and two database headers (3 x 4 KiB) when it creates a file.
 DUCKDB_HEADER_BYTES = 12_288
 
@@ -136,6 +145,7 @@ class Worker:
         self.heads: dict[int, Head] = {}
         self.committer: Stage[CommitJob | None] = Stage("ledger-commit", self._commit)
         self._acknowledged: deque[TopicPartition] = deque()  # committed, for Kafka's books
+        self._partitions: tuple[float, list[int]] = (-1e9, [])  # (when, ids) for --drain
 
     # -- rebalance callbacks (run inside consume()) -------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -159,6 +169,8 @@ class Worker:
             else:
                 consumer.assign(partitions)
             self.assigned_once = True
+            if self.drain:
+                self._topic_partitions()  # now, before fetches keep the connection busy
             write_query_db(self.settings.metering_data_dir, self.settings.snapshot_dir, self.topic)
             self.metrics.rebalances.labels(kind="assign").inc()
             self.metrics.partitions_held.set(len(self.ledgers.held))
@@ -173,9 +185,9 @@ class Worker:
             if not self.closing:  # (closing: the committer is stopped already)
                 self.committer.flush()
             snapshot = None if self.failed else self.settings.snapshot_dir
+            self.ledgers.release([tp.partition for tp in partitions], snapshot)
             for tp in partitions:
                 self.heads.pop(tp.partition, None)
-                self.ledgers.release(tp.partition, snapshot)
                 with contextlib.suppress(KeyError):
                     self.metrics.lag.remove(str(tp.partition))
             self.metrics.rebalances.labels(kind="revoke").inc()
@@ -351,7 +363,7 @@ class Worker:
         if not self.assigned_once:
             return False
         try:
-            ends = end_offsets(self.consumer, self.topic)
+            ends = end_offsets(self.consumer, self.topic, self._topic_partitions())
             others = [p for p in ends if p not in self.heads]
             theirs = committed_offsets(self.consumer, self.topic, others)
         except KafkaException as exc:
@@ -368,6 +380,13 @@ class Worker:
             if done < end:
                 return False
         return True
+
+    def _topic_partitions(self) -> list[int]:
+        when, ids = self._partitions
+        if time.monotonic() - when > PARTITIONS_MAX_AGE_SECONDS:
+            ids = topic_partitions(self.consumer, self.topic)
+            self._partitions = (time.monotonic(), ids)
+        return ids
 
     def _shutdown(self, clean: bool) -> None:
         """Leave the group: its final revoke releases (and, if clean, publishes) ledgers.

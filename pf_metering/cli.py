@@ -5,30 +5,33 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 
 import click
 import typer
 
-from pf_metering.commands import register_all
+from pf_metering.commands import register
 from pf_metering.config import settings
 from pf_metering.errors import OperationError, UserError
 from pf_metering.logs import configure, redact, secrets_of
 
-app = typer.Typer(
-    name="pf-metering",
-    help="Usage metering and billing for the Provability Fabric testbed.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+
+def build_app(args: Sequence[str] | None = None) -> typer.Typer:
+    """The CLI; given the command line, only the commands it can run are imported."""
+    app = typer.Typer(
+        name="pf-metering",
+        help="Usage metering and billing for the Provability Fabric testbed.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    app.callback()(_root)
+    register(app, args)
+    return app
 
 
-@app.callback()
 def _root() -> None:
     """Usage metering and billing for the Provability Fabric testbed."""
-
-
-register_all(app)
 
 
 def _fail(message: str, code: int) -> None:
@@ -43,10 +46,11 @@ def _fail(message: str, code: int) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    command = typer.main.get_command(app)
+    args = sys.argv[1:]
+    command = typer.main.get_command(build_app(args))
     try:
         configure(settings())
-        result = command.main(args=sys.argv[1:], prog_name="pf-metering", standalone_mode=False)
+        result = command.main(args=args, prog_name="pf-metering", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     metering_due_days: int = Field(default=30, ge=0, le=3650)
     metering_dedup_days: int = Field(default=35, ge=35, le=3650)
     metering_snapshot_seconds: float = Field(default=5.0, gt=0, le=3600)
-    metering_batch_size: int = Field(default=20000, ge=1, le=1_000_000)
+    metering_batch_size: int = Field(default=100_000, ge=1, le=1_000_000)
     metering_lock_timeout: float = Field(default=60.0, ge=0)
 
     kafka_security_protocol: str | None = None

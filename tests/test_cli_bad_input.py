@@ -11,14 +11,19 @@ error handling, no 2 s interpreter start each); output escaping runs the real sc
 from __future__ import annotations
 
 import hashlib
+import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import duckdb
 import pytest
+import typer
 
 from pf_metering import config
+from pf_metering.cli import build_app
+from pf_metering.commands import AREAS
 from pf_metering.config import load_settings
 from schemas.codec import default_codec
 from tests.cli_runner import run_cli
@@ -281,3 +286,27 @@ def test_dead_letters_and_sql_never_print_terminal_escapes(env: dict[str, str], 
     assert {d["reason_code"] for d in letters} == {"not_single_object", "key_mismatch"}
     blobs = pfm("sql", "SELECT key FROM dead_letters", "-f", "json").json()
     assert blobs == [{"key": evil.hex()}] * 2
+
+
+def _command_names(app: typer.Typer) -> list[str]:
+    group = typer.main.get_command(app)
+    assert isinstance(group, click.Group)
+    return sorted(group.commands)
+
+
+def test_each_command_line_imports_the_area_that_defines_its_command() -> None:
+    """The table ``register`` picks areas by must name exactly what each area registers,
+    else a command would be missing from a command line that names it."""
+    everything = _command_names(build_app())
+    listed = sorted(name for names in AREAS.values() for name in names)
+    assert listed == everything
+    for area, names in AREAS.items():
+        alone = typer.Typer()
+        alone.callback()(lambda: None)  # a group even when the area has one command
+        importlib.import_module(f"pf_metering.commands.{area}").register(alone)
+        assert _command_names(alone) == sorted(names), area
+        for name in names:
+            assert name in _command_names(build_app([name, "--help"]))
+    # no command, an option first or an unknown word: every command, for help and errors
+    for args in ([], ["--help"], ["no-such-command"]):
+        assert _command_names(build_app(args)) == everything

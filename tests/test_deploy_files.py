@@ -14,7 +14,7 @@ import pytest
 import typer
 import yaml
 
-from pf_metering.cli import app
+from pf_metering.cli import build_app
 from pf_metering.config import Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -27,7 +27,7 @@ ROLES = {("consume",), ("webhooks", "serve"), ("bill",)}
 def check_invocation(args: list[str]) -> tuple[str, ...]:
     """Parse ``pf-metering ARGS`` with the CLI's own click parser (nothing runs); returns the
     command path. Unknown commands or flags, missing arguments and bad values raise."""
-    command: click.Command = typer.main.get_command(app)
+    command: click.Command = typer.main.get_command(build_app())
     rest = list(args)
     path: list[str] = []
     while isinstance(command, click.Group):

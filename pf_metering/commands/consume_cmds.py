@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import duckdb
 import typer
@@ -61,6 +62,19 @@ def consume(
             f"{stats.duplicates} duplicates, {stats.dead} dead-lettered",
             file=sys.stderr,
         )
+    exit_without_teardown()
+
+
+def exit_without_teardown() -> NoReturn:
+    """Exit 0 once the worker has closed Kafka and DuckDB and said what it did.
+
+    Why: unwinding the interpreter (every module, polars' and DuckDB's thread pools, the
+    last batch's objects) takes ~0.2 s, a few percent of a drain; nothing is left to save.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def dead_letters(fmt: Format = FORMAT_OPTION, output: Path = OUTPUT_OPTION) -> None:
