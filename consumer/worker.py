@@ -11,12 +11,14 @@ Commit contract (why exactly-once holds):
 A worker killed between 1 and 4 redoes the batch from the ledger's offset: nothing is lost
 or doubled.
 
-Pipelining: the main thread polls and decodes; the ledger commits run on one background
-stage (``consumer.pipeline``), in order, so poll N+1 is decoded while poll N commits. The
-main thread tracks each partition's ``Head`` (where it stands once everything handed over
-is committed) to cut and date the next batch. Rebalance callbacks (which run inside
-``consume()``) and every other use of the ledgers' connection first wait for the stage to
-be empty, so no batch is in flight when a partition is revoked.
+Pipelining: three threads, each item in order (``consumer.pipeline``): the main thread
+polls and splits by partition, the decoder stage decodes and validates, the committer
+stage commits to the ledgers; so poll N+2 is fetched while N+1 decodes and N commits.
+Each partition's ``Head`` says where it stands once everything handed over is applied
+(the main thread advances its offset, the decoder its newest event time). Rebalance
+callbacks (which run inside ``consume()``) and every other use of the ledgers' connection
+first wait for both stages to be empty, so no batch is in flight when a partition is
+revoked.
 """
 
 from __future__ import annotations
@@ -82,14 +84,22 @@ class WorkerStats:
 
 @dataclass
 class Head:
-    """Where a partition stands once every batch handed to the committer is applied."""
+    """Where a partition stands once every batch handed over is applied: ``next_offset``
+    is advanced by the main thread, ``max_occurred_at`` (the dedup window's anchor) by
+    the decoder."""
 
     next_offset: int | None
     max_occurred_at: int | None
 
-    def advance(self, batch: PreparedBatch) -> None:
-        self.next_offset = batch.next_offset
-        self.max_occurred_at = later_of(self.max_occurred_at, batch.max_occurred_at)
+
+@dataclass
+class DecodeJob:
+    """One partition's records of a poll, on their way to the decoder."""
+
+    records: RecordBatch
+    partition: int
+    head: Head
+    now_micros: int
 
 
 @dataclass
@@ -102,7 +112,7 @@ class CommitJob:
     prepare_seconds: float
 
 
-POLL_END = None  # queued after a poll's jobs: the committer then logs "batch done"
+POLL_END = None  # queued after a poll's jobs, through both stages: "batch done"
 
 
 class Worker:
@@ -144,6 +154,7 @@ class Worker:
         self.lag: dict[int, int] = {}
         self.heads: dict[int, Head] = {}
         self.committer: Stage[CommitJob | None] = Stage("ledger-commit", self._commit)
+        self.decoder: Stage[DecodeJob | None] = Stage("decode", self._decode)
         self._acknowledged: deque[TopicPartition] = deque()  # committed, for Kafka's books
         self._partitions: tuple[float, list[int]] = (-1e9, [])  # (when, ids) for --drain
 
@@ -152,7 +163,7 @@ class Worker:
         if self.closing:
             return  # leaving the group: take nothing new
         try:
-            self.committer.flush()
+            self._settle()
             for tp in partitions:
                 if tp.partition not in self.ledgers.held:
                     set_aside_torn_ledger(
@@ -182,8 +193,8 @@ class Worker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:
-            if not self.closing:  # (closing: the committer is stopped already)
-                self.committer.flush()
+            if not self.closing:  # (closing: the stages are stopped already)
+                self._settle()
             snapshot = None if self.failed else self.settings.snapshot_dir
             self.ledgers.release([tp.partition for tp in partitions], snapshot)
             for tp in partitions:
@@ -237,21 +248,20 @@ class Worker:
                 self._housekeeping(idle=not messages)
                 if self.drain and not messages and self._drained():
                     break
-            self.committer.flush()
+            self._settle()
             clean = True
         finally:
             self._shutdown(clean)
         return self.stats
 
     def _process(self, by_partition: dict[int, RecordBatch]) -> None:
-        """Decode each partition's records and hand them to the committer.
+        """Hand each partition's new records to the decoder.
 
         The DEBUG lines trace each batch's phases (the fault tests use them to tell where a
         kill landed): "batch" -> "committing" -> "committed" (per partition) -> "done"; the
         last three come from the committer's thread.
         """
         now = int(time.time() * 1_000_000)
-        window = self.settings.metering_dedup_days * DAY_MICROS
         log.debug("batch: %d records of %d partition(s)",
                   sum(map(len, by_partition.values())), len(by_partition))  # fmt: skip
         for partition, records in by_partition.items():
@@ -261,13 +271,24 @@ class Worker:
             fresh = records.since(head.next_offset or 0)
             if not fresh:
                 continue
-            began = time.perf_counter()
-            oldest = None if head.max_occurred_at is None else head.max_occurred_at - window
-            batch = prepare_batch(partition, fresh, self.codec, now, oldest)
-            head.advance(batch)
-            job = CommitJob(batch, fresh[0].offset, len(fresh), time.perf_counter() - began)
-            self.committer.submit(job)
-        self.committer.submit(POLL_END)
+            head.next_offset = fresh.offsets[-1] + 1
+            self.decoder.submit(DecodeJob(fresh, partition, head, now))
+        self.decoder.submit(POLL_END)
+
+    def _decode(self, job: DecodeJob | None) -> None:
+        """The decoder's work (its own thread): decode and validate one partition batch."""
+        if job is None:
+            self.committer.submit(POLL_END)
+            return
+        began = time.perf_counter()
+        head, window = job.head, self.settings.metering_dedup_days * DAY_MICROS
+        oldest = None if head.max_occurred_at is None else head.max_occurred_at - window
+        batch = prepare_batch(job.partition, job.records, self.codec, job.now_micros, oldest)
+        head.max_occurred_at = later_of(head.max_occurred_at, batch.max_occurred_at)
+        first = job.records.offsets[0]
+        self.committer.submit(
+            CommitJob(batch, first, len(job.records), time.perf_counter() - began)
+        )
 
     def _commit(self, job: CommitJob | None) -> None:
         """The committer's work (its own thread): one partition batch into its ledger."""
@@ -317,7 +338,7 @@ class Worker:
         ]
         prune = now - self._last_prune > PRUNE_EVERY_SECONDS
         if idle or stale or prune:
-            self.committer.flush()  # publishing and pruning use the ledgers' connection
+            self._settle()  # publishing and pruning use the ledgers' connection
         for ledger in stale:
             ledger.publish(self.settings.snapshot_dir)
         if prune:
@@ -327,6 +348,11 @@ class Worker:
             self._last_prune = now
         if idle or self.stats.batches % 20 == 0:
             self._update_lag()
+
+    def _settle(self) -> None:
+        """Wait until every record handed over is decoded and committed."""
+        self.decoder.flush()
+        self.committer.flush()
 
     def _high_watermark(self, partition: int) -> int:
         """The partition's end as last seen in a fetch response (-1: not known yet)."""
@@ -399,11 +425,12 @@ class Worker:
         self.closing = True
         self.failed = not clean
         first: Exception | None = None
-        try:
-            self.committer.close()  # batches already decoded are still committed
-        except Exception as exc:
-            log.debug("while stopping: %s", _first_line(exc))
-            self.failed, first = True, exc
+        for stage in (self.decoder, self.committer):
+            try:
+                stage.close()  # records already handed over are still committed
+            except Exception as exc:
+                log.debug("while stopping: %s", _first_line(exc))
+                self.failed, first = True, first or exc
         if clean and not self.failed:
             held = [
                 TopicPartition(self.topic, p, ledger.next_offset)
