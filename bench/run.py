@@ -140,29 +140,35 @@ def measure(args: argparse.Namespace, bootstrap: str, topic: str, work: Path) ->
         if run.counted != args.events or run.dead or run.duplicates:
             raise RuntimeError(f"worker counted {run.counted} of {args.events}: {run}")
         rss = run.peak_rss_bytes / GIB
-        print(f"[{round_ + 1}/{args.repeat}] (c) worker        {run.rate:>12,.0f} events/s, "
-              f"{run.cpu_seconds:.1f} s CPU, peak RSS {rss:.2f} GiB")  # fmt: skip
+        print(f"[{round_ + 1}/{args.repeat}] (c) worker        {run.rate:>12,.0f} events/s "
+              f"({run.process_rate:,.0f} whole process), {run.cpu_seconds:.1f} s CPU, "
+              f"peak RSS {rss:.2f} GiB")  # fmt: skip
         shutil.rmtree(data, ignore_errors=True)
     a = statistics.median(m.rate for m in raw)
     c = statistics.median(r.rate for r in runs)
+    c_process = statistics.median(r.process_rate for r in runs)
     peak = max(r.peak_rss_bytes for r in runs)
     result: dict[str, Any] = {
         "batch_size": batch,
         "baseline_poll": args.baseline_poll,
         "raw_consume_events_per_s": summary([m.rate for m in raw]),
         "worker_events_per_s": summary([r.rate for r in runs]),
-        "worker_seconds": [round(r.seconds, 2) for r in runs],
+        "worker_process_events_per_s": summary([r.process_rate for r in runs]),
+        "worker_seconds": [round(r.worker_seconds, 2) for r in runs],
+        "worker_process_seconds": [round(r.seconds, 2) for r in runs],
         "worker_cpu_seconds": [round(r.cpu_seconds, 2) for r in runs],
         "worker_peak_rss_bytes": peak,
         "worker_peak_rss_gib": round(peak / GIB, 3),
         "rss_target_met": peak <= RSS_TARGET,
         "c_over_a": round(c / a, 3),
+        "c_over_a_whole_process": round(c_process / a, 3),
         "c_over_a_target_met": c >= 0.5 * a,
     }
     if naive:
         b = statistics.median(m.rate for m in naive)
         result["naive_events_per_s"] = summary([m.rate for m in naive])
         result["c_over_b"] = round(c / b, 3)
+        result["c_over_b_whole_process"] = round(c_process / b, 3)
         result["c_over_b_target_met"] = c >= 3 * b
     return result
 
@@ -245,11 +251,16 @@ def report(r: dict[str, Any]) -> None:
     line("(a) raw consume", f"{r['raw_consume_events_per_s']['median']:>12,} events/s")
     if "naive_events_per_s" in r:
         line("(b) naive baseline", f"{r['naive_events_per_s']['median']:>12,} events/s")
-    line("(c) pf-metering consume --drain", f"{r['worker_events_per_s']['median']:>12,} events/s")
+    line("(c) pf-metering consume --drain", f"{r['worker_events_per_s']['median']:>12,} events/s"
+         "   (Kafka client created -> closed, as (a))")  # fmt: skip
+    line("    the same, whole process", f"{r['worker_process_events_per_s']['median']:>12,} "
+         "events/s   (interpreter start and imports included)")  # fmt: skip
     ok = {True: "met", False: "MISSED"}
-    line("c / a", f"{r['c_over_a']:>12.2f}   (target >= 0.5: {ok[r['c_over_a_target_met']]})")
+    line("c / a", f"{r['c_over_a']:>12.2f}   (target >= 0.5: {ok[r['c_over_a_target_met']]}; "
+         f"whole process {r['c_over_a_whole_process']:.2f})")  # fmt: skip
     if "c_over_b" in r:
-        line("c / b", f"{r['c_over_b']:>12.2f}   (target >= 3: {ok[r['c_over_b_target_met']]})")
+        line("c / b", f"{r['c_over_b']:>12.2f}   (target >= 3: {ok[r['c_over_b_target_met']]}; "
+             f"whole process {r['c_over_b_whole_process']:.2f})")  # fmt: skip
     line("worker peak RSS", f"{r['worker_peak_rss_gib']:>12.2f} GiB "
          f"(target <= 1.5: {ok[r['rss_target_met']]})")  # fmt: skip
     line("emitter", f"{r['emitter_events_per_s']:>12,} events/s (columnar input)")

@@ -79,7 +79,7 @@ class WorkerStats:
     duplicates: int = 0
     dead: int = 0
     batches: int = 0
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # (before the Kafka client)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -59,7 +60,8 @@ def consume(
     if not quiet:
         print(
             f"consumed {stats.consumed} records: {stats.counted} counted, "
-            f"{stats.duplicates} duplicates, {stats.dead} dead-lettered",
+            f"{stats.duplicates} duplicates, {stats.dead} dead-lettered "
+            f"in {time.monotonic() - stats.started:.2f} s",
             file=sys.stderr,
         )
     exit_without_teardown()
