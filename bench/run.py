@@ -19,6 +19,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -27,9 +28,11 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 from confluent_kafka import libversion
@@ -41,6 +44,8 @@ from bench.worker_run import WorkerRun, preload_seen_ids, run_worker
 from emitter import Emitter
 from pf_metering.config import load_settings
 from tests.kafka_broker import create_topic, real_broker
+
+T = TypeVar("T")
 
 GIB = 1 << 30
 RSS_TARGET = 1.5 * GIB
@@ -107,6 +112,23 @@ def bill_bench() -> dict[str, Any] | None:
     }
 
 
+def isolated(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a fresh interpreter. Why: measured in this process, (a) ran up to
+    45% slower in later rounds than in the first (the heap and collector state the other
+    measurements leave behind), which flattered the worker's ratios."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def naive_counted(
+    bootstrap: str, topic: str, partitions: int, events: int, poll: int, db: Path
+) -> tuple[Measured, int]:
+    """(b)'s timing and how many events it counted (its folder stays in its process)."""
+    got, folder = naive_consume(bootstrap, topic, partitions, events, poll, db)
+    return got, folder.counted
+
+
 def summary(samples: list[float]) -> dict[str, Any]:
     return {"median": round(statistics.median(samples)), "samples": [round(s) for s in samples]}
 
@@ -124,12 +146,14 @@ def measure(args: argparse.Namespace, bootstrap: str, topic: str, work: Path) ->
     runs: list[WorkerRun] = []
     for round_ in range(args.repeat):
         poll = args.baseline_poll
-        raw.append(raw_consume(bootstrap, topic, args.partitions, args.events, poll))
+        raw.append(isolated(raw_consume, bootstrap, topic, args.partitions, args.events, poll))
         print(f"[{round_ + 1}/{args.repeat}] (a) raw consume   {raw[-1].rate:>12,.0f} events/s")
         if not args.skip_naive:
             db = work / f"naive-{round_}.duckdb"
-            got, folder = naive_consume(bootstrap, topic, args.partitions, args.events, poll, db)
-            assert folder.counted == args.events, folder.counted
+            got, counted = isolated(
+                naive_counted, bootstrap, topic, args.partitions, args.events, poll, db
+            )
+            assert counted == args.events, counted
             naive.append(got)
             print(f"[{round_ + 1}/{args.repeat}] (b) naive         {got.rate:>12,.0f} events/s")
         data = work / f"worker-{round_}"

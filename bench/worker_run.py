@@ -27,8 +27,8 @@ from aggregator.ledger import LedgerSet
 
 BIN = Path(sys.executable).parent / "pf-metering"
 _SUMMARY = re.compile(
-    r"consumed (\d+) records: (\d+) counted, (\d+) duplicates, (\d+) dead-lettered "
-    r"in ([\d.]+) s"
+    r"consumed (\d+) records: (\d+) counted, (\d+) duplicates, (\d+) dead-lettered"
+    r"(?: in ([\d.]+) s)?"  # (older workers, run with --worker-source, do not say)
 )
 
 
@@ -145,7 +145,7 @@ def run_worker(
     if found is None:
         raise RuntimeError(f"worker printed no summary:\n{output[-3000:]}")
     consumed, counted, duplicates, dead = (int(g) for g in found.groups()[:4])
-    worker_seconds = float(found.group(5))
+    worker_seconds = float(found.group(5)) if found.group(5) else elapsed
     return WorkerRun(
         expected, elapsed, cpu, peak[0], consumed, counted, duplicates, dead, worker_seconds
     )
