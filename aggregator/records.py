@@ -44,6 +44,17 @@ class RecordBatch(Sequence[Record]):
             return RecordBatch(self.offsets[index], self.keys[index], self.values[index])
         return Record(self.offsets[index], self.keys[index], self.values[index])
 
+    @classmethod
+    def concat(cls, parts: list[RecordBatch]) -> RecordBatch:
+        """One batch of ``parts`` (consecutive slices of one partition, in order)."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            [o for part in parts for o in part.offsets],
+            [k for part in parts for k in part.keys],
+            [v for part in parts for v in part.values],
+        )
+
     def since(self, offset: int) -> RecordBatch:
         """The records at or after ``offset`` (redelivered ones below it dropped)."""
         if min(self.offsets, default=offset) >= offset:

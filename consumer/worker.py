@@ -68,6 +68,11 @@ PRUNE_EVERY_SECONDS = 600.0
 # --drain's view of the topic's partitions is refreshed this often (partitions are rarely
 # added; the metadata request waits behind a fetch, ~0.3 s, so not on every check).
 PARTITIONS_MAX_AGE_SECONDS = 10.0
+# Records asked of one poll. consume() holds the GIL while it builds a poll's messages
+# (~0.7 us each), stalling the decoder's and committer's Python in between their native
+# steps; small polls keep those stalls short. Batches still reach METERING_BATCH_SIZE:
+# polls accumulate per partition until then (or until a poll comes back short).
+POLL_RECORDS = 10_000
 # DuckDB writes its main header and two database headers (3 x 4 KiB) when it creates a file.
 DUCKDB_HEADER_BYTES = 12_288
 
@@ -155,6 +160,7 @@ class Worker:
         self.heads: dict[int, Head] = {}
         self.committer: Stage[CommitJob | None] = Stage("ledger-commit", self._commit)
         self.decoder: Stage[DecodeJob | None] = Stage("decode", self._decode)
+        self._waiting: dict[int, list[RecordBatch]] = {}  # polled, not yet handed over
         self._acknowledged: deque[TopicPartition] = deque()  # committed, for Kafka's books
         self._partitions: tuple[float, list[int]] = (-1e9, [])  # (when, ids) for --drain
 
@@ -194,6 +200,7 @@ class Worker:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:
             if not self.closing:  # (closing: the stages are stopped already)
+                self._hand_over()  # what was polled of them is still ours to commit
                 self._settle()
             snapshot = None if self.failed else self.settings.snapshot_dir
             self.ledgers.release([tp.partition for tp in partitions], snapshot)
@@ -232,11 +239,13 @@ class Worker:
         clean = False
         try:
             while not self.stop_requested.is_set():
-                size = self.settings.metering_batch_size
+                size = min(POLL_RECORDS, self.settings.metering_batch_size)
                 if self.drain:
                     remaining = self._remaining()
-                    if remaining == 0 and self._drained():
-                        break
+                    if remaining == 0:
+                        self._hand_over()
+                        if self._drained():
+                            break
                     # ask for no more than is left: a poll returns early only when full
                     size = min(size, remaining or size)
                 messages = self.consumer.consume(size, 0.5)
@@ -244,26 +253,22 @@ class Worker:
                     raise OperationError(f"partition assignment failed: {self.fatal}")
                 self._acknowledge()
                 if messages:
-                    self._process(split_by_partition(messages))
+                    self._collect(split_by_partition(messages))
+                if len(messages) < size:
+                    self._hand_over()  # caught up: nothing waits for more records
                 self._housekeeping(idle=not messages)
                 if self.drain and not messages and self._drained():
                     break
+            self._hand_over()
             self._settle()
             clean = True
         finally:
             self._shutdown(clean)
         return self.stats
 
-    def _process(self, by_partition: dict[int, RecordBatch]) -> None:
-        """Hand each partition's new records to the decoder.
-
-        The DEBUG lines trace each batch's phases (the fault tests use them to tell where a
-        kill landed): "batch" -> "committing" -> "committed" (per partition) -> "done"; the
-        last three come from the committer's thread.
-        """
-        now = int(time.time() * 1_000_000)
-        log.debug("batch: %d records of %d partition(s)",
-                  sum(map(len, by_partition.values())), len(by_partition))  # fmt: skip
+    def _collect(self, by_partition: dict[int, RecordBatch]) -> None:
+        """Add each partition's new records to those waiting for the decoder; a partition
+        holding a whole batch (``METERING_BATCH_SIZE``) is handed over at once."""
         for partition, records in by_partition.items():
             head = self.heads.get(partition)
             if head is None:
@@ -272,7 +277,31 @@ class Worker:
             if not fresh:
                 continue
             head.next_offset = fresh.offsets[-1] + 1
-            self.decoder.submit(DecodeJob(fresh, partition, head, now))
+            waiting = self._waiting.setdefault(partition, [])
+            waiting.append(fresh)
+            if sum(map(len, waiting)) >= self.settings.metering_batch_size:
+                self._hand_over([partition])
+
+    def _hand_over(self, partitions: list[int] | None = None) -> None:
+        """Send the waiting records (of ``partitions``; default: all) to the decoder.
+
+        The DEBUG lines trace each batch's phases (the fault tests use them to tell where a
+        kill landed): "batch" -> "committing" -> "committed" (per partition) -> "done"; the
+        last three come from the committer's thread.
+        """
+        jobs = []
+        now = int(time.time() * 1_000_000)
+        for partition in list(self._waiting) if partitions is None else partitions:
+            parts = self._waiting.pop(partition, [])
+            head = self.heads.get(partition)
+            if parts and head is not None:
+                jobs.append(DecodeJob(RecordBatch.concat(parts), partition, head, now))
+        if not jobs:
+            return
+        log.debug("batch: %d records of %d partition(s)",
+                  sum(len(j.records) for j in jobs), len(jobs))  # fmt: skip
+        for job in jobs:
+            self.decoder.submit(job)
         self.decoder.submit(POLL_END)
 
     def _decode(self, job: DecodeJob | None) -> None:
