@@ -29,6 +29,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -72,7 +73,8 @@ PARTITIONS_MAX_AGE_SECONDS = 10.0
 # (~0.7 us each), stalling the decoder's and committer's Python in between their native
 # steps; small polls keep those stalls short. Batches still reach METERING_BATCH_SIZE:
 # polls accumulate per partition until then (or until a poll comes back short).
-POLL_RECORDS = 10_000
+POLL_RECORDS = 5_000
+GIL_SWITCH_SECONDS = 0.0002
 # DuckDB writes its main header and two database headers (3 x 4 KiB) when it creates a file.
 DUCKDB_HEADER_BYTES = 12_288
 
@@ -236,6 +238,10 @@ class Worker:
         # cyclic GC then runs full collections over every batch in flight (~15% of CPU,
         # measured). Collect young objects 70x less often; nothing here builds cycles.
         gc.set_threshold(50_000, 20, 100)
+        # The three threads hand the GIL to each other between native steps (a poll, a
+        # polars decode, a DuckDB statement). A thread that wants it waits up to the switch
+        # interval; 0.2 ms instead of 5 ms measured ~10% faster on 1M events.
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         clean = False
         try:
             while not self.stop_requested.is_set():
