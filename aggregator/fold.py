@@ -55,12 +55,7 @@ EVENT_SCHEMA = pa.schema(
 
 @dataclass
 class PreparedBatch:
-    """One partition's slice of a poll, decoded: valid events as columns, the rest dead.
-
-    ``deltas`` and ``sessions`` (``deltas_of`` and ``sessions_of`` over all of
-    ``events``) are precomputed while the batch is in polars anyway; the ledger uses them
-    when every event turns out fresh, and recomputes them over the fresh ones otherwise.
-    """
+    """One partition's slice of a poll, decoded: valid events as columns, the rest dead."""
 
     partition: int
     next_offset: int
@@ -68,8 +63,6 @@ class PreparedBatch:
     dead: list[DeadLetter] = field(default_factory=list)
     consumed: int = 0
     max_occurred_at: int | None = None
-    deltas: pa.Table | None = None
-    sessions: pa.Table | None = None
 
 
 def deltas_of(events: pl.DataFrame) -> pl.DataFrame:
@@ -168,10 +161,7 @@ def prepare_batch(
     max_at = frame.get_column("occurred_at").max() if frame.height else None
     next_offset = records[-1].offset + 1 if records else 0
     assert max_at is None or isinstance(max_at, int)
-    return PreparedBatch(
-        partition, next_offset, events, dead, len(records), max_at,
-        deltas_of(frame).to_arrow(), sessions_of(frame).to_arrow(),
-    )  # fmt: skip
+    return PreparedBatch(partition, next_offset, events, dead, len(records), max_at)
 
 
 _FRAME_SCHEMA = {

@@ -112,6 +112,8 @@ class PartitionLedger:
         are materialised), the sessions they open, then insert sessions, upsert
         aggregates, insert dedup ids, duplicates and dead letters (each only if any) and
         the offset. When every event is fresh the Arrow batch itself is the fresh set.
+        The per-(tenant, period) deltas are summed here, on the committer's thread, which
+        has time to spare while the decoder's is the busiest (docs/performance.md).
         """
         a, con = self.alias, self.con
         events = batch.events
@@ -129,15 +131,13 @@ class PartitionLedger:
                     ANTI JOIN {a}.seen_events s ON s.h = b.h"""
             )
             counted = _scalar(con, "SELECT count(*) FROM fresh_ids")
-            if counted == events.num_rows and batch.deltas is not None:
-                deltas, sessions = batch.deltas, batch.sessions
-            else:
+            fresh = events
+            if counted < events.num_rows:
                 offsets = con.execute('SELECT "offset" FROM fresh_ids').to_arrow_table()
-                frame = pl.from_arrow(
-                    events.filter(pc.is_in(events.column("offset"), offsets.column(0)))
-                )
-                assert isinstance(frame, pl.DataFrame)
-                deltas, sessions = deltas_of(frame).to_arrow(), sessions_of(frame).to_arrow()
+                fresh = events.filter(pc.is_in(events.column("offset"), offsets.column(0)))
+            frame = pl.from_arrow(fresh)
+            assert isinstance(frame, pl.DataFrame)
+            deltas, sessions = deltas_of(frame).to_arrow(), sessions_of(frame).to_arrow()
             con.register("batch_sessions", sessions)
             registered.append("batch_sessions")
             opened = con.execute(
