@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import time
 
+from confluent_kafka import KafkaError, Message
+
+from consumer.kafka import split_by_partition
 from schemas.codec import default_codec
 from schemas.validation import REASONS
 from tests.cli_runner import run_cli
@@ -86,3 +89,20 @@ def test_v1_and_v2_mixed_in_one_partition(env: dict[str, str]) -> None:
     produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], v2, version=2)
     drain(env)
     assert ledger_totals(env) == expected_totals(v1 + v2)
+
+
+def test_a_poll_is_split_into_partition_runs_in_offset_order() -> None:
+    """A poll interleaves runs of partitions (one per fetch response): each partition's
+    records come out together, in order, and client errors are left out."""
+    polled = [
+        Message(topic="t", partition=p, offset=o, key=b"k%d" % o, value=b"v%d" % o)
+        for p, o in [(0, 1), (0, 2), (3, 7), (3, 8), (0, 3), (5, 1)]
+    ]
+    polled.insert(3, Message(topic="t", error=KafkaError(KafkaError._PARTITION_EOF)))
+    split = split_by_partition(polled)
+    assert sorted(split) == [0, 3, 5]
+    assert split[0].offsets == [1, 2, 3] and split[0].values == [b"v1", b"v2", b"v3"]
+    assert split[3].offsets == [7, 8] and split[3].keys == [b"k7", b"k8"]
+    one = split_by_partition(polled[:2])
+    assert list(one) == [0] and one[0].offsets == [1, 2]
+    assert split_by_partition([]) == {}
