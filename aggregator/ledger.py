@@ -232,6 +232,9 @@ class PartitionLedger:
         self.last_publish = time.monotonic()
 
 
+RELEASE_THREADS = 2  # ledgers published and checkpointed at once when several are released
+
+
 class LedgerSet:
     """The partition ledgers a worker holds, on one shared DuckDB connection."""
 
@@ -280,16 +283,16 @@ class LedgerSet:
         """
         ledgers = [self.held.pop(p) for p in list(partitions) if p in self.held]
         if len(ledgers) <= 1:
-            for ledger in ledgers:
-                self._release(ledger, self.con, snapshot_dir)
+            self._release_all(ledgers, self.con, snapshot_dir)
             return
-        cursors = [self.con.cursor() for _ in range(min(2, len(ledgers)))]
+        cursors = [self.con.cursor() for _ in range(RELEASE_THREADS)]
         try:
-            with ThreadPoolExecutor(len(cursors)) as pool:
-                shares = [ledgers[i :: len(cursors)] for i in range(len(cursors))]
+            with ThreadPoolExecutor(RELEASE_THREADS) as pool:
                 futures = [
-                    pool.submit(self._release_all, share, cursor, snapshot_dir)
-                    for share, cursor in zip(shares, cursors, strict=True)
+                    pool.submit(
+                        self._release_all, ledgers[i::RELEASE_THREADS], cursor, snapshot_dir
+                    )
+                    for i, cursor in enumerate(cursors)
                 ]
                 for future in futures:
                     future.result()

@@ -103,12 +103,20 @@ def end_offsets(
     """
     ends = {}
     for p in partitions:
-        tp = TopicPartition(topic, p)
-        high = consumer.get_watermark_offsets(tp, cached=True)[1]
+        high = cached_high_watermark(consumer, topic, p)
         if high < 0:
-            high = consumer.get_watermark_offsets(tp, timeout=timeout)[1]
+            high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
         ends[p] = high
     return ends
+
+
+def cached_high_watermark(consumer: Consumer, topic: str, partition: int) -> int:
+    """The partition's end as last seen in a fetch response (-1: not known yet)."""
+    try:
+        tp = TopicPartition(topic, partition)
+        return int(consumer.get_watermark_offsets(tp, cached=True)[1])
+    except KafkaException:
+        return -1
 
 
 def committed_offsets(consumer: Consumer, topic: str, partitions: list[int]) -> dict[int, int]:

@@ -53,10 +53,6 @@ class Stage(Generic[T]):
             self._thread.join()
         self._raise_failure()
 
-    @property
-    def failed(self) -> bool:
-        return self._error is not None
-
     def _raise_failure(self) -> None:
         if self._error is not None:
             raise self._error

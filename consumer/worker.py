@@ -51,6 +51,7 @@ from aggregator.fold import PreparedBatch, RecordBatch, prepare_batch
 from aggregator.ledger import LedgerSet, later_of, ledger_path
 from aggregator.views import write_query_db
 from consumer.kafka import (
+    cached_high_watermark,
     committed_offsets,
     consumer_config,
     end_offsets,
@@ -115,7 +116,6 @@ class CommitJob:
 
     batch: PreparedBatch
     first_offset: int
-    consumed: int
     prepare_seconds: float
 
 
@@ -321,9 +321,7 @@ class Worker:
         batch = prepare_batch(job.partition, job.records, self.codec, job.now_micros, oldest)
         head.max_occurred_at = later_of(head.max_occurred_at, batch.max_occurred_at)
         first = job.records.offsets[0]
-        self.committer.submit(
-            CommitJob(batch, first, len(job.records), time.perf_counter() - began)
-        )
+        self.committer.submit(CommitJob(batch, first, time.perf_counter() - began))
 
     def _commit(self, job: CommitJob | None) -> None:
         """The committer's work (its own thread): one partition batch into its ledger."""
@@ -338,7 +336,7 @@ class Worker:
                   job.first_offset, batch.next_offset, result.counted, result.duplicates,
                   result.dead)  # fmt: skip
         self.metrics.batch_seconds.observe(job.prepare_seconds + time.perf_counter() - began)
-        self._count(partition, job.consumed, result.counted, result.duplicates, batch)
+        self._count(partition, batch.consumed, result.counted, result.duplicates, batch)
         self.metrics.last_commit.set(time.time())
         self._acknowledged.append(TopicPartition(self.topic, partition, batch.next_offset))
 
@@ -389,35 +387,28 @@ class Worker:
         self.decoder.flush()
         self.committer.flush()
 
-    def _high_watermark(self, partition: int) -> int:
-        """The partition's end as last seen in a fetch response (-1: not known yet)."""
-        try:
-            tp = TopicPartition(self.topic, partition)
-            return int(self.consumer.get_watermark_offsets(tp, cached=True)[1])
-        except KafkaException:
-            return -1
+    def _lag_of(self, partition: int, head: Head) -> int | None:
+        """Records of the partition not yet handed over, per its cached end (None: not
+        known yet)."""
+        high = cached_high_watermark(self.consumer, self.topic, partition)
+        return None if high < 0 else max(0, high - (head.next_offset or 0))
 
     def _update_lag(self) -> None:
         for partition, head in self.heads.items():
-            high = self._high_watermark(partition)
-            if high >= 0:
-                self.lag[partition] = max(0, high - (head.next_offset or 0))
-                self.metrics.lag.labels(partition=str(partition)).set(self.lag[partition])
+            lag = self._lag_of(partition, head)
+            if lag is not None:
+                self.lag[partition] = lag
+                self.metrics.lag.labels(partition=str(partition)).set(lag)
         if self.progress is not None:
             held = sum(v for p, v in self.lag.items() if p in self.heads)
             self.progress(self.stats.consumed, held)
 
     def _remaining(self) -> int | None:
         """Records left in the partitions held, per the cached ends (None: not known)."""
-        if not self.heads:
+        lags = [self._lag_of(p, head) for p, head in self.heads.items()]
+        if not lags or None in lags:
             return None
-        total = 0
-        for partition, head in self.heads.items():
-            high = self._high_watermark(partition)
-            if high < 0:
-                return None
-            total += max(0, high - (head.next_offset or 0))
-        return total
+        return sum(lag for lag in lags if lag is not None)
 
     def _drained(self) -> bool:
         """True once every partition of the topic is consumed to its end (by anyone)."""
