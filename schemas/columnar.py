@@ -1,24 +1,18 @@
-"""Vectorised Avro for flat records: record framing, bulk encoding, container headers.
+"""Flat Avro schemas, and the bulk encoder of the emitter.
 
-Why: fastavro handles one record per call (about 200k records/s on a core). A consumer
-batch is thousands of single-object values sharing a handful of writer schemas, so the
-hot path works column by column instead:
+Why: fastavro handles one record per call (about 200k records/s on a core). A batch of
+events is thousands of single-object values sharing a handful of writer schemas, so the
+hot paths work column by column instead:
 
-* ``frame`` walks every value's body at once (one gather per field) and proves where each
-  record ends, without trusting any decoder. Only bodies whose walk ends exactly at their
-  last byte are handed to polars' native decoder, so a truncated or padded body can never
-  shift the decoding of its neighbours.
+* ``FlatSchema`` says whether a schema is one the columnar paths handle: a record whose
+  fields are primitives or two-branch unions of ``"null"`` and a primitive. ``of`` returns
+  None for anything else, and callers fall back to the per-record path.
 * ``encode`` builds the single-object values of a whole batch (header + body) from
-  columns, byte for byte what fastavro writes.
-
-Only "flat" schemas are handled: a record whose fields are primitives or two-branch unions
-of ``"null"`` and a primitive. ``FlatSchema.of`` returns None for anything else, and callers
-fall back to the per-record path.
+  columns, byte for byte what fastavro writes. Decoding is ``schemas.flat_decoder``.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -27,14 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "string", "bytes"})
-_FIXED_SIZE = {"null": 0, "boolean": 1, "float": 4, "double": 8}
-_VARINT_MAX = {"int": 5, "long": 10}
-# Field used in decoding containers to swallow each value's 10-byte single-object header.
-HEADER_FIELD = "__single_object_header"
-_SYNC = bytes(range(16))
 # ``encode`` builds Arrow views and doubles from native words: Avro is little-endian.
 ENCODES = sys.byteorder == "little"
-_PRUNED_KEYS = frozenset({"default", "doc", "logicalType", "aliases", "order"})
 
 
 @dataclass(frozen=True)
@@ -79,31 +67,6 @@ class FlatSchema:
     def field(self, name: str) -> FlatField | None:
         return next((f for f in self.fields if f.name == name), None)
 
-    def container_prefix(self) -> bytes:
-        """Avro object-container header whose records are whole single-object values.
-
-        The schema gets a leading ``fixed(10)`` field for the single-object header, so the
-        concatenated values of a batch form a block as they are. Defaults, docs and
-        logical types are dropped: they do not change the binary encoding, polars refuses
-        defaults, and timestamps stay raw int64 microseconds.
-        """
-        schema = _prune(self.raw)
-        header = {"name": HEADER_FIELD, "type": {"type": "fixed", "name": "SOH", "size": 10}}
-        schema["fields"] = [header, *schema["fields"]]
-        meta = {b"avro.schema": json.dumps(schema).encode(), b"avro.codec": b"null"}
-        out = bytearray(b"Obj\x01")
-        out += zigzag_varint(len(meta))
-        for key, value in meta.items():
-            out += zigzag_varint(len(key)) + key + zigzag_varint(len(value)) + value
-        out += b"\x00" + _SYNC
-        return bytes(out)
-
-
-def container_block(count: int, payload: memoryview) -> tuple[bytes, bytes, memoryview, bytes]:
-    """The parts of one object-container block holding ``count`` records (join them:
-    the payload is not copied until then)."""
-    return zigzag_varint(count), zigzag_varint(len(payload)), payload, _SYNC
-
 
 def _flat_field(spec: Any) -> FlatField | None:
     if not isinstance(spec, dict) or "name" not in spec:
@@ -130,25 +93,6 @@ def _primitive(node: Any) -> str | None:
     return None
 
 
-def _prune(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _prune(v) for k, v in node.items() if k not in _PRUNED_KEYS}
-    if isinstance(node, list):
-        return [_prune(v) for v in node]
-    return node
-
-
-def zigzag_varint(n: int) -> bytes:
-    """Avro's encoding of one long (used for container framing, not per record)."""
-    z = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while z > 0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
-
-
 # -- vector helpers (pyarrow.compute with typed scalars: ~1 ns per element) ---------------
 
 
@@ -160,7 +104,7 @@ def _u64(v: int) -> pa.Scalar:
     return pa.scalar(v, pa.uint64())
 
 
-_I0, _I1, _I2 = _i64(0), _i64(1), _i64(2)
+_I0, _I1 = _i64(0), _i64(1)
 _U0, _U1 = _u64(0), _u64(1)
 _EMPTY = pa.scalar(b"", pa.binary())
 
@@ -173,110 +117,6 @@ def _as_int(mask: pa.Array, dtype: pa.DataType = pa.int64()) -> pa.Array:
 def as_array(values: Any) -> pa.Array:
     """One contiguous array from an Array or ChunkedArray result."""
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-
-
-# -- framing -------------------------------------------------------------------------------
-
-# Readable bytes ``frame`` needs after the last body: a cursor that runs past its body is
-# parked at end + 1, and a varint read from there touches at most 10 more bytes.
-FRAME_PADDING = 16
-_U8_CONT = pa.scalar(0x80, pa.uint8())
-
-
-class _Walk:
-    """One cursor per body. A cursor that runs past its body is parked at ``end + 1``
-    (never moving back), so it can never end exactly at ``end``."""
-
-    def __init__(self, data: pa.Array, starts: pa.Array, ends: pa.Array) -> None:
-        self.data = data
-        self.pos = starts
-        self.limit = pc.add(ends, _I1)
-        self.ok = pa.repeat(pa.scalar(True), len(starts))
-
-    def byte(self, at: pa.Array) -> pa.Array:
-        return pc.take(self.data, at)
-
-    def require(self, condition: pa.Array, where: pa.Array | None) -> None:
-        """Rows failing ``condition`` are not proven (only rows in ``where``, if given)."""
-        if where is not None:
-            condition = pc.or_(condition, pc.invert(where))
-        self.ok = pc.and_(self.ok, condition)
-
-    def move_to(self, pos: pa.Array) -> None:
-        self.pos = pc.min_element_wise(pos, self.limit)
-
-    def varint(self, max_len: int, where: pa.Array | None, value: bool) -> tuple[pa.Array, Any]:
-        """Position after the varint at each cursor, and (if asked) the low 28 bits of
-        its zig-zag value. Rows outside ``where`` do not move."""
-        last = self.pos
-        first = self.byte(last)
-        more = pc.greater_equal(first, _U8_CONT)
-        if where is not None:
-            more = pc.and_(more, where)
-        zz = pc.bit_wise_and(first.cast(pa.int64()), _i64(0x7F)) if value else None
-        k = 1
-        while pc.any(more).as_py():
-            if k == max_len:
-                self.require(pc.invert(more), None)
-                break
-            last = pc.add(last, pc.if_else(more, _I1, _I0))
-            b = self.byte(last)
-            if zz is not None and k < 4:
-                group = pc.shift_left(pc.bit_wise_and(b.cast(pa.int64()), _i64(0x7F)), _i64(7 * k))
-                zz = pc.if_else(more, pc.bit_wise_or(zz, group), zz)
-            more = pc.and_(more, pc.greater_equal(b, _U8_CONT))
-            k += 1
-        after = pc.add(last, _I1)
-        if where is not None:
-            after = pc.if_else(where, after, self.pos)
-        return after, zz
-
-
-def frame(data: pa.Array, starts: pa.Array, ends: pa.Array, schema: FlatSchema) -> pa.Array:
-    """True where the body ``data[starts:ends]`` is exactly one record of ``schema``.
-
-    ``data`` is uint8 with at least ``FRAME_PADDING`` bytes after the largest end;
-    ``starts``/``ends`` are int64. The walk reads varints exactly as any Avro decoder
-    does (7-bit groups until a byte below 0x80), so a body it accepts is consumed by a
-    decoder to its last byte and no further. Rejected bodies go to the per-record path,
-    which names the reason.
-    """
-    if len(ends) and pc.max(ends).as_py() + FRAME_PADDING > len(data):
-        raise ValueError("frame needs FRAME_PADDING readable bytes after the last body")
-    walk = _Walk(data, starts, ends)
-    for field in schema.fields:
-        present: pa.Array | None = None
-        if field.null_branch is not None:
-            index = walk.byte(walk.pos)
-            index_ok = pc.bit_wise_and(index, pa.scalar(0xFD, pa.uint8()))  # 0 or 2: 0
-            walk.require(pc.equal(index_ok, pa.scalar(0, pa.uint8())), None)
-            present = pc.not_equal(index, pa.scalar(2 * field.null_branch, pa.uint8()))
-            walk.move_to(pc.add(walk.pos, _I1))
-        _skip_value(walk, field.kind, present)
-    return pc.and_(walk.ok, pc.equal(walk.pos, ends))
-
-
-def _skip_value(walk: _Walk, kind: str, present: pa.Array | None) -> None:
-    """Move every cursor past one value of ``kind`` (only where present)."""
-    if kind in _FIXED_SIZE:
-        size = _FIXED_SIZE[kind]
-        if kind == "boolean":
-            walk.require(pc.less_equal(walk.byte(walk.pos), pa.scalar(1, pa.uint8())), present)
-        if size:
-            step = _i64(size) if present is None else pc.if_else(present, _i64(size), _I0)
-            walk.move_to(pc.add(walk.pos, step))
-        return
-    if kind in _VARINT_MAX:
-        after, _ = walk.varint(_VARINT_MAX[kind], present, value=False)
-        walk.move_to(after)
-        return
-    # string / bytes: a long byte count (>= 0, so an even zig-zag) then the bytes
-    after, zz = walk.varint(4, present, value=True)  # longer counts exceed any value
-    walk.require(pc.equal(pc.bit_wise_and(zz, _I1), _I0), present)
-    size = pc.shift_right(zz, _I1)
-    if present is not None:
-        size = pc.if_else(present, size, _I0)
-    walk.move_to(pc.add(after, size))
 
 
 # -- encoding ------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 ``prepare_batch(columnar=True)`` (the worker's path) is held to ``columnar=False`` (every
 record through ``Codec.decode`` + ``validate``) on the same batches: same events table,
 same dead letters with the same reasons. Malformed bodies amid valid ones, writer schemas
-the columnar decoder cannot handle, and the framing walk and bulk encoder on their own.
+the columnar decoder cannot handle, and the bulk encoder on its own (the native decoder
+on its own: tests/test_flat_decoder.py).
 The emitter's bulk path is checked byte for byte against ``emit`` through the real broker.
 """
 
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from hypothesis import given, settings
@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 from aggregator.fast_decode import decode_fast, plans
 from aggregator.fold import DeadLetter, PreparedBatch, Record, RecordBatch, prepare_batch
 from emitter import DeliveryFailed, Emitter, InvalidEvent
-from schemas import bulk_validation
+from schemas import bulk_validation, flat_decoder
 from schemas.codec import COUNTERS, HEADER_LEN, Codec, default_codec, discover, load_schema
-from schemas.columnar import FRAME_PADDING, FlatSchema, encode, frame
+from schemas.columnar import FlatSchema, encode
 from schemas.validation import REASONS
 from tests.events import make_event
 from tests.worker_harness import random_events, with_duplicates
@@ -159,9 +159,9 @@ def test_malformed_bodies_amid_valid_ones_leave_neighbours_exact() -> None:
         }
 
 
-def test_invalid_utf8_costs_only_its_neighbourhood_the_fast_path() -> None:
-    """A structurally sound body with invalid UTF-8 makes polars refuse its block; halves
-    are retried, so only a small group around it takes the per-record path."""
+def test_invalid_utf8_costs_only_its_own_record_the_fast_path() -> None:
+    """A structurally sound body with invalid UTF-8 is not proven by the native decoder:
+    it alone takes the per-record path, which dead-letters it."""
     events = random_events(2000, tenants=4, seed=30)
     values = [CODEC.encode(e) for e in events]
     sid = events[1234]["session_id"].encode()
@@ -170,15 +170,15 @@ def test_invalid_utf8_costs_only_its_neighbourhood_the_fast_path() -> None:
         [(e["tenant_id"].encode(), v) for e, v in zip(events, values, strict=True)]
     )
     decoded = decode_fast(records, CODEC, NOW, None)
-    assert 1234 in decoded.slow and len(decoded.slow) <= 32
+    assert decoded.slow == [1234]
     batch = both(records)
     assert [(d.offset - 100, d.reason_code) for d in batch.dead] == [(1234, "undecodable_body")]
 
 
 def test_an_overlong_varint_cannot_shift_a_neighbour() -> None:
     """A body whose varint is non-canonical (valid Avro) and that is also one byte short
-    would fool a check of canonical lengths; the framing walk reads the bytes as a decoder
-    does and sends it to the per-record path."""
+    would fool a check of canonical lengths; the native decoder reads the bytes as any
+    decoder does and sends it to the per-record path."""
     first, second = make_event(tenant="t", cpu_ms=5), make_event(tenant="t")
     value = CODEC.encode(first, 1)
     fields = CODEC.versions[1].field_names
@@ -287,6 +287,18 @@ def test_a_writer_schema_it_cannot_handle_takes_the_per_record_path(
     assert batch.events.num_rows == len(events) and not batch.dead
 
 
+def test_without_the_native_decoder_every_record_takes_the_per_record_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the C extension could not be built, nothing is decoded columnar and the
+    results are still exactly the per-record ones."""
+    monkeypatch.setattr(flat_decoder, "_flat_avro", None)
+    events = random_events(50, tenants=2, seed=26)
+    records = encoded(events)
+    assert decode_fast(records, CODEC, NOW, None).slow == list(range(len(events)))
+    assert both(records).events.num_rows == len(events)
+
+
 def test_a_reader_field_the_writer_lacks_without_default_is_not_columnar(tmp_path: Path) -> None:
     """Resolution would fail per record (undecodable_body): the columnar plan must not
     pretend otherwise."""
@@ -303,37 +315,7 @@ def test_a_reader_field_the_writer_lacks_without_default_is_not_columnar(tmp_pat
     assert {d.reason_code for d in batch.dead} == {"undecodable_body"}
 
 
-# --- the framing walk and the bulk encoder on their own ------------------------------------
-
-
-def _layout(values: list[bytes]) -> tuple[pa.Array, pa.Array, pa.Array]:
-    arr = pa.array([*values, bytes(FRAME_PADDING)], pa.large_binary())
-    offsets = pa.Array.from_buffers(pa.int64(), len(arr) + 1, [None, arr.buffers()[1]])
-    data = pa.Array.from_buffers(pa.uint8(), arr.buffers()[2].size, [None, arr.buffers()[2]])
-    starts = offsets.slice(0, len(values)).to_pylist()
-    return (
-        data,
-        pa.array([s + HEADER_LEN for s in starts], pa.int64()),
-        offsets.slice(1, len(values)),
-    )
-
-
-@pytest.mark.parametrize("version", [1, 2])
-def test_frame_accepts_whole_records_only(version: int) -> None:
-    flat = FlatSchema.of(CODEC.versions[version].raw)
-    assert flat is not None
-    good = [CODEC.encode({**make_event(), "region": r}, version) for r in (None, "eu-west-1")]
-    values = [*good, good[0][:-1], good[1] + b"\x00", good[0][:HEADER_LEN], good[1][:-9]]
-    assert frame(*_layout(values), flat).to_pylist() == [True, True, False, False, False, False]
-
-
-def test_frame_refuses_without_padding() -> None:
-    flat = FlatSchema.of(CODEC.versions[1].raw)
-    assert flat is not None
-    value = CODEC.encode(make_event(), 1)
-    data = pa.array(list(value), pa.uint8())
-    with pytest.raises(ValueError, match="FRAME_PADDING"):
-        frame(data, pa.array([HEADER_LEN], pa.int64()), pa.array([len(value)], pa.int64()), flat)
+# --- the bulk encoder on its own --------------------------------------------------------
 
 
 _strings = st.text(max_size=150)
