@@ -49,11 +49,12 @@ class RecordBatch(Sequence[Record]):
         """One batch of ``parts`` (consecutive slices of one partition, in order)."""
         if len(parts) == 1:
             return parts[0]
-        return cls(
-            [o for part in parts for o in part.offsets],
-            [k for part in parts for k in part.keys],
-            [v for part in parts for v in part.values],
-        )
+        out = cls([], [], [])
+        for part in parts:  # extend copies pointers in C: ~6x a comprehension's speed
+            out.offsets.extend(part.offsets)
+            out.keys.extend(part.keys)
+            out.values.extend(part.values)
+        return out
 
     def since(self, offset: int) -> RecordBatch:
         """The records at or after ``offset`` (redelivered ones below it dropped)."""
