@@ -118,10 +118,11 @@ def test_workers_survive_a_broker_restart_mid_run(
     drainer = start_worker({**drain_env, **RUN_ENV}, "--drain", log=drain_log)
     producer = SlowProducer(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], live)
     try:
-        wait_for(lambda: committed_batches(run_log) > 0, "the worker to commit a batch")
+        # Hold the drain worker mid-run so that it surely meets the outage with work left
+        # (at once: it can drain the whole backlog while the other worker still joins).
         wait_for(lambda: committed_batches(drain_log) > 0, "the drain worker to commit")
-        # Hold the drain worker mid-run so that it surely meets the outage with work left.
         os.kill(drainer.pid, signal.SIGSTOP)
+        wait_for(lambda: committed_batches(run_log) > 0, "the worker to commit a batch")
         producer.start()
         for n in range(RESTARTS):
             if n:

@@ -318,7 +318,9 @@ def test_fuzzed_events_are_counted_exactly_when_the_spec_allows() -> None:
 
     checked = fuzz(drawn_event(), body)
     print(f"\nfuzzed events: {checked} inputs: {dict(tally.most_common())}")
-    assert checked >= FUZZ_INPUTS and tally["counted"] > checked // 3
+    # The generator makes about a third of the events valid (33-36% seen): a quarter is
+    # the floor that says the fuzz still reaches the counting path, not a statistic.
+    assert checked >= FUZZ_INPUTS and tally["counted"] > checked // 4
 
 
 def test_a_tenant_id_with_a_trailing_newline_is_refused() -> None:
