@@ -81,17 +81,17 @@ def decode_fast(
     n = len(records)
     offsets, keys, values = columns_of(records)
     decoded = (decode_columns(values, plan, MAX_VALUE_BYTES) for plan in plans(codec))
-    tables = [t for t in decoded if t is not None and t.height]
-    if not tables:
+    frames = [f for f in decoded if f is not None and f.height]
+    if not frames:
         return FastDecoded(_EMPTY, list(range(n)))
-    joined = pl.concat(tables) if len(tables) > 1 else tables[0]
+    joined = pl.concat(frames) if len(frames) > 1 else frames[0]
     rows = joined.get_column(ROW).to_arrow()
     joined = joined.with_columns(
         pl.Series("offset", pa.array(offsets, pa.int64()).take(rows)),
         pl.Series("_key", pa.array(keys, pa.large_binary()).take(rows)),
     )
     accepted = joined.filter(_accepts(joined, now_micros, oldest_allowed_micros))
-    if len(tables) > 1:
+    if len(frames) > 1:
         accepted = accepted.sort("offset")
     slow: list[int] = []
     if accepted.height < n:

@@ -168,7 +168,8 @@ static int read_field(Field *f, const uint8_t **at, const uint8_t *end)
     }
 }
 
-static int fixed_width(int kind)
+/* Bytes per row in a field's values buffer (string views included). */
+static int slot_width(int kind)
 {
     switch (kind) {
     case KIND_BOOLEAN: return 1;
@@ -347,7 +348,7 @@ static PyObject *decode(PyObject *self, PyObject *args)
     memcpy(rows.view.buf, row_index, (size_t)(8 * count));
     for (int i = 0; i < nfields; i++) {
         Field *f = &fields[i];
-        if (f->wanted && (!take(allocate, fixed_width(f->kind) * count, &f->values, 1) ||
+        if (f->wanted && (!take(allocate, slot_width(f->kind) * count, &f->values, 1) ||
                           (f->null_branch != NOT_A_UNION &&
                            !take(allocate, (count + 7) / 8, &f->validity, 1))))
             goto done;

@@ -2,7 +2,7 @@
 
 Why: a consumer batch is ~100,000 values sharing a writer schema. Decoding them one call
 per record (fastavro) costs ~5 us each; the C loop behind ``decode_columns`` proves and
-decodes them in one pass at ~0.1 us each, with the GIL released, straight into Arrow
+decodes them in one pass at ~0.2 us each, with the GIL released, straight into Arrow
 buffers. It is exact by construction: a value counts only if its body is exactly one
 record of the writer schema (the walk ends on its last byte), every varint fits its type,
 every union index is 0 or 1 and every string is valid UTF-8. Everything else is left to
@@ -59,12 +59,11 @@ class DecodePlan:
         """The plan decoding the ``wanted`` fields of ``schema`` (others are skipped)."""
         if any(schema.field(name) is None for name in wanted):
             raise ValueError(f"{schema.name} lacks one of {sorted(wanted)}")
+        kept = tuple(f for f in schema.fields if f.name in wanted and f.kind != "null")
         plan = bytearray()
         for field in schema.fields:
             branch = _NOT_A_UNION if field.null_branch is None else field.null_branch
-            keep = field.name in wanted and field.kind != "null"
-            plan += bytes((_KINDS[field.kind][0], branch, keep))
-        kept = tuple(f for f in schema.fields if f.name in wanted and f.kind != "null")
+            plan += bytes((_KINDS[field.kind][0], branch, field in kept))
         return cls(header, bytes(plan), kept)
 
 
@@ -77,20 +76,20 @@ def decode_columns(
     if _flat_avro is None:
         return None
     values = values if isinstance(values, list) else list(values)
-    tables, start = [], 0
+    frames, start = [], 0
     while start < len(values):
         out = _flat_avro.decode(
             values, start, plan.header, plan.plan, max_bytes, MAX_CALL_BYTES, pa.allocate_buffer
         )
         if out[0] is not None:
-            tables.append(_table(plan, *out[:-1]))
+            frames.append(_frame(plan, *out[:-1]))
         start = out[-1]
-    if not tables:
+    if not frames:
         return None
-    return tables[0] if len(tables) == 1 else pl.concat(tables)
+    return frames[0] if len(frames) == 1 else pl.concat(frames)
 
 
-def _table(
+def _frame(
     plan: DecodePlan,
     rows: pa.Buffer,
     ok: pa.Buffer,
