@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/.cache/bin:$(PATH)
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements.lock schemas/_flat_avro.c
+$(VENV)/.installed: pyproject.toml requirements.lock schemas/_native_decoder.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -x $(UV) || $(BIN)/pip install -q uv==0.13.8
 	$(UV) pip sync -q --python $(BIN)/python requirements.lock
@@ -27,6 +27,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+	$(BIN)/lint-imports --no-cache
 
 # The official stripe-mock, built once from the Go module proxy into .cache/bin.
 stripe-mock: .cache/bin/stripe-mock

@@ -1,68 +1,31 @@
-"""Turning a batch of Kafka records into columns ready to commit (pure: no I/O).
+"""The fold: what a batch's fresh events add to the per-(tenant, period) aggregates.
 
-``prepare_batch`` decodes and validates every record: valid events become one Arrow table
-(with the in-batch duplicate flag already set), invalid ones become dead letters with
-their reason. The columnar path (``aggregator.fast_decode``) takes what it can vouch for;
-``decode_record``, the per-record path, takes the rest and names every reason.
-``fold_totals`` is the reference fold used to reconcile totals in tests.
+``fold_fresh`` runs inside the ledger's commit transaction, on the ledger's connection:
+it sums the fresh events per tenant and period (``deltas_of``), records the sessions they
+open (``sessions_of`` anti-joined with the sessions already seen) and MERGEs the sums into
+``aggregates``. Dedup, offsets and dead letters are the ledger's (``aggregator.ledger``).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+import contextlib
 
+import duckdb
 import polars as pl
 import pyarrow as pa
 
-from aggregator.fast_decode import DECODED, STRINGS, decode_fast
-from aggregator.records import Record, RecordBatch
-from schemas.codec import COUNTERS, Codec, DecodeError
-from schemas.validation import validate
+from schemas.codec import COUNTERS
 
-__all__ = ["EVENT_SCHEMA", "DeadLetter", "PreparedBatch", "Record", "RecordBatch", "prepare_batch"]
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    reason: str
-
-    @property
-    def reason_code(self) -> str:
-        return self.reason.split(":", 1)[0]
-
-
-EVENT_SCHEMA = pa.schema(
-    [
-        ("offset", pa.int64()),
-        ("tenant_id", pa.string()),
-        ("event_id", pa.string()),
-        ("session_id", pa.string()),
-        ("occurred_at", pa.int64()),
-        ("period", pa.string()),
-        *[(name, pa.int64()) for name in COUNTERS],
-        ("risk_score", pa.float64()),
-        ("first_in_batch", pa.bool_()),
-    ]
-)
-
-
-@dataclass
-class PreparedBatch:
-    """One partition's slice of a poll, decoded: valid events as columns, the rest dead."""
-
-    partition: int
-    next_offset: int
-    events: pa.Table
-    dead: list[DeadLetter] = field(default_factory=list)
-    consumed: int = 0
-    max_occurred_at: int | None = None
+# Columns MERGE adds up; the others combine with greatest/least.
+_ADDED = ("events", "sessions", *COUNTERS, "risk_score_sum", "risk_score_count")
+_MERGE_AGGREGATES = f"""
+    MERGE INTO {{a}}.aggregates t USING batch_deltas d
+    ON t.tenant_id = d.tenant_id AND t.period = d.period
+    WHEN MATCHED THEN UPDATE SET {", ".join(f"{c} = t.{c} + d.{c}" for c in _ADDED)},
+      risk_score_max = greatest(t.risk_score_max, d.risk_score_max),
+      first_occurred_at = least(t.first_occurred_at, d.first_occurred_at),
+      last_occurred_at = greatest(t.last_occurred_at, d.last_occurred_at)
+    WHEN NOT MATCHED THEN INSERT BY NAME"""
 
 
 def deltas_of(events: pl.DataFrame) -> pl.DataFrame:
@@ -85,126 +48,40 @@ def sessions_of(events: pl.DataFrame) -> pl.DataFrame:
     return events.select("tenant_id", "period", "session_id").unique()
 
 
-# 0001-01-01T00:00:00Z: the first instant a period can be named for (datetime's range).
-FIRST_PERIOD_MICROS = -62_135_596_800 * 1_000_000
-TOO_OLD = "outside_dedup_window: older than the dedup window allows counting"
+def with_sessions(deltas: pl.DataFrame, opened: pl.DataFrame, partition: int) -> pa.Table:
+    """``deltas`` plus ``sessions`` (the sessions the batch opened per tenant and period)
+    and ``partition``: the rows MERGE folds into the aggregates."""
+    per_key = opened.group_by("tenant_id", "period").agg(pl.len().cast(pl.Int64).alias("sessions"))
+    return (
+        deltas.join(per_key, on=["tenant_id", "period"], how="left")
+        .with_columns(pl.col("sessions").fill_null(0), pl.lit(partition).alias("partition"))
+        .to_arrow()
+    )
 
 
-def period_of(micros: int) -> str:
-    moment = datetime.fromtimestamp(micros / 1_000_000, UTC)
-    return f"{moment.year:04d}-{moment.month:02d}"
-
-
-def decode_record(
-    rec: Record, codec: Codec, now_micros: int, oldest_allowed_micros: int | None
-) -> dict[str, Any] | DeadLetter:
-    """The per-record path: decode, validate and date one record, or say why not.
-
-    This is the reference for every dead-letter reason; the columnar path hands it
-    every record it cannot vouch for.
-    """
+def fold_fresh(con: duckdb.DuckDBPyConnection, alias: str, fresh: pa.Table, partition: int) -> None:
+    """Fold ``fresh`` (events counted for the first time) into ``alias``'s sessions and
+    aggregates. Must run inside the caller's transaction; registers nothing it leaves."""
+    frame = pl.from_arrow(fresh)
+    assert isinstance(frame, pl.DataFrame)
+    registered: list[str] = []
     try:
-        event = codec.decode(rec.value)
-    except DecodeError as exc:
-        return DeadLetter(rec.offset, rec.key, rec.value, f"{exc.reason}: {exc.detail}")
-    reason = validate(event, now_micros, rec.key)
-    occurred = event["occurred_at"]
-    too_old = occurred < FIRST_PERIOD_MICROS or (
-        oldest_allowed_micros is not None and occurred < oldest_allowed_micros
-    )
-    if reason is None and too_old:
-        reason = TOO_OLD
-    if reason is not None:
-        return DeadLetter(rec.offset, rec.key, rec.value, reason)
-    return {**event, "offset": rec.offset, "period": period_of(occurred)}
-
-
-def prepare_batch(
-    partition: int,
-    records: Sequence[Record],
-    codec: Codec,
-    now_micros: int,
-    oldest_allowed_micros: int | None,
-    *,
-    columnar: bool = True,
-) -> PreparedBatch:
-    """Decode, validate and columnise ``records`` (offset order) of one partition.
-
-    With ``columnar`` (the default) the batch goes through ``aggregator.fast_decode``
-    and only the records it leaves over take the per-record path; without, every record
-    does. Both give the same PreparedBatch.
-    """
-    if columnar:
-        fast = decode_fast(records, codec, now_micros, oldest_allowed_micros)
-        frame, slow = _with_periods(fast.events), fast.slow
-    else:
-        frame, slow = _EMPTY_FRAME, list(range(len(records)))
-    rows: list[dict[str, Any]] = []
-    dead: list[DeadLetter] = []
-    for i in slow:
-        out = decode_record(records[i], codec, now_micros, oldest_allowed_micros)
-        if isinstance(out, DeadLetter):
-            dead.append(out)
-        else:
-            rows.append(out)
-    if rows:
-        extra = pl.DataFrame(rows, schema=_FRAME_SCHEMA)
-        frame = pl.concat([frame, extra]).sort("offset") if frame.height else extra
-    if frame.get_column("event_id").n_unique() == frame.height:  # the usual case: cheap
-        first: pl.Expr = pl.lit(True)
-    else:
-        first = pl.struct("tenant_id", "event_id").is_first_distinct()
-    table = frame.select(
-        *[c for c in EVENT_SCHEMA.names if c != "first_in_batch"], first.alias("first_in_batch")
-    )
-    events = table.to_arrow().cast(EVENT_SCHEMA)
-    max_at = frame.get_column("occurred_at").max() if frame.height else None
-    next_offset = records[-1].offset + 1 if records else 0
-    assert max_at is None or isinstance(max_at, int)
-    return PreparedBatch(partition, next_offset, events, dead, len(records), max_at)
-
-
-_FRAME_SCHEMA = {
-    "offset": pl.Int64,
-    **{name: pl.String if name in STRINGS else pl.Float64 if name == "risk_score" else pl.Int64
-       for name in DECODED},
-    "period": pl.String,
-}  # fmt: skip
-_EMPTY_FRAME = pl.DataFrame(schema=_FRAME_SCHEMA)
-
-
-def _with_periods(events: pl.DataFrame) -> pl.DataFrame:
-    """Add ``period`` (``period_of``) to events with occurred_at >= 0: the month key is
-    computed per row, its name once per distinct month (strftime per row costs 2x)."""
-    at = pl.from_epoch("occurred_at", "us")
-    keys = events.select((at.dt.year() * 100 + at.dt.month()).alias("k")).to_series()
-    months = keys.unique()
-    names = [f"{k // 100:04d}-{k % 100:02d}" for k in months.to_list()]
-    return events.with_columns(
-        keys.replace_strict(months, names, return_dtype=pl.String).alias("period")
-    )
-
-
-@dataclass
-class Totals:
-    """Per tenant and period: what the ledger must end up with."""
-
-    events: int = 0
-    sessions: set[str] = field(default_factory=set)
-    counters: Counter[str] = field(default_factory=Counter)
-
-
-def fold_totals(events: Iterable[dict[str, Any]]) -> dict[tuple[str, str], Totals]:
-    """Reference fold: count each (tenant_id, event_id) once."""
-    out: dict[tuple[str, str], Totals] = {}
-    seen: set[tuple[str, str]] = set()
-    for e in events:
-        ident = (e["tenant_id"], e["event_id"])
-        if ident in seen:
-            continue
-        seen.add(ident)
-        t = out.setdefault((e["tenant_id"], period_of(e["occurred_at"])), Totals())
-        t.events += 1
-        t.sessions.add(e["session_id"])
-        t.counters.update({k: e[k] for k in COUNTERS})
-    return out
+        con.register("batch_sessions", sessions_of(frame).to_arrow())
+        registered.append("batch_sessions")
+        opened = con.execute(
+            f"""SELECT f.* FROM batch_sessions f
+                ANTI JOIN {alias}.sessions s ON s.tenant_id = f.tenant_id
+                  AND s.period = f.period AND s.session_id = f.session_id"""
+        ).to_arrow_table()
+        con.register("opened_sessions", opened)
+        registered.append("opened_sessions")
+        con.execute(f"INSERT INTO {alias}.sessions SELECT * FROM opened_sessions")
+        opened_frame = pl.from_arrow(opened)
+        assert isinstance(opened_frame, pl.DataFrame)
+        con.register("batch_deltas", with_sessions(deltas_of(frame), opened_frame, partition))
+        registered.append("batch_deltas")
+        con.execute(_MERGE_AGGREGATES.format(a=alias))
+    finally:
+        for name in registered:
+            with contextlib.suppress(duckdb.Error):
+                con.unregister(name)

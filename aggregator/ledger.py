@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.fold import PreparedBatch, deltas_of, sessions_of
+from aggregator.fold import fold_fresh
 from aggregator.snapshot import publish_partition
-from pf_metering.errors import OperationError
+from common.errors import OperationError
 from schemas.codec import COUNTERS
+from schemas.prepare import PreparedBatch
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +58,6 @@ DDL = [
 
 # 128-bit hash of the idempotency key (collision odds ~1e-25 at 10M ids): 16 bytes a row.
 EVENT_HASH = "md5_number(tenant_id || chr(0) || event_id)"
-# Fold one batch's per-(tenant, period) deltas (``batch_deltas``, see ``_with_sessions``)
-# into the aggregates. MERGE of pre-aggregated rows measured 2x faster than grouping
-# inside INSERT ... ON CONFLICT DO UPDATE.
-_ADDED = ("events", "sessions", *COUNTERS, "risk_score_sum", "risk_score_count")
-_MERGE_AGGREGATES = f"""
-    MERGE INTO {{a}}.aggregates t USING batch_deltas d
-    ON t.tenant_id = d.tenant_id AND t.period = d.period
-    WHEN MATCHED THEN UPDATE SET {", ".join(f"{c} = t.{c} + d.{c}" for c in _ADDED)},
-      risk_score_max = greatest(t.risk_score_max, d.risk_score_max),
-      first_occurred_at = least(t.first_occurred_at, d.first_occurred_at),
-      last_occurred_at = greatest(t.last_occurred_at, d.last_occurred_at)
-    WHEN NOT MATCHED THEN INSERT BY NAME"""
 
 
 def ledger_path(ledger_dir: Path, topic: str, partition: int) -> Path:
@@ -109,11 +97,9 @@ class PartitionLedger:
 
         One transaction: find the fresh events (first sighting of their id: the 128-bit
         hash, computed once, anti-joined with ``seen_events``; only offset, hash and time
-        are materialised), the sessions they open, then insert sessions, upsert
-        aggregates, insert dedup ids, duplicates and dead letters (each only if any) and
-        the offset. When every event is fresh the Arrow batch itself is the fresh set.
-        The per-(tenant, period) deltas are summed here, on the committer's thread, which
-        has time to spare while the decoder's is the busiest (docs/performance.md).
+        are materialised), fold them into sessions and aggregates (``aggregator.fold``),
+        then insert dedup ids, duplicates and dead letters (each only if any) and the
+        offset. When every event is fresh the Arrow batch itself is the fresh set.
         """
         a, con = self.alias, self.con
         events = batch.events
@@ -135,22 +121,7 @@ class PartitionLedger:
             if counted < events.num_rows:
                 offsets = con.execute('SELECT "offset" FROM fresh_ids').to_arrow_table()
                 fresh = events.filter(pc.is_in(events.column("offset"), offsets.column(0)))
-            frame = pl.from_arrow(fresh)
-            assert isinstance(frame, pl.DataFrame)
-            deltas, sessions = deltas_of(frame).to_arrow(), sessions_of(frame).to_arrow()
-            con.register("batch_sessions", sessions)
-            registered.append("batch_sessions")
-            opened = con.execute(
-                f"""SELECT f.* FROM batch_sessions f
-                    ANTI JOIN {a}.sessions s ON s.tenant_id = f.tenant_id
-                      AND s.period = f.period AND s.session_id = f.session_id"""
-            ).to_arrow_table()
-            con.register("opened_sessions", opened)
-            registered.append("opened_sessions")
-            con.execute(f"INSERT INTO {a}.sessions SELECT * FROM opened_sessions")
-            con.register("batch_deltas", _with_sessions(deltas, opened, self.partition))
-            registered.append("batch_deltas")
-            con.execute(_MERGE_AGGREGATES.format(a=a))
+            fold_fresh(con, a, fresh, self.partition)
             con.execute(
                 f"INSERT INTO {a}.seen_events SELECT h, ?, occurred_at FROM fresh_ids",
                 [self.partition],
@@ -328,20 +299,6 @@ class LedgerSet:
             self.release(list(self.held), snapshot_dir)
         finally:
             self.con.close()
-
-
-def _with_sessions(deltas: pa.Table, opened: pa.Table, partition: int) -> pa.Table:
-    """``deltas`` plus ``sessions`` (the sessions the batch opened per tenant and period)
-    and ``partition``: the rows MERGE folds into the aggregates."""
-    frame = pl.from_arrow(deltas)
-    counts = pl.from_arrow(opened)
-    assert isinstance(frame, pl.DataFrame) and isinstance(counts, pl.DataFrame)
-    per_key = counts.group_by("tenant_id", "period").agg(pl.len().cast(pl.Int64).alias("sessions"))
-    return (
-        frame.join(per_key, on=["tenant_id", "period"], how="left")
-        .with_columns(pl.col("sessions").fill_null(0), pl.lit(partition).alias("partition"))
-        .to_arrow()
-    )
 
 
 def later_of(a: int | None, b: int | None) -> int | None:

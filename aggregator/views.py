@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 
 from aggregator.snapshot import Freshness, freshness, snapshot_files, topic_dir
-from pf_metering.errors import OperationError
+from common.errors import OperationError
 from schemas.codec import COUNTERS
 
 _EMPTY_AGGREGATES = (

@@ -27,9 +27,9 @@ import fastavro
 import pyarrow as pa
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
-from aggregator.fold import period_of
 from consumer.kafka import consumer_config
 from schemas.codec import COUNTERS, HEADER_LEN, SINGLE_OBJECT_MAGIC, default_codec
+from schemas.periods import period_of
 from schemas.validation import validate
 
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pf_metering import config
+from common import settings as config
 
 AS_OF = "2025-02-01T02:00:00Z"
 JAN_15 = int(datetime(2025, 1, 15, tzinfo=UTC).timestamp() * 1_000_000)
@@ -73,9 +73,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from aggregator.views import open_usage
+    from bench.ledger_load import publish_usage
     from billing import invoicing
     from billing.db import billing_db
-    from tests.ledger_data import publish_usage
 
     with tempfile.TemporaryDirectory(prefix="pf-bill-bench-") as tmp:
         os.environ["METERING_DATA_DIR"] = str(Path(tmp) / "data")

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.run [--events 1000000] [--tenants 1000] [--partitions 6]
                                   [--preload-ids 0] [--repeat 1] [--output bench-results.json]
 
-On the local broker (``tests.kafka_broker.real_broker``: KAFKA_BOOTSTRAP_SERVERS, or
+On the local broker (``bench.broker.real_broker``: KAFKA_BOOTSTRAP_SERVERS, or
 ``deploy/local-kafka`` on port 29092) it produces N valid events with the emitter's bulk
 path, then measures in one run, ``--repeat`` times each, interleaved:
 (a) a raw confluent-kafka consume, (b) a naive per-message consumer (bench.baselines),
@@ -39,11 +39,11 @@ from confluent_kafka import libversion
 from confluent_kafka.admin import AdminClient
 
 from bench.baselines import Measured, naive_consume, raw_consume
+from bench.broker import create_topic, real_broker
 from bench.events import synthetic_events
 from bench.worker_run import WorkerRun, preload_seen_ids, run_worker
+from common.settings import load_settings
 from emitter import Emitter
-from pf_metering.config import load_settings
-from tests.kafka_broker import create_topic, real_broker
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import duckdb
 
-from pf_metering.errors import OperationError
+from common.errors import OperationError
 
 _SCHEMA: list[str] = []
 

@@ -30,13 +30,13 @@ from billing import invoice_store
 from billing.db import transaction
 from billing.invoice_store import Billed, InvoiceKey
 from billing.model import Invoice, InvoiceLine, InvoiceStatus, plain
-from billing.periods import Period
 from billing.rating import Usage, late_usage_line, rate
 from billing.tenants import Tenant, load_tenants
 from billing.tiers import PRICE_FIELDS, Tier, get_tier, load_tiers
-from pf_metering.config import Settings
-from pf_metering.errors import UserError
+from common.errors import UserError
+from common.settings import Settings
 from schemas.codec import COUNTERS
+from schemas.periods import Period
 
 USAGE_COLUMNS = (
     "tenant_id",

@@ -20,7 +20,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from billing.stripe_push import PushOutcome, PushResult
+from billing.stripe.push import PushOutcome, PushResult
 
 COUNTERS: dict[str, str] = {
     "pf_invoices_finalized": "Invoices finalized by the nightly bill job",

@@ -18,9 +18,9 @@ import duckdb
 
 from billing import invoice_store
 from billing.db import register_schema
-from billing.periods import Period
 from billing.tiers import DEFAULT_TIER
-from pf_metering.errors import UserError
+from common.errors import UserError
+from schemas.periods import Period
 
 BEGINNING = Period(1970, 1)
 """The ``from`` of a tier given at ``tenants add``: it rates every period."""

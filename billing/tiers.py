@@ -34,7 +34,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pf_metering.errors import UserError
+from common.errors import UserError
 
 DEFAULT_TIER = "basic"
 

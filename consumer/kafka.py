@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from aggregator.records import RecordBatch
+from schemas.record_batch import RecordBatch
 
 log = logging.getLogger(__name__)
 

@@ -47,9 +47,10 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from aggregator.fold import PreparedBatch, RecordBatch, prepare_batch
 from aggregator.ledger import LedgerSet, later_of, ledger_path
 from aggregator.views import write_query_db
+from common.errors import OperationError
+from common.settings import Settings
 from consumer.kafka import (
     cached_high_watermark,
     committed_offsets,
@@ -60,9 +61,8 @@ from consumer.kafka import (
 )
 from consumer.metrics import WorkerMetrics
 from consumer.pipeline import Stage
-from pf_metering.config import Settings
-from pf_metering.errors import OperationError
 from schemas.codec import Codec, default_codec
+from schemas.prepare import PreparedBatch, RecordBatch, prepare_batch
 
 log = logging.getLogger(__name__)
 DAY_MICROS = 86_400 * 1_000_000

@@ -27,9 +27,10 @@ import polars as pl
 import pyarrow as pa
 from confluent_kafka import KafkaError, Message, Producer
 
-from schemas.bulk_validation import vouched
+from schemas.batch_validation import vouched
+from schemas.bulk_encoder import ENCODES, encode
 from schemas.codec import COUNTERS, Codec, PublishedSchema, default_codec
-from schemas.columnar import ENCODES, FlatSchema, encode
+from schemas.flat_schema import FlatSchema
 from schemas.validation import validate
 
 EventBatch: TypeAlias = "Iterable[dict[str, Any]] | pl.DataFrame | pa.Table"

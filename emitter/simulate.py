@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from billing.periods import Period
+from schemas.periods import Period
 
 SESSION_RANGES: dict[str, tuple[int, int]] = {
     "cpu_ms": (100, 10_099),

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 import click
 import typer
 
+from common.errors import OperationError, UserError
+from common.logs import configure, redact, secrets_of
+from common.settings import settings
 from pf_metering.commands import register
-from pf_metering.config import settings
-from pf_metering.errors import OperationError, UserError
-from pf_metering.logs import configure, redact, secrets_of
 
 
 def build_app(args: Sequence[str] | None = None) -> typer.Typer:

@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pf_metering.errors import UserError
+from common.errors import UserError
 
 
 class Format(StrEnum):

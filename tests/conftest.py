@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pf_metering import config
-from tests.kafka_broker import TopicFactory, create_topic, real_broker
+from bench.broker import TopicFactory, create_topic, real_broker
+from common import settings as config
 
 
 @pytest.fixture(scope="session")

@@ -28,10 +28,10 @@ import pytest
 
 from billing.db import billing_db
 from billing.model import Invoice, InvoiceLine, InvoiceStatus
-from billing.periods import Period
-from billing.stripe_gateway import RetryPolicy, StripeGateway
-from billing.stripe_push import StripePusher
-from billing.stripe_state import Connect
+from billing.stripe.gateway import RetryPolicy, StripeGateway
+from billing.stripe.push import StripePusher
+from billing.stripe.state import Connect
+from schemas.periods import Period
 from tests.stripe_server import FakeStripe, running
 
 REPO = Path(__file__).resolve().parents[1]

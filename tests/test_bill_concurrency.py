@@ -23,9 +23,9 @@ from typing import Any
 import duckdb
 import pytest
 
-from pf_metering.config import load_settings
+from bench.ledger_load import publish_usage
+from common.settings import load_settings
 from tests.cli_runner import BIN, run_cli
-from tests.ledger_data import publish_usage
 from tests.stripe_fixtures import API_KEY, fake_stripe_fixture  # noqa: F401 (fixture)
 from tests.stripe_server import FakeStripe
 from tests.test_invoices import SEED, event

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from billing.periods import Period
-from pf_metering import config
+from bench.ledger_load import publish_usage
+from common import settings as config
 from pf_metering.cli import main
+from schemas.periods import Period
 from tests.cli_runner import run_cli
-from tests.ledger_data import publish_usage
 from tests.stripe_fixtures import API_KEY, fake_stripe_fixture  # noqa: F401 (fixture)
 from tests.stripe_server import FakeStripe
 from tests.test_invoices import SEED, event

@@ -21,14 +21,14 @@ import duckdb
 import pytest
 import typer
 
-from pf_metering import config
+from bench.ledger_load import publish_usage
+from common import settings as config
+from common.settings import load_settings
 from pf_metering.cli import build_app
 from pf_metering.commands import AREAS
-from pf_metering.config import load_settings
 from schemas.codec import default_codec
 from tests.cli_runner import run_cli
 from tests.events import make_event
-from tests.ledger_data import publish_usage
 from tests.stripe_fixtures import API_KEY, WEBHOOK_SECRET
 from tests.test_billing_cli import Cli, pfm_fixture  # noqa: F401 (fixture)
 from tests.test_invoices import SEED, event

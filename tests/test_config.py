@@ -6,8 +6,8 @@ from datetime import timedelta
 
 import pytest
 
-from pf_metering.config import Settings, load_settings
-from pf_metering.errors import UserError
+from common.errors import UserError
+from common.settings import Settings, load_settings
 from tests.cli_runner import assert_user_error, run_cli
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from billing.job_metrics import BillRun, write_job_metrics
-from billing.stripe_push import PushOutcome, PushResult
+from billing.stripe.push import PushOutcome, PushResult
 from tests.events import make_event
 from tests.worker_harness import produce, start_worker
 

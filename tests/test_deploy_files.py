@@ -14,8 +14,8 @@ import pytest
 import typer
 import yaml
 
+from common.settings import Settings
 from pf_metering.cli import build_app
-from pf_metering.config import Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SETTINGS_VARS = frozenset(name.upper() for name in Settings.model_fields)

@@ -8,10 +8,10 @@ import uuid
 import pytest
 from confluent_kafka import Consumer, Message
 
-from billing.periods import Period
 from emitter import DeliveryFailed, Emitter, InvalidEvent
 from emitter.simulate import SESSION_RANGES, simulate_sessions
 from schemas.codec import COUNTERS, default_codec
+from schemas.periods import Period
 from tests.cli_runner import run_cli
 from tests.events import make_event
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from billing.prometheus_export import exposition
+from billing.render.prometheus_export import exposition
 from schemas.codec import COUNTERS
 from tests.test_billing_cli import Cli, pfm_fixture  # noqa: F401 (fixture)
 from tests.test_invoices import SEED, event

@@ -27,12 +27,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.fast_decode import decode_fast, plans
-from aggregator.fold import DeadLetter, PreparedBatch, Record, RecordBatch, prepare_batch
 from emitter import DeliveryFailed, Emitter, InvalidEvent
-from schemas import bulk_validation, flat_decoder
+from schemas import batch_validation, native_decoder
+from schemas.bulk_encoder import encode
 from schemas.codec import COUNTERS, HEADER_LEN, Codec, default_codec, discover, load_schema
-from schemas.columnar import FlatSchema, encode
+from schemas.fast_path import decode_fast, plans
+from schemas.flat_schema import FlatSchema
+from schemas.prepare import DeadLetter, PreparedBatch, Record, RecordBatch, prepare_batch
 from schemas.validation import REASONS
 from tests.events import make_event
 from tests.worker_harness import random_events, with_duplicates
@@ -238,7 +239,7 @@ def test_vectorised_rules_drifting_from_validate_are_caught(
     """If the vectorised twin of ``validate`` ever lets through what validate refuses
     (here: it forgets the future-timestamp limit), the audit of the extremes catches it
     and the batch goes through validate event by event: nothing wrong is counted."""
-    monkeypatch.setattr(bulk_validation, "MAX_FUTURE_MICROS", 10**18)
+    monkeypatch.setattr(batch_validation, "MAX_FUTURE_MICROS", 10**18)
     events = random_events(200, tenants=3, seed=29)
     events[77]["occurred_at"] = NOW + 3_600_000_000
     batch = both(encoded(events))
@@ -292,7 +293,7 @@ def test_without_the_native_decoder_every_record_takes_the_per_record_path(
 ) -> None:
     """Where the C extension could not be built, nothing is decoded columnar and the
     results are still exactly the per-record ones."""
-    monkeypatch.setattr(flat_decoder, "_flat_avro", None)
+    monkeypatch.setattr(native_decoder, "_native_decoder", None)
     events = random_events(50, tenants=2, seed=26)
     records = encoded(events)
     assert decode_fast(records, CODEC, NOW, None).slow == list(range(len(events)))

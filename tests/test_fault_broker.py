@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
+from bench.broker import create_topic, local_kafka
+from common import settings as config
 from emitter import Emitter
-from pf_metering import config
-from tests.kafka_broker import create_topic, local_kafka
 from tests.worker_harness import (
     drain,
     expected_totals,

@@ -19,9 +19,9 @@ from typing import Any
 import duckdb
 from confluent_kafka import Consumer, TopicPartition
 
-from aggregator.fold import Record
 from consumer.worker import set_aside_torn_ledger
 from schemas.codec import default_codec
+from schemas.prepare import Record
 from tests.cli_runner import BIN, assert_user_error
 from tests.worker_harness import (
     drain,

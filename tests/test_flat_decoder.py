@@ -1,4 +1,4 @@
-"""The native column decoder (``schemas.flat_decoder``) on its own, against fastavro.
+"""The native column decoder (``schemas.native_decoder``) on its own, against fastavro.
 
 Every kind a flat schema can hold, decoded from fastavro's own bytes, must come back as
 fastavro reads it; anything that is not exactly one valid record (cut, padded, a varint
@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas import _flat_avro, flat_decoder
-from schemas.columnar import FlatSchema
-from schemas.flat_decoder import ROW, DecodePlan, decode_columns
+from schemas import _native_decoder, native_decoder
+from schemas.flat_schema import FlatSchema
+from schemas.native_decoder import ROW, DecodePlan, decode_columns
 
 ALL_KINDS: dict[str, Any] = {
     "type": "record",
@@ -96,7 +96,9 @@ def decoded_rows(values: list[bytes | None]) -> dict[int, dict[str, Any]]:
 def test_the_native_decoder_is_built() -> None:
     """``make install`` compiles it; without it everything still works, slowly (the
     fallback is tested in tests/test_fast_path.py), but the hot path would be untested."""
-    assert flat_decoder.NATIVE, "schemas/_flat_avro.c was not compiled (is a C compiler there?)"
+    assert native_decoder.NATIVE, (
+        "schemas/_native_decoder.c was not compiled (is a C compiler there?)"
+    )
 
 
 @settings(max_examples=80, deadline=None)
@@ -271,11 +273,11 @@ def test_a_batch_larger_than_one_call_takes_is_decoded_in_several(
         @staticmethod
         def decode(*args: Any) -> tuple[Any, ...]:
             calls.append(args[1])
-            result: tuple[Any, ...] = _flat_avro.decode(*args)
+            result: tuple[Any, ...] = _native_decoder.decode(*args)
             return result
 
-    monkeypatch.setattr(flat_decoder, "_flat_avro", Counting)
-    monkeypatch.setattr(flat_decoder, "MAX_CALL_BYTES", 500)
+    monkeypatch.setattr(native_decoder, "_native_decoder", Counting)
+    monkeypatch.setattr(native_decoder, "MAX_CALL_BYTES", 500)
     assert decoded_rows(values) == whole
     assert len(calls) > 5 and calls == sorted(calls)
 

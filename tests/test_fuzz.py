@@ -36,11 +36,11 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from aggregator.fold import Record, prepare_batch
 from aggregator.views import open_usage
-from pf_metering.config import load_settings
+from common.settings import load_settings
 from schemas.codec import COUNTERS, MAX_VALUE_BYTES, SINGLE_OBJECT_MAGIC, DecodeError
 from schemas.codec import default_codec as _codec
+from schemas.prepare import Record, prepare_batch
 from schemas.validation import REASONS, reason_code, validate
 from tests.events import make_event
 from tests.worker_harness import (

@@ -16,17 +16,17 @@ from typing import Any
 
 import pytest
 
-from billing.invoice_html import amount_text, day, render_invoice_html
+from bench.ledger_load import publish_usage
 from billing.invoice_store import Billed
 from billing.invoicing import LateUsage, build_invoice
 from billing.model import Invoice, InvoiceStatus
-from billing.periods import Period
 from billing.rating import Usage
+from billing.render.invoice_html import amount_text, day, render_invoice_html
 from billing.tiers import load_tiers
-from pf_metering.config import settings
+from common.settings import settings
+from schemas.periods import Period
 from tests.cli_runner import assert_user_error, run_cli
 from tests.events import make_event
-from tests.ledger_data import publish_usage
 
 ROOT = Path(__file__).resolve().parent.parent
 NASTY = "acme<script>alert('x')</script>&co"

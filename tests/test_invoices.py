@@ -15,18 +15,18 @@ import duckdb
 import pytest
 
 from aggregator.views import open_usage
+from bench.ledger_load import publish_usage
 from billing import invoice_store, invoicing, tenants
 from billing.db import billing_db
 from billing.model import Invoice, InvoiceStatus
-from billing.periods import Period
 from billing.rating import MIB, Usage, rate, round_cents
 from billing.tiers import BUILTIN_TIERS, PRICE_FIELDS
-from pf_metering import config
-from pf_metering.errors import UserError
+from common import settings as config
+from common.errors import UserError
 from schemas.codec import COUNTERS
+from schemas.periods import Period
 from tests.cli_runner import run_cli
 from tests.events import make_event
-from tests.ledger_data import publish_usage
 
 SEED = {
     "cpu_ms": 3_600_000,

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 
 from billing.model import InvoiceStatus
+from common.settings import load_settings
 from consumer.kafka import consumer_config
 from consumer.worker import Worker
 from emitter import Emitter
-from pf_metering.config import load_settings
 from tests.cli_runner import BIN, run_cli
 from tests.stripe_fixtures import (
     API_KEY,

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import stripe
 
-from billing.stripe_gateway import StripeGateway
-from billing.stripe_push import finalize_key, invoice_create_args, planned_items
+from billing.stripe.gateway import StripeGateway
+from billing.stripe.push import finalize_key, invoice_create_args, planned_items
 from tests.stripe_fixtures import (  # noqa: F401 (fixtures)
     API_KEY,
     LocalBilling,

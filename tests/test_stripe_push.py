@@ -12,11 +12,11 @@ import pytest
 import stripe
 
 from billing.model import Invoice, InvoiceStatus
-from billing.stripe_gateway import RetryPolicy, StripeCallError, StripeGateway, is_retryable
-from billing.stripe_push import PushOutcome, PushResult, days_until_due, planned_items
-from pf_metering import config
+from billing.stripe.gateway import RetryPolicy, StripeCallError, StripeGateway, is_retryable
+from billing.stripe.push import PushOutcome, PushResult, days_until_due, planned_items
+from common import settings as config
+from common.errors import OperationError, UserError
 from pf_metering.commands.stripe_cmds import push_to_stripe, stripe_requested
-from pf_metering.errors import OperationError, UserError
 from tests.stripe_fixtures import (  # noqa: F401 (fixtures)
     API_KEY,
     LocalBilling,

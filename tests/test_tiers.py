@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from billing.tiers import BUILTIN_TIERS, load_tiers, parse_tiers_file
-from pf_metering.errors import UserError
+from common.errors import UserError
 from tests.cli_runner import assert_user_error, run_cli
 from tests.test_billing_cli import Cli, pfm_fixture  # noqa: F401 (fixture)
 

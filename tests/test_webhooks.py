@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 import stripe
 
-from billing import stripe_state
 from billing.db import billing_db
 from billing.model import InvoiceStatus
-from billing.webhook_server import WebhookApp, WebhookServer
-from billing.webhooks import EventError, SignatureError, next_status, parse_event, verify
+from billing.stripe import state as stripe_state
+from billing.stripe.webhook_server import WebhookApp, WebhookServer
+from billing.stripe.webhooks import EventError, SignatureError, next_status, parse_event, verify
 from tests.cli_runner import BIN, assert_user_error, run_cli
 from tests.stripe_fixtures import WEBHOOK_SECRET, LocalBilling, make_invoice, stripe_signature, utc
 
@@ -266,7 +266,7 @@ def test_an_event_without_metadata_is_matched_by_stripe_invoice_id(endpoint: End
 def test_unknown_invoices_are_logged_and_acknowledged(
     endpoint: Endpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="billing.webhook_server"):
+    with caplog.at_level(logging.WARNING, logger="billing.stripe.webhook_server"):
         reply = endpoint.deliver(event("evt_1", "invoice.paid", "in_elsewhere", "inv-nobody"))
         assert endpoint.deliver(event("evt_2", "invoice.paid", "in_elsewhere")) == (
             200,

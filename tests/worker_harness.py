@@ -15,14 +15,15 @@ from typing import Any, TypeVar
 
 import duckdb
 
-from aggregator.fold import Record, Totals, fold_totals
 from aggregator.ledger import ledger_path
 from aggregator.views import open_usage
+from common.errors import OperationError
+from common.settings import load_settings
 from emitter import Emitter
-from pf_metering.config import load_settings
-from pf_metering.errors import OperationError
 from schemas.codec import COUNTERS
+from schemas.prepare import Record
 from tests.cli_runner import BIN
+from tests.oracle import Totals, fold_totals
 
 TotalsByKey = dict[tuple[str, str], dict[str, int]]
 T = TypeVar("T")

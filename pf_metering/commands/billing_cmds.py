@@ -26,9 +26,10 @@ from billing import invoice_store, invoicing, tenants
 from billing.db import billing_db, transaction
 from billing.invoicing import Rules, UsageData
 from billing.model import Invoice, InvoiceStatus, QuotaUsage, money, plain
-from billing.periods import Period
 from billing.rating import quota_report
 from billing.tiers import PRICE_FIELDS, Tier, get_tier, load_tiers
+from common.errors import UserError
+from common.settings import settings
 from pf_metering.commands.common import (
     FORMAT_OPTION,
     OUTPUT_OPTION,
@@ -38,14 +39,13 @@ from pf_metering.commands.common import (
     parse_period,
 )
 from pf_metering.commands.stripe_cmds import PushFailed, push_to_stripe, stripe_requested
-from pf_metering.config import settings
-from pf_metering.errors import UserError
 from pf_metering.output import Format, render, rows_table, write
 from pf_metering.progress import status
 from schemas.codec import COUNTERS
+from schemas.periods import Period
 
 if TYPE_CHECKING:
-    from billing.stripe_push import PushResult
+    from billing.stripe.push import PushResult
 
 
 class TableOrJson(StrEnum):
@@ -398,7 +398,7 @@ def generate_invoice(
             print(f"{target} is still open: draft invoices are not pushed", file=sys.stderr)
     now = _now()
     if fmt is InvoiceFormat.html:
-        from billing.invoice_html import render_invoice_html
+        from billing.render.invoice_html import render_invoice_html
 
         write(render_invoice_html(invoice, now=now), out)
         return
@@ -533,7 +533,7 @@ def _run_bill(
 
 def export_metrics(output: Path = OUTPUT_OPTION) -> None:
     """Per-tenant, per-period usage in Prometheus text exposition format."""
-    from billing.prometheus_export import exposition  # only this command needs the library
+    from billing.render.prometheus_export import exposition  # only this command needs the library
 
     out = output_path(output)
     usage = _read_usage()

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from billing.periods import Period
-from pf_metering.errors import UserError
+from common.errors import UserError
 from pf_metering.output import Format
+from schemas.periods import Period
 from schemas.validation import TENANT_RE
 
 FORMAT_OPTION = typer.Option(Format.table, "-f", "--format", help="table, json or csv")

@@ -15,11 +15,11 @@ import typer
 
 from aggregator.views import open_usage
 from billing.db import copy_queryable_tables
+from common.errors import UserError
+from common.settings import settings
 from consumer.metrics import WorkerMetrics
 from consumer.worker import Worker
 from pf_metering.commands.common import FORMAT_OPTION, OUTPUT_OPTION, QUIET_OPTION, output_path
-from pf_metering.config import settings
-from pf_metering.errors import UserError
 from pf_metering.output import Format, render, rows_table
 from pf_metering.progress import progress_bar
 

@@ -8,14 +8,14 @@ from datetime import UTC, datetime
 
 import typer
 
-from billing.periods import Period
+from common.errors import OperationError, UserError
+from common.settings import settings
 from emitter.emitter import DeliveryFailed, Emitter
 from emitter.simulate import simulate_sessions
 from pf_metering.commands.common import QUIET_OPTION, check_tenant, parse_period
-from pf_metering.config import settings
-from pf_metering.errors import OperationError, UserError
 from pf_metering.progress import progress_bar
 from schemas.codec import COUNTERS
+from schemas.periods import Period
 
 
 def simulate_usage(

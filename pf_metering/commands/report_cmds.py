@@ -17,9 +17,10 @@ from aggregator.views import open_usage
 from billing import invoice_store, invoicing
 from billing.db import billing_db
 from billing.invoicing import Rules, UsageData
-from billing.periods import Period
-from billing.report_html import PeriodUsage, UsageReport, render_report_html
+from billing.render.report_html import PeriodUsage, UsageReport, render_report_html
 from billing.tiers import get_tier
+from common.errors import UserError
+from common.settings import settings
 from pf_metering.commands.common import (
     OUTPUT_OPTION,
     QUIET_OPTION,
@@ -27,9 +28,8 @@ from pf_metering.commands.common import (
     output_path,
     parse_period,
 )
-from pf_metering.config import settings
-from pf_metering.errors import UserError
 from pf_metering.output import write
+from schemas.periods import Period
 
 DEFAULT_MONTHS = 12
 MAX_PERIODS = 120

@@ -18,16 +18,16 @@ import typer
 
 from billing.db import billing_db
 from billing.model import Invoice
-from billing.stripe_state import Connect
-from billing.webhook_server import InvoiceStatusStore, WebhookApp, WebhookServer
-from pf_metering.config import Settings, settings
-from pf_metering.errors import OperationError, UserError
+from billing.stripe.state import Connect
+from billing.stripe.webhook_server import InvoiceStatusStore, WebhookApp, WebhookServer
+from common.errors import OperationError, UserError
+from common.settings import Settings, settings
 
 webhooks_app = typer.Typer(help="The Stripe webhook endpoint.", no_args_is_help=True)
 
 
 if TYPE_CHECKING:  # stripe-python takes seconds to import: only the push loads it
-    from billing.stripe_push import PushResult, SentMarker
+    from billing.stripe.push import PushResult, SentMarker
 
     class InvoiceStore(SentMarker, InvoiceStatusStore, Protocol):
         """What Stripe needs from ``billing.invoice_store``."""
@@ -61,8 +61,8 @@ def push_to_stripe(
 ) -> list[PushResult]:
     """Push invoices (``bill`` passes every finalized one, so a rerun resumes earlier pushes),
     print one line per invoice on stderr, and raise OperationError if any failed."""
-    from billing.stripe_gateway import StripeGateway
-    from billing.stripe_push import PushOutcome, StripePusher
+    from billing.stripe.gateway import StripeGateway
+    from billing.stripe.push import PushOutcome, StripePusher
 
     cfg = settings()
     gateway = StripeGateway.from_settings(cfg)

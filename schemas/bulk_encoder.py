@@ -1,96 +1,21 @@
-"""Flat Avro schemas, and the bulk encoder of the emitter.
+"""The emitter's bulk encoder: the single-object values of a whole batch, built from columns.
 
-Why: fastavro handles one record per call (about 200k records/s on a core). A batch of
-events is thousands of single-object values sharing a handful of writer schemas, so the
-hot paths work column by column instead:
-
-* ``FlatSchema`` says whether a schema is one the columnar paths handle: a record whose
-  fields are primitives or two-branch unions of ``"null"`` and a primitive. ``of`` returns
-  None for anything else, and callers fall back to the per-record path.
-* ``encode`` builds the single-object values of a whole batch (header + body) from
-  columns, byte for byte what fastavro writes. Decoding is ``schemas.flat_decoder``.
+``encode`` writes, column by column, byte for byte what fastavro writes record by record
+(header + body), for a flat writer schema (``schemas.flat_schema``).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "string", "bytes"})
+from schemas.flat_schema import FlatField, FlatSchema
+
 # ``encode`` builds Arrow views and doubles from native words: Avro is little-endian.
 ENCODES = sys.byteorder == "little"
-
-
-@dataclass(frozen=True)
-class FlatField:
-    """One field: its primitive type, and where "null" sits if it is a union."""
-
-    name: str
-    kind: str
-    null_branch: int | None  # None: not a union; else the union index of "null" (0 or 1)
-
-    @property
-    def nullable(self) -> bool:
-        return self.null_branch is not None
-
-    @classmethod
-    def of(cls, spec: Any) -> FlatField | None:
-        """The flat view of one field spec, or None when it is not flat."""
-        return _flat_field(spec)
-
-
-@dataclass(frozen=True)
-class FlatSchema:
-    """A record schema made only of primitives and ["null", primitive] unions."""
-
-    name: str
-    fields: tuple[FlatField, ...]
-    raw: dict[str, Any]
-
-    @classmethod
-    def of(cls, raw: dict[str, Any]) -> FlatSchema | None:
-        """The flat view of ``raw``, or None when the fast path cannot handle it."""
-        if raw.get("type") != "record" or not isinstance(raw.get("fields"), list):
-            return None
-        fields = []
-        for f in raw["fields"]:
-            field = _flat_field(f)
-            if field is None:
-                return None
-            fields.append(field)
-        return cls(str(raw["name"]), tuple(fields), raw)
-
-    def field(self, name: str) -> FlatField | None:
-        return next((f for f in self.fields if f.name == name), None)
-
-
-def _flat_field(spec: Any) -> FlatField | None:
-    if not isinstance(spec, dict) or "name" not in spec:
-        return None
-    kind = _primitive(spec.get("type"))
-    if kind is not None:
-        return FlatField(spec["name"], kind, None)
-    branches = spec.get("type")
-    if isinstance(branches, list) and len(branches) == 2:
-        kinds = [_primitive(b) for b in branches]
-        if "null" in kinds and None not in kinds and kinds[0] != kinds[1]:
-            null_branch = kinds.index("null")
-            other = kinds[1 - null_branch]
-            assert other is not None
-            return FlatField(spec["name"], other, null_branch)
-    return None
-
-
-def _primitive(node: Any) -> str | None:
-    if isinstance(node, str):
-        return node if node in PRIMITIVES else None
-    if isinstance(node, dict) and set(node) <= {"type", "logicalType"}:
-        return _primitive(node.get("type"))
-    return None
 
 
 # -- vector helpers (pyarrow.compute with typed scalars: ~1 ns per element) ---------------

@@ -12,7 +12,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from billing.invoice_html import (
+from billing.model import Invoice
+from billing.rating import METERS, Usage
+from billing.render.invoice_html import (
     DASH,
     amount_text,
     day,
@@ -24,10 +26,8 @@ from billing.invoice_html import (
     status_badge,
     table,
 )
-from billing.model import Invoice
-from billing.periods import Period
-from billing.rating import METERS, Usage
 from billing.tiers import Tier
+from schemas.periods import Period
 
 REPORT_CSS = """
 .head { border-bottom: 3px solid var(--accent); padding-bottom: 14px; }

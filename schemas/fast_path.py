@@ -6,14 +6,14 @@ a fraction of one. It is safe by construction:
 1. A value is a candidate only if its 10-byte header equals the header of a writer schema
    the path supports (flat, and resolving into the reader schema without conversions)
    and it is not oversized.
-2. ``schemas.flat_decoder`` decodes the candidates natively and keeps only bodies that
+2. ``schemas.native_decoder`` decodes the candidates natively and keeps only bodies that
    are exactly one valid record of that writer schema.
-3. ``schemas.bulk_validation`` vouches for rows that ``validate`` surely accepts.
+3. ``schemas.batch_validation`` vouches for rows that ``validate`` surely accepts.
 
 Anything else (no header match, a body the decoder does not prove, a row the vectorised
 rules do not vouch for) is returned as an index for the per-record path, which decides
 it exactly as before and names the dead-letter reason. Without the native decoder
-(``flat_decoder.NATIVE`` False) every record takes that path.
+(``native_decoder.NATIVE`` False) every record takes that path.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aggregator.records import Record, columns_of
-from schemas.bulk_validation import vouched
+from schemas.batch_validation import vouched
+from schemas.bulk_encoder import arange
 from schemas.codec import COUNTERS, MAX_VALUE_BYTES, Codec, PublishedSchema
-from schemas.columnar import FlatField, FlatSchema, arange
-from schemas.flat_decoder import ROW, DecodePlan, decode_columns
+from schemas.flat_schema import FlatField, FlatSchema
+from schemas.native_decoder import ROW, DecodePlan, decode_columns
+from schemas.record_batch import Record, columns_of
 
 # What the ledger needs of an event, in EVENT_SCHEMA order (offset and period aside).
 NEEDED = ("tenant_id", "event_id", "session_id", "occurred_at", *COUNTERS, "risk_score")

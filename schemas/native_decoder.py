@@ -1,4 +1,4 @@
-"""Native column-wise decoding of flat Avro single-object values (``schemas/_flat_avro.c``).
+"""Native column-wise decoding of flat Avro single-object values (``schemas/_native_decoder.c``).
 
 Why: a consumer batch is ~100,000 values sharing a writer schema. Decoding them one call
 per record (fastavro) costs ~5 us each; the C loop behind ``decode_columns`` proves and
@@ -21,15 +21,15 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 
-from schemas.columnar import FlatField, FlatSchema
+from schemas.flat_schema import FlatField, FlatSchema
 
 try:
-    from schemas import _flat_avro
+    from schemas import _native_decoder
 except ImportError:  # pragma: no cover - exercised only where no C compiler is present
-    _flat_avro = None  # type: ignore[assignment]
+    _native_decoder = None  # type: ignore[assignment]
 
-NATIVE = _flat_avro is not None
-# The kind codes of _flat_avro.c, and the Arrow type each kind decodes to.
+NATIVE = _native_decoder is not None
+# The kind codes of _native_decoder.c, and the Arrow type each kind decodes to.
 _KINDS: dict[str, tuple[int, pa.DataType]] = {
     "null": (0, pa.null()),
     "boolean": (1, pa.bool_()),
@@ -73,12 +73,12 @@ def decode_columns(
     """The values carrying ``plan.header`` that decode exactly, as a frame of the wanted
     fields plus ``_row`` (their index in ``values``, ascending); None if no value carries
     the header. Values with the header that are not proven are simply absent."""
-    if _flat_avro is None:
+    if _native_decoder is None:
         return None
     values = values if isinstance(values, list) else list(values)
     frames, start = [], 0
     while start < len(values):
-        out = _flat_avro.decode(
+        out = _native_decoder.decode(
             values, start, plan.header, plan.plan, max_bytes, MAX_CALL_BYTES, pa.allocate_buffer
         )
         if out[0] is not None:
@@ -97,7 +97,7 @@ def _frame(
     data: pa.Buffer,
     data_len: int,
 ) -> pl.DataFrame:
-    """The proven rows of one ``_flat_avro.decode`` result (Arrow buffers, no copy)."""
+    """The proven rows of one ``_native_decoder.decode`` result (Arrow buffers, no copy)."""
     count = ok.size
     used = data.slice(0, data_len)
     arrays = []

@@ -21,7 +21,8 @@ import polars as pl
 from schemas.codec import COUNTERS
 from schemas.validation import MAX_FUTURE_MICROS, MAX_ID_LEN, MIN_OCCURRED_MICROS, validate
 
-log = logging.getLogger(__name__)
+# The logger's name is pinned: operators filter on it; it predates the module's move.
+log = logging.getLogger("schemas.bulk_validation")
 _STRINGS = ("event_id", "tenant_id", "session_id", "source")
 _NUMBERS = ("occurred_at", *COUNTERS, "risk_score")
 

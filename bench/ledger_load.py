@@ -1,4 +1,4 @@
-"""Putting events into a real ledger and snapshot without Kafka (for billing/reader tests)."""
+"""Putting events into a real ledger and snapshot without Kafka (for benches and tests)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aggregator.fold import Record, prepare_batch
 from aggregator.ledger import LedgerSet
-from pf_metering.config import Settings
+from common.settings import Settings
 from schemas.codec import default_codec
+from schemas.prepare import Record, prepare_batch
 
 
 def publish_usage(settings: Settings, events: Sequence[dict[str, Any]], partition: int = 0) -> None:

@@ -401,4 +401,4 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "schemas._flat_avro", NULL, -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__flat_avro(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native_decoder(void) { return PyModule_Create(&module); }

@@ -1,4 +1,4 @@
-"""Type stub of the native decoder (schemas/_flat_avro.c documents the call)."""
+"""Type stub of the native decoder (schemas/_native_decoder.c documents the call)."""
 
 from collections.abc import Callable
 from typing import Any

@@ -32,14 +32,15 @@ from typing import Any, Protocol
 import duckdb
 import stripe
 
-from billing import stripe_state
 from billing.db import transaction
 from billing.model import Invoice, InvoiceStatus
-from billing.stripe_gateway import StripeCallError, StripeGateway
-from billing.stripe_state import Connect
-from pf_metering.errors import OperationError
+from billing.stripe import state as stripe_state
+from billing.stripe.gateway import StripeCallError, StripeGateway
+from billing.stripe.state import Connect
+from common.errors import OperationError
 
-log = logging.getLogger(__name__)
+# The logger's name is pinned: operators filter on it; it predates the module's move.
+log = logging.getLogger("billing.stripe_push")
 
 PUSHABLE = frozenset({InvoiceStatus.finalized})
 ALREADY_PUSHED = frozenset({InvoiceStatus.sent, InvoiceStatus.paid, InvoiceStatus.overdue})

@@ -1,4 +1,7 @@
-"""Billing periods: calendar months in UTC, written ``YYYY-MM`` (pure)."""
+"""Billing periods: calendar months in UTC, written ``YYYY-MM`` (pure).
+
+An event belongs to the period of its ``occurred_at`` (``period_of``).
+"""
 
 from __future__ import annotations
 
@@ -27,10 +30,6 @@ class Period:
         moment = moment.astimezone(UTC)
         return cls(moment.year, moment.month)
 
-    @classmethod
-    def of_micros(cls, micros: int) -> Period:
-        return cls.of(datetime.fromtimestamp(micros / 1_000_000, UTC))
-
     @property
     def start(self) -> datetime:
         """The first instant of the month, UTC."""
@@ -55,3 +54,9 @@ class Period:
 
     def __str__(self) -> str:
         return f"{self.year:04d}-{self.month:02d}"
+
+
+def period_of(micros: int) -> str:
+    """The ``YYYY-MM`` of a timestamp in microseconds since the epoch, UTC."""
+    moment = datetime.fromtimestamp(micros / 1_000_000, UTC)
+    return f"{moment.year:04d}-{moment.month:02d}"

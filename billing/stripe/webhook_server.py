@@ -1,4 +1,4 @@
-"""The Stripe webhook endpoint: a stdlib HTTP shell around ``billing.webhooks``.
+"""The Stripe webhook endpoint: a stdlib HTTP shell around ``billing.stripe.webhooks``.
 
 Each delivery opens the billing DuckDB file for just that request (``Connect``, which waits
 while another process holds the file lock), so the endpoint runs next to workers and the
@@ -24,10 +24,10 @@ from typing import Protocol
 
 import duckdb
 
-from billing import stripe_state
 from billing.model import Invoice, InvoiceStatus
-from billing.stripe_state import Connect
-from billing.webhooks import (
+from billing.stripe import state as stripe_state
+from billing.stripe.state import Connect
+from billing.stripe.webhooks import (
     DEFAULT_TOLERANCE,
     HANDLED,
     Event,
@@ -37,9 +37,10 @@ from billing.webhooks import (
     parse_event,
     verify,
 )
-from pf_metering.errors import OperationError
+from common.errors import OperationError
 
-log = logging.getLogger(__name__)
+# The logger's name is pinned: operators filter on it; it predates the module's move.
+log = logging.getLogger("billing.webhook_server")
 
 WEBHOOK_PATHS = frozenset({"/", "/webhooks/stripe"})
 MAX_BODY = 1024 * 1024

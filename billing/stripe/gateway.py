@@ -18,10 +18,11 @@ from typing import TypeVar
 
 import stripe
 
-from pf_metering.config import Settings
-from pf_metering.errors import UserError
+from common.errors import UserError
+from common.settings import Settings
 
-log = logging.getLogger(__name__)
+# The logger's name is pinned: operators filter on it; it predates the module's move.
+log = logging.getLogger("billing.stripe_gateway")
 
 T = TypeVar("T")
 

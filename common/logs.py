@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from pf_metering.config import Settings
+from common.settings import Settings
 
 REDACTED = "[redacted]"
 

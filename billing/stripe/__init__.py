@@ -1,0 +1,1 @@
+"""Stripe: the API wrapper, the idempotent push, the cached Stripe state, webhooks."""

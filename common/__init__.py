@@ -1,0 +1,1 @@
+"""Settings, errors and logging: the bottom layer every other package may import."""
