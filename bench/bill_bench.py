@@ -80,8 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pf-bill-bench-") as tmp:
         os.environ["METERING_DATA_DIR"] = str(Path(tmp) / "data")
         os.environ.pop("STRIPE_ENABLED", None)
-        config.settings.cache_clear()
-        cfg = config.settings()
+        cfg = config.load_settings()
 
         start = time.perf_counter()
         publish_usage(cfg, events(args.tenants, args.events))

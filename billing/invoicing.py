@@ -29,10 +29,10 @@ from aggregator.views import UsageReader
 from billing import invoice_store
 from billing.db import transaction
 from billing.invoice_store import Billed, InvoiceKey
-from billing.model import Invoice, InvoiceLine, InvoiceStatus, plain
+from billing.model import Invoice, InvoiceLine, InvoiceStatus
 from billing.rating import Usage, late_usage_line, rate
 from billing.tenants import Tenant, load_tenants
-from billing.tiers import PRICE_FIELDS, Tier, get_tier, load_tiers
+from billing.tiers import Tier, get_tier, load_tiers, tier_terms
 from common.errors import UserError
 from common.settings import Settings
 from schemas.codec import COUNTERS
@@ -122,14 +122,7 @@ def _usage_facts(row: Mapping[str, Any] | None) -> dict[str, Any]:
 @lru_cache(maxsize=256)
 def _tier_facts(tier: Tier) -> dict[str, Any]:
     """The tier's prices as decimal strings (computed_from stays plain JSON); once per tier."""
-    return {
-        "name": tier.name,
-        "base_price_usd": plain(tier.base_price_usd, 2),
-        **{field: plain(tier.price_of(code), 2) for code, field in PRICE_FIELDS.items()},
-        "risk_multiplier": plain(tier.risk_multiplier, 1),
-        "quota_mode": tier.quota_mode,
-        "quotas": tier.quotas.model_dump(exclude_none=True),
-    }
+    return {"name": tier.name, **tier_terms(tier)}
 
 
 def build_invoice(

@@ -30,10 +30,11 @@ from __future__ import annotations
 import tomllib
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from billing.model import plain
 from common.errors import UserError
 
 DEFAULT_TIER = "basic"
@@ -103,6 +104,18 @@ PRICE_FIELDS: dict[str, str] = {
     "violations": "violation_price",
 }
 """Usage line code -> the tier field holding its unit price."""
+
+
+def tier_terms(tier: Tier) -> dict[str, Any]:
+    """The tier's prices (decimal strings), risk multiplier, quota mode and quotas as plain
+    JSON, in the order ``tiers -f json`` and an invoice's ``computed_from.tier`` show them."""
+    return {
+        "base_price_usd": plain(tier.base_price_usd, 2),
+        **{field: plain(tier.price_of(code), 2) for code, field in PRICE_FIELDS.items()},
+        "risk_multiplier": plain(tier.risk_multiplier, 1),
+        "quota_mode": tier.quota_mode,
+        "quotas": tier.quotas.model_dump(exclude_none=True),
+    }
 
 
 class TiersFile(BaseModel):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,9 +114,3 @@ def load_settings(**overrides: Any) -> Settings:
         err = exc.errors()[0]
         var = str(err["loc"][0]).upper() if err["loc"] else "configuration"
         raise UserError(f"invalid {var}: {err['msg']}") from None
-
-
-@cache
-def settings() -> Settings:
-    """The process-wide settings, read once."""
-    return load_settings()

@@ -1,5 +1,5 @@
-"""The ``pf-metering`` command line: assembles the command groups and turns errors into
-one-line ``error: ...`` messages with a non-zero exit (no tracebacks for user errors)."""
+"""The ``pf-metering`` command line: reads the settings once, assembles the command groups and
+turns errors into one-line ``error: ...`` messages with a non-zero exit (no traceback)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 
 from common.errors import OperationError, UserError
 from common.logs import configure, redact, secrets_of
-from common.settings import settings
+from common.settings import Settings, load_settings
 from pf_metering.commands import register
 
 
@@ -30,15 +30,14 @@ def build_app(args: Sequence[str] | None = None) -> typer.Typer:
     return app
 
 
-def _root() -> None:
+def _root(ctx: typer.Context) -> None:
     """Usage metering and billing for the Provability Fabric testbed."""
+    if ctx.obj is None:  # run without ``main`` (e.g. typer's test runner): read them here
+        ctx.obj = load_settings()
 
 
-def _fail(message: str, code: int) -> None:
-    try:
-        secrets = secrets_of(settings())
-    except UserError:
-        secrets = []
+def _fail(message: str, code: int, cfg: Settings | None) -> None:
+    secrets = secrets_of(cfg) if cfg is not None else []
     first_line = redact(message, secrets).strip().splitlines()[0] if message.strip() else "failed"
     print(f"error: {first_line}", file=sys.stderr)
     sys.exit(code)
@@ -48,20 +47,22 @@ def main() -> None:
     """Console-script entry point."""
     args = sys.argv[1:]
     command = typer.main.get_command(build_app(args))
+    cfg: Settings | None = None
     try:
-        configure(settings())
-        result = command.main(args=args, prog_name="pf-metering", standalone_mode=False)
+        cfg = load_settings()
+        configure(cfg)
+        result = command.main(args=args, prog_name="pf-metering", standalone_mode=False, obj=cfg)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        _fail("interrupted", 130)
+        _fail("interrupted", 130, cfg)
     except click.ClickException as exc:
-        _fail(exc.format_message(), exc.exit_code)
+        _fail(exc.format_message(), exc.exit_code, cfg)
     except (UserError, OperationError) as exc:
-        _fail(str(exc), exc.exit_code)
+        _fail(str(exc), exc.exit_code, cfg)
     except Exception as exc:  # unexpected: one line; the traceback only at DEBUG
         logging.getLogger("pf_metering").debug("unexpected error", exc_info=True)
-        _fail(f"{type(exc).__name__}: {exc}", 1)
+        _fail(f"{type(exc).__name__}: {exc}", 1, cfg)
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from bench.broker import TopicFactory, create_topic, real_broker
-from common import settings as config
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +35,7 @@ def data_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[s
     values = {"METERING_DATA_DIR": str(tmp_path / "data"), "METERING_GROUP": f"g-{tmp_path.name}"}
     for k, v in values.items():
         monkeypatch.setenv(k, v)
-    config.settings.cache_clear()
     yield values
-    config.settings.cache_clear()
 
 
 @pytest.fixture
@@ -52,5 +49,4 @@ def env(
     }
     for k, v in values.items():
         monkeypatch.setenv(k, v)
-    config.settings.cache_clear()
     return {**data_env, **values}

@@ -63,7 +63,6 @@ class Cli:
     capsys: pytest.CaptureFixture[str]
 
     def __call__(self, *args: str) -> Result:
-        config.settings.cache_clear()
         self.monkeypatch.setattr(sys, "argv", ["pf-metering", *args])
         root = logging.getLogger()
         handlers, level = root.handlers[:], root.level  # main() configures logging: restore it
@@ -79,7 +78,7 @@ class Cli:
         return Result(int(code or 0), captured.out, captured.err)
 
     def publish(self, *events: dict[str, Any]) -> None:
-        publish_usage(config.settings(), list(events))
+        publish_usage(config.load_settings(), list(events))
 
 
 @pytest.fixture(name="pfm")
@@ -222,7 +221,7 @@ def test_bill_and_generate_push_to_stripe(
 
 
 def test_real_console_script(data_env: dict[str, str], tmp_path: Path) -> None:
-    publish_usage(config.settings(), [event("acme", "2025-01", **SEED)])
+    publish_usage(config.load_settings(), [event("acme", "2025-01", **SEED)])
     out = tmp_path / "inv.json"
     run_cli("generate-invoice", "acme", "2025-01", "-o", str(out), check=True)
     assert json.loads(out.read_text())["total"] == "53.66"

@@ -86,7 +86,6 @@ def books_fixture(stored_books: Path, pfm: Cli, monkeypatch: pytest.MonkeyPatch)
                         ("KAFKA_SASL_PASSWORD", SASL_PASSWORD),
                         ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")):  # fmt: skip
         monkeypatch.setenv(name, value)
-    config.settings.cache_clear()
     return Books(stored_books, pfm, stored(stored_books))
 
 
@@ -259,8 +258,8 @@ def test_sql_refuses_writes_files_and_settings(books: Books) -> None:
 
 def test_an_event_from_1950_does_not_stop_billing_for_everyone(pfm: Cli) -> None:
     old = make_event("old", occurred_at=-618_000_000 * 1_000_000)  # May 1950
-    publish_usage(config.settings(), [event("acme", "2025-01", api_calls=1)])
-    publish_usage(config.settings(), [old], partition=1)
+    publish_usage(config.load_settings(), [event("acme", "2025-01", api_calls=1)])
+    publish_usage(config.load_settings(), [old], partition=1)
     run = pfm("bill", "--as-of", "2025-04-01T02:00:00Z")
     assert run.code == 0, run.err
 

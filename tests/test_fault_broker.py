@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from bench.broker import create_topic, local_kafka
-from common import settings as config
 from emitter import Emitter
 from tests.worker_harness import (
     drain,
@@ -59,7 +58,6 @@ def broker_env(
     values = {"KAFKA_BOOTSTRAP_SERVERS": own_broker, "METERING_TOPIC": create_topic(own_broker)}
     for k, v in values.items():
         monkeypatch.setenv(k, v)
-    config.settings.cache_clear()
     return {**data_env, **values}
 
 

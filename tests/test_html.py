@@ -23,7 +23,7 @@ from billing.model import Invoice, InvoiceStatus
 from billing.rating import Usage
 from billing.render.invoice_html import amount_text, day, render_invoice_html
 from billing.tiers import load_tiers
-from common.settings import settings
+from common.settings import load_settings
 from schemas.periods import Period
 from tests.cli_runner import assert_user_error, run_cli
 from tests.events import make_event
@@ -245,7 +245,7 @@ def _usage_history(data_env: dict[str, str]) -> None:
                        cpu_ms=400_000 * n, api_calls=3_000 * n * n, network_bytes=2**20 * 90 * n)
             for i in range(n)
         ]  # fmt: skip
-    publish_usage(settings(), events)
+    publish_usage(load_settings(), events)
     run_cli("tenants", "set-tier", "acme-corp", "professional", "--from", "2025-06", check=True)
     run_cli("bill", "--quiet", check=True)
 

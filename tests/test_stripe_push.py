@@ -429,10 +429,8 @@ def stripe_env_fixture(
     monkeypatch.setenv("STRIPE_SECRET_KEY", API_KEY)
     monkeypatch.setenv("STRIPE_API_BASE", fake_stripe.url)
     monkeypatch.delenv("STRIPE_ENABLED", raising=False)
-    config.settings.cache_clear()
-    with LocalBilling(config.settings().billing_db).warm() as billing:
+    with LocalBilling(config.load_settings().billing_db).warm() as billing:
         yield billing
-    config.settings.cache_clear()
 
 
 def test_push_to_stripe_reports_each_invoice_and_fails_if_any_did(
@@ -448,14 +446,16 @@ def test_push_to_stripe_reports_each_invoice_and_fails_if_any_did(
         ),
     )
     with pytest.raises(OperationError) as caught:
-        push_to_stripe(invoices, store=stripe_env.store)
+        push_to_stripe(config.load_settings(), invoices, store=stripe_env.store)
     assert str(caught.value) == ("1 of 3 invoices failed to push to Stripe: inv-acme-2025-01")
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].startswith("stripe: inv-acme-2025-01 (acme) failed: create invoice")
     assert lines[1].startswith("stripe: inv-acme-2025-02 (acme) sent as in_")
     assert lines[2].startswith("stripe: inv-globex.eu-2025-01 (globex.eu) sent as in_")
     assert API_KEY not in "\n".join(lines)
-    results = push_to_stripe(current(stripe_env, invoices), store=stripe_env.store)
+    results = push_to_stripe(
+        config.load_settings(), current(stripe_env, invoices), store=stripe_env.store
+    )
     assert [r.outcome for r in results] == [PushOutcome.sent] + [PushOutcome.already_sent] * 2
 
 
@@ -463,11 +463,10 @@ def test_stripe_is_off_unless_enabled_or_asked(
     data_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("STRIPE_ENABLED", raising=False)
-    config.settings.cache_clear()
-    assert not stripe_requested(False) and stripe_requested(True)
+    cfg = config.load_settings()
+    assert not stripe_requested(cfg, False) and stripe_requested(cfg, True)
     monkeypatch.setenv("STRIPE_ENABLED", "true")
-    config.settings.cache_clear()
-    assert stripe_requested(False)
+    assert stripe_requested(config.load_settings(), False)
 
 
 def test_missing_key_or_bad_api_base_are_user_errors() -> None:
@@ -492,7 +491,7 @@ def test_bill_stripe_wiring_with_the_real_invoice_store(
     with stripe_env.connect() as con:
         invoice_store.write_invoices(con, sample_invoices())
         pending = invoice_store.finalized_unsent(con)
-    results = push_to_stripe(pending)
+    results = push_to_stripe(config.load_settings(), pending)
     assert [r.outcome for r in results] == [PushOutcome.sent] * 3
     with stripe_env.connect() as con:
         assert invoice_store.finalized_unsent(con) == []

@@ -18,15 +18,11 @@ AREAS: dict[str, tuple[str, ...]] = {
     "produce": ("simulate-usage",),
     "consume_cmds": ("consume", "dead-letters", "sql"),
     "stripe_cmds": ("webhooks",),
-    "billing_cmds": (
-        "tiers",
-        "tenants",
-        "usage",
-        "generate-invoice",
-        "invoices",
-        "bill",
-        "export-metrics",
-    ),
+    "tiers_cmds": ("tiers",),
+    "tenants_cmds": ("tenants",),
+    "usage_cmds": ("usage", "export-metrics"),
+    "invoice_cmds": ("generate-invoice", "invoices"),
+    "bill_cmds": ("bill",),
     "report_cmds": ("report",),
 }
 

@@ -1,4 +1,5 @@
-"""Argument parsing shared by commands: periods, tenant ids, formats, output files."""
+"""What commands share: the settings the CLI read, and the parsing of periods, tenant ids,
+formats and output files."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import typer
 
 from common.errors import UserError
+from common.settings import Settings, load_settings
 from pf_metering.output import Format
 from schemas.periods import Period
 from schemas.validation import TENANT_RE
@@ -14,6 +16,14 @@ from schemas.validation import TENANT_RE
 FORMAT_OPTION = typer.Option(Format.table, "-f", "--format", help="table, json or csv")
 OUTPUT_OPTION = typer.Option(None, "-o", "--output", help="write to this file")
 QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="no progress output")
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    """The settings the CLI read once at start (the click context's object)."""
+    cfg = ctx.find_object(Settings)
+    if cfg is None:  # a command invoked on its own: read them once, for the whole run
+        cfg = ctx.find_root().obj = load_settings()
+    return cfg
 
 
 def parse_period(text: str) -> Period:

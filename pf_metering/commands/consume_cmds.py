@@ -16,10 +16,15 @@ import typer
 from aggregator.views import open_usage
 from billing.db import copy_queryable_tables
 from common.errors import UserError
-from common.settings import settings
 from consumer.metrics import WorkerMetrics
 from consumer.worker import Worker
-from pf_metering.commands.common import FORMAT_OPTION, OUTPUT_OPTION, QUIET_OPTION, output_path
+from pf_metering.commands.common import (
+    FORMAT_OPTION,
+    OUTPUT_OPTION,
+    QUIET_OPTION,
+    output_path,
+    settings_of,
+)
 from pf_metering.output import Format, render, rows_table
 from pf_metering.progress import progress_bar
 
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def consume(
+    ctx: typer.Context,
     drain: bool = typer.Option(False, "--drain", help="exit 0 once every partition is at its end"),
     metrics_port: int = typer.Option(None, "--metrics-port", help="serve Prometheus /metrics"),
     strategy: str = typer.Option(
@@ -39,7 +45,7 @@ def consume(
     """Run a consumer worker: fold usage events into the DuckDB ledger, exactly once."""
     if strategy not in ("cooperative-sticky", "range", "roundrobin"):
         raise UserError(f"unknown assignment strategy {strategy!r}")
-    cfg = settings()
+    cfg = settings_of(ctx)
     metrics = WorkerMetrics()
     if metrics_port is not None:
         try:
@@ -79,9 +85,11 @@ def exit_without_teardown() -> NoReturn:
     os._exit(0)
 
 
-def dead_letters(fmt: Format = FORMAT_OPTION, output: Path = OUTPUT_OPTION) -> None:
+def dead_letters(
+    ctx: typer.Context, fmt: Format = FORMAT_OPTION, output: Path = OUTPUT_OPTION
+) -> None:
     """List invalid events with their reasons."""
-    cfg = settings()
+    cfg = settings_of(ctx)
     reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
     print(reader.freshness.describe(), file=sys.stderr)
     rel = reader.con.sql(
@@ -122,6 +130,7 @@ _WRITES = re.compile(
 
 
 def sql(
+    ctx: typer.Context,
     query: str = typer.Argument(..., help="a SELECT over the documented views"),
     fmt: Format = FORMAT_OPTION,
     output: Path = OUTPUT_OPTION,
@@ -137,7 +146,7 @@ def sql(
         raise UserError(
             "sql is read-only: statements that write, ATTACH, COPY, INSTALL or LOAD are refused"
         )
-    cfg = settings()
+    cfg = settings_of(ctx)
     reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
     con = reader.con
     copy_queryable_tables(con, cfg.billing_db, cfg.metering_lock_timeout)

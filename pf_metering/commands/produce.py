@@ -9,16 +9,16 @@ from datetime import UTC, datetime
 import typer
 
 from common.errors import OperationError, UserError
-from common.settings import settings
 from emitter.emitter import DeliveryFailed, Emitter
 from emitter.simulate import simulate_sessions
-from pf_metering.commands.common import QUIET_OPTION, check_tenant, parse_period
+from pf_metering.commands.common import QUIET_OPTION, check_tenant, parse_period, settings_of
 from pf_metering.progress import progress_bar
 from schemas.codec import COUNTERS
 from schemas.periods import Period
 
 
 def simulate_usage(
+    ctx: typer.Context,
     tenant_id: str = typer.Argument(..., help="tenant identifier, e.g. acme-corp"),
     sessions: int = typer.Argument(..., help="number of sessions to simulate"),
     period: str = typer.Option(None, "--period", help="YYYY-MM (default: this month)"),
@@ -32,7 +32,7 @@ def simulate_usage(
     target = parse_period(period) if period else Period.of(datetime.now(UTC))
     if target.start > datetime.now(UTC):
         raise UserError(f"period {target} lies in the future; events may not")
-    cfg = settings()
+    cfg = settings_of(ctx)
     totals: Counter[str] = Counter()
     events = 0
     emitter = Emitter(cfg.kafka_bootstrap_servers, cfg.metering_topic, config=cfg.kafka_common())

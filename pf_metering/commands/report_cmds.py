@@ -20,13 +20,13 @@ from billing.invoicing import Rules, UsageData
 from billing.render.report_html import PeriodUsage, UsageReport, render_report_html
 from billing.tiers import get_tier
 from common.errors import UserError
-from common.settings import settings
 from pf_metering.commands.common import (
     OUTPUT_OPTION,
     QUIET_OPTION,
     check_tenant,
     output_path,
     parse_period,
+    settings_of,
 )
 from pf_metering.output import write
 from schemas.periods import Period
@@ -57,6 +57,7 @@ def _range(start: str | None, end: str | None, now: datetime) -> list[Period]:
 
 
 def report(
+    ctx: typer.Context,
     tenant_id: str = typer.Argument(..., help="tenant identifier"),
     start: str = typer.Option(
         None, "--from", help=f"first period, YYYY-MM (default: {DEFAULT_MONTHS} months to --to)"
@@ -71,7 +72,7 @@ def report(
     now = datetime.now(UTC)
     periods = _range(start, end, now)
     out = output_path(output)
-    cfg = settings()
+    cfg = settings_of(ctx)
     reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
     try:
         freshness = reader.freshness.describe()

@@ -21,7 +21,8 @@ from billing.model import Invoice
 from billing.stripe.state import Connect
 from billing.stripe.webhook_server import InvoiceStatusStore, WebhookApp, WebhookServer
 from common.errors import OperationError, UserError
-from common.settings import Settings, settings
+from common.settings import Settings
+from pf_metering.commands.common import settings_of
 
 webhooks_app = typer.Typer(help="The Stripe webhook endpoint.", no_args_is_help=True)
 
@@ -44,27 +45,31 @@ def _billing_connect(cfg: Settings) -> Connect:
 
 
 class PushFailed(OperationError):
-    """Some invoices failed to push; ``results`` has every invoice's outcome."""
-
-    def __init__(self, message: str, results: list[PushResult]) -> None:
-        super().__init__(message)
-        self.results = results
+    """Some invoices failed to push to Stripe (each one's outcome was printed)."""
 
 
-def stripe_requested(flag: bool) -> bool:
-    """``--stripe`` on the command line, or ``STRIPE_ENABLED=true`` in the environment."""
-    return flag or settings().stripe_enabled
+def stripe_requested(cfg: Settings, flag: bool) -> bool:
+    """``--stripe`` on the command line, or ``STRIPE_ENABLED=true`` in the settings."""
+    return flag or cfg.stripe_enabled
 
 
 def push_to_stripe(
-    invoices: Sequence[Invoice], store: SentMarker | None = None
+    cfg: Settings, invoices: Sequence[Invoice], store: SentMarker | None = None
 ) -> list[PushResult]:
-    """Push invoices (``bill`` passes every finalized one, so a rerun resumes earlier pushes),
-    print one line per invoice on stderr, and raise OperationError if any failed."""
+    """``push_invoices``, then ``PushFailed`` if any failed."""
+    results = push_invoices(cfg, invoices, store)
+    raise_if_failed(results)
+    return results
+
+
+def push_invoices(
+    cfg: Settings, invoices: Sequence[Invoice], store: SentMarker | None = None
+) -> list[PushResult]:
+    """Push invoices (``bill`` passes every finalized one, so a rerun resumes earlier pushes)
+    and print one line per invoice on stderr."""
     from billing.stripe.gateway import StripeGateway
     from billing.stripe.push import PushOutcome, StripePusher
 
-    cfg = settings()
     gateway = StripeGateway.from_settings(cfg)
     pusher = StripePusher(gateway, store or _invoice_store(), _billing_connect(cfg))
     results = pusher.push_all(invoices)
@@ -76,23 +81,27 @@ def push_to_stripe(
                 f"stripe: {r.invoice_id} ({r.tenant_id}) {r.outcome.value} as {r.stripe_invoice_id}"
             )
         print(line, file=sys.stderr)
+    return results
+
+
+def raise_if_failed(results: Sequence[PushResult]) -> None:
+    """``PushFailed`` naming every invoice that failed to push, if any did."""
     failed = [r.invoice_id for r in results if not r.ok]
     if failed:
         raise PushFailed(
             f"{len(failed)} of {len(results)} invoices failed to push to Stripe: "
-            + ", ".join(failed),
-            results,
+            + ", ".join(failed)
         )
-    return results
 
 
 @webhooks_app.command("serve")
 def serve(
+    ctx: typer.Context,
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
     port: int = typer.Option(8788, "--port", min=0, max=65535, help="port (0: any free one)"),
 ) -> None:
     """Receive Stripe webhooks: verify signatures and move local invoice statuses."""
-    cfg = settings()
+    cfg = settings_of(ctx)
     if cfg.stripe_webhook_secret is None or not cfg.stripe_webhook_secret.get_secret_value():
         raise UserError("STRIPE_WEBHOOK_SECRET is not set; it is needed to verify webhooks")
     app = WebhookApp(

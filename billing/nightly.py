@@ -1,0 +1,74 @@
+"""The nightly ``bill`` job: finalize every closed period not yet invoiced (``invoicing.bill``),
+then push the finalized, unsent invoices to Stripe; what the run did is written as job metrics
+however it ends (``recorded``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from billing import invoice_store, invoicing
+from billing.db import billing_db
+from billing.invoicing import BillResult, Rules, UsageData
+from billing.model import Invoice, money
+from common.settings import Settings
+
+if TYPE_CHECKING:  # stripe-python takes seconds to import: only a push loads it
+    from billing.stripe.push import PushResult
+
+
+@dataclass
+class NightlyRun:
+    """What one run has done so far."""
+
+    finalized: int = 0
+    pushes: list[PushResult] = field(default_factory=list)
+
+    @property
+    def pushed_all(self) -> bool:
+        return all(r.ok for r in self.pushes)
+
+
+@contextmanager
+def recorded(metrics_file: Path | None) -> Iterator[NightlyRun]:
+    """A run whose counts go to ``metrics_file`` (a node-exporter textfile) on exit; it
+    succeeded when no exception left the block and every push succeeded."""
+    run = NightlyRun()
+    succeeded = False
+    try:
+        yield run
+        succeeded = run.pushed_all
+    finally:
+        if metrics_file is not None:
+            from billing.job_metrics import BillRun, write_job_metrics
+
+            write_job_metrics(metrics_file, BillRun.of(run.finalized, run.pushes, succeeded))
+
+
+def finalize(
+    cfg: Settings, usage: UsageData, rules: Rules, *, as_of: datetime, now: datetime
+) -> BillResult:
+    """Finalize every closed period of every tenant as of ``as_of`` (one transaction)."""
+    with billing_db(cfg.billing_db, cfg.metering_lock_timeout) as con:
+        return invoicing.bill(con, usage, rules, as_of=as_of, now=now)
+
+
+def unsent(cfg: Settings) -> list[Invoice]:
+    """Every finalized invoice not yet in Stripe (a rerun resumes an interrupted push)."""
+    with billing_db(cfg.billing_db, cfg.metering_lock_timeout) as con:
+        return invoice_store.finalized_unsent(con)
+
+
+def summary(result: BillResult) -> str:
+    """One line saying what ``finalize`` did."""
+    total = sum((inv.total for inv in result.invoices), Decimal(0))
+    return (
+        f"billed through {result.last_closed}: {len(result.invoices)} invoice(s) finalized "
+        f"for {result.tenants} tenant(s), {result.late_lines} late-usage line(s), "
+        f"total {money(total)} usd"
+    )

@@ -1,0 +1,56 @@
+"""The invoice as a JSON document (``generate-invoice -f json``, ``invoices -f json``) and
+the quota report inside it: money as decimal strings with two places, every line explained.
+See docs/spec.md, "Invoices"."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from billing.model import Invoice, QuotaUsage, money, plain
+
+
+def quota_json(q: QuotaUsage) -> dict[str, Any]:
+    """One quota's use in a period, numbers as decimal strings."""
+    return {
+        "quota": q.quota,
+        "used": plain(q.used),
+        "limit": plain(q.limit),
+        "utilisation_pct": plain(q.utilisation_pct, 2) if q.utilisation_pct is not None else None,
+        "exceeded": q.exceeded,
+    }
+
+
+def invoice_json(invoice: Invoice, now: datetime) -> dict[str, Any]:
+    """The invoice document with its status at ``now`` (unpaid past due: ``overdue``)."""
+    lines = []
+    for ln in invoice.lines:
+        line: dict[str, Any] = {
+            "code": ln.code,
+            "description": ln.description,
+            "quantity": plain(ln.quantity),
+            "unit_price": plain(ln.unit_price, 2),
+            "amount": money(ln.amount),
+        }
+        if ln.period is not None:
+            line["period"] = ln.period
+        lines.append(line)
+    return {
+        "invoice_id": invoice.invoice_id,
+        "tenant_id": invoice.tenant_id,
+        "period": invoice.period,
+        "period_start": invoice.period_start,
+        "period_end": invoice.period_end,
+        "tier": invoice.tier,
+        "currency": invoice.currency,
+        "status": invoice.status_on(now).value,
+        "lines": lines,
+        "subtotal": money(invoice.subtotal),
+        "total": money(invoice.total),
+        "due_date": invoice.due_date,
+        "created_at": invoice.created_at,
+        "finalized_at": invoice.finalized_at,
+        "stripe_invoice_id": invoice.stripe_invoice_id,
+        "quotas": [quota_json(q) for q in invoice.quotas],
+        "computed_from": invoice.computed_from,
+    }

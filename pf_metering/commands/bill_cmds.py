@@ -1,0 +1,67 @@
+"""``bill``: the nightly job (``billing.nightly``) from the command line."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+
+from billing import nightly
+from billing.invoicing import Rules
+from common.errors import UserError
+from pf_metering.commands.books import STRIPE_OPTION, read_usage, utc_now
+from pf_metering.commands.common import QUIET_OPTION, settings_of
+from pf_metering.commands.stripe_cmds import push_invoices, raise_if_failed, stripe_requested
+from pf_metering.progress import status
+
+
+def _parse_as_of(text: str | None, now: datetime) -> datetime:
+    if text is None:
+        return now
+    try:
+        moment = datetime.fromisoformat(text.strip())
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise UserError(
+            f"invalid --as-of {text[:40]!r}: expected ISO-8601, e.g. 2025-02-01T02:00:00Z"
+        ) from None
+    if moment > now:
+        raise UserError(f"--as-of {text} lies in the future")
+    if moment.year < 1970:  # no period before 1970 exists; earlier instants overflow
+        raise UserError(f"--as-of {text[:40]} lies before 1970")
+    return moment
+
+
+def bill(
+    ctx: typer.Context,
+    as_of: str = typer.Option(
+        None, "--as-of", help="close periods as of this ISO-8601 time (default: now)"
+    ),
+    stripe: bool = STRIPE_OPTION,
+    quiet: bool = QUIET_OPTION,
+    metrics_file: Path = typer.Option(
+        None, "--metrics-file", help="write job metrics here (node-exporter textfile)"
+    ),
+) -> None:
+    """The nightly job: finalize every closed, not yet invoiced period of every tenant (from its
+    first period, base fee even without usage), with late-usage corrections; then push."""
+    cfg = settings_of(ctx)
+    now = utc_now()
+    moment = _parse_as_of(as_of, now)
+    with nightly.recorded(metrics_file) as run:
+        usage = read_usage(cfg, quiet=quiet)
+        rules = Rules.from_settings(cfg)
+        with status(f"billing {len(usage.rows)} tenant-periods of usage", quiet):
+            result = nightly.finalize(cfg, usage, rules, as_of=moment, now=now)
+        run.finalized = len(result.invoices)
+        if not quiet:
+            print(nightly.summary(result), file=sys.stderr)
+        if stripe_requested(cfg, stripe):
+            run.pushes = push_invoices(cfg, nightly.unsent(cfg))
+    raise_if_failed(run.pushes)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bill")(bill)

@@ -1,0 +1,91 @@
+"""What the billing commands share: usage from the published snapshot (a freshness line on
+stderr), the billing DuckDB file opened for one unit of work at a time, the table-or-JSON
+format choice (JSON is the default with ``-o``, as the original tool saved JSON) and the quota
+table."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+import duckdb
+import typer
+from rich.table import Table
+
+from aggregator.views import open_usage
+from billing.db import billing_db
+from billing.invoicing import UsageData
+from billing.model import QuotaUsage
+from billing.render.invoice_json import quota_json
+from common.settings import Settings
+from pf_metering.output import Format
+
+
+class TableOrJson(StrEnum):
+    table = "table"
+    json = "json"
+
+
+class InvoiceFormat(StrEnum):
+    table = "table"
+    json = "json"
+    html = "html"
+
+
+TABLE_JSON_OPTION = typer.Option(
+    None, "-f", "--format", help="table or json (default: table; json with -o)"
+)
+STRIPE_OPTION = typer.Option(
+    False, "--stripe", help="push finalized invoices to Stripe (also: STRIPE_ENABLED=true)"
+)
+
+
+def table_or_json(fmt: TableOrJson | InvoiceFormat | None, output: Path | None) -> Format:
+    """The format asked for; without one, JSON when writing to a file, else a table."""
+    if fmt is None:
+        return Format.json if output is not None else Format.table
+    return Format(fmt.value)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@contextmanager
+def billing(cfg: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The billing file, open for one unit of work."""
+    with billing_db(cfg.billing_db, cfg.metering_lock_timeout) as con:
+        yield con
+
+
+def read_usage(cfg: Settings, tenant_id: str | None = None, *, quiet: bool = False) -> UsageData:
+    """The snapshot's usage (all tenants, or one), saying how fresh it is on stderr."""
+    reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
+    try:
+        if not quiet:
+            print(reader.freshness.describe(), file=sys.stderr)
+        return UsageData.read(reader, tenant_id)
+    finally:
+        reader.close()
+
+
+def right(table: Table, *names: str) -> None:
+    """Add right-aligned (numeric) columns."""
+    for name in names:
+        table.add_column(name, justify="right")
+
+
+def quotas_table(quotas: Sequence[QuotaUsage], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("quota")
+    right(table, "used", "limit", "utilisation %")
+    table.add_column("exceeded")
+    for q in quotas:
+        j = quota_json(q)
+        exceeded = "YES" if q.exceeded else "no"
+        table.add_row(q.quota, j["used"], j["limit"], j["utilisation_pct"] or "-", exceeded)
+    return table

@@ -1,0 +1,158 @@
+"""``generate-invoice`` (one tenant's invoice for a period: table, JSON or HTML) and
+``invoices`` (all of a tenant's invoices)."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from billing import invoice_store, invoicing
+from billing.invoicing import Rules
+from billing.model import Invoice, InvoiceStatus, money, plain
+from billing.render.invoice_json import invoice_json
+from pf_metering.commands.books import (
+    STRIPE_OPTION,
+    TABLE_JSON_OPTION,
+    InvoiceFormat,
+    TableOrJson,
+    billing,
+    quotas_table,
+    read_usage,
+    right,
+    table_or_json,
+    utc_now,
+)
+from pf_metering.commands.common import (
+    OUTPUT_OPTION,
+    check_tenant,
+    output_path,
+    parse_period,
+    settings_of,
+)
+from pf_metering.commands.stripe_cmds import push_to_stripe, stripe_requested
+from pf_metering.output import render, write
+
+
+def _invoice_table(invoice: Invoice, now: datetime) -> Table:
+    status = invoice.status_on(now).value
+    head = (
+        f"Invoice {invoice.invoice_id}: {invoice.tenant_id}, {invoice.period}, tier "
+        f"{invoice.tier}, {status}"
+    )
+    lines = Table(title=head, caption=_invoice_caption(invoice))
+    lines.add_column("code")
+    lines.add_column("description", overflow="fold")
+    right(lines, "quantity", "unit price", f"amount ({invoice.currency})")
+    for ln in invoice.lines:
+        amount = money(ln.amount)
+        lines.add_row(ln.code, ln.description, plain(ln.quantity), plain(ln.unit_price, 2), amount)
+    lines.add_section()
+    lines.add_row("subtotal", "base + usage", "", "", money(invoice.subtotal))
+    lines.add_row("total", "", "", "", money(invoice.total))
+    grid = Table.grid(padding=(1, 0))
+    grid.add_row(lines)
+    if invoice.quotas:
+        grid.add_row(quotas_table(invoice.quotas, "Quotas"))
+    return grid
+
+
+def _invoice_caption(invoice: Invoice) -> str:
+    parts = [f"due {invoice.due_date.date()}", f"created {invoice.created_at:%Y-%m-%d %H:%M}Z"]
+    if invoice.stripe_invoice_id:
+        parts.append(f"stripe {invoice.stripe_invoice_id}")
+    if invoice.status is InvoiceStatus.draft:
+        parts.append("draft: recomputed until the period closes")
+    return ", ".join(parts)
+
+
+def generate_invoice(
+    ctx: typer.Context,
+    tenant_id: str = typer.Argument(..., help="tenant identifier"),
+    period: str = typer.Argument(..., help="billing period, YYYY-MM"),
+    output: Path = OUTPUT_OPTION,
+    stripe: bool = STRIPE_OPTION,
+    fmt: InvoiceFormat | None = typer.Option(
+        None, "-f", "--format", help="table, json or html (default: table; json with -o)"
+    ),
+) -> None:
+    """The invoice of a tenant for a period: finalized once the period is closed (then never
+    changes), else a draft preview recomputed on each call; always the same invoice_id."""
+    cfg = settings_of(ctx)
+    check_tenant(tenant_id)
+    target = parse_period(period)
+    out = output_path(output)
+    usage = read_usage(cfg, tenant_id)
+    rules = Rules.from_settings(cfg)
+    with billing(cfg) as con:
+        invoice = invoicing.generate(con, usage, rules, tenant_id, target)
+    if stripe_requested(cfg, stripe):
+        if invoice.status is InvoiceStatus.finalized and invoice.stripe_invoice_id is None:
+            push_to_stripe(cfg, [invoice])
+            with billing(cfg) as con:
+                invoice = invoice_store.get_invoice(con, invoice.invoice_id) or invoice
+        elif invoice.status is InvoiceStatus.draft:
+            print(f"{target} is still open: draft invoices are not pushed", file=sys.stderr)
+    now = utc_now()
+    if fmt is InvoiceFormat.html:
+        from billing.render.invoice_html import render_invoice_html
+
+        write(render_invoice_html(invoice, now=now), out)
+        return
+    render(
+        table_or_json(fmt, output),
+        out,
+        json_data=invoice_json(invoice, now),
+        table=lambda: _invoice_table(invoice, now),
+    )
+
+
+def _late_summary(invoice: Invoice) -> str:
+    return ", ".join(
+        f"{ln.period}: {money(ln.amount)}" for ln in invoice.lines if ln.code == "late_usage"
+    )
+
+
+def invoices_cmd(
+    ctx: typer.Context,
+    tenant_id: str = typer.Argument(..., help="tenant identifier"),
+    output: Path = OUTPUT_OPTION,
+    fmt: TableOrJson | None = TABLE_JSON_OPTION,
+) -> None:
+    """All invoices of a tenant, oldest first (late-usage corrections included)."""
+    cfg = settings_of(ctx)
+    check_tenant(tenant_id)
+    out = output_path(output)
+    usage = read_usage(cfg, tenant_id)
+    with billing(cfg) as con:
+        invoicing.known_tenant(con, usage, tenant_id)
+        found = invoice_store.list_invoices(con, tenant_id)
+    now = utc_now()
+
+    def table() -> Table:
+        table = Table(title=f"{len(found)} invoices of {tenant_id}")
+        for name in ("invoice_id", "period", "tier", "status"):
+            table.add_column(name)
+        right(table, "subtotal", "total")
+        for name in ("late usage (period: amount)", "due", "stripe_invoice_id"):
+            table.add_column(name)
+        for inv in found:
+            table.add_row(inv.invoice_id, inv.period, inv.tier, inv.status_on(now).value,
+                          money(inv.subtotal), money(inv.total), _late_summary(inv),
+                          str(inv.due_date.date()), inv.stripe_invoice_id or "")  # fmt: skip
+        return table
+
+    render(
+        table_or_json(fmt, output),
+        out,
+        json_data=[invoice_json(inv, now) for inv in found],
+        table=table,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate-invoice")(generate_invoice)
+    app.command("invoices")(invoices_cmd)
