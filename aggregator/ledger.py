@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +23,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aggregator.files import retry_while_locked, topic_folder
 from aggregator.fold import fold_fresh
 from aggregator.snapshot import publish_partition
 from common.errors import OperationError
+from common.sqltext import sql_string
 from schemas.codec import COUNTERS
 from schemas.prepare import PreparedBatch
 
@@ -61,8 +62,7 @@ EVENT_HASH = "md5_number(tenant_id || chr(0) || event_id)"
 
 
 def ledger_path(ledger_dir: Path, topic: str, partition: int) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", topic)
-    return ledger_dir / safe / f"p-{partition:04d}.duckdb"
+    return ledger_dir / topic_folder(topic) / f"p-{partition:04d}.duckdb"
 
 
 @dataclass
@@ -160,7 +160,7 @@ class PartitionLedger:
         return CommitResult(counted, events.num_rows - counted, len(batch.dead))
 
     def _store_offset(self, next_offset: int, max_at: int | None) -> None:
-        # UPDATE of the existing row measured twice as fast as INSERT ... ON CONFLICT
+        # UPDATE of the existing row, not INSERT ... ON CONFLICT (docs/performance.md)
         updated = _scalar(
             self.con,
             f"""UPDATE {self.alias}.offsets
@@ -217,8 +217,8 @@ class LedgerSet:
         self.lock_timeout = lock_timeout
         self.con = duckdb.connect(":memory:")
         self.con.execute(f"SET memory_limit = '{memory_limit}'")
-        # A batch's statements touch tens of thousands of rows: one thread runs them
-        # faster than several (measured 2x on 2 cores) and leaves a core to the client.
+        # One DuckDB thread: a batch's statements run faster on one than on several and
+        # leave a core to the Kafka client (docs/performance.md).
         self.con.execute("SET threads = 1")
         self.con.execute("SET preserve_insertion_order = false")
         self.held: dict[int, PartitionLedger] = {}
@@ -230,17 +230,8 @@ class LedgerSet:
         path = ledger_path(self.ledger_dir, self.topic, partition)
         path.parent.mkdir(parents=True, exist_ok=True)
         alias = f"p{partition}"
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.05
-        while True:
-            try:
-                self.con.execute(f"ATTACH '{_sql_str(path)}' AS {alias}")
-                break
-            except duckdb.Error as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() >= deadline:
-                    raise OperationError(f"cannot open ledger {path}: {exc}") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        attach = f"ATTACH {sql_string(path)} AS {alias}"
+        retry_while_locked(lambda: self.con.execute(attach), self.lock_timeout, f"ledger {path}")
         ledger = PartitionLedger(self.con, alias, self.topic, partition)
         self.held[partition] = ledger
         return ledger
@@ -309,10 +300,6 @@ def later_of(a: int | None, b: int | None) -> int | None:
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> int:
     row = con.execute(sql, params).fetchone()
     return int(row[0]) if row else 0
-
-
-def _sql_str(path: Path) -> str:
-    return str(path).replace("'", "''")
 
 
 __all__ = ["CommitResult", "LedgerSet", "PartitionLedger", "later_of", "ledger_path"]

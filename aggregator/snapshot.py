@@ -10,26 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
+from aggregator.files import topic_folder
+from common.sqltext import sql_string
+
 TABLES = ("aggregates", "dead_letters")
 
 
 def topic_dir(snapshot_dir: Path, topic: str) -> Path:
-    return snapshot_dir / re.sub(r"[^A-Za-z0-9._-]", "_", topic)
+    return snapshot_dir / topic_folder(topic)
 
 
 def partition_file(snapshot_dir: Path, topic: str, partition: int, table: str) -> Path:
     return topic_dir(snapshot_dir, topic) / f"p-{partition:04d}.{table}.parquet"
-
-
-def _sql_str(path: Path) -> str:
-    return str(path).replace("'", "''")
 
 
 def publish_partition(
@@ -41,7 +39,7 @@ def publish_partition(
     for table in TABLES:
         final = partition_file(snapshot_dir, topic, partition, table)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        con.execute(f"COPY (SELECT * FROM {alias}.{table}) TO '{_sql_str(tmp)}' (FORMAT parquet)")
+        con.execute(f"COPY (SELECT * FROM {alias}.{table}) TO {sql_string(tmp)} (FORMAT parquet)")
         os.replace(tmp, final)
     row = con.execute(
         f"SELECT next_offset FROM {alias}.offsets WHERE topic = ? AND partition = ?",

@@ -17,6 +17,7 @@ import duckdb
 
 from aggregator.snapshot import Freshness, freshness, snapshot_files, topic_dir
 from common.errors import OperationError
+from common.sqltext import sql_string
 from schemas.codec import COUNTERS
 
 _EMPTY_AGGREGATES = (
@@ -46,10 +47,10 @@ USAGE_SQL = f"""
 
 def _source(files: list[Path] | str, empty: str) -> str:
     if isinstance(files, str):
-        return f"SELECT * FROM read_parquet('{files}')"
+        return f"SELECT * FROM read_parquet({sql_string(files)})"
     if not files:
         return empty
-    listed = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+    listed = ", ".join(sql_string(f) for f in files)
     return f"SELECT * FROM read_parquet([{listed}])"
 
 

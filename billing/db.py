@@ -8,15 +8,13 @@ commits, and closes; a process that finds it locked retries with backoff up to
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
 
-from common.errors import OperationError
+from aggregator.files import retry_while_locked
 
 _SCHEMA: list[str] = []
 
@@ -27,26 +25,14 @@ def register_schema(ddl: str) -> None:
         _SCHEMA.append(ddl)
 
 
-def _is_lock_error(exc: duckdb.Error) -> bool:
-    text = str(exc).lower()
-    return "lock" in text or "conflicting" in text or "already open" in text
-
-
 def open_with_retry(
     path: Path, timeout: float, *, read_only: bool = False, what: str = "database"
 ) -> duckdb.DuckDBPyConnection:
     """Open a DuckDB file, waiting (with jittered backoff) while another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while True:
-        try:
-            return duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as exc:
-            if not _is_lock_error(exc) or time.monotonic() >= deadline:
-                raise OperationError(f"cannot open {what} {path}: {exc}") from None
-        time.sleep(delay * (0.5 + random.random()))
-        delay = min(delay * 2, 0.5)
+    return retry_while_locked(
+        lambda: duckdb.connect(str(path), read_only=read_only), timeout, f"{what} {path}"
+    )
 
 
 @contextmanager

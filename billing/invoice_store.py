@@ -17,7 +17,6 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import duckdb
@@ -27,6 +26,7 @@ from pydantic import TypeAdapter
 from billing.db import register_schema
 from billing.model import Invoice, InvoiceLine, InvoiceStatus, QuotaUsage
 from billing.rating import Usage
+from common.jsonfmt import json_default
 from schemas.codec import COUNTERS
 
 register_schema(
@@ -79,17 +79,9 @@ _TS = pa.timestamp("us", tz="UTC")
 _MONEY = pa.decimal128(18, 2)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def to_json_text(data: Any) -> str:
     """Compact JSON with Decimals as fixed-point strings (what the JSON columns hold)."""
-    return json.dumps(data, default=_json_default, separators=(",", ":"))
+    return json.dumps(data, default=json_default, separators=(",", ":"))
 
 
 def _utc(value: datetime | None) -> datetime | None:

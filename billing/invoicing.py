@@ -15,7 +15,7 @@ counters in the same transaction, so each late event is charged exactly once.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -282,13 +282,6 @@ class BillResult:
         return sum(ln.code == "late_usage" for inv in self.invoices for ln in inv.lines)
 
 
-def _periods(first: Period, last: Period) -> Iterator[Period]:
-    period = first
-    while period <= last:
-        yield period
-        period = period.next()
-
-
 def bill(
     con: duckdb.DuckDBPyConnection,
     usage: UsageData,
@@ -308,7 +301,7 @@ def bill(
         for tenant in tenants.values():
             todo = [
                 p
-                for p in _periods(tenant.first_period, last)
+                for p in tenant.first_period.through(last)
                 if (key := index.get((tenant.tenant_id, str(p)))) is None or key.is_draft
             ]
             if todo:

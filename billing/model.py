@@ -9,20 +9,6 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-LINE_CODES = (
-    "base",
-    "cpu",
-    "network",
-    "api_calls",
-    "tool_executions",
-    "data_retrievals",
-    "egress_scans",
-    "policy_checks",
-    "violations",
-    "risk_adjustment",
-    "late_usage",
-)
-
 
 class InvoiceStatus(StrEnum):
     draft = "draft"

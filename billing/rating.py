@@ -1,4 +1,4 @@
-"""Rating: usage + tier -> invoice lines (SPEC 6). Pure: no I/O, Decimal only.
+"""Rating: usage + tier -> invoice lines (docs/spec.md, "Rating"). Pure: no I/O, Decimal only.
 
 Each line amount is quantity x unit price rounded to the cent, half away from zero.
 Network is priced per MiB (bytes / 1,048,576, a fractional quantity). The risk adjustment is

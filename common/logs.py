@@ -50,24 +50,34 @@ class _RedactingFormatter(logging.Formatter):
         return redact(text, self.secrets)
 
 
-class RepeatFilter(logging.Filter):
-    """Drops a message repeated within ``window`` seconds (librdkafka repeats connection
+class Repeats:
+    """Lets a text through once per ``window`` seconds (librdkafka repeats connection
     failures every few milliseconds while a broker is down)."""
 
     def __init__(self, window: float = 30.0) -> None:
-        super().__init__()
         self.window = window
         self.seen: dict[str, float] = {}
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
+    def first(self, text: str, now: float) -> bool:
+        """Whether ``text`` was not let through in the ``window`` seconds before ``now``."""
         last = self.seen.get(text)
-        if last is not None and record.created - last < self.window:
+        if last is not None and now - last < self.window:
             return False
         if len(self.seen) > 1000:
             self.seen.clear()
-        self.seen[text] = record.created
+        self.seen[text] = now
         return True
+
+
+class RepeatFilter(logging.Filter):
+    """Drops a log message repeated within ``window`` seconds (``Repeats``)."""
+
+    def __init__(self, window: float = 30.0) -> None:
+        super().__init__()
+        self.repeats = Repeats(window)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.repeats.first(record.getMessage(), record.created)
 
 
 def configure(settings: Settings) -> None:

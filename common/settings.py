@@ -1,4 +1,5 @@
-"""Configuration (SPEC section 9), read once from the environment and a ``.env`` file."""
+"""Configuration (docs/spec.md, "Configuration"), read from the environment and a ``.env``
+file; the CLI reads it once and passes it down."""
 
 from __future__ import annotations
 

@@ -50,6 +50,7 @@ from confluent_kafka import (
 from aggregator.ledger import LedgerSet, later_of, ledger_path
 from aggregator.views import write_query_db
 from common.errors import OperationError
+from common.logs import Repeats
 from common.settings import Settings
 from consumer.kafka import (
     cached_high_watermark,
@@ -154,7 +155,7 @@ class Worker:
         )
         conf["error_cb"] = self._on_error
         conf["logger"] = logging.getLogger("rdkafka")  # librdkafka's logs obey LOG_FORMAT too
-        self._errors_logged: dict[str, float] = {}
+        self._errors_logged = Repeats(30.0)
         self.consumer = Consumer(conf)
         self._last_prune = time.monotonic()
         self.progress = progress  # called with (records consumed, records still to go)
@@ -221,11 +222,8 @@ class Worker:
     def _on_error(self, err: Any) -> None:
         """Log a client error once per 30 s (librdkafka repeats them every few ms while a
         broker is down)."""
-        text = str(err)
-        now = time.monotonic()
-        if now - self._errors_logged.get(text, -1e9) >= 30.0:
-            self._errors_logged[text] = now
-            log.warning("kafka client: %s", text)
+        if self._errors_logged.first(str(err), time.monotonic()):
+            log.warning("kafka client: %s", err)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> WorkerStats:

@@ -51,7 +51,7 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "queue.buffering.max.messages": 1_000_000,
     "queue.buffering.max.kbytes": 1_048_576,
     "message.timeout.ms": 120_000,
-    # Only failures call back into Python: one callback per event costs ~30% of throughput.
+    # Only failures call back into Python (docs/performance.md, "Emitter").
     "delivery.report.only.error": True,
 }
 

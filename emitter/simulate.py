@@ -1,8 +1,8 @@
 """Realistic, reproducible usage for one tenant (pure: no I/O).
 
-Per session, totals are drawn uniformly from the original tool's ranges
-(seed/ORIGINAL.md), then split into several events from different components, each dated
-uniformly inside the period (never in the future).
+Per session, totals are drawn uniformly from the ranges of the original tool's simulator, then
+split into several events from different components, each dated uniformly inside the period
+(never in the future).
 """
 
 from __future__ import annotations

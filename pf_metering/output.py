@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.errors import UserError
+from common.jsonfmt import json_default
 
 
 class Format(StrEnum):
@@ -25,18 +26,8 @@ class Format(StrEnum):
     csv = "csv"
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def to_json(data: Any) -> str:
-    return json.dumps(data, default=_default, indent=2) + "\n"
+    return json.dumps(data, default=json_default, indent=2) + "\n"
 
 
 def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -52,9 +43,9 @@ def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None)
 
 def _cell(value: Any) -> Any:
     if isinstance(value, dict | list):
-        return json.dumps(value, default=_default)
+        return json.dumps(value, default=json_default)
     if isinstance(value, Decimal | datetime | date):
-        return _default(value)
+        return json_default(value)
     return "" if value is None else value
 
 

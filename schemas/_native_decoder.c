@@ -1,8 +1,8 @@
 /* Column-wise decoding of flat Avro single-object values: the native half of
- * ``schemas.flat_decoder`` (read that module's docstring first).
+ * ``schemas.native_decoder`` (read that module's docstring first).
  *
- * Why C: walking, joining and decoding the values through pyarrow and polars cost ~1.3 us
- * an event; this loop proves and decodes them in one pass, without the GIL.
+ * The loop proves and decodes the values in one pass, without the GIL (why C:
+ * docs/performance.md, "Why the code is shaped this way").
  *
  * decode(values, start, header, plan, max_bytes, max_total, allocate) -> (None, stop)
  *                                             | (rows, ok, columns, data, data_len, stop)

@@ -1,7 +1,6 @@
 """The validation rules of ``schemas.validation`` as one polars expression over a batch.
 
-Why: calling ``validate`` per event costs microseconds; a vectorised check costs tens of
-nanoseconds. It is deliberately one-sided: ``surely_valid`` is True only for rows that
+It is one-sided: ``surely_valid`` is True only for rows that
 ``validate`` accepts (ignoring the Kafka key, which callers compare themselves). A row it
 does not vouch for goes through ``validate`` itself, so every reason text stays exactly
 the per-record one. The tenant rule is not re-implemented at all: ``validate`` itself

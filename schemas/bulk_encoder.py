@@ -18,7 +18,7 @@ from schemas.flat_schema import FlatField, FlatSchema
 ENCODES = sys.byteorder == "little"
 
 
-# -- vector helpers (pyarrow.compute with typed scalars: ~1 ns per element) ---------------
+# -- vector helpers (pyarrow.compute with typed scalars) ----------------------------------
 
 
 def _i64(v: int) -> pa.Scalar:

@@ -1,4 +1,4 @@
-"""Avro single-object encoding of usage events (SPEC section 2).
+"""Avro single-object encoding of usage events (docs/spec.md, "The usage event").
 
 A value is ``C3 01`` + the 8-byte little-endian CRC-64-AVRO fingerprint of the writer
 schema's Parsing Canonical Form + the Avro binary body. The codec knows every version in

@@ -1,9 +1,8 @@
 """Native column-wise decoding of flat Avro single-object values (``schemas/_native_decoder.c``).
 
-Why: a consumer batch is ~100,000 values sharing a writer schema. Decoding them one call
-per record (fastavro) costs ~5 us each; the C loop behind ``decode_columns`` proves and
-decodes them in one pass at ~0.2 us each, with the GIL released, straight into Arrow
-buffers. It is exact by construction: a value counts only if its body is exactly one
+The C loop behind ``decode_columns`` proves and decodes a batch's values in one pass, with
+the GIL released, straight into Arrow buffers (what it saves: docs/performance.md). It is
+exact by construction: a value counts only if its body is exactly one
 record of the writer schema (the walk ends on its last byte), every varint fits its type,
 every union index is 0 or 1 and every string is valid UTF-8. Everything else is left to
 the caller's per-record path, which decides it and names the reason.

@@ -6,6 +6,7 @@ An event belongs to the period of its ``occurred_at`` (``period_of``).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -46,6 +47,13 @@ class Period:
     def previous(self) -> Period:
         return Period(self.year - (self.month == 1), (self.month - 2) % 12 + 1)
 
+    def through(self, last: Period) -> Iterator[Period]:
+        """This period and each one after it up to ``last`` (none if ``last`` is earlier)."""
+        period = self
+        while period <= last:
+            yield period
+            period = period.next()
+
     def is_closed(self, now: datetime, grace: timedelta) -> bool:
         return now >= self.end + grace
 
@@ -59,4 +67,4 @@ class Period:
 def period_of(micros: int) -> str:
     """The ``YYYY-MM`` of a timestamp in microseconds since the epoch, UTC."""
     moment = datetime.fromtimestamp(micros / 1_000_000, UTC)
-    return f"{moment.year:04d}-{moment.month:02d}"
+    return str(Period(moment.year, moment.month))

@@ -16,10 +16,10 @@ import polars as pl
 import pyarrow as pa
 
 from schemas.codec import COUNTERS, Codec, DecodeError
-from schemas.fast_path import DECODED, STRINGS, decode_fast
-from schemas.periods import period_of
+from schemas.fast_path import FRAME_SCHEMA, decode_fast
+from schemas.periods import Period, period_of
 from schemas.record_batch import Record, RecordBatch
-from schemas.validation import validate
+from schemas.validation import reason_code, validate
 
 __all__ = ["EVENT_SCHEMA", "DeadLetter", "PreparedBatch", "Record", "RecordBatch", "prepare_batch"]
 
@@ -33,7 +33,7 @@ class DeadLetter:
 
     @property
     def reason_code(self) -> str:
-        return self.reason.split(":", 1)[0]
+        return reason_code(self.reason)
 
 
 EVENT_SCHEMA = pa.schema(
@@ -137,12 +137,7 @@ def prepare_batch(
     return PreparedBatch(partition, next_offset, events, dead, len(records), max_at)
 
 
-_FRAME_SCHEMA = {
-    "offset": pl.Int64,
-    **{name: pl.String if name in STRINGS else pl.Float64 if name == "risk_score" else pl.Int64
-       for name in DECODED},
-    "period": pl.String,
-}  # fmt: skip
+_FRAME_SCHEMA = {**FRAME_SCHEMA, "period": pl.String}
 _EMPTY_FRAME = pl.DataFrame(schema=_FRAME_SCHEMA)
 
 
@@ -152,7 +147,7 @@ def _with_periods(events: pl.DataFrame) -> pl.DataFrame:
     at = pl.from_epoch("occurred_at", "us")
     keys = events.select((at.dt.year() * 100 + at.dt.month()).alias("k")).to_series()
     months = keys.unique()
-    names = [f"{k // 100:04d}-{k % 100:02d}" for k in months.to_list()]
+    names = [str(Period(k // 100, k % 100)) for k in months.to_list()]
     return events.with_columns(
         keys.replace_strict(months, names, return_dtype=pl.String).alias("period")
     )

@@ -1,4 +1,5 @@
-"""Validation rules of SPEC sections 2 and 4 as pure functions returning a named reason."""
+"""Validation rules (docs/spec.md, "The usage event" and "Invalid events") as pure functions
+returning a named reason."""
 
 from __future__ import annotations
 

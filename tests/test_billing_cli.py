@@ -1,5 +1,6 @@
 """The billing commands as users run them: usage, tenants, bill, generate-invoice, invoices,
-their formats (table, JSON per SPEC 8, RFC 4180 CSV), ``-o``, errors, and ``--stripe``.
+their formats (table, JSON per docs/spec.md, "The command line", RFC 4180 CSV), ``-o``,
+errors, and ``--stripe``.
 
 Most runs call the console script's ``main`` in this process (same argument parsing, error
 handling and output, without a 2 s interpreter start each); a few run the real script."""

@@ -1,8 +1,9 @@
-"""Bad input on the command line (SPEC 8): malformed periods, unknown tenants and tiers, broken
-tiers files, SQL injection through tenant ids, and ``sql`` statements that write or reach
-outside the documented views. Each is refused with exactly one ``error: ...`` line, a non-zero
-exit and no traceback, and the stored data (ledger, snapshot, billing file) is unchanged,
-compared file by file and table by table before and after every single command.
+"""Bad input on the command line (docs/spec.md, "The command line"): malformed periods, unknown
+tenants and tiers, broken tiers files, SQL injection through tenant ids, and ``sql`` statements
+that write or reach outside the documented views. Each is refused with exactly one ``error:
+...`` line, a non-zero exit and no traceback, and the stored data (ledger, snapshot, billing
+file) is unchanged, compared file by file and table by table before and after every single
+command.
 
 Most commands run in this process through the console script's ``main`` (same parsing, same
 error handling, no 2 s interpreter start each); output escaping runs the real script.

@@ -1,4 +1,4 @@
-"""Configuration: defaults of SPEC section 9, one-line errors naming the variable."""
+"""Configuration: defaults of docs/spec.md, "Configuration"; one-line errors naming the variable."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """SIGKILL at random points of a long run with duplicates interleaved: afterwards events,
 sessions and the eight counters of every tenant and period reconcile exactly with an
-independent count of what was produced (SPEC 3: nothing lost, nothing counted twice).
+independent count of what was produced (docs/spec.md, "Guarantees": nothing lost, nothing
+counted twice).
 
 Kill points are drawn against progress, not wall time, so they land inside the run on any
 machine: each worker life is killed once it has committed a random number of events, after a

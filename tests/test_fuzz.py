@@ -1,14 +1,14 @@
 """Bad input: decoder fuzzing, oversized messages and a flood of invalid events.
 
-The fuzz tests feed generated batches to ``aggregator.fold.prepare_batch`` (the worker's
+The fuzz tests feed generated batches to ``schemas.prepare.prepare_batch`` (the worker's
 decode-validate-columnise step, whatever fast path it takes) and hold it to independent
-references: per record, ``Codec.decode`` + ``validate`` (for arbitrary bytes), and the rules
-of SPEC sections 2 and 4 written out again here (for arbitrary field values). Nothing may
-raise; every record is counted or dead-lettered exactly once, raw bytes kept; every dead
-letter names a reason of ``schemas.validation.REASONS``; what is counted is exactly what was
-sent. Hypothesis draws each batch: some inputs from its own strategies (shrinkable), and
-a seeded ``random.Random`` (its seed drawn by Hypothesis: a failure prints a blob that
-replays it) that expands the batch to volume. ``make test`` checks over 12k inputs,
+references: per record, ``Codec.decode`` + ``validate`` (for arbitrary bytes), and the rules of
+docs/spec.md ("The usage event", "Invalid events") written out again here (for arbitrary field
+values). Nothing may raise; every record is counted or dead-lettered exactly once, raw bytes
+kept; every dead letter names a reason of ``schemas.validation.REASONS``; what is counted is
+exactly what was sent. Hypothesis draws each batch: some inputs from its own strategies
+(shrinkable), and a seeded ``random.Random`` (its seed drawn by Hypothesis: a failure prints a
+blob that replays it) that expands the batch to volume. ``make test`` checks over 12k inputs,
 ``PF_SOAK=1`` over 120k.
 
 Through the real broker: oversized values up to ~0.9 MB amid valid events, and a flood of
@@ -66,7 +66,8 @@ HOUR = 3_600_000_000
 INT64 = (-(2**63), 2**63 - 1)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FIRST_INSTANT = int(datetime(1, 1, 1, tzinfo=UTC).timestamp() * 1_000_000)  # year 1
-TENANT_SPEC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", re.ASCII)  # SPEC 2, fullmatch
+# docs/spec.md, "The usage event"; used with fullmatch
+TENANT_SPEC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", re.ASCII)
 STRING_FIELDS = ("event_id", "tenant_id", "session_id", "source")
 FIELDS = (*STRING_FIELDS, "occurred_at", *COUNTERS, "risk_score")
 SENT = ("tenant_id", "event_id", "session_id", "occurred_at", *COUNTERS, "risk_score")
@@ -202,7 +203,7 @@ def reference_outcome(rec: Record, oldest: int | None) -> str | None:
 
 
 def spec_violations(event: dict[str, Any], key: bytes | None, oldest: int | None) -> set[str]:
-    """The rules of SPEC 2 and 4, written out again: every reason ``event`` is invalid for."""
+    """The rules of docs/spec.md, written out again: every reason ``event`` is invalid for."""
     broken = set()
     for name in ("event_id", "session_id", "source"):
         if not 1 <= len(event[name]) <= 128:
@@ -329,7 +330,7 @@ def test_a_tenant_id_with_a_trailing_newline_is_refused() -> None:
 
 
 def test_every_reason_is_reachable_through_prepare_batch() -> None:
-    """One record per reason code of REASONS, all in one batch (SPEC 4's classes and ours)."""
+    """One record per reason code of REASONS, all in one batch (docs/spec.md's classes and ours)."""
     now = NOW
     ok = make_event("acme", occurred_at=now - HOUR)
 

@@ -1,5 +1,6 @@
-"""Rating (SPEC 6): exact lines for the seed's case, rounding, network per MiB, risk adjustment,
-included quotas, quota reports, and properties over random usage and tiers (hypothesis)."""
+"""Rating (docs/spec.md, "Rating"): exact lines for the original tool's case, rounding, network
+per MiB, risk adjustment, included quotas, quota reports, and properties over random usage and
+tiers (hypothesis)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing.model import LINE_CODES
 from billing.rating import MIB, Usage, late_usage_amount, late_usage_line, rate, round_cents
 from billing.tiers import BUILTIN_TIERS, PRICE_FIELDS, Quotas, Tier
 
@@ -24,6 +24,8 @@ SEED_USAGE = Usage(
     violations=2,
 )
 BASIC = BUILTIN_TIERS["basic"]
+# Every line code an invoice line can carry, in the order lines are made.
+LINE_CODES = ("base", *PRICE_FIELDS, "risk_adjustment", "late_usage")
 PRO = BUILTIN_TIERS["professional"]
 
 

@@ -14,7 +14,7 @@ from common.errors import UserError
 from tests.cli_runner import assert_user_error, run_cli
 from tests.test_billing_cli import Cli, pfm_fixture  # noqa: F401 (fixture)
 
-ORIGINAL = {  # seed/ORIGINAL.md, column by column
+ORIGINAL = {  # the original tool's tiers, column by column
     "basic": ("Basic", "50.00", "0.0000001", "0.05", "0.001", "0.01", "0.005", "0.002", "0.001",
               "1.00", "1.0", (3_600_000, 1_000, 10_000, 1_000, 500)),
     "professional": ("Professional", "200.00", "0.00000008", "0.04", "0.0008", "0.008", "0.004",

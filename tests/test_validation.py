@@ -1,4 +1,5 @@
-"""Every invalid class of SPEC sections 2 and 4 gives its named reason."""
+"""Every invalid class (docs/spec.md, "The usage event", "Invalid events") gives its named
+reason."""
 
 from __future__ import annotations
 

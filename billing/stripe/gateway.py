@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import stripe
 
@@ -25,6 +25,7 @@ from common.settings import Settings
 log = logging.getLogger("billing.stripe_gateway")
 
 T = TypeVar("T")
+S = TypeVar("S", bound=stripe.StripeObject)
 
 RETRYABLE_STATUSES = frozenset({409, 429})
 
@@ -166,36 +167,42 @@ class StripeGateway:
     # The calls the push makes. Searches are eventually consistent at Stripe: callers use them
     # only to recover state they lost, never as the only guard against duplicates.
 
-    def find_customer(self, tenant_id: str) -> stripe.Customer | None:
-        query = metadata_query("tenant_id", tenant_id)
-        found = self.call(
-            f"search customer of {tenant_id}",
-            lambda: self.client.v1.customers.search(params={"query": query, "limit": 2}),
-        )
+    def _find(
+        self,
+        operation: str,
+        search: Callable[..., stripe.SearchResultObject[S]],
+        key: str,
+        value: str,
+    ) -> S | None:
+        """The first object whose metadata ``key`` is ``value``, if any."""
+        params: dict[str, Any] = {"query": metadata_query(key, value), "limit": 2}
+        found = self.call(operation, lambda: search(params=params))
         return found.data[0] if found.data else None
+
+    def _create(
+        self, operation: str, create: Callable[..., S], params: dict[str, Any], key: str
+    ) -> S:
+        """Create an object under an idempotency key (a retry or rerun replays, never repeats)."""
+        return self.call(operation, lambda: create(params=params, options={"idempotency_key": key}))
+
+    def find_customer(self, tenant_id: str) -> stripe.Customer | None:
+        search = self.client.v1.customers.search
+        return self._find(f"search customer of {tenant_id}", search, "tenant_id", tenant_id)
 
     def create_customer(
         self, tenant_id: str, metadata: Mapping[str, str], idempotency_key: str
     ) -> stripe.Customer:
-        return self.call(
-            f"create customer of {tenant_id}",
-            lambda: self.client.v1.customers.create(
-                params={
-                    "name": tenant_id,
-                    "description": f"pf-metering tenant {tenant_id}",
-                    "metadata": dict(metadata),
-                },
-                options={"idempotency_key": idempotency_key},
-            ),
-        )
+        params = {
+            "name": tenant_id,
+            "description": f"pf-metering tenant {tenant_id}",
+            "metadata": dict(metadata),
+        }
+        create = self.client.v1.customers.create
+        return self._create(f"create customer of {tenant_id}", create, params, idempotency_key)
 
     def find_invoice(self, invoice_id: str) -> stripe.Invoice | None:
-        query = metadata_query("invoice_id", invoice_id)
-        found = self.call(
-            f"search invoice {invoice_id}",
-            lambda: self.client.v1.invoices.search(params={"query": query, "limit": 2}),
-        )
-        return found.data[0] if found.data else None
+        search = self.client.v1.invoices.search
+        return self._find(f"search invoice {invoice_id}", search, "invoice_id", invoice_id)
 
     def retrieve_invoice(self, stripe_invoice_id: str) -> stripe.Invoice:
         return self.call(
@@ -213,22 +220,18 @@ class StripeGateway:
         metadata: Mapping[str, str],
         idempotency_key: str,
     ) -> stripe.Invoice:
-        return self.call(
-            f"create invoice {metadata.get('invoice_id', '')}".strip(),
-            lambda: self.client.v1.invoices.create(
-                params={
-                    "customer": customer_id,
-                    "currency": currency,
-                    "auto_advance": False,
-                    "collection_method": "send_invoice",
-                    "days_until_due": days_until_due,
-                    "pending_invoice_items_behavior": "exclude",
-                    "description": description,
-                    "metadata": dict(metadata),
-                },
-                options={"idempotency_key": idempotency_key},
-            ),
-        )
+        params = {
+            "customer": customer_id,
+            "currency": currency,
+            "auto_advance": False,
+            "collection_method": "send_invoice",
+            "days_until_due": days_until_due,
+            "pending_invoice_items_behavior": "exclude",
+            "description": description,
+            "metadata": dict(metadata),
+        }
+        operation = f"create invoice {metadata.get('invoice_id', '')}".strip()
+        return self._create(operation, self.client.v1.invoices.create, params, idempotency_key)
 
     def list_lines(self, stripe_invoice_id: str) -> list[stripe.InvoiceLineItem]:
         def fetch() -> list[stripe.InvoiceLineItem]:
@@ -240,27 +243,25 @@ class StripeGateway:
     def create_item(
         self,
         *,
+        idempotency_key: str,
         customer_id: str,
         stripe_invoice_id: str,
         amount_cents: int,
         currency: str,
         description: str,
         metadata: Mapping[str, str],
-        idempotency_key: str,
     ) -> stripe.InvoiceItem:
-        return self.call(
-            f"create invoice item {idempotency_key}",
-            lambda: self.client.v1.invoice_items.create(
-                params={
-                    "customer": customer_id,
-                    "invoice": stripe_invoice_id,
-                    "amount": amount_cents,
-                    "currency": currency,
-                    "description": description,
-                    "metadata": dict(metadata),
-                },
-                options={"idempotency_key": idempotency_key},
-            ),
+        params = {
+            "customer": customer_id,
+            "invoice": stripe_invoice_id,
+            "amount": amount_cents,
+            "currency": currency,
+            "description": description,
+            "metadata": dict(metadata),
+        }
+        create = self.client.v1.invoice_items.create
+        return self._create(
+            f"create invoice item {idempotency_key}", create, params, idempotency_key
         )
 
     def finalize_invoice(self, stripe_invoice_id: str, idempotency_key: str) -> stripe.Invoice:

@@ -1,6 +1,7 @@
 """Pushing finalized invoices to Stripe: idempotent, resumable, one result per invoice.
 
-Order of calls (a deliberate deviation from SPEC 7's wording "items, then the invoice"):
+Order of calls (a deliberate deviation from docs/spec.md, "Stripe", which lists the items
+before the invoice):
 
 1. customer: local table, else search by ``metadata['tenant_id']``, else create
    (key ``pf-customer-<tenant_id>``);

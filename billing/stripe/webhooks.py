@@ -1,6 +1,6 @@
 """Stripe webhooks, the pure part: signature verification and event -> local status (no I/O).
 
-Status mapping (SPEC statuses: draft, finalized, sent, paid, overdue, void):
+Status mapping (docs/spec.md, "Statuses": draft, finalized, sent, paid, overdue, void):
 
 - ``invoice.paid`` -> paid
 - ``invoice.voided`` -> void

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -18,11 +19,13 @@ from rich.table import Table
 
 from aggregator.views import open_usage
 from billing.db import billing_db
-from billing.invoicing import UsageData
+from billing.invoicing import Rules, UsageData
 from billing.model import QuotaUsage
 from billing.render.invoice_json import quota_json
 from common.settings import Settings
+from pf_metering.commands.common import check_tenant, output_path, parse_period
 from pf_metering.output import Format
+from schemas.periods import Period
 
 
 class TableOrJson(StrEnum):
@@ -71,6 +74,28 @@ def read_usage(cfg: Settings, tenant_id: str | None = None, *, quiet: bool = Fal
         return UsageData.read(reader, tenant_id)
     finally:
         reader.close()
+
+
+@dataclass(frozen=True)
+class TenantPeriod:
+    """What a command about one tenant's period works from."""
+
+    tenant_id: str
+    period: Period
+    usage: UsageData
+    rules: Rules
+
+
+def tenant_period(
+    cfg: Settings, tenant_id: str, period: str, *, output: Path | None = None
+) -> TenantPeriod:
+    """The checked tenant id and period, the tenant's usage (its freshness on stderr) and the
+    rating rules; ``output``, if given, is checked before the usage is read."""
+    check_tenant(tenant_id)
+    target = parse_period(period)
+    output_path(output)
+    usage = read_usage(cfg, tenant_id)
+    return TenantPeriod(tenant_id, target, usage, Rules.from_settings(cfg))
 
 
 def right(table: Table, *names: str) -> None:

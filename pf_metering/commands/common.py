@@ -16,6 +16,8 @@ from schemas.validation import TENANT_RE
 FORMAT_OPTION = typer.Option(Format.table, "-f", "--format", help="table, json or csv")
 OUTPUT_OPTION = typer.Option(None, "-o", "--output", help="write to this file")
 QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="no progress output")
+TENANT_ARGUMENT = typer.Argument(..., help="tenant identifier")
+PERIOD_ARGUMENT = typer.Argument(..., help="billing period, YYYY-MM")
 
 
 def settings_of(ctx: typer.Context) -> Settings:

@@ -11,7 +11,6 @@ import typer
 from rich.table import Table
 
 from billing import invoice_store, invoicing
-from billing.invoicing import Rules
 from billing.model import Invoice, InvoiceStatus, money, plain
 from billing.render.invoice_json import invoice_json
 from pf_metering.commands.books import (
@@ -24,13 +23,15 @@ from pf_metering.commands.books import (
     read_usage,
     right,
     table_or_json,
+    tenant_period,
     utc_now,
 )
 from pf_metering.commands.common import (
     OUTPUT_OPTION,
+    PERIOD_ARGUMENT,
+    TENANT_ARGUMENT,
     check_tenant,
     output_path,
-    parse_period,
     settings_of,
 )
 from pf_metering.commands.stripe_cmds import push_to_stripe, stripe_requested
@@ -71,8 +72,8 @@ def _invoice_caption(invoice: Invoice) -> str:
 
 def generate_invoice(
     ctx: typer.Context,
-    tenant_id: str = typer.Argument(..., help="tenant identifier"),
-    period: str = typer.Argument(..., help="billing period, YYYY-MM"),
+    tenant_id: str = TENANT_ARGUMENT,
+    period: str = PERIOD_ARGUMENT,
     output: Path = OUTPUT_OPTION,
     stripe: bool = STRIPE_OPTION,
     fmt: InvoiceFormat | None = typer.Option(
@@ -82,13 +83,10 @@ def generate_invoice(
     """The invoice of a tenant for a period: finalized once the period is closed (then never
     changes), else a draft preview recomputed on each call; always the same invoice_id."""
     cfg = settings_of(ctx)
-    check_tenant(tenant_id)
-    target = parse_period(period)
-    out = output_path(output)
-    usage = read_usage(cfg, tenant_id)
-    rules = Rules.from_settings(cfg)
+    asked = tenant_period(cfg, tenant_id, period, output=output)
+    target, out = asked.period, output
     with billing(cfg) as con:
-        invoice = invoicing.generate(con, usage, rules, tenant_id, target)
+        invoice = invoicing.generate(con, asked.usage, asked.rules, tenant_id, target)
     if stripe_requested(cfg, stripe):
         if invoice.status is InvoiceStatus.finalized and invoice.stripe_invoice_id is None:
             push_to_stripe(cfg, [invoice])
@@ -118,7 +116,7 @@ def _late_summary(invoice: Invoice) -> str:
 
 def invoices_cmd(
     ctx: typer.Context,
-    tenant_id: str = typer.Argument(..., help="tenant identifier"),
+    tenant_id: str = TENANT_ARGUMENT,
     output: Path = OUTPUT_OPTION,
     fmt: TableOrJson | None = TABLE_JSON_OPTION,
 ) -> None:

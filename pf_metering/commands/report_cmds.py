@@ -7,7 +7,6 @@ invoices from the billing file; it never creates or changes an invoice.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from common.errors import UserError
 from pf_metering.commands.common import (
     OUTPUT_OPTION,
     QUIET_OPTION,
+    TENANT_ARGUMENT,
     check_tenant,
     output_path,
     parse_period,
@@ -35,13 +35,6 @@ DEFAULT_MONTHS = 12
 MAX_PERIODS = 120
 
 
-def _periods(first: Period, last: Period) -> Iterator[Period]:
-    period = first
-    while period <= last:
-        yield period
-        period = period.next()
-
-
 def _range(start: str | None, end: str | None, now: datetime) -> list[Period]:
     last = parse_period(end) if end else Period.of(now)
     first = parse_period(start) if start else last
@@ -50,7 +43,7 @@ def _range(start: str | None, end: str | None, now: datetime) -> list[Period]:
             first = first.previous()
     if first > last:
         raise UserError(f"--from {first} is after --to {last}")
-    periods = list(_periods(first, last))
+    periods = list(first.through(last))
     if len(periods) > MAX_PERIODS:
         raise UserError(f"{len(periods)} periods asked; a report covers at most {MAX_PERIODS}")
     return periods
@@ -58,7 +51,7 @@ def _range(start: str | None, end: str | None, now: datetime) -> list[Period]:
 
 def report(
     ctx: typer.Context,
-    tenant_id: str = typer.Argument(..., help="tenant identifier"),
+    tenant_id: str = TENANT_ARGUMENT,
     start: str = typer.Option(
         None, "--from", help=f"first period, YYYY-MM (default: {DEFAULT_MONTHS} months to --to)"
     ),

@@ -16,6 +16,7 @@ from pf_metering.commands.books import billing, read_usage, utc_now
 from pf_metering.commands.common import (
     FORMAT_OPTION,
     OUTPUT_OPTION,
+    TENANT_ARGUMENT,
     check_tenant,
     output_path,
     parse_period,
@@ -62,7 +63,7 @@ def tenants_add(
 @tenants_app.command("set-tier")
 def tenants_set_tier(
     ctx: typer.Context,
-    tenant_id: str = typer.Argument(..., help="tenant identifier"),
+    tenant_id: str = TENANT_ARGUMENT,
     tier: str = typer.Argument(..., help="tier name, e.g. professional"),
     start: str = typer.Option(
         None, "--from", help="first period rated with TIER, YYYY-MM (default: this month)"

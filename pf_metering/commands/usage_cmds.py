@@ -10,17 +10,16 @@ import typer
 from rich.table import Table
 
 from billing import invoicing
-from billing.invoicing import Rules
 from billing.rating import quota_report
 from billing.render.invoice_json import quota_json
 from billing.tiers import get_tier
-from pf_metering.commands.books import billing, quotas_table, read_usage, right
+from pf_metering.commands.books import billing, quotas_table, read_usage, right, tenant_period
 from pf_metering.commands.common import (
     FORMAT_OPTION,
     OUTPUT_OPTION,
-    check_tenant,
+    PERIOD_ARGUMENT,
+    TENANT_ARGUMENT,
     output_path,
-    parse_period,
     settings_of,
 )
 from pf_metering.output import Format, render, write
@@ -29,20 +28,18 @@ from schemas.codec import COUNTERS
 
 def usage_cmd(
     ctx: typer.Context,
-    tenant_id: str = typer.Argument(..., help="tenant identifier"),
-    period: str = typer.Argument(..., help="billing period, YYYY-MM"),
+    tenant_id: str = TENANT_ARGUMENT,
+    period: str = PERIOD_ARGUMENT,
     fmt: Format = FORMAT_OPTION,
     output: Path = OUTPUT_OPTION,
 ) -> None:
     """Usage totals of a tenant in a period, with quota utilisation for its tier."""
     cfg = settings_of(ctx)
-    check_tenant(tenant_id)
-    target = parse_period(period)
-    usage = read_usage(cfg, tenant_id)
-    rules = Rules.from_settings(cfg)
+    asked = tenant_period(cfg, tenant_id, period)
+    usage, target = asked.usage, asked.period
     with billing(cfg) as con:
         tenant = invoicing.known_tenant(con, usage, tenant_id)
-    tier = get_tier(rules.tiers, tenant.tier_for(target))
+    tier = get_tier(asked.rules.tiers, tenant.tier_for(target))
     row = usage.row(tenant_id, target) or {}
     quotas = quota_report(tier, usage.usage(tenant_id, target))
     data: dict[str, Any] = {"tenant_id": tenant_id, "period": str(target), "tier": tier.name}
