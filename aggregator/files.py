@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import duckdb
 
-from common.errors import OperationError
+from common.errors import StorageError
 
 T = TypeVar("T")
 
@@ -27,10 +27,15 @@ def is_lock_error(exc: duckdb.Error) -> bool:
     return "lock" in text or "conflicting" in text or "already open" in text
 
 
-def retry_while_locked(open_once: Callable[[], T], timeout: float, what: str) -> T:
+def retry_while_locked(
+    open_once: Callable[[], T],
+    timeout: float,
+    what: str,
+    error: type[StorageError] = StorageError,
+) -> T:
     """``open_once()``, retried with jittered backoff while the file is locked, for up to
-    ``timeout`` seconds; any other failure, or the lock outlasting it, is an OperationError
-    ``cannot open <what>: ...``."""
+    ``timeout`` seconds; any other failure, or the lock outlasting it, raises ``error``
+    ``cannot open <what>: ...`` from DuckDB's."""
     deadline = time.monotonic() + timeout
     delay = 0.02
     while True:
@@ -38,6 +43,6 @@ def retry_while_locked(open_once: Callable[[], T], timeout: float, what: str) ->
             return open_once()
         except duckdb.Error as exc:
             if not is_lock_error(exc) or time.monotonic() >= deadline:
-                raise OperationError(f"cannot open {what}: {exc}") from exc
+                raise error(f"cannot open {what}: {exc}") from exc
         time.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, 0.5)

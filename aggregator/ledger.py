@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from aggregator.files import retry_while_locked, topic_folder
 from aggregator.fold import fold_fresh
 from aggregator.snapshot import publish_partition
-from common.errors import OperationError
+from common.errors import LedgerError
 from common.sqltext import sql_string
 from schemas.codec import COUNTERS
 from schemas.prepare import PreparedBatch
@@ -147,9 +147,9 @@ class PartitionLedger:
         except duckdb.Error as exc:
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
-            raise OperationError(
+            raise LedgerError(
                 f"ledger commit failed for {self.topic}[{self.partition}]: {exc}"
-            ) from None
+            ) from exc
         finally:
             for name in registered:
                 with contextlib.suppress(duckdb.Error):
@@ -231,7 +231,9 @@ class LedgerSet:
         path.parent.mkdir(parents=True, exist_ok=True)
         alias = f"p{partition}"
         attach = f"ATTACH {sql_string(path)} AS {alias}"
-        retry_while_locked(lambda: self.con.execute(attach), self.lock_timeout, f"ledger {path}")
+        retry_while_locked(
+            lambda: self.con.execute(attach), self.lock_timeout, f"ledger {path}", LedgerError
+        )
         ledger = PartitionLedger(self.con, alias, self.topic, partition)
         self.held[partition] = ledger
         return ledger

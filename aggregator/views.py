@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 
 from aggregator.snapshot import Freshness, freshness, snapshot_files, topic_dir
-from common.errors import OperationError
+from common.errors import StorageError
 from common.sqltext import sql_string
 from schemas.codec import COUNTERS
 
@@ -108,7 +108,7 @@ def open_usage(snapshot_dir: Path, topic: str) -> UsageReader:
         except duckdb.Error as exc:
             con.close()
             if attempt == READ_ATTEMPTS - 1:
-                raise OperationError(f"cannot read the usage snapshot: {exc}") from None
+                raise StorageError(f"cannot read the usage snapshot: {exc}") from exc
             time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
 

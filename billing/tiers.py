@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from billing.model import plain
-from common.errors import UserError
+from common.errors import TierFileError, UserError
 
 DEFAULT_TIER = "basic"
 
@@ -211,16 +211,16 @@ def _where(loc: tuple[int | str, ...]) -> str:
 
 
 def parse_tiers_file(path: Path) -> dict[str, Tier]:
-    """The custom tiers of ``path``; any problem is one UserError naming the file and key."""
+    """The custom tiers of ``path``; any problem is one TierFileError naming the file and key."""
     try:
         with path.open("rb") as fh:
             raw = tomllib.load(fh, parse_float=Decimal)
     except OSError as exc:
-        raise UserError(f"cannot read tiers file {path}: {exc.strerror or exc}") from None
+        raise TierFileError(f"cannot read tiers file {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"invalid tiers file {path}: {exc}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"invalid tiers file {path}: not UTF-8 text") from None
+        raise TierFileError(f"invalid tiers file {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise TierFileError(f"invalid tiers file {path}: not UTF-8 text") from exc
     try:
         parsed = TiersFile.model_validate(raw)
     except ValidationError as exc:
@@ -228,13 +228,13 @@ def parse_tiers_file(path: Path) -> dict[str, Tier]:
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         first = errors[0]
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise UserError(
+        raise TierFileError(
             f"invalid tiers file {path}: {_where(first['loc'])}: {first['msg']}{more}"
-        ) from None
+        ) from exc
     tiers: dict[str, Tier] = {}
     for name, spec in parsed.tiers.items():
         if name in BUILTIN_TIERS:
-            raise UserError(
+            raise TierFileError(
                 f"invalid tiers file {path}: tiers.{name}: built-in tier, cannot be redefined"
             )
         fields = spec.model_dump(exclude={"display_name"})
@@ -253,5 +253,5 @@ def load_tiers(path: Path | None) -> dict[str, Tier]:
 def get_tier(tiers: dict[str, Tier], name: str) -> Tier:
     try:
         return tiers[name]
-    except KeyError:
-        raise UserError(f"unknown tier {name!r}; known tiers: {', '.join(tiers)}") from None
+    except KeyError as exc:
+        raise UserError(f"unknown tier {name!r}; known tiers: {', '.join(tiers)}") from exc

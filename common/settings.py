@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.errors import UserError
+from common.errors import ConfigError
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -108,10 +108,10 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read settings; a bad value becomes a UserError naming the variable (never its value)."""
+    """Read settings; a bad value is a ConfigError naming the variable (never its value)."""
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         err = exc.errors()[0]
         var = str(err["loc"][0]).upper() if err["loc"] else "configuration"
-        raise UserError(f"invalid {var}: {err['msg']}") from None
+        raise ConfigError(f"invalid {var}: {err['msg']}") from exc

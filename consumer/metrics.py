@@ -25,9 +25,11 @@ class WorkerMetrics:
             "pf_events_duplicate", "Events recognised as already counted", registry=r
         )
         self.dead = Counter(
-            "pf_events_dead_lettered", "Invalid records stored as dead letters", ["reason"],
+            "pf_events_dead_lettered",
+            "Invalid records stored as dead letters",
+            ["reason"],
             registry=r,
-        )  # fmt: skip
+        )
         for reason in REASONS:
             self.dead.labels(reason=reason)
         self.batch_seconds = Histogram(
@@ -37,9 +39,11 @@ class WorkerMetrics:
             registry=r,
         )
         self.lag = Gauge(
-            "pf_consumer_lag", "Records between the ledger offset and the end of the partition",
-            ["partition"], registry=r,
-        )  # fmt: skip
+            "pf_consumer_lag",
+            "Records between the ledger offset and the end of the partition",
+            ["partition"],
+            registry=r,
+        )
         self.last_commit = Gauge(
             "pf_last_commit_timestamp_seconds", "Unix time of the last ledger commit", registry=r
         )

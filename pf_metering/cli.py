@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import click
 import typer
 
-from common.errors import OperationError, UserError
+from common.errors import MeteringError
 from common.logs import configure, redact, secrets_of
 from common.settings import Settings, load_settings
 from pf_metering.commands import register
@@ -58,7 +58,7 @@ def main() -> None:
         _fail("interrupted", 130, cfg)
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code, cfg)
-    except (UserError, OperationError) as exc:
+    except MeteringError as exc:
         _fail(str(exc), exc.exit_code, cfg)
     except Exception as exc:  # unexpected: one line; the traceback only at DEBUG
         logging.getLogger("pf_metering").debug("unexpected error", exc_info=True)

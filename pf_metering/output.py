@@ -74,7 +74,7 @@ def write(text: str, output: Path | None) -> None:
     try:
         output.write_text(text)
     except OSError as exc:
-        raise UserError(f"cannot write {output}: {exc.strerror}") from None
+        raise UserError(f"cannot write {output}: {exc.strerror}") from exc
     print(f"wrote {output}", file=sys.stderr)
 
 

@@ -71,8 +71,10 @@ def vouched(events: pl.DataFrame, now_micros: int) -> pl.Series:
     """``surely_valid`` for every row of ``events``, audited (see the module doc)."""
     mask = events.select(surely_valid(events, now_micros)).to_series()
     if mask.any() and not _audit(events, mask, now_micros):
-        log.warning("vectorised validation vouched for an event validate() refuses: "
-                    "checking this batch event by event")  # fmt: skip
+        log.warning(
+            "vectorised validation vouched for an event validate() refuses: "
+            "checking this batch event by event"
+        )
         return pl.repeat(False, events.height, eager=True)
     return mask
 

@@ -137,7 +137,7 @@ class Codec:
         try:
             record = fastavro.schemaless_reader(body, writer.parsed, reader)
         except Exception as exc:  # fastavro raises many types on garbage
-            raise DecodeError("undecodable_body", f"{type(exc).__name__}: {exc}"[:200]) from None
+            raise DecodeError("undecodable_body", f"{type(exc).__name__}: {exc}"[:200]) from exc
         if not isinstance(record, dict):
             raise DecodeError("undecodable_body", "body is not a record")
         if body.tell() != len(value):

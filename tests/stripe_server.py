@@ -95,10 +95,10 @@ def parse_form(body: str) -> Obj:
 def _int(params: Obj, name: str) -> int:
     try:
         return int(params[name])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError) as exc:
         raise StripeErr(
             400, "invalid_request_error", f"Invalid integer: {name}", stored=False
-        ) from None
+        ) from exc
 
 
 @dataclass

@@ -24,8 +24,8 @@ def json_log_records(stderr: str) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            raise AssertionError(f"not a JSON log line: {line!r}") from None
+        except json.JSONDecodeError as exc:
+            raise AssertionError(f"not a JSON log line: {line!r}") from exc
         assert isinstance(record, dict), line
         assert {"ts", "level", "logger", "message"} <= record.keys(), line
         assert record["ts"].endswith("Z") and datetime.fromisoformat(record["ts"]), line

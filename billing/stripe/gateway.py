@@ -125,7 +125,7 @@ class StripeGateway:
             except stripe.StripeError as exc:
                 retryable = is_retryable(exc)
                 if not retryable or attempt >= self.retry.max_attempts:
-                    raise self._failure(operation, exc, retryable, attempt) from None
+                    raise self._failure(operation, exc, retryable, attempt) from exc
                 pause = self.retry.delay(attempt, self.rng)
                 log.warning(
                     "stripe %s failed (%s), retry %d in %.2fs",

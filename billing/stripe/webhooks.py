@@ -88,8 +88,8 @@ def verify(
         if key == "t":
             try:
                 timestamp = int(value)
-            except ValueError:
-                raise SignatureError("malformed timestamp in Stripe-Signature") from None
+            except ValueError as exc:
+                raise SignatureError("malformed timestamp in Stripe-Signature") from exc
         elif key == "v1":
             candidates.append(value)
     if timestamp is None:
@@ -106,8 +106,8 @@ def verify(
 def parse_event(payload: bytes) -> Event:
     try:
         body: Any = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise EventError("body is not JSON") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EventError("body is not JSON") from exc
     if not isinstance(body, dict):
         raise EventError("body is not a JSON object")
     event_id, event_type = body.get("id"), body.get("type")

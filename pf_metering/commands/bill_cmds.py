@@ -23,10 +23,10 @@ def _parse_as_of(text: str | None, now: datetime) -> datetime:
     try:
         moment = datetime.fromisoformat(text.strip())
         moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError) as exc:
         raise UserError(
             f"invalid --as-of {text[:40]!r}: expected ISO-8601, e.g. 2025-02-01T02:00:00Z"
-        ) from None
+        ) from exc
     if moment > now:
         raise UserError(f"--as-of {text} lies in the future")
     if moment.year < 1970:  # no period before 1970 exists; earlier instants overflow

@@ -32,7 +32,7 @@ def parse_period(text: str) -> Period:
     try:
         return Period.parse(text)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(str(exc)) from exc
 
 
 def check_tenant(tenant_id: str) -> str:

@@ -51,9 +51,7 @@ def consume(
         try:
             metrics.serve(metrics_port)
         except OSError as exc:
-            raise UserError(
-                f"cannot serve metrics on port {metrics_port}: {exc.strerror}"
-            ) from None
+            raise UserError(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from exc
     with progress_bar(quiet or not drain) as bar:
         task = bar.add_task("draining", total=None)
 
@@ -101,10 +99,15 @@ def dead_letters(
     reader.close()
     shown = [{k: printable(v) for k, v in r.items()} for r in rows]  # keys come from anyone
     render(
-        fmt, output_path(output), json_data=rows, csv_rows=lambda: shown,
-        table=lambda: rows_table([{k: v for k, v in r.items() if k != "value"} for r in shown],
-                                 title=f"{len(rows)} dead letters"),
-    )  # fmt: skip
+        fmt,
+        output_path(output),
+        json_data=rows,
+        csv_rows=lambda: shown,
+        table=lambda: rows_table(
+            [{k: v for k, v in r.items() if k != "value"} for r in shown],
+            title=f"{len(rows)} dead letters",
+        ),
+    )
 
 
 def printable(value: Any) -> Any:
@@ -155,13 +158,18 @@ def sql(
         cols = rel.columns if rel is not None else []
         rows = [dict(zip(cols, r, strict=True)) for r in rel.fetchall()] if rel else []
     except duckdb.Error as exc:
-        raise UserError(f"query failed: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"query failed: {str(exc).splitlines()[0]}") from exc
     finally:
         reader.close()
     shown = [{k: printable(v) for k, v in r.items()} for r in rows]
     data = [{k: v.hex() if isinstance(v, bytes) else v for k, v in r.items()} for r in rows]
-    render(fmt, output_path(output), json_data=data, csv_rows=lambda: shown,
-           table=lambda: rows_table(shown))  # fmt: skip
+    render(
+        fmt,
+        output_path(output),
+        json_data=data,
+        csv_rows=lambda: shown,
+        table=lambda: rows_table(shown),
+    )
 
 
 def register(app: typer.Typer) -> None:

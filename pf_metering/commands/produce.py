@@ -49,7 +49,7 @@ def simulate_usage(
         try:
             emitter.flush()
         except DeliveryFailed as exc:
-            raise OperationError(str(exc)) from None
+            raise OperationError(str(exc)) from exc
     summary = ", ".join(f"{k}={totals[k]}" for k in COUNTERS)
     print(
         f"sent {events} events for {sessions} sessions of {tenant_id} in {target} "
