@@ -19,14 +19,15 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
+
+from billing.stripe.webhook_server import KeepAliveHandler
 
 FaultKind = Literal["fail", "drop", "error_after"]
 Obj = dict[str, Any]
@@ -408,15 +409,7 @@ def _error_kind(status: int) -> str:
     )
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in separate writes: without this, Nagle's algorithm and
-        # delayed ACKs hold every keep-alive response back by ~40 ms.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
+class _Handler(KeepAliveHandler):
     server: _Server
 
     def do_GET(self) -> None:

@@ -148,15 +148,18 @@ class WebhookServer(ThreadingHTTPServer):
         return f"http://{host!s}:{port}"
 
 
-class _Handler(BaseHTTPRequestHandler):
+class KeepAliveHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive with TCP_NODELAY: headers and body go out in separate writes, and
+    without it Nagle's algorithm and delayed ACKs hold back every keep-alive response."""
+
     protocol_version = "HTTP/1.1"
 
     def setup(self) -> None:
         super().setup()
-        # Headers and body go out in separate writes: without this, Nagle's algorithm and
-        # delayed ACKs hold every keep-alive response back by ~40 ms.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+
+class _Handler(KeepAliveHandler):
     server: WebhookServer
 
     def do_GET(self) -> None:
