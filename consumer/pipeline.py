@@ -1,9 +1,7 @@
 """A background stage that runs one kind of work, item by item, in submission order.
 
-Why: the worker's two heavy steps hold the GIL little. polars and pyarrow decode a poll,
-DuckDB executes a ledger commit, and both release the GIL while they run. Committing
-poll N on this stage while the main thread polls and decodes poll N+1 uses the second
-core (measured in docs/performance.md).
+The work it runs (decoding, a ledger commit) releases the GIL, so the caller's thread goes on
+meanwhile (docs/performance.md, "The pipeline").
 
 Contract: items are processed one at a time in the order submitted; ``flush`` returns
 once every submitted item is done; the first failure stops the stage (later items are
