@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from aggregator.files import retry_while_locked, topic_folder
 from aggregator.fold import fold_fresh
+from aggregator.recovery import set_aside_torn_ledger
 from aggregator.snapshot import publish_partition
 from common.errors import LedgerError
 from common.sqltext import sql_string
@@ -224,10 +225,12 @@ class LedgerSet:
         self.held: dict[int, PartitionLedger] = {}
 
     def acquire(self, partition: int) -> PartitionLedger:
-        """Attach a partition's file, waiting while another worker still holds it."""
+        """Attach a partition's file, waiting while another worker still holds it; a file
+        torn at its creation is set aside first (``aggregator.recovery``)."""
         if partition in self.held:
             return self.held[partition]
         path = ledger_path(self.ledger_dir, self.topic, partition)
+        set_aside_torn_ledger(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         alias = f"p{partition}"
         attach = f"ATTACH {sql_string(path)} AS {alias}"

@@ -1,13 +1,16 @@
 """A thin, typed shell over confluent-kafka's Consumer for the worker.
 
 It owns the client configuration (offsets never auto-committed or auto-stored: the ledger
-is the source of truth) and turns polled messages into per-partition ``RecordBatch``es.
+is the source of truth), the part of the client the worker uses (``ConsumerClient``: tests
+give the worker an in-memory one through its consumer factory), and turns polled
+messages into per-partition ``RecordBatch``es.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol, cast, overload
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -30,6 +33,55 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "max.partition.fetch.bytes": 10_485_760,
     "fetch.queue.backoff.ms": 50,
 }
+
+
+RebalanceCallback = Callable[[Any, list[TopicPartition]], None]
+
+
+class ConsumerClient(Protocol):
+    """What the worker uses of confluent-kafka's ``Consumer`` (same signatures)."""
+
+    def subscribe(
+        self,
+        topics: list[str],
+        on_assign: RebalanceCallback | None = ...,
+        on_revoke: RebalanceCallback | None = ...,
+        on_lost: RebalanceCallback | None = ...,
+    ) -> None: ...
+    def consume(self, num_messages: int = ..., timeout: float = ...) -> list[Message]: ...
+    def assign(self, partitions: list[TopicPartition]) -> None: ...
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None: ...
+    @overload
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: Literal[True]) -> object: ...
+    @overload
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: Literal[False]) -> object: ...
+    def get_watermark_offsets(
+        self, partition: TopicPartition, timeout: float = ..., cached: bool = ...
+    ) -> tuple[int, int]: ...
+    def committed(
+        self, partitions: list[TopicPartition], timeout: float = ...
+    ) -> list[TopicPartition]: ...
+    def list_topics(self, topic: str | None = ..., timeout: float = ...) -> Any: ...
+    def close(self) -> None: ...
+
+
+ConsumerFactory = Callable[[dict[str, Any]], ConsumerClient]
+
+
+def kafka_consumer(config: dict[str, Any]) -> ConsumerClient:
+    """The worker's default consumer factory: confluent-kafka's ``Consumer``."""
+    return Consumer(config)
+
+
+def commit_offsets(
+    consumer: ConsumerClient, topic: str, offsets: Mapping[int, int], *, wait: bool
+) -> None:
+    """Store ``offsets`` (partition -> next offset) as the group's committed offsets."""
+    listed = [TopicPartition(topic, p, offset) for p, offset in offsets.items()]
+    if wait:
+        consumer.commit(offsets=listed, asynchronous=False)
+    else:
+        consumer.commit(offsets=listed, asynchronous=True)
 
 
 def consumer_config(
@@ -85,7 +137,7 @@ def split_by_partition(messages: list[Message]) -> dict[int, RecordBatch]:
     return out
 
 
-def topic_partitions(consumer: Consumer, topic: str, timeout: float = 10.0) -> list[int]:
+def topic_partitions(consumer: ConsumerClient, topic: str, timeout: float = 10.0) -> list[int]:
     """The partition ids of ``topic``, from a metadata request."""
     meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
     if meta.error is not None:
@@ -94,7 +146,7 @@ def topic_partitions(consumer: Consumer, topic: str, timeout: float = 10.0) -> l
 
 
 def end_offsets(
-    consumer: Consumer, topic: str, partitions: list[int], timeout: float = 10.0
+    consumer: ConsumerClient, topic: str, partitions: list[int], timeout: float = 10.0
 ) -> dict[int, int]:
     """High watermark of each of ``partitions`` of ``topic``.
 
@@ -110,7 +162,7 @@ def end_offsets(
     return ends
 
 
-def cached_high_watermark(consumer: Consumer, topic: str, partition: int) -> int:
+def cached_high_watermark(consumer: ConsumerClient, topic: str, partition: int) -> int:
     """The partition's end as last seen in a fetch response (-1: not known yet)."""
     try:
         tp = TopicPartition(topic, partition)
@@ -119,7 +171,9 @@ def cached_high_watermark(consumer: Consumer, topic: str, partition: int) -> int
         return -1
 
 
-def committed_offsets(consumer: Consumer, topic: str, partitions: list[int]) -> dict[int, int]:
+def committed_offsets(
+    consumer: ConsumerClient, topic: str, partitions: list[int]
+) -> dict[int, int]:
     if not partitions:
         return {}
     got = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)

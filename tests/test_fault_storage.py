@@ -19,7 +19,7 @@ from typing import Any
 import duckdb
 from confluent_kafka import Consumer, TopicPartition
 
-from consumer.worker import set_aside_torn_ledger
+from aggregator.recovery import set_aside_torn_ledger
 from schemas.codec import default_codec
 from schemas.prepare import Record
 from tests.cli_runner import BIN, assert_user_error

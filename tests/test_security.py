@@ -26,6 +26,7 @@ from common.settings import load_settings
 from consumer.kafka import consumer_config
 from consumer.worker import Worker
 from emitter import Emitter
+from pf_metering.commands.consume_cmds import worker_config
 from tests.cli_runner import BIN, run_cli
 from tests.stripe_fixtures import (
     API_KEY,
@@ -232,7 +233,7 @@ def test_worker_and_emitter_hand_tls_and_sasl_settings_to_librdkafka() -> None:
     }  # fmt: skip
     # librdkafka itself refuses the missing CA file: the setting got all the way there
     with pytest.raises(KafkaException, match=r"ssl\.ca\.location"):
-        Worker(settings)
+        Worker(worker_config(settings))
     with pytest.raises(KafkaException, match=r"ssl\.ca\.location"):
         Emitter("127.0.0.1:9", "t", config=settings.kafka_common())
 

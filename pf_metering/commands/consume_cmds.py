@@ -16,6 +16,8 @@ import typer
 from aggregator.views import open_usage
 from billing.db import copy_queryable_tables
 from common.errors import UserError
+from common.settings import Settings
+from consumer.config import WorkerConfig
 from consumer.metrics import WorkerMetrics
 from consumer.worker import Worker
 from pf_metering.commands.common import (
@@ -58,7 +60,8 @@ def consume(
         def show(consumed: int, remaining: int) -> None:
             bar.update(task, completed=consumed, total=consumed + remaining)
 
-        worker = Worker(cfg, drain=drain, metrics=metrics, strategy=strategy, progress=show)
+        config = worker_config(cfg)
+        worker = Worker(config, drain=drain, metrics=metrics, strategy=strategy, progress=show)
         worker.install_signal_handlers()
         stats = worker.run()
     if not quiet:
@@ -69,6 +72,22 @@ def consume(
             file=sys.stderr,
         )
     exit_without_teardown()
+
+
+def worker_config(cfg: Settings) -> WorkerConfig:
+    """What the worker needs of the settings."""
+    return WorkerConfig(
+        topic=cfg.metering_topic,
+        group=cfg.metering_group,
+        kafka=cfg.kafka_common(),
+        data_dir=cfg.metering_data_dir,
+        ledger_dir=cfg.ledger_dir,
+        snapshot_dir=cfg.snapshot_dir,
+        batch_size=cfg.metering_batch_size,
+        dedup_days=cfg.metering_dedup_days,
+        snapshot_seconds=cfg.metering_snapshot_seconds,
+        lock_timeout=cfg.metering_lock_timeout,
+    )
 
 
 def exit_without_teardown() -> NoReturn:

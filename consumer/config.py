@@ -1,0 +1,30 @@
+"""What a worker needs to know, given to it whole (the CLI builds it from the settings)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DAY_MICROS = 86_400 * 1_000_000
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The topic and group, where the files go, and the worker's limits."""
+
+    topic: str
+    group: str
+    kafka: Mapping[str, Any] = field(repr=False)  # librdkafka settings (may hold secrets)
+    data_dir: Path  # query.duckdb is written here
+    ledger_dir: Path
+    snapshot_dir: Path
+    batch_size: int  # records of one partition handed over at once, at most
+    dedup_days: int  # events older than this before a partition's newest are dead-lettered
+    snapshot_seconds: float  # a committed ledger is published at least this often
+    lock_timeout: float  # seconds to wait for another worker to let go of a ledger file
+
+    @property
+    def dedup_window_micros(self) -> int:
+        return self.dedup_days * DAY_MICROS
