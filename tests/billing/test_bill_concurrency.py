@@ -25,10 +25,10 @@ import pytest
 
 from bench.ledger_load import publish_usage
 from common.settings import load_settings
-from tests.cli_runner import BIN, run_cli
-from tests.stripe_fixtures import API_KEY, fake_stripe_fixture  # noqa: F401 (fixture)
-from tests.stripe_server import FakeStripe
-from tests.test_invoices import SEED, event
+from tests.fixtures.seeds import SEED, event
+from tests.fixtures.stripe import API_KEY
+from tests.support.cli_runner import BIN, run_cli
+from tests.support.stripe_server import FakeStripe
 
 SOAK = os.environ.get("PF_SOAK") == "1"
 TENANTS, PERIODS = 500, ("2025-01", "2025-02", "2025-03", "2025-04")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,32 +23,13 @@ from billing.rating import MIB, Usage, rate, round_cents
 from billing.tiers import BUILTIN_TIERS, PRICE_FIELDS
 from common import settings as config
 from common.errors import UserError
-from schemas.codec import COUNTERS
 from schemas.periods import Period
-from tests.cli_runner import run_cli
-from tests.events import make_event
-
-SEED = {
-    "cpu_ms": 3_600_000,
-    "network_bytes": 1_048_576,
-    "api_calls": 100,
-    "tool_executions": 50,
-    "data_retrievals": 25,
-    "egress_scans": 10,
-    "policy_checks": 500,
-    "violations": 2,
-}
+from tests.fixtures.seeds import SEED, event
+from tests.support.cli_runner import run_cli
 
 
 def at(year: int, month: int, day: int = 1, hour: int = 0, minute: int = 0) -> datetime:
     return datetime(year, month, day, hour, minute, tzinfo=UTC)
-
-
-def event(tenant: str, period: str, **counters: int) -> dict[str, Any]:
-    """One event in the middle of ``period`` with exactly ``counters`` (others 0)."""
-    start = Period.parse(period).start + timedelta(days=14)
-    values = {c: counters.get(c, 0) for c in COUNTERS}
-    return make_event(tenant, occurred_at=int(start.timestamp() * 1_000_000), **values)
 
 
 @dataclass

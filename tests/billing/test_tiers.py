@@ -11,8 +11,9 @@ import pytest
 
 from billing.tiers import BUILTIN_TIERS, load_tiers, parse_tiers_file
 from common.errors import UserError
-from tests.cli_runner import assert_user_error, run_cli
-from tests.test_billing_cli import Cli, pfm_fixture  # noqa: F401 (fixture)
+from tests.fixtures.cli import Cli
+from tests.fixtures.seeds import CUSTOM
+from tests.support.cli_runner import assert_user_error, run_cli
 
 ORIGINAL = {  # the original tool's tiers, column by column
     "basic": ("Basic", "50.00", "0.0000001", "0.05", "0.001", "0.01", "0.005", "0.002", "0.001",
@@ -26,26 +27,6 @@ PRICES = ("base_price_usd", "cpu_price_per_ms", "network_price_per_mb", "api_cal
           "tool_execution_price", "data_retrieval_price", "egress_scan_price",
           "policy_check_price", "violation_price", "risk_multiplier")  # fmt: skip
 QUOTAS = ("cpu_ms", "network_mb", "api_calls", "tool_executions", "data_retrievals")
-
-CUSTOM = """
-[tiers.startup]
-display_name = "Startup"
-base_price_usd = 20.00
-cpu_price_per_ms = 0.0000001
-network_price_per_mb = 0.05
-api_call_price = 0.001
-tool_execution_price = 0.01
-data_retrieval_price = 0.005
-egress_scan_price = 0.002
-policy_check_price = 0.001
-violation_price = 1
-risk_multiplier = 0.95
-quota_mode = "included"
-
-[tiers.startup.quotas]
-cpu_ms = 1_000_000
-network_mb = 100
-"""
 
 
 @pytest.mark.parametrize("name", list(ORIGINAL))

@@ -8,9 +8,9 @@ import json
 from datetime import datetime
 from typing import Any
 
-from tests.cli_runner import run_cli
-from tests.events import make_event
-from tests.worker_harness import produce, produce_raw
+from tests.support.cli_runner import run_cli
+from tests.support.events import make_event
+from tests.support.worker_harness import produce, produce_raw
 
 SECRET = "sk_test_do-not-log-me-4242"
 LEVELS = {"debug", "info", "warning", "error", "critical"}

@@ -6,8 +6,8 @@ simulate-usage, consume, bill --stripe (our stateful Stripe test server), every 
 with ``-o`` files, ``webhooks serve`` with good and bad deliveries, and the error paths most
 likely to echo a secret (Stripe answering 401 with the key it was given, Stripe unreachable,
 Kafka TLS/SASL misconfigured). Then every stdout, stderr, log line and file written is searched
-for the secrets. (test_webhooks.py covers bad signatures, tampering, staleness and plain
-replays; here only what it does not.)
+for the secrets. (tests/billing/stripe/test_webhooks.py covers bad signatures, tampering,
+staleness and plain replays; here only what it does not.)
 """
 
 from __future__ import annotations
@@ -27,24 +27,21 @@ from consumer.kafka import consumer_config
 from consumer.worker import Worker
 from emitter import Emitter
 from pf_metering.commands.consume_cmds import worker_config
-from tests.cli_runner import BIN, run_cli
-from tests.stripe_fixtures import (
+from tests.fixtures.cli import Cli, Result
+from tests.fixtures.stripe import (
     API_KEY,
     WEBHOOK_SECRET,
-    fake_stripe_fixture,  # noqa: F401 (fixture)
     stripe_signature,
 )
-from tests.stripe_server import FakeStripe, running
-from tests.test_billing_cli import Cli, Result, pfm_fixture  # noqa: F401 (fixture)
-from tests.test_webhooks import (  # noqa: F401 (fixtures)
+from tests.fixtures.webhooks import (
     PAST_DUE,
     Endpoint,
     T,
-    billing_fixture,
-    endpoint_fixture,
     event,
     post,
 )
+from tests.support.cli_runner import BIN, run_cli
+from tests.support.stripe_server import FakeStripe, running
 
 SASL_PASSWORD = "kafka-sasl-pw-0123456789SECRET"
 SSL_KEY_PASSWORD = "kafka-ssl-key-pw-0123456789SECRET"
@@ -165,7 +162,7 @@ def test_no_secret_in_any_output_of_a_full_flow(
             assert secret.encode() not in path.read_bytes(), (name, path)
 
 
-# --- webhooks: what test_webhooks.py does not cover -------------------------------------------
+# --- webhooks: what tests/billing/stripe/test_webhooks.py does not cover ----------------------
 
 
 def test_a_captured_signature_moved_to_a_fresh_timestamp_is_refused(endpoint: Endpoint) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from common.errors import UserError
 from common.settings import Settings, load_settings
-from tests.cli_runner import assert_user_error, run_cli
+from tests.support.cli_runner import assert_user_error, run_cli
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

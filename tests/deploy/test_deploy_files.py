@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import click
@@ -16,8 +15,9 @@ import yaml
 
 from common.settings import Settings
 from pf_metering.cli import build_app
+from tests.support import REPO
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = REPO / "deploy"
 SETTINGS_VARS = frozenset(name.upper() for name in Settings.model_fields)
 BINARY = "pf-metering"
 # The long-running and nightly parts every deployment must run.

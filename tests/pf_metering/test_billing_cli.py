@@ -10,24 +10,20 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
-import sys
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from bench.ledger_load import publish_usage
 from common import settings as config
-from pf_metering.cli import main
 from schemas.periods import Period
-from tests.cli_runner import run_cli
-from tests.stripe_fixtures import API_KEY, fake_stripe_fixture  # noqa: F401 (fixture)
-from tests.stripe_server import FakeStripe
-from tests.test_invoices import SEED, event
+from tests.fixtures.cli import Cli
+from tests.fixtures.seeds import SEED, event
+from tests.fixtures.stripe import API_KEY
+from tests.support.cli_runner import run_cli
+from tests.support.stripe_server import FakeStripe
 
 INVOICE_FIELDS = {
     "invoice_id", "tenant_id", "period", "period_start", "period_end", "tier", "currency",
@@ -38,57 +34,6 @@ USAGE_FIELDS = [
     "tool_executions", "data_retrievals", "egress_scans", "policy_checks", "violations",
     "risk_score_avg", "risk_score_max", "quotas",
 ]  # fmt: skip
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        assert self.code == 0, self.err
-        return json.loads(self.out)
-
-    def error(self, fragment: str) -> None:
-        """The one-line error contract."""
-        assert self.code != 0 and "Traceback" not in self.out + self.err
-        lines = [ln for ln in self.err.splitlines() if ln.strip()]
-        assert lines[-1].startswith("error: ") and fragment in lines[-1], self.err
-        assert sum(ln.startswith("error: ") for ln in lines) == 1
-
-
-@dataclass
-class Cli:
-    monkeypatch: pytest.MonkeyPatch
-    capsys: pytest.CaptureFixture[str]
-
-    def __call__(self, *args: str) -> Result:
-        self.monkeypatch.setattr(sys, "argv", ["pf-metering", *args])
-        root = logging.getLogger()
-        handlers, level = root.handlers[:], root.level  # main() configures logging: restore it
-        try:
-            main()
-            code: Any = 0
-        except SystemExit as exc:
-            code = exc.code
-        finally:
-            root.handlers[:] = handlers
-            root.setLevel(level)
-        captured = self.capsys.readouterr()
-        return Result(int(code or 0), captured.out, captured.err)
-
-    def publish(self, *events: dict[str, Any]) -> None:
-        publish_usage(config.load_settings(), list(events))
-
-
-@pytest.fixture(name="pfm")
-def pfm_fixture(
-    data_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Cli:
-    for name in ("STRIPE_ENABLED", "STRIPE_SECRET_KEY", "STRIPE_API_BASE", "METERING_TIERS_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    return Cli(monkeypatch, capsys)
 
 
 def test_usage_formats_zeros_and_errors(pfm: Cli, tmp_path: Path) -> None:

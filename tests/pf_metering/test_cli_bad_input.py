@@ -6,7 +6,8 @@ file) is unchanged, compared file by file and table by table before and after ev
 command.
 
 Most commands run in this process through the console script's ``main`` (same parsing, same
-error handling, no 2 s interpreter start each); output escaping runs the real script.
+error handling, no 2 s interpreter start each). Keys from Kafka shown escaped:
+tests/broker/pf_metering/test_cli_escapes.py.
 """
 
 from __future__ import annotations
@@ -27,14 +28,11 @@ from common import settings as config
 from common.settings import load_settings
 from pf_metering.cli import build_app
 from pf_metering.commands import AREAS
-from schemas.codec import default_codec
-from tests.cli_runner import run_cli
-from tests.events import make_event
-from tests.stripe_fixtures import API_KEY, WEBHOOK_SECRET
-from tests.test_billing_cli import Cli, pfm_fixture  # noqa: F401 (fixture)
-from tests.test_invoices import SEED, event
-from tests.test_tiers import CUSTOM
-from tests.worker_harness import drain, produce_raw
+from tests.fixtures.cli import Cli
+from tests.fixtures.seeds import CUSTOM, SEED, event
+from tests.fixtures.stripe import API_KEY, WEBHOOK_SECRET
+from tests.support.cli_runner import run_cli
+from tests.support.events import make_event
 
 SASL_PASSWORD = "kafka-sasl-pw-0123456789SECRET"
 AS_OF = "2025-03-01T02:00:00Z"
@@ -78,8 +76,8 @@ class Books:
         REFUSED.append(args)
 
 
-@pytest.fixture(name="books")
-def books_fixture(stored_books: Path, pfm: Cli, monkeypatch: pytest.MonkeyPatch) -> Books:
+@pytest.fixture
+def books(stored_books: Path, pfm: Cli, monkeypatch: pytest.MonkeyPatch) -> Books:
     """The shared books, with secrets in the environment and no broker (nothing here may
     reach one)."""
     for name, value in (("METERING_DATA_DIR", str(stored_books)),
@@ -263,29 +261,6 @@ def test_an_event_from_1950_does_not_stop_billing_for_everyone(pfm: Cli) -> None
     publish_usage(config.load_settings(), [old], partition=1)
     run = pfm("bill", "--as-of", "2025-04-01T02:00:00Z")
     assert run.code == 0, run.err
-
-
-def test_dead_letters_and_sql_never_print_terminal_escapes(env: dict[str, str], pfm: Cli) -> None:
-    """Kafka keys come from anyone: an ANSI or OSC sequence in one must reach the operator's
-    terminal escaped, in every format."""
-    evil = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x9b1m\r\u202e".encode()
-    mismatched = default_codec().encode(make_event("acme"))
-    produce_raw(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"],
-                [(evil, b"not avro"), (evil, mismatched)])  # fmt: skip
-    drain(env)
-    formats: tuple[list[str], ...] = ([], ["-f", "csv"], ["-f", "json"])
-    runs = [pfm("dead-letters", *fmt) for fmt in formats]
-    runs += [pfm("sql", "SELECT decode(key) AS k, reason FROM dead_letters", *f) for f in formats]
-    for run in runs:
-        assert run.code == 0, run.err
-        shown = run.out.replace("\r\n", "\n")  # CSV's own line ends aside
-        for control in ("\x1b", "\x07", "\x9b", "\r", "\u202e"):
-            assert control not in shown, (control, run.out)
-    letters = runs[2].json()
-    assert [d["key"] for d in letters] == [evil.decode()] * 2  # exact in JSON
-    assert {d["reason_code"] for d in letters} == {"not_single_object", "key_mismatch"}
-    blobs = pfm("sql", "SELECT key FROM dead_letters", "-f", "json").json()
-    assert blobs == [{"key": evil.hex()}] * 2
 
 
 def _command_names(app: typer.Typer) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 from fastavro.schema import fingerprint
 
 from schemas.codec import HEADER_LEN, Codec, DecodeError, PublishedSchema, default_codec, discover
-from tests.events import make_event
+from tests.support.events import make_event
 
 
 def test_int_fingerprint_matches_avro_spec() -> None:

@@ -4,8 +4,8 @@
 record through ``Codec.decode`` + ``validate``) on the same batches: same events table,
 same dead letters with the same reasons. Malformed bodies amid valid ones, writer schemas
 the columnar decoder cannot handle, and the bulk encoder on its own (the native decoder
-on its own: tests/test_flat_decoder.py).
-The emitter's bulk path is checked byte for byte against ``emit`` through the real broker.
+on its own: tests/schemas/test_native_decoder.py; the emitter's bulk path, through the
+real broker: tests/broker/emitter/test_emit_many.py).
 """
 
 from __future__ import annotations
@@ -16,18 +16,15 @@ import math
 import random
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emitter import DeliveryFailed, Emitter, InvalidEvent
 from schemas import batch_validation, native_decoder
 from schemas.bulk_encoder import encode
 from schemas.codec import COUNTERS, HEADER_LEN, Codec, default_codec, discover, load_schema
@@ -35,8 +32,8 @@ from schemas.fast_path import decode_fast, plans
 from schemas.flat_schema import FlatSchema
 from schemas.prepare import DeadLetter, PreparedBatch, Record, RecordBatch, prepare_batch
 from schemas.validation import REASONS
-from tests.events import make_event
-from tests.worker_harness import random_events, with_duplicates
+from tests.support.events import make_event
+from tests.support.worker_harness import random_events, with_duplicates
 
 CODEC = default_codec()
 NOW = int(time.time() * 1_000_000)
@@ -361,65 +358,3 @@ def test_record_batch_since_drops_redelivered() -> None:
     later = batch.since(7)
     assert list(later) == [Record(7, None, b"3"), Record(8, b"d", None)]
     assert len(batch.since(9)) == 0 and batch[1] == Record(6, b"b", b"2")
-
-
-# --- the emitter's bulk path ---------------------------------------------------------------
-
-
-def _read(bootstrap: str, topic: str, expected: int) -> list[tuple[bytes | None, bytes | None]]:
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4()}",
-         "enable.auto.commit": False}
-    )  # fmt: skip
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(6)])
-    got: list[tuple[bytes | None, bytes | None]] = []
-    deadline = time.time() + 60
-    while len(got) < expected and time.time() < deadline:
-        got += [(m.key(), m.value()) for m in consumer.consume(1000, 1.0) if m.error() is None]
-    consumer.close()
-    return got
-
-
-def test_emit_many_sends_what_emit_sends(kafka_bootstrap: str, topic: str) -> None:
-    events = random_events(700, tenants=9, seed=26)
-    frame_events = pl.DataFrame(random_events(300, tenants=9, seed=27))
-    with Emitter(kafka_bootstrap, topic) as emitter:
-        assert emitter.emit_many(iter(events)) == len(events)
-        assert emitter.emit_many(frame_events) == frame_events.height
-        assert emitter.emit_many(frame_events.to_arrow().slice(0, 10)) == 10
-    expected = [e["tenant_id"].encode() + b"|" + CODEC.encode(e) for e in events]
-    expected += [e["tenant_id"].encode() + b"|" + CODEC.encode(e) for e in frame_events.to_dicts()]
-    expected += expected[len(events) : len(events) + 10]
-    got = _read(kafka_bootstrap, topic, len(expected))
-    assert sorted((k or b"") + b"|" + (v or b"") for k, v in got) == sorted(expected)
-
-
-def test_emit_many_normalises_like_emit(kafka_bootstrap: str, topic: str) -> None:
-    event = make_event(tenant="norm")
-    for name in ("event_id", "cpu_ms", "risk_score"):
-        event.pop(name)
-    with Emitter(kafka_bootstrap, topic) as emitter:
-        emitter.emit_many([event])
-    ((key, value),) = _read(kafka_bootstrap, topic, 1)
-    decoded = CODEC.decode(value)
-    assert key == b"norm" and decoded["cpu_ms"] == 0 and decoded["risk_score"] is None
-    assert uuid.UUID(decoded["event_id"])
-
-
-def test_emit_many_validates_the_chunk_before_sending_any(kafka_bootstrap: str, topic: str) -> None:
-    events = [make_event(tenant="t") for _ in range(50)] + [make_event(tenant="t", cpu_ms=-1)]
-    with Emitter(kafka_bootstrap, topic) as emitter:
-        with pytest.raises(InvalidEvent, match="negative_counter: cpu_ms=-1"):
-            emitter.emit_many(events)
-        assert emitter.sent == 0
-        with pytest.raises(InvalidEvent, match="invalid_tenant_id"):
-            emitter.emit_many(pl.DataFrame([make_event(tenant="no spaces")]))
-        assert emitter.sent == 0
-
-
-def test_emit_many_surfaces_delivery_failures(topic: str) -> None:
-    emitter = Emitter("127.0.0.1:1", topic, config={"message.timeout.ms": 1500})
-    emitter.emit_many(random_events(20, seed=28))
-    with pytest.raises(DeliveryFailed) as failed:
-        emitter.flush(timeout=10)
-    assert len(failed.value.errors) == 20 and emitter.delivered == 0

@@ -95,7 +95,7 @@ def decoded_rows(values: list[bytes | None]) -> dict[int, dict[str, Any]]:
 
 def test_the_native_decoder_is_built() -> None:
     """``make install`` compiles it; without it everything still works, slowly (the
-    fallback is tested in tests/test_fast_path.py), but the hot path would be untested."""
+    fallback is tested in tests/schemas/test_fast_path.py), but the hot path would be untested."""
     assert native_decoder.NATIVE, (
         "schemas/_native_decoder.c was not compiled (is a C compiler there?)"
     )

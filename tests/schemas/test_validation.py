@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from schemas.validation import REASONS, reason_code, validate
-from tests.events import make_event
+from tests.support.events import make_event
 
 NOW = int(time.time() * 1_000_000)
 

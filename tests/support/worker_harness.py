@@ -22,8 +22,8 @@ from common.settings import load_settings
 from emitter import Emitter
 from schemas.codec import COUNTERS
 from schemas.prepare import Record
-from tests.cli_runner import BIN
-from tests.oracle import Totals, fold_totals
+from tests.support.cli_runner import BIN
+from tests.support.oracle import Totals, fold_totals
 
 TotalsByKey = dict[tuple[str, str], dict[str, int]]
 T = TypeVar("T")

@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from billing.render.prometheus_export import exposition
 from schemas.codec import COUNTERS
-from tests.test_billing_cli import Cli, pfm_fixture  # noqa: F401 (fixture)
-from tests.test_invoices import SEED, event
+from tests.fixtures.cli import Cli
+from tests.fixtures.seeds import SEED, event
 
 TENANTS = ("acme_corp", "a.b:c-d_e", "plain")
 

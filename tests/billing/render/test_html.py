@@ -25,10 +25,11 @@ from billing.render.invoice_html import amount_text, day, render_invoice_html
 from billing.tiers import load_tiers
 from common.settings import load_settings
 from schemas.periods import Period
-from tests.cli_runner import assert_user_error, run_cli
-from tests.events import make_event
+from tests.support import REPO
+from tests.support.cli_runner import assert_user_error, run_cli
+from tests.support.events import make_event
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 NASTY = "acme<script>alert('x')</script>&co"
 VOID = {"meta", "br", "hr", "img", "input", "link", "col", "area", "base", "wbr", "source"}
 

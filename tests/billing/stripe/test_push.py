@@ -17,17 +17,15 @@ from billing.stripe.push import PushOutcome, PushResult, days_until_due, planned
 from common import settings as config
 from common.errors import OperationError, UserError
 from pf_metering.commands.stripe_cmds import push_to_stripe, stripe_requested
-from tests.stripe_fixtures import (  # noqa: F401 (fixtures)
+from tests.fixtures.stripe import (
     API_KEY,
     LocalBilling,
     Sleeps,
-    fake_stripe_fixture,
-    local_billing_fixture,
     make_gateway,
     make_invoice,
     sample_invoices,
 )
-from tests.stripe_server import FakeStripe, FaultKind, running
+from tests.support.stripe_server import FakeStripe, FaultKind, running
 
 
 def push(
@@ -421,8 +419,8 @@ def test_amounts_are_integer_cents_rounded_as_the_invoice_rounds() -> None:
 # --- the wiring for ``bill --stripe`` and ``generate-invoice --stripe`` ---------------------
 
 
-@pytest.fixture(name="stripe_env")
-def stripe_env_fixture(
+@pytest.fixture
+def stripe_env(
     data_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, fake_stripe: FakeStripe
 ) -> Iterator[LocalBilling]:
     """Settings pointing at the fake Stripe; the billing file of those settings."""

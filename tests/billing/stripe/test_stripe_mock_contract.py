@@ -20,14 +20,13 @@ import stripe
 
 from billing.stripe.gateway import StripeGateway
 from billing.stripe.push import finalize_key, invoice_create_args, planned_items
-from tests.stripe_fixtures import (  # noqa: F401 (fixtures)
+from tests.fixtures.stripe import (
     API_KEY,
     LocalBilling,
     make_gateway,
     sample_invoices,
-    stripe_mock_url_fixture,
 )
-from tests.stripe_server import Call, FakeStripe, running
+from tests.support.stripe_server import Call, FakeStripe, running
 
 OPERATIONS = {
     ("GET", "/v1/customers/search"),
@@ -41,8 +40,8 @@ OPERATIONS = {
 }
 
 
-@pytest.fixture(name="mock_gateway")
-def mock_gateway_fixture(stripe_mock_url: str) -> StripeGateway:
+@pytest.fixture
+def mock_gateway(stripe_mock_url: str) -> StripeGateway:
     return make_gateway(stripe_mock_url, attempts=1)
 
 

@@ -3,7 +3,6 @@ HTTP endpoint on a real billing DuckDB file shared with other processes."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -12,11 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +20,20 @@ import stripe
 
 from billing.db import billing_db
 from billing.model import InvoiceStatus
-from billing.stripe import state as stripe_state
-from billing.stripe.webhook_server import WebhookApp, WebhookServer
 from billing.stripe.webhooks import EventError, SignatureError, next_status, parse_event, verify
-from tests.cli_runner import BIN, assert_user_error, run_cli
-from tests.stripe_fixtures import WEBHOOK_SECRET, LocalBilling, make_invoice, stripe_signature, utc
-
-NOW = utc("2025-03-15T12:00:00")
-T = int(NOW.timestamp())
-PAST_DUE = "inv-acme-2025-01"  # due 2025-03-03
-NOT_DUE = "inv-acme-2025-02"  # due 2025-03-31
-
-
-def event(
-    event_id: str, kind: str, stripe_id: str, invoice_id: str | None = None, **extra: Any
-) -> bytes:
-    obj: dict[str, Any] = {"id": stripe_id, "object": "invoice", "metadata": {}, **extra}
-    if invoice_id is not None:
-        obj["metadata"]["invoice_id"] = invoice_id
-    body = {"id": event_id, "object": "event", "type": kind, "created": T, "data": {"object": obj}}
-    return json.dumps(body).encode()
-
+from tests.fixtures.stripe import WEBHOOK_SECRET, LocalBilling, make_invoice, stripe_signature, utc
+from tests.fixtures.webhooks import (
+    NOT_DUE,
+    NOW,
+    PAST_DUE,
+    Endpoint,
+    T,
+    event,
+    make_app,
+    post,
+    serve,
+)
+from tests.support.cli_runner import BIN, assert_user_error, run_cli
 
 # --- signatures ----------------------------------------------------------------------------
 
@@ -149,73 +137,6 @@ def test_status_mapping(
 
 
 # --- the endpoint --------------------------------------------------------------------------
-
-
-@dataclass
-class Endpoint:
-    url: str
-    billing: LocalBilling
-
-    def deliver(self, payload: bytes, header: str | None = "sign") -> tuple[int, dict[str, str]]:
-        if header == "sign":
-            header = stripe_signature(payload, WEBHOOK_SECRET, T)
-        return post(self.url + "/webhooks/stripe", payload, header)
-
-    def status(self, invoice_id: str) -> InvoiceStatus:
-        return self.billing.get(invoice_id).status
-
-    def events(self) -> list[tuple[str, str]]:
-        with self.billing.connect() as con:
-            rows = con.execute("SELECT event_id, outcome FROM webhook_events ORDER BY 1").fetchall()
-        return [(str(a), str(b)) for a, b in rows]
-
-
-def post(url: str, payload: bytes, header: str | None) -> tuple[int, dict[str, str]]:
-    headers = {"Content-Type": "application/json"}
-    if header is not None:
-        headers["Stripe-Signature"] = header
-    request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return int(response.status), json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
-@contextmanager
-def serve(app: WebhookApp) -> Iterator[str]:
-    server = WebhookServer(("127.0.0.1", 0), app)
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield server.url
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-def make_app(billing: LocalBilling, lock_timeout: float = 30.0) -> WebhookApp:
-    connect = partial(billing_db, billing.path, lock_timeout)
-    return WebhookApp(WEBHOOK_SECRET, billing.store, connect, clock=lambda: NOW)
-
-
-@pytest.fixture(name="billing")
-def billing_fixture(tmp_path: Path) -> LocalBilling:
-    """Two sent invoices; only the second is known by Stripe id in our push state."""
-    billing = LocalBilling(tmp_path / "billing.duckdb")
-    for period, stripe_id in (("2025-01", "in_acme01"), ("2025-02", "in_acme02")):
-        invoice = make_invoice("acme", period, [("base", "50.00")], status=InvoiceStatus.sent)
-        billing.add(invoice.model_copy(update={"stripe_invoice_id": stripe_id}))
-    with billing.connect() as con:
-        stripe_state.put_push(con, NOT_DUE, "in_acme02", "cus_1")
-    return billing
-
-
-@pytest.fixture(name="endpoint")
-def endpoint_fixture(billing: LocalBilling) -> Iterator[Endpoint]:
-    with serve(make_app(billing)) as url:
-        yield Endpoint(url, billing)
 
 
 def test_paid_moves_the_invoice_and_a_replay_is_acknowledged_once(endpoint: Endpoint) -> None:

@@ -10,9 +10,9 @@ from confluent_kafka import KafkaError, Message
 from consumer.kafka import split_by_partition
 from schemas.codec import default_codec
 from schemas.validation import REASONS
-from tests.cli_runner import run_cli
-from tests.events import make_event
-from tests.worker_harness import (
+from tests.support.cli_runner import run_cli
+from tests.support.events import make_event
+from tests.support.worker_harness import (
     drain,
     expected_totals,
     ledger_totals,

@@ -22,7 +22,8 @@ import pytest
 
 from bench.broker import create_topic, local_kafka
 from emitter import Emitter
-from tests.worker_harness import (
+from tests.support.log_lines import COMMITTED, DRAIN_WAITING
+from tests.support.worker_harness import (
     drain,
     expected_totals,
     ledger_totals,
@@ -38,7 +39,6 @@ SOAK = os.environ.get("PF_SOAK") == "1"
 EVENTS = 100_000 if SOAK else 30_000
 RESTARTS = 3 if SOAK else 1
 RUN_ENV = {"METERING_BATCH_SIZE": "500", "METERING_SNAPSHOT_SECONDS": "0.5", "LOG_LEVEL": "DEBUG"}
-DRAIN_WAITING = "drain: end offsets unknown for now"
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 240) -> 
 
 
 def committed_batches(log: Path) -> int:
-    return log.read_text().count("consumer.worker: committed p")
+    return log.read_text().count(COMMITTED)
 
 
 def more_batches(log: Path) -> Callable[[], bool]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
 import time
@@ -33,7 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.worker_harness import (
+from tests.support.log_lines import ASSIGNED, BATCH, BATCH_DONE, SPAN
+from tests.support.worker_harness import (
     drain,
     expected_totals,
     ledger_state,
@@ -53,7 +53,6 @@ RUN_ENV = {
     "METERING_SNAPSHOT_SECONDS": "0.5",
     "LOG_LEVEL": "DEBUG",
 }
-_SPAN = re.compile(r"(committing|committed) p(\d+) \[(\d+), (\d+)\)")
 
 
 @dataclass
@@ -74,13 +73,13 @@ class Life:
         complete = text[: text.rfind("\n") + 1]
         self._read += len(complete.encode())
         for line in complete.splitlines():
-            if "consumer.worker: assigned" in line:
+            if ASSIGNED in line:
                 self.assigned, self.last = True, "assigned"
-            elif "consumer.worker: batch done" in line:
+            elif BATCH_DONE in line:
                 self.last = "done"
-            elif "consumer.worker: batch:" in line:
+            elif BATCH in line:
                 self.last = "batch"
-            elif m := _SPAN.search(line):
+            elif m := SPAN.search(line):
                 self.last = m.group(1)
                 self.last_span = (int(m.group(2)), int(m.group(3)), int(m.group(4)))
                 if self.last == "committed":

@@ -42,8 +42,8 @@ from schemas.codec import COUNTERS, MAX_VALUE_BYTES, SINGLE_OBJECT_MAGIC, Decode
 from schemas.codec import default_codec as _codec
 from schemas.prepare import Record, prepare_batch
 from schemas.validation import REASONS, reason_code, validate
-from tests.events import make_event
-from tests.worker_harness import (
+from tests.support.events import make_event
+from tests.support.worker_harness import (
     drain,
     expected_totals,
     ledger_totals,

@@ -8,8 +8,8 @@ import subprocess
 import time
 import urllib.request
 
-from tests.cli_runner import BIN, run_cli
-from tests.worker_harness import (
+from tests.support.cli_runner import BIN, run_cli
+from tests.support.worker_harness import (
     drain,
     expected_totals,
     kill_randomly,

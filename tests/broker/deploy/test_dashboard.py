@@ -20,10 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from billing.job_metrics import BillRun, write_job_metrics
 from billing.stripe.push import PushOutcome, PushResult
-from tests.events import make_event
-from tests.worker_harness import produce, start_worker
+from tests.support import REPO
+from tests.support.events import make_event
+from tests.support.worker_harness import produce, start_worker
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "pf-metering.json"
+DASHBOARD = REPO / "deploy" / "grafana" / "pf-metering.json"
 METRIC = re.compile(r"\bpf_[a-z0-9_]+\b")
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 SCRAPE_LABELS = {"instance", "job"}  # added by Prometheus when it scrapes

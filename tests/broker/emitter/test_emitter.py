@@ -12,8 +12,8 @@ from emitter import DeliveryFailed, Emitter, InvalidEvent
 from emitter.simulate import SESSION_RANGES, simulate_sessions
 from schemas.codec import COUNTERS, default_codec
 from schemas.periods import Period
-from tests.cli_runner import run_cli
-from tests.events import make_event
+from tests.support.cli_runner import run_cli
+from tests.support.events import make_event
 
 
 def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[Message]:

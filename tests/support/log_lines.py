@@ -1,0 +1,15 @@
+"""The log lines tests wait on or parse, each named once. The text is the product's own (never
+changed for tests); tests/common/test_logger_names.py pins the logger names in it."""
+
+from __future__ import annotations
+
+import re
+
+WORKER = "consumer.worker"
+ASSIGNED = f"{WORKER}: assigned"  # INFO, partitions given to this worker
+BATCH = f"{WORKER}: batch:"  # DEBUG, a poll's records handed to decoding
+BATCH_DONE = f"{WORKER}: batch done"  # DEBUG, every partition of that poll committed
+COMMITTED = f"{WORKER}: committed p"  # DEBUG, one partition's ledger commit
+# DEBUG, one partition's ledger transaction begun / committed: step, partition, [from, to)
+SPAN = re.compile(r"(committing|committed) p(\d+) \[(\d+), (\d+)\)")
+DRAIN_WAITING = "drain: end offsets unknown for now"  # WARNING, a drain waiting for the broker
