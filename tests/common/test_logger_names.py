@@ -14,23 +14,26 @@ import pytest
 from common.logs import RepeatFilter, configure
 from common.settings import load_settings
 from consumer.worker import Worker
+from pf_metering.commands.consume_cmds import worker_config
 from tests.support import log_lines
 
-# logger name -> the module whose ``log`` it is
+# module -> the name of its ``log`` (the worker's steps and torn-ledger recovery log as the worker)
 LOGGERS = {
     "consumer.worker": "consumer.worker",
+    "consumer.steps": "consumer.worker",
+    "aggregator.recovery": "consumer.worker",
     "consumer.kafka": "consumer.kafka",
     "aggregator.ledger": "aggregator.ledger",
-    "billing.stripe_push": "billing.stripe.push",
-    "billing.stripe_gateway": "billing.stripe.gateway",
-    "billing.webhook_server": "billing.stripe.webhook_server",
-    "schemas.bulk_validation": "schemas.batch_validation",
+    "billing.stripe.push": "billing.stripe_push",
+    "billing.stripe.gateway": "billing.stripe_gateway",
+    "billing.stripe.webhook_server": "billing.webhook_server",
+    "schemas.batch_validation": "schemas.bulk_validation",
     "pf_metering.commands.consume_cmds": "pf_metering.commands.consume_cmds",
 }
 
 
-@pytest.mark.parametrize(("name", "module"), LOGGERS.items())
-def test_each_module_logs_under_its_known_name(name: str, module: str) -> None:
+@pytest.mark.parametrize(("module", "name"), LOGGERS.items())
+def test_each_module_logs_under_its_known_name(module: str, name: str) -> None:
     log = importlib.import_module(module).log
     assert isinstance(log, logging.Logger) and log.name == name
 
@@ -55,9 +58,9 @@ def test_librdkafka_logs_under_rdkafka(
         metering_data_dir=tmp_path / "data", kafka_bootstrap_servers="127.0.0.1:9"
     )
     with caplog.at_level(logging.DEBUG, logger="rdkafka"):
-        worker = Worker(settings, extra_config={"debug": "conf"})
+        worker = Worker(worker_config(settings), extra_config={"debug": "conf"})
         try:
-            worker.consumer.poll(0.5)  # serves the client's queued log lines
+            worker.consumer.consume(1, 0.5)  # serves the client's queued log lines
         finally:
             worker.consumer.close()
     assert any(r.name == "rdkafka" and "Client configuration" in r.message for r in caplog.records)

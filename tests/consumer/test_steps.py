@@ -17,7 +17,7 @@ from consumer.steps import Accumulate, Acknowledge, CommitToLedger, Decode
 from consumer.types import END_OF_POLL, Batch, Head, Polled, WorkerStats
 from schemas.codec import default_codec
 from schemas.record_batch import RecordBatch
-from tests.events import make_event
+from tests.support.events import make_event
 
 
 class Recorder:

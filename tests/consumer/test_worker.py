@@ -1,5 +1,5 @@
 """The worker's assignment, revocation, drain and lag logic, on an in-memory consumer
-(``tests.consumer.memory_consumer``) and real DuckDB ledgers. The same worker against
+(``tests.support.memory_consumer``) and real DuckDB ledgers. The same worker against
 the real broker, with kills and faults: ``tests/test_worker_faults.py`` and the fault
 suites."""
 
@@ -22,8 +22,8 @@ from common.errors import OperationError
 from consumer.config import WorkerConfig
 from consumer.worker import Worker
 from schemas.codec import default_codec
-from tests.consumer.memory_consumer import MemoryBroker, MemoryConsumer
-from tests.worker_harness import expected_totals, random_events
+from tests.support.memory_consumer import MemoryBroker, MemoryConsumer
+from tests.support.worker_harness import expected_totals, random_events
 
 TOPIC = "pf.usage.test"
 COOPERATIVE, EAGER = "cooperative-sticky", "range"
