@@ -40,6 +40,10 @@ def set_aside_torn_ledger(path: Path) -> bool:
         os.replace(path, aside)
     finally:
         os.close(fd)
-    log.warning("ledger %s was cut short at creation (%d bytes, no data): moved to %s",
-                path, size, aside.name)  # fmt: skip
+    log.warning(
+        "ledger %s was cut short at creation (%d bytes, no data): moved to %s",
+        path,
+        size,
+        aside.name,
+    )
     return True

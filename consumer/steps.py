@@ -74,8 +74,11 @@ class Accumulate:
                 batches.append(Batch(partition, first, end, Polled(records, head, now)))
         if not batches:
             return
-        log.debug("batch: %d records of %d partition(s)",
-                  sum(len(b.payload.records) for b in batches), len(batches))  # fmt: skip
+        log.debug(
+            "batch: %d records of %d partition(s)",
+            sum(len(b.payload.records) for b in batches),
+            len(batches),
+        )
         for batch in batches:
             self.next_step.submit(batch)
         self.next_step.submit(END_OF_POLL)
@@ -131,9 +134,15 @@ class CommitToLedger:
         began = time.perf_counter()
         log.debug("committing p%d [%d, %d)", partition, item.first_offset, item.next_offset)
         result = self.ledgers.held[partition].commit(prepared)
-        log.debug("committed p%d [%d, %d): %d counted, %d duplicates, %d dead", partition,
-                  item.first_offset, item.next_offset, result.counted, result.duplicates,
-                  result.dead)  # fmt: skip
+        log.debug(
+            "committed p%d [%d, %d): %d counted, %d duplicates, %d dead",
+            partition,
+            item.first_offset,
+            item.next_offset,
+            result.counted,
+            result.duplicates,
+            result.dead,
+        )
         seconds = item.payload.decode_seconds + time.perf_counter() - began
         self.metrics.batch_seconds.observe(seconds)
         self._count(partition, prepared.consumed, result, prepared.dead)

@@ -63,12 +63,11 @@ from schemas.codec import Codec, default_codec
 log = logging.getLogger(__name__)
 PRUNE_EVERY_SECONDS = 600.0
 # --drain's view of the topic's partitions is refreshed this often (partitions are rarely
-# added; the metadata request waits behind a fetch, ~0.3 s, so not on every check).
+# added, and the metadata request waits behind a fetch: not on every check).
 PARTITIONS_MAX_AGE_SECONDS = 10.0
-# Records asked of one poll. consume() holds the GIL while it builds a poll's messages
-# (~0.7 us each), stalling the decoder's and committer's Python in between their native
-# steps; small polls keep those stalls short. Batches still reach METERING_BATCH_SIZE:
-# polls accumulate per partition until then (or until a poll comes back short).
+# Records asked of one poll: consume() holds the GIL while it builds a poll's messages, so
+# small polls keep the decoder's and committer's stalls short. Batches still reach
+# METERING_BATCH_SIZE: polls accumulate per partition until then (or a poll comes back short).
 POLL_RECORDS = 5_000
 GIL_SWITCH_SECONDS = 0.0002
 
@@ -183,16 +182,15 @@ class Worker:
     def run(self) -> WorkerStats:
         """Consume until stopped (or, with drain, until every partition is at its end)."""
         self.consumer.subscribe(
-            [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+            [self.topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
-        )  # fmt: skip
-        # A poll allocates two tracked objects per record; at the default thresholds the
-        # cyclic GC then runs full collections over every batch in flight (~15% of CPU,
-        # measured). Collect young objects 70x less often; nothing here builds cycles.
+        )
+        # Young objects are collected 70x less often (a poll allocates two tracked objects
+        # per record; nothing here builds cycles) and threads hand the GIL over sooner
+        # between native steps: docs/performance.md, "Why the code is shaped this way".
         gc.set_threshold(50_000, 20, 100)
-        # The three threads hand the GIL to each other between native steps (a poll, a
-        # polars decode, a DuckDB statement). A thread that wants it waits up to the switch
-        # interval; 0.2 ms instead of 5 ms measured ~10% faster on 1M events.
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
         clean = False
         try:
