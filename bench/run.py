@@ -41,6 +41,7 @@ from confluent_kafka.admin import AdminClient
 from bench.baselines import Measured, naive_consume, raw_consume
 from bench.broker import create_topic, real_broker
 from bench.events import synthetic_events
+from bench.peers import measure as peers
 from bench.worker_run import WorkerRun, preload_seen_ids, run_worker
 from common.settings import load_settings
 from emitter import Emitter
@@ -144,6 +145,8 @@ def measure(args: argparse.Namespace, bootstrap: str, topic: str, work: Path) ->
     raw: list[Measured] = []
     naive: list[Measured] = []
     runs: list[WorkerRun] = []
+    names = [n for n in args.peers.split(",") if n in peers.NAMES]
+    others = peers.PeerBench(bootstrap, topic, args.events, work, names, args.peer_repeat)
     for round_ in range(args.repeat):
         poll = args.baseline_poll
         raw.append(isolated(raw_consume, bootstrap, topic, args.partitions, args.events, poll))
@@ -167,6 +170,7 @@ def measure(args: argparse.Namespace, bootstrap: str, topic: str, work: Path) ->
         print(f"[{round_ + 1}/{args.repeat}] (c) worker        {run.rate:>12,.0f} events/s "
               f"({run.process_rate:,.0f} whole process), {run.cpu_seconds:.1f} s CPU, "
               f"peak RSS {rss:.2f} GiB")  # fmt: skip
+        others.round(round_, data)
         shutil.rmtree(data, ignore_errors=True)
     a = statistics.median(m.rate for m in raw)
     c = statistics.median(r.rate for r in runs)
@@ -187,7 +191,12 @@ def measure(args: argparse.Namespace, bootstrap: str, topic: str, work: Path) ->
         "c_over_a": round(c / a, 3),
         "c_over_a_whole_process": round(c_process / a, 3),
         "c_over_a_target_met": c >= 0.5 * a,
+        "worker_cpu_seconds_per_million": round(
+            statistics.median(r.cpu_seconds for r in runs) * 1e6 / args.events, 2
+        ),
     }
+    worker = {"events_per_s": c, "process_events_per_s": c_process}
+    result["peers"] = others.summary(worker)
     if naive:
         b = statistics.median(m.rate for m in naive)
         result["naive_events_per_s"] = summary([m.rate for m in naive])
@@ -224,6 +233,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="run (c) from another checkout, e.g. a git worktree of main",
     )
+    parser.add_argument(
+        "--peers",
+        default=",".join(peers.NAMES),
+        help=f"comma-separated, of {','.join(peers.NAMES)} (none: no peers)",
+    )
+    parser.add_argument("--peer-repeat", type=int, default=1, help="rounds of the peers")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--skip-bill", action="store_true")
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
@@ -256,9 +271,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             del dicts
             results.update(measure(args, bootstrap, topic, Path(tmp)))
+            results["targets"] = peers.targets(results)
         finally:
             delete_topics(bootstrap, [topic, scratch])
     report(results)
+    peers.report(results)
     if not args.skip_bill:
         results["bill_bench"] = bill_bench()
     args.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import os
 import re
-import resource
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from aggregator.ledger import LedgerSet
+from bench.process import run_measured
 
 BIN = Path(sys.executable).parent / "pf-metering"
 _SUMMARY = re.compile(
@@ -78,16 +74,6 @@ def preload_seen_ids(ledger_dir: Path, topic: str, partitions: int, ids: int) ->
     return time.perf_counter() - started
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
-
-
 def run_worker(
     bootstrap: str, topic: str, data_dir: Path, expected: int, extra_env: dict[str, str],
     source: Path | None = None, timeout: float = 3600,
@@ -109,43 +95,16 @@ def run_worker(
     }
     log_path = data_dir / "worker.log"
     data_dir.mkdir(parents=True, exist_ok=True)
-    peak = [0]
-    with log_path.open("w") as log:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.perf_counter()
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=source)
-        watched = psutil.Process(proc.pid)
-        done = threading.Event()
-
-        def poll() -> None:
-            while not done.is_set():
-                try:
-                    peak[0] = max(peak[0], _tree_rss(watched))
-                except psutil.Error:
-                    return
-                done.wait(0.05)
-
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        try:
-            code = proc.wait(timeout=timeout)
-        finally:
-            elapsed = time.perf_counter() - started
-            done.set()
-            poller.join()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    output = log_path.read_text()
-    if code != 0:
-        raise RuntimeError(f"worker exited {code}:\n{output[-3000:]}")
+    run = run_measured(command, env, log_path, cwd=source, timeout=timeout)
+    output = run.output
+    if run.code != 0:
+        raise RuntimeError(f"worker exited {run.code}:\n{output[-3000:]}")
     found = _SUMMARY.search(output)
     if found is None:
         raise RuntimeError(f"worker printed no summary:\n{output[-3000:]}")
     consumed, counted, duplicates, dead = (int(g) for g in found.groups()[:4])
-    worker_seconds = float(found.group(5)) if found.group(5) else elapsed
+    worker_seconds = float(found.group(5)) if found.group(5) else run.seconds
     return WorkerRun(
-        expected, elapsed, cpu, peak[0], consumed, counted, duplicates, dead, worker_seconds
-    )
+        expected, run.seconds, run.cpu_seconds, run.peak_rss_bytes, consumed, counted,
+        duplicates, dead, worker_seconds,
+    )  # fmt: skip

@@ -15,7 +15,8 @@ def test_bench_runs_and_writes_its_results(
 ) -> None:
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
     out = tmp_path / "bench-results.json"
-    argv = ["--events", "3000", "--tenants", "20", "--preload-ids", "5000", "--skip-bill"]
+    argv = ["--events", "3000", "--tenants", "20", "--preload-ids", "5000", "--skip-bill",
+            "--peers", "java"]  # fmt: skip
     results = run.main([*argv, "--output", str(out)])
     assert json.loads(out.read_text()) == results
     rates = ("raw_consume_events_per_s", "naive_events_per_s", "worker_events_per_s",
@@ -30,3 +31,11 @@ def test_bench_runs_and_writes_its_results(
     assert 0 < worker < process
     assert results["emitter_events_per_s"] > 0 and results["emitter_dict_events_per_s"] > 0
     assert results["machine"]["cpus"] >= 1
+    # the Java consumer runs where deploy/local-kafka cached its jars, else says why not
+    java = results["peers"]["java"]
+    assert java["status"] == "ok" or java["status"].startswith("not available")
+    if java["status"] == "ok":
+        assert (
+            java["process_events_per_s"] > 0 and "worker_over_java_own_timing" in results["targets"]
+        )
+    assert set(results["targets"]) >= {"c_over_a", "c_over_a_whole_process"}
