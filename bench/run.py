@@ -8,8 +8,11 @@ On the local broker (``bench.broker.real_broker``: KAFKA_BOOTSTRAP_SERVERS, or
 path, then measures in one run, ``--repeat`` times each, interleaved:
 (a) a raw confluent-kafka consume, (b) a naive per-message consumer (bench.baselines),
 (c) ``pf-metering consume --drain`` as a subprocess from empty, dedup and exactly-once
-commits on (bench.worker_run). It prints events/s (medians), c/a, c/b and the worker's
-peak RSS, writes them to ``--output`` (git-ignored), then runs ``bench/bill_bench.py``.
+commits on (bench.worker_run); then the Java consumer and (``--peer-repeat`` rounds)
+the peers on the same topic, checked against the worker's totals (bench.peers.measure).
+It prints events/s (medians), c/a, c/b, the worker's peak RSS, the peers' table and
+issue 18's targets, writes them to ``--output`` (git-ignored), then runs
+``bench/bill_bench.py``.
 """
 
 from __future__ import annotations
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["targets"] = peers.targets(results)
         finally:
             delete_topics(bootstrap, [topic, scratch])
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report(results)
     peers.report(results)
     if not args.skip_bill:
