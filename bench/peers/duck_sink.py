@@ -22,11 +22,11 @@ from bench.peers.fold import (
     DictState,
     fold_event,
     new_aggregate,
-    period_of,
     seen_key,
     session_key,
 )
 from schemas.codec import COUNTERS
+from schemas.periods import period_of
 
 _COLUMNS = tuple(new_aggregate("", ""))
 _DDL = (

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from schemas.codec import COUNTERS, DecodeError, default_codec
+from schemas.periods import period_of
 from schemas.validation import validate
 
 Aggregate = dict[str, Any]
@@ -78,11 +79,6 @@ class Decoder:
         except DecodeError:
             return None
         return event if validate(event, int(time.time() * 1_000_000), key) is None else None
-
-
-def period_of(micros: int) -> str:
-    """The calendar month of ``micros`` (UTC), ``YYYY-MM``."""
-    return time.strftime("%Y-%m", time.gmtime(micros // 1_000_000))
 
 
 def new_aggregate(tenant: str, period: str) -> Aggregate:

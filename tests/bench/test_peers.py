@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
 
 import bench.peers
@@ -16,7 +15,6 @@ from bench.events import synthetic_events
 from bench.peers import PEERS, Peer
 from bench.peers.duck_sink import DuckSink
 from bench.peers.fold import (
-    TOTAL_FIELDS,
     Decoder,
     DictState,
     Totals,
@@ -25,6 +23,8 @@ from bench.peers.fold import (
     totals_of,
 )
 from schemas.codec import COUNTERS, default_codec
+from schemas.periods import period_of
+from tests.support.oracle import fold_totals
 
 JAN_2025 = 1_736_000_000_000_000  # 2025-01-04
 
@@ -38,18 +38,23 @@ def tiny_input() -> list[dict[str, Any]]:
 
 
 def reference(events: list[dict[str, Any]]) -> Totals:
-    """Totals by polars: first sighting of each (tenant, event id), grouped by month."""
-    month = pl.from_epoch("occurred_at", "us").dt.strftime("%Y-%m").alias("period")
-    frame = pl.DataFrame(events).unique(["tenant_id", "event_id"], keep="first")
-    grouped = frame.group_by("tenant_id", month).agg(
-        pl.len().alias("events"),
-        pl.col("session_id").n_unique().alias("sessions"),
-        *[pl.col(c).sum() for c in COUNTERS],
-        pl.col("risk_score").max().alias("risk_score_max"),
-        pl.col("risk_score").mean().alias("risk_score_avg"),
-    )
-    return {f"{r['tenant_id']}/{r['period']}": {f: r[f] for f in TOTAL_FIELDS}
-            for r in grouped.to_dicts()}  # fmt: skip
+    """The project's reference fold (tests/support/oracle.py), with risk max and mean."""
+    risks: dict[str, list[float]] = {}
+    seen: set[tuple[str, str]] = set()
+    for e in events:
+        key = f"{e['tenant_id']}/{period_of(e['occurred_at'])}"
+        fresh = (e["tenant_id"], e["event_id"]) not in seen
+        seen.add((e["tenant_id"], e["event_id"]))
+        if fresh and e["risk_score"] is not None:
+            risks.setdefault(key, []).append(e["risk_score"])
+    totals: Totals = {}
+    for (tenant, period), t in fold_totals(events).items():
+        key, scores = f"{tenant}/{period}", risks.get(f"{tenant}/{period}", [])
+        totals[key] = {"events": t.events, "sessions": len(t.sessions),
+                       **{c: t.counters[c] for c in COUNTERS},
+                       "risk_score_max": max(scores, default=None),
+                       "risk_score_avg": sum(scores) / len(scores) if scores else None}  # fmt: skip
+    return totals
 
 
 def decoded(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
