@@ -24,17 +24,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.files import retry_while_locked, topic_folder
-from aggregator.fold import fold_fresh
+from aggregator.fold import fold_fresh, stored_maximum
 from aggregator.recovery import set_aside_torn_ledger
 from aggregator.snapshot import publish_partition
 from common.errors import LedgerError
 from common.sqltext import sql_string
 from schemas.codec import COUNTERS
-from schemas.prepare import PreparedBatch
+from schemas.prepare import DeadLetter, PreparedBatch
 
 log = logging.getLogger(__name__)
 
-_COUNTER_COLS = ", ".join(f"{c} BIGINT NOT NULL DEFAULT 0" for c in COUNTERS)
+# Counters are 128-bit: an Avro long each, summed without a ceiling they could pass 2**63
+# (the ceiling, ``aggregator.fold.COUNTER_CEILING``, keeps them far below 2**127).
+COUNTER_TYPE = "HUGEINT"
+_COUNTER_COLS = ", ".join(f"{c} {COUNTER_TYPE} NOT NULL DEFAULT 0" for c in COUNTERS)
 DDL = [
     """CREATE TABLE IF NOT EXISTS {a}.offsets (
         topic VARCHAR NOT NULL, partition INTEGER NOT NULL, next_offset BIGINT NOT NULL,
@@ -70,7 +73,8 @@ def ledger_path(ledger_dir: Path, topic: str, partition: int) -> Path:
 class CommitResult:
     counted: int
     duplicates: int
-    dead: int
+    dead: int  # the batch's dead letters plus ``refused``
+    refused: list[DeadLetter]  # valid events the fold could not apply (over the ceiling)
 
 
 class PartitionLedger:
@@ -83,6 +87,8 @@ class PartitionLedger:
         self.partition = partition
         for ddl in DDL:
             con.execute(ddl.format(a=alias))
+        widen_counters(con, alias)
+        self.bound = stored_maximum(con, alias)  # upper bound of every counter total
         row = con.execute(
             f"SELECT next_offset, max_occurred_at FROM {alias}.offsets "
             "WHERE topic = ? AND partition = ?",
@@ -98,9 +104,11 @@ class PartitionLedger:
 
         One transaction: find the fresh events (first sighting of their id: the 128-bit
         hash, computed once, anti-joined with ``seen_events``; only offset, hash and time
-        are materialised), fold them into sessions and aggregates (``aggregator.fold``),
-        then insert dedup ids, duplicates and dead letters (each only if any) and the
-        offset. When every event is fresh the Arrow batch itself is the fresh set.
+        are materialised), fold them into sessions and aggregates (``aggregator.fold``,
+        which refuses events that would take a counter past its ceiling: those become dead
+        letters and their ids stay unseen), then insert dedup ids, duplicates and dead
+        letters (each only if any) and the offset. When every event is fresh the Arrow
+        batch itself is the fresh set.
         """
         a, con = self.alias, self.con
         events = batch.events
@@ -117,17 +125,20 @@ class PartitionLedger:
                       FROM batch_events WHERE first_in_batch) b
                     ANTI JOIN {a}.seen_events s ON s.h = b.h"""
             )
-            counted = _scalar(con, "SELECT count(*) FROM fresh_ids")
+            first_seen = _scalar(con, "SELECT count(*) FROM fresh_ids")
             fresh = events
-            if counted < events.num_rows:
+            if first_seen < events.num_rows:
                 offsets = con.execute('SELECT "offset" FROM fresh_ids').to_arrow_table()
                 fresh = events.filter(pc.is_in(events.column("offset"), offsets.column(0)))
-            fold_fresh(con, a, fresh, self.partition)
-            con.execute(
-                f"INSERT INTO {a}.seen_events SELECT h, ?, occurred_at FROM fresh_ids",
-                [self.partition],
-            )
-            if counted < events.num_rows:
+            folded = fold_fresh(con, a, fresh, self.partition, self.bound)
+            dead = [*batch.dead, *folded.refused]
+            remember = f"INSERT INTO {a}.seen_events SELECT h, ?, occurred_at FROM fresh_ids"
+            if folded.refused:  # refused ids stay unseen: a redelivery is refused again
+                con.register("refused_rows", self._dead_table(folded.refused))
+                registered.append("refused_rows")
+                remember += ' WHERE "offset" NOT IN (SELECT "offset" FROM refused_rows)'
+            con.execute(remember, [self.partition])
+            if first_seen < events.num_rows:
                 con.execute(
                     f"""INSERT INTO {a}.duplicates
                         SELECT ?, ?, b."offset", b.tenant_id, b.event_id, now()
@@ -135,8 +146,8 @@ class PartitionLedger:
                     """,
                     [self.topic, self.partition],
                 )
-            if batch.dead:
-                con.register("dead_rows", self._dead_table(batch))
+            if dead:
+                con.register("dead_rows", self._dead_table(dead))
                 registered.append("dead_rows")
                 con.execute(
                     f"INSERT INTO {a}.dead_letters SELECT ?, ?, *, now() FROM dead_rows",
@@ -157,8 +168,10 @@ class PartitionLedger:
                     con.unregister(name)
         self.next_offset = batch.next_offset
         self.max_occurred_at = max_at
+        self.bound = folded.bound
         self.last_commit = time.monotonic()
-        return CommitResult(counted, events.num_rows - counted, len(batch.dead))
+        counted = first_seen - len(folded.refused)
+        return CommitResult(counted, events.num_rows - first_seen, len(dead), folded.refused)
 
     def _store_offset(self, next_offset: int, max_at: int | None) -> None:
         # UPDATE of the existing row, not INSERT ... ON CONFLICT (docs/performance.md)
@@ -176,8 +189,7 @@ class PartitionLedger:
             )
 
     @staticmethod
-    def _dead_table(batch: PreparedBatch) -> pa.Table:
-        dead = batch.dead
+    def _dead_table(dead: list[DeadLetter]) -> pa.Table:
         return pa.table(
             {
                 "offset": pa.array([d.offset for d in dead], pa.int64()),
@@ -295,6 +307,31 @@ class LedgerSet:
             self.release(list(self.held), snapshot_dir)
         finally:
             self.con.close()
+
+
+def widen_counters(con: duckdb.DuckDBPyConnection, alias: str) -> None:
+    """Ledger files written before the counters were 128-bit hold BIGINT counters: widen
+    them in place (values kept) so every later sum is exact."""
+    narrow = [
+        name
+        for (name,) in con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = ? "
+            "AND table_name = 'aggregates' AND data_type <> ? AND list_contains(?, column_name)",
+            [alias, COUNTER_TYPE, list(COUNTERS)],
+        ).fetchall()
+    ]
+    if not narrow:
+        return
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for name in narrow:
+            con.execute(f"ALTER TABLE {alias}.aggregates ALTER {name} TYPE {COUNTER_TYPE}")
+        con.execute("COMMIT")
+    except duckdb.Error as exc:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise LedgerError(f"cannot widen the counters of ledger {alias}: {exc}") from None
+    log.info("ledger %s: counters widened to %s", alias, COUNTER_TYPE)
 
 
 def later_of(a: int | None, b: int | None) -> int | None:

@@ -18,8 +18,20 @@ import duckdb
 
 from aggregator.files import topic_folder
 from common.sqltext import sql_string
+from schemas.codec import COUNTERS
 
 TABLES = ("aggregates", "dead_letters")
+WIDE_COLUMNS = {"aggregates": COUNTERS}
+"""Columns written as DECIMAL(38, 0): Parquet has no 128-bit integer (DuckDB would write a
+HUGEINT as DOUBLE, exact only to 2**53), and every counter total fits 38 digits."""
+
+
+def _select(alias: str, table: str) -> str:
+    wide = WIDE_COLUMNS.get(table, ())
+    if not wide:
+        return f"SELECT * FROM {alias}.{table}"
+    casts = ", ".join(f"{c}::DECIMAL(38, 0) AS {c}" for c in wide)
+    return f"SELECT * REPLACE ({casts}) FROM {alias}.{table}"
 
 
 def topic_dir(snapshot_dir: Path, topic: str) -> Path:
@@ -39,7 +51,7 @@ def publish_partition(
     for table in TABLES:
         final = partition_file(snapshot_dir, topic, partition, table)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        con.execute(f"COPY (SELECT * FROM {alias}.{table}) TO {sql_string(tmp)} (FORMAT parquet)")
+        con.execute(f"COPY ({_select(alias, table)}) TO {sql_string(tmp)} (FORMAT parquet)")
         os.replace(tmp, final)
     row = con.execute(
         f"SELECT next_offset FROM {alias}.offsets WHERE topic = ? AND partition = ?",

@@ -1,8 +1,9 @@
 """The documented read views over the published snapshot (for ``usage``, ``sql``, billing).
 
 Views (all read-only):
-- ``usage``: one row per tenant and period: events, sessions, the eight counters,
-  risk_score_avg, risk_score_max, first_occurred_at, last_occurred_at.
+- ``usage``: one row per tenant and period: events, sessions, the eight counters (all
+  HUGEINT, 128-bit, exact), risk_score_avg, risk_score_max, first_occurred_at,
+  last_occurred_at.
 - ``dead_letters``: every invalid event with topic, partition, offset, key, value, reason.
 """
 
@@ -23,7 +24,7 @@ from schemas.codec import COUNTERS
 _EMPTY_AGGREGATES = (
     "SELECT NULL::VARCHAR AS tenant_id, NULL::VARCHAR AS period, NULL::INTEGER AS partition, "
     "NULL::BIGINT AS events, NULL::BIGINT AS sessions, "
-    + ", ".join(f"NULL::BIGINT AS {c}" for c in COUNTERS)
+    + ", ".join(f"NULL::DECIMAL(38, 0) AS {c}" for c in COUNTERS)
     + ", NULL::DOUBLE AS risk_score_sum, NULL::BIGINT AS risk_score_count, "
     "NULL::DOUBLE AS risk_score_max, NULL::BIGINT AS first_occurred_at, "
     "NULL::BIGINT AS last_occurred_at WHERE false"
@@ -33,9 +34,13 @@ _EMPTY_DEAD = (
     "NULL::BLOB AS key, NULL::BLOB AS value, NULL::VARCHAR AS reason, "
     "NULL::VARCHAR AS reason_code, NULL::TIMESTAMPTZ AS dead_lettered_at WHERE false"
 )
-_COUNTER_SUMS = ", ".join(f"sum({c})::BIGINT AS {c}" for c in COUNTERS)
+# 128-bit sums of 128-bit values: DuckDB's sum never checks for overflow (a HUGEINT sum
+# wraps, a DECIMAL one runs past its digits), so exactness rests on each snapshot row
+# staying under aggregator.fold.COUNTER_CEILING; then no sum over partitions nears 2**127.
+_COUNTER_SUMS = ", ".join(f"sum({c}::HUGEINT) AS {c}" for c in COUNTERS)
 USAGE_SQL = f"""
-    SELECT tenant_id, period, sum(events)::BIGINT AS events, sum(sessions)::BIGINT AS sessions,
+    SELECT tenant_id, period, sum(events)::HUGEINT AS events,
+           sum(sessions)::HUGEINT AS sessions,
            {_COUNTER_SUMS},
            CASE WHEN sum(risk_score_count) > 0
                 THEN sum(risk_score_sum) / sum(risk_score_count) END AS risk_score_avg,
@@ -46,12 +51,14 @@ USAGE_SQL = f"""
 
 
 def _source(files: list[Path] | str, empty: str) -> str:
+    """Read the snapshot files by column name: a partition not yet republished since the
+    counters became 128-bit still has BIGINT columns beside the new DECIMAL(38, 0) ones."""
     if isinstance(files, str):
-        return f"SELECT * FROM read_parquet({sql_string(files)})"
+        return f"SELECT * FROM read_parquet({sql_string(files)}, union_by_name = true)"
     if not files:
         return empty
     listed = ", ".join(sql_string(f) for f in files)
-    return f"SELECT * FROM read_parquet([{listed}])"
+    return f"SELECT * FROM read_parquet([{listed}], union_by_name = true)"
 
 
 def define_views(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from aggregator.fold import CEILING_REASON
 from schemas.validation import REASONS
 
 
@@ -30,7 +31,7 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
-        for reason in REASONS:
+        for reason in (*REASONS, CEILING_REASON):  # validation's reasons, then the fold's
             self.dead.labels(reason=reason)
         self.batch_seconds = Histogram(
             "pf_batch_duration_seconds",

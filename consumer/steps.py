@@ -145,7 +145,7 @@ class CommitToLedger:
         )
         seconds = item.payload.decode_seconds + time.perf_counter() - began
         self.metrics.batch_seconds.observe(seconds)
-        self._count(partition, prepared.consumed, result, prepared.dead)
+        self._count(partition, prepared.consumed, result, [*prepared.dead, *result.refused])
         self.metrics.last_commit.set(time.time())
         self.next_step.submit(item.carrying(result))
 
