@@ -8,7 +8,7 @@ commits, and closes; a process that finds it locked retries with backoff up to
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,12 +17,40 @@ import duckdb
 from aggregator.files import retry_while_locked
 
 _SCHEMA: list[str] = []
+Migration = Callable[[duckdb.DuckDBPyConnection], None]
+_MIGRATIONS: list[Migration] = []
 
 
 def register_schema(ddl: str) -> None:
     """Add idempotent DDL (CREATE ... IF NOT EXISTS) run on every open."""
     if ddl not in _SCHEMA:
         _SCHEMA.append(ddl)
+
+
+def register_migration(migration: Migration) -> None:
+    """Add a step run on every open after the DDL, in one transaction with the others: it
+    brings a file written by an older version up to date, and must be a cheap no-op on a
+    current one (look at ``duckdb_columns()`` first)."""
+    if migration not in _MIGRATIONS:
+        _MIGRATIONS.append(migration)
+
+
+def column_types(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
+    """Column name -> DuckDB type of ``table`` in the main database."""
+    rows = con.execute(
+        "SELECT column_name, data_type FROM duckdb_columns() "
+        "WHERE database_name = current_database() AND table_name = ?",
+        [table],
+    ).fetchall()
+    return {name: kind for name, kind in rows}
+
+
+def widen(con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, str]) -> None:
+    """ALTER each of ``columns`` (name -> type) of ``table`` whose type differs (values kept)."""
+    present = column_types(con, table)
+    for name, kind in columns.items():
+        if present.get(name, kind) != kind:
+            con.execute(f"ALTER TABLE {table} ALTER {name} TYPE {kind}")
 
 
 def open_with_retry(
@@ -42,6 +70,10 @@ def billing_db(path: Path, timeout: float) -> Iterator[duckdb.DuckDBPyConnection
     try:
         for ddl in _SCHEMA:
             con.execute(ddl)
+        if _MIGRATIONS:
+            with transaction(con):
+                for migration in _MIGRATIONS:
+                    migration(con)
         yield con
     finally:
         con.close()

@@ -17,20 +17,21 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 from pydantic import TypeAdapter
 
-from billing.db import register_schema
-from billing.model import Invoice, InvoiceLine, InvoiceStatus, QuotaUsage
+from billing.db import register_migration, register_schema, widen
+from billing.model import MONEY_SQL, Invoice, InvoiceLine, InvoiceStatus, QuotaUsage
 from billing.rating import Usage
 from common.jsonfmt import json_default
 from schemas.codec import COUNTERS
 
 register_schema(
-    """
+    f"""
     CREATE TABLE IF NOT EXISTS invoices (
         invoice_id VARCHAR PRIMARY KEY,
         tenant_id VARCHAR NOT NULL,
@@ -40,8 +41,8 @@ register_schema(
         tier VARCHAR NOT NULL,
         currency VARCHAR NOT NULL,
         status VARCHAR NOT NULL,
-        subtotal DECIMAL(18, 2) NOT NULL,
-        total DECIMAL(18, 2) NOT NULL,
+        subtotal {MONEY_SQL} NOT NULL,
+        total {MONEY_SQL} NOT NULL,
         due_date TIMESTAMPTZ NOT NULL,
         created_at TIMESTAMPTZ NOT NULL,
         finalized_at TIMESTAMPTZ,
@@ -53,7 +54,8 @@ register_schema(
     )
     """
 )
-_COUNTER_COLUMNS = ",\n".join(f"        {c} BIGINT NOT NULL" for c in COUNTERS)
+COUNTER_SQL = "HUGEINT"  # as wide as the usage view's sums
+_COUNTER_COLUMNS = ",\n".join(f"        {c} {COUNTER_SQL} NOT NULL" for c in COUNTERS)
 register_schema(
     f"""
     CREATE TABLE IF NOT EXISTS billed_usage (
@@ -63,10 +65,27 @@ register_schema(
 {_COUNTER_COLUMNS},
         invoice_id VARCHAR NOT NULL,
         updated_at TIMESTAMPTZ NOT NULL,
+        prices VARCHAR,
         PRIMARY KEY (tenant_id, period)
     )
     """
 )
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+    """Files from before: money DECIMAL(18, 2) and BIGINT billed counters are widened, and
+    billed usage without its prices gets those its period's invoice recorded."""
+    widen(con, "invoices", {"subtotal": MONEY_SQL, "total": MONEY_SQL})
+    widen(con, "billed_usage", dict.fromkeys(COUNTERS, COUNTER_SQL))
+    con.execute("ALTER TABLE billed_usage ADD COLUMN IF NOT EXISTS prices VARCHAR")
+    con.execute(
+        """UPDATE billed_usage b SET prices = json_extract(i.computed_from, '$.tier')::VARCHAR
+           FROM invoices i WHERE b.prices IS NULL AND i.tenant_id = b.tenant_id
+             AND i.period = b.period AND i.status <> 'draft'"""
+    )
+
+
+register_migration(_migrate)
 
 _COLUMNS = (
     "invoice_id, tenant_id, period, period_start, period_end, tier, currency, status, "
@@ -76,7 +95,8 @@ _COLUMNS = (
 _LINES = TypeAdapter(list[InvoiceLine])
 _QUOTAS = TypeAdapter(list[QuotaUsage])
 _TS = pa.timestamp("us", tz="UTC")
-_MONEY = pa.decimal128(18, 2)
+_MONEY = pa.decimal128(38, 2)
+_COUNT = pa.decimal128(38, 0)
 
 
 def to_json_text(data: Any) -> str:
@@ -252,13 +272,15 @@ def write_invoices(con: duckdb.DuckDBPyConnection, invoices: Sequence[Invoice]) 
 
 @dataclass(frozen=True)
 class Billed:
-    """What the invoices of one finalized (tenant, period) have charged so far."""
+    """What the invoices of one finalized (tenant, period) have charged so far, and the
+    prices they charged it at (``billing.tiers.price_facts`` as JSON; None: never billed)."""
 
     tenant_id: str
     period: str
     tier: str
     usage: Usage
-    invoice_id: str  # the invoice that last charged it
+    invoice_id: str  # the invoice that last charged it ("" if none has)
+    prices: str | None
 
 
 def record_billed(con: duckdb.DuckDBPyConnection, rows: Iterable[Billed], now: datetime) -> None:
@@ -272,9 +294,10 @@ def record_billed(con: duckdb.DuckDBPyConnection, rows: Iterable[Billed], now: d
         "tier": pa.array([b.tier for b in items], pa.string()),
     }
     for counter in COUNTERS:
-        data[counter] = pa.array([getattr(b.usage, counter) for b in items], pa.int64())
+        data[counter] = pa.array([Decimal(getattr(b.usage, counter)) for b in items], _COUNT)
     data["invoice_id"] = pa.array([b.invoice_id for b in items], pa.string())
     data["updated_at"] = pa.array([now] * len(items), _TS)
+    data["prices"] = pa.array([b.prices for b in items], pa.string())
     con.register("_new_billed", pa.table(data))
     try:
         con.execute("INSERT OR REPLACE INTO billed_usage BY NAME SELECT * FROM _new_billed")
@@ -288,8 +311,24 @@ def changed_since_billed(con: duckdb.DuckDBPyConnection, usage_view: str) -> lis
     differs = " OR ".join(f"u.{c} <> b.{c}" for c in COUNTERS)
     billed_cols = ", ".join(f"b.{c}" for c in COUNTERS)
     rows = con.execute(
-        f"SELECT b.tenant_id, b.period, b.tier, b.invoice_id, {billed_cols} "
+        f"SELECT b.tenant_id, b.period, b.tier, b.invoice_id, b.prices, {billed_cols} "
         f"FROM billed_usage b JOIN {usage_view} u USING (tenant_id, period) "
         f"WHERE {differs} ORDER BY b.tenant_id, b.period"
     ).fetchall()
-    return [Billed(t, p, tier, Usage(*counts), iid) for t, p, tier, iid, *counts in rows]
+    return [
+        Billed(t, p, tier, Usage(*counts), iid, prices) for t, p, tier, iid, prices, *counts in rows
+    ]
+
+
+def never_billed_before(
+    con: duckdb.DuckDBPyConnection, usage_view: str, starts: str
+) -> list[tuple[str, str]]:
+    """(tenant_id, period)s of ``usage_view`` before the tenant's first billed period
+    (``starts``: a table of tenant_id, first_period) that no invoice has charged yet."""
+    rows = con.execute(
+        f"""SELECT u.tenant_id, u.period FROM {usage_view} u
+            JOIN {starts} s ON s.tenant_id = u.tenant_id AND u.period < s.first_period
+            ANTI JOIN billed_usage b ON b.tenant_id = u.tenant_id AND b.period = u.period
+            ORDER BY u.tenant_id, u.period"""
+    ).fetchall()
+    return [(t, p) for t, p in rows]

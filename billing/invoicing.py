@@ -9,7 +9,14 @@ every period invoiced; UNIQUE(tenant_id, period) backs that up.
 Late usage: a finalized invoice never changes. When a (tenant, period) already finalized has
 more usage now than ``billed_usage`` records, the tenant's next invoice to be finalized (for a
 later period) carries a ``late_usage`` line for it, and ``billed_usage`` moves to the new
-counters in the same transaction, so each late event is charged exactly once.
+counters in the same transaction, so each late event is charged exactly once. The line is rated
+with the prices the period was billed with (recorded in ``billed_usage.prices``), never with
+what the tiers file says today. Usage of a period before the tenant's first billed one (see
+``billing.tenants``) is late usage too, rated with the prices of its tier when first charged.
+
+One tenant never blocks the others: a tenant whose invoice cannot be made (a tier that is not
+defined, an amount no invoice can hold) is left out with its reason (``BillFailure``) and
+everybody else is finalized.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from functools import lru_cache
 from typing import Any
 
 import duckdb
@@ -28,11 +34,11 @@ import pyarrow as pa
 from aggregator.views import UsageReader
 from billing import invoice_store
 from billing.db import transaction
-from billing.invoice_store import Billed, InvoiceKey
-from billing.model import Invoice, InvoiceLine, InvoiceStatus
+from billing.invoice_store import Billed, InvoiceKey, to_json_text
+from billing.model import MAX_MONEY, Invoice, InvoiceLine, InvoiceStatus, money
 from billing.rating import Usage, late_usage_line, rate
-from billing.tenants import Tenant, load_tenants
-from billing.tiers import Tier, get_tier, load_tiers, tier_terms
+from billing.tenants import Tenant, load_tenants, record_starts
+from billing.tiers import Tier, get_tier, load_tiers, price_facts, tier_from_facts
 from common.errors import UserError
 from common.settings import Settings
 from schemas.codec import COUNTERS
@@ -48,6 +54,23 @@ USAGE_COLUMNS = (
     "risk_score_max",
 )
 _USAGE_VIEW = "_usage_now"
+_STARTS_VIEW = "_billing_starts"
+
+
+class InvoiceRefused(UserError):
+    """An invoice that cannot be made as rated (an amount beyond what an invoice holds)."""
+
+
+@dataclass(frozen=True)
+class BillFailure:
+    """A tenant left out of a run: the period it stopped at and why."""
+
+    tenant_id: str
+    period: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"tenant {self.tenant_id!r}, {self.period}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -99,11 +122,17 @@ class UsageData:
 
 @dataclass(frozen=True)
 class LateUsage:
-    """Usage of a finalized period beyond what its invoices charged."""
+    """Usage of a period beyond what its invoices charged (nothing, for a period before the
+    tenant's first billed one), and the prices it is rated with."""
 
     billed: Billed
     tier: Tier
     now: Usage
+
+
+def prices_text(tier: Tier) -> str:
+    """The prices ``tier`` rates with, as recorded in ``billed_usage.prices``."""
+    return to_json_text(price_facts(tier))
 
 
 def new_invoice_id(now: datetime) -> str:
@@ -116,13 +145,21 @@ def _usage_facts(row: Mapping[str, Any] | None) -> dict[str, Any]:
     facts.update(risk_score_avg=None, risk_score_max=None)
     if row is not None:
         facts.update({k: row[k] for k in facts if row.get(k) is not None})
+    for key in ("events", "sessions", *COUNTERS):  # 128-bit sums arrive as Decimal
+        facts[key] = int(facts[key])
     return facts
 
 
-@lru_cache(maxsize=256)
-def _tier_facts(tier: Tier) -> dict[str, Any]:
-    """The tier's prices as decimal strings (computed_from stays plain JSON); once per tier."""
-    return {"name": tier.name, **tier_terms(tier)}
+def check_amounts(invoice: Invoice) -> None:
+    """Refuse an invoice with an amount beyond ``MAX_MONEY`` (what DECIMAL(38, 2) holds)."""
+    amounts = [("total", invoice.total), ("subtotal", invoice.subtotal)]
+    amounts += [(f"line {ln.code}", ln.amount) for ln in invoice.lines]
+    for what, amount in amounts:
+        if abs(amount) > MAX_MONEY:
+            raise InvoiceRefused(
+                f"{what} of {money(amount)} usd is beyond the largest amount an invoice can "
+                f"hold ({money(MAX_MONEY)} usd); check that usage before billing it"
+            )
 
 
 def build_invoice(
@@ -145,7 +182,7 @@ def build_invoice(
     ]
     lines = [*rating.lines, *late_lines]
     computed_from: dict[str, Any] = {
-        "tier": dict(_tier_facts(tier)),
+        "tier": dict(price_facts(tier)),
         "usage": _usage_facts(usage_row),
     }
     if late:
@@ -153,13 +190,14 @@ def build_invoice(
             {
                 "period": item.billed.period,
                 "tier": item.tier.name,
+                "prices": dict(price_facts(item.tier)),
                 "billed": item.billed.usage.as_dict(),
-                "billed_by": item.billed.invoice_id,
+                "billed_by": item.billed.invoice_id or None,
                 "now": item.now.as_dict(),
             }
             for item in late
         ]
-    return Invoice(
+    invoice = Invoice(
         invoice_id=invoice_id,
         tenant_id=tenant_id,
         period=str(period),
@@ -176,6 +214,8 @@ def build_invoice(
         computed_from=computed_from,
         quotas=list(rating.quotas),
     )
+    check_amounts(invoice)
+    return invoice
 
 
 # --- units of work --------------------------------------------------------------------------
@@ -200,19 +240,59 @@ class _Session:
             )
         return tier
 
-    def pending_late(self) -> dict[str, list[LateUsage]]:
-        """Per tenant, finalized periods with usage beyond what was billed, oldest first."""
+    def billed_tier(self, billed: Billed) -> Tier:
+        """The prices ``billed``'s period was charged at (by name from the tiers file only
+        for a row written before prices were recorded, whose invoice is gone)."""
+        if billed.prices is not None:
+            return tier_from_facts(billed.prices)
+        return get_tier(self.rules.tiers, billed.tier)
+
+    def pending_late(
+        self, tenants: Mapping[str, Tenant]
+    ) -> tuple[dict[str, list[LateUsage]], dict[str, BillFailure]]:
+        """Per tenant, periods with usage beyond what was billed, oldest first: finalized
+        periods whose usage grew, and periods before the tenant's first billed one that no
+        invoice has charged. Also, per tenant, why some of it cannot be rated."""
+        starts = pa.table(
+            {
+                "tenant_id": pa.array([t.tenant_id for t in tenants.values() if t.billed_from]),
+                "first_period": pa.array(
+                    [str(t.billed_from) for t in tenants.values() if t.billed_from], pa.string()
+                ),
+            }
+        )
         self.con.register(_USAGE_VIEW, self.usage.table)
+        self.con.register(_STARTS_VIEW, starts)
         try:
             changed = invoice_store.changed_since_billed(self.con, _USAGE_VIEW)
+            early = invoice_store.never_billed_before(self.con, _USAGE_VIEW, _STARTS_VIEW)
         finally:
             self.con.unregister(_USAGE_VIEW)
+            self.con.unregister(_STARTS_VIEW)
         pending: dict[str, list[LateUsage]] = {}
+        broken: dict[str, BillFailure] = {}
         for billed in changed:
+            try:
+                tier = self.billed_tier(billed)
+            except UserError as exc:
+                broken.setdefault(billed.tenant_id, _late_failure(billed, exc))
+                continue
             now = self.usage.usage(billed.tenant_id, Period.parse(billed.period))
-            item = LateUsage(billed, get_tier(self.rules.tiers, billed.tier), now)
-            pending.setdefault(billed.tenant_id, []).append(item)
-        return pending
+            pending.setdefault(billed.tenant_id, []).append(LateUsage(billed, tier, now))
+        for tenant_id, period in early:
+            now = self.usage.usage(tenant_id, Period.parse(period))
+            if tenant_id not in tenants or now == Usage():
+                continue
+            never = Billed(tenant_id, period, "", Usage(), "", None)
+            try:
+                tier = self.tier_of(tenants[tenant_id], Period.parse(period))
+            except UserError as exc:
+                broken.setdefault(tenant_id, _late_failure(never, exc))
+                continue
+            pending.setdefault(tenant_id, []).append(LateUsage(never, tier, now))
+        for items in pending.values():
+            items.sort(key=lambda x: x.billed.period)
+        return pending, broken
 
     def build(
         self,
@@ -240,35 +320,69 @@ class _Session:
         tenants: Mapping[str, Tenant],
         targets: Mapping[str, Sequence[Period]],
         index: Mapping[tuple[str, str], InvoiceKey],
-    ) -> list[Invoice]:
-        """Finalize ``targets`` (tenant -> periods, none final yet), carrying late usage."""
-        pending = self.pending_late()
+    ) -> tuple[list[Invoice], list[BillFailure]]:
+        """Finalize ``targets`` (tenant -> periods, none final yet), carrying late usage.
+
+        A tenant whose invoice for a period cannot be made keeps the invoices of its earlier
+        periods and gets none from that period on; it is reported, the others go on."""
+        pending, broken = self.pending_late(tenants)
         invoices: list[Invoice] = []
         billed: list[Billed] = []
+        failures: list[BillFailure] = []
+        starts: dict[str, Period] = {}
         for tenant_id, periods in targets.items():
+            if tenant_id in broken:
+                failures.append(broken[tenant_id])
+                continue
+            tenant = tenants[tenant_id]
             waiting = pending.get(tenant_id, [])
             for period in sorted(periods):
                 carried = [x for x in waiting if Period.parse(x.billed.period) < period]
+                try:
+                    invoice = self.build(
+                        tenant,
+                        period,
+                        index.get((tenant_id, str(period))),
+                        carried,
+                        InvoiceStatus.finalized,
+                    )
+                except UserError as exc:
+                    failures.append(BillFailure(tenant_id, str(period), str(exc)))
+                    break
                 waiting = [x for x in waiting if x not in carried]
-                invoice = self.build(
-                    tenants[tenant_id],
-                    period,
-                    index.get((tenant_id, str(period))),
-                    carried,
-                    InvoiceStatus.finalized,
-                )
                 invoices.append(invoice)
+                starts.setdefault(tenant_id, tenant.billed_from or tenant.first_period)
                 usage = Usage.from_mapping(self.usage.row(tenant_id, period) or {})
+                tier = self.tier_of(tenant, period)
                 billed.append(
-                    Billed(tenant_id, str(period), invoice.tier, usage, invoice.invoice_id)
+                    Billed(
+                        tenant_id,
+                        str(period),
+                        tier.name,
+                        usage,
+                        invoice.invoice_id,
+                        prices_text(tier),
+                    )
                 )
                 billed.extend(
-                    Billed(tenant_id, x.billed.period, x.billed.tier, x.now, invoice.invoice_id)
+                    Billed(
+                        tenant_id,
+                        x.billed.period,
+                        x.tier.name,
+                        x.now,
+                        invoice.invoice_id,
+                        x.billed.prices or prices_text(x.tier),
+                    )
                     for x in carried
                 )
         invoice_store.write_invoices(self.con, invoices)
         invoice_store.record_billed(self.con, billed, self.now)
-        return invoices
+        record_starts(self.con, starts)
+        return invoices, failures
+
+
+def _late_failure(billed: Billed, exc: UserError) -> BillFailure:
+    return BillFailure(billed.tenant_id, billed.period, f"late usage cannot be rated: {exc}")
 
 
 @dataclass(frozen=True)
@@ -276,6 +390,7 @@ class BillResult:
     last_closed: Period
     tenants: int
     invoices: list[Invoice]
+    failures: list[BillFailure]
 
     @property
     def late_lines(self) -> int:
@@ -291,7 +406,8 @@ def bill(
     now: datetime | None = None,
 ) -> BillResult:
     """The nightly job: finalize every closed, not yet finalized period of every tenant, from
-    its first period on (no usage: base fee only)."""
+    its first period on (no usage: base fee only). Tenants that cannot be billed are in
+    ``failures``; everything else is finalized."""
     session = _Session(con, usage, rules, now or datetime.now(UTC))
     last = rules.last_closed(as_of)
     with transaction(con):
@@ -306,8 +422,8 @@ def bill(
             ]
             if todo:
                 targets[tenant.tenant_id] = todo
-        invoices = session.finalize(tenants, targets, index)
-    return BillResult(last, len(tenants), invoices)
+        invoices, failures = session.finalize(tenants, targets, index)
+    return BillResult(last, len(tenants), invoices, failures)
 
 
 def known_tenant(con: duckdb.DuckDBPyConnection, usage: UsageData, tenant_id: str) -> Tenant:
@@ -335,9 +451,10 @@ def generate(
     with transaction(con):
         tenant = known_tenant(con, usage, tenant_id)
         if period < tenant.first_period:
+            carried = "; its usage is charged as late usage on the next invoice"
             raise UserError(
                 f"tenant {tenant_id!r} starts in {tenant.first_period}; "
-                f"it has no invoice for {period}"
+                f"it has no invoice for {period}{carried if tenant.billed_from else ''}"
             )
         if period.start > session.now:
             raise UserError(f"period {period} has not started yet")
@@ -345,11 +462,20 @@ def generate(
         existing = index.get((tenant_id, str(period)))
         if existing is None or existing.is_draft:
             if period.is_closed(session.now, rules.grace):
-                session.finalize({tenant_id: tenant}, {tenant_id: [period]}, index)
+                _, failures = session.finalize({tenant_id: tenant}, {tenant_id: [period]}, index)
+                if failures:
+                    raise InvoiceRefused(str(failures[0]))
             else:
-                waiting = session.pending_late().get(tenant_id, [])
+                pending, broken = session.pending_late({tenant_id: tenant})
+                if tenant_id in broken:
+                    raise InvoiceRefused(str(broken[tenant_id]))
+                waiting = pending.get(tenant_id, [])
                 late = [x for x in waiting if Period.parse(x.billed.period) < period]
-                draft = session.build(tenant, period, existing, late, InvoiceStatus.draft)
+                try:
+                    draft = session.build(tenant, period, existing, late, InvoiceStatus.draft)
+                except UserError as exc:
+                    failure = BillFailure(tenant_id, str(period), str(exc))
+                    raise InvoiceRefused(str(failure)) from None
                 invoice_store.write_invoices(con, [draft])
         invoice = invoice_store.invoice_for(con, tenant_id, str(period))
     assert invoice is not None

@@ -9,6 +9,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+MONEY_SQL = "DECIMAL(38, 2)"
+MAX_MONEY = Decimal(10**36) - Decimal("0.01")
+"""The largest amount (in usd, either sign) a stored invoice total or subtotal can hold."""
+
 
 class InvoiceStatus(StrEnum):
     draft = "draft"

@@ -6,6 +6,10 @@ of its first usage and the month it was added. Its tier has a history of (from p
 entries; the entry in force on a period's first day rates that period; no entry means basic.
 A period whose invoice is finalized keeps the tier it was rated with, so history can only be
 changed after the tenant's last finalized period.
+
+Once a tenant's first invoice is finalized, its first period is fixed (``billing_starts``):
+usage that arrives later for an earlier period does not open invoices back in time; it is
+charged as a late-usage line on the tenant's next invoice (``billing.invoicing``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from datetime import datetime
 import duckdb
 
 from billing import invoice_store
-from billing.db import register_schema
+from billing.db import register_migration, register_schema
 from billing.tiers import DEFAULT_TIER
 from common.errors import UserError
 from schemas.periods import Period
@@ -47,6 +51,38 @@ register_schema(
 )
 
 
+def _add_billing_starts(con: duckdb.DuckDBPyConnection) -> None:
+    """Create ``billing_starts`` (tenant -> first billed period) once, from the invoices
+    already finalized in a file written before it existed."""
+    found = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND table_name = 'billing_starts'"
+    ).fetchone()
+    if found and found[0]:
+        return
+    con.execute(
+        """CREATE TABLE billing_starts (
+            tenant_id VARCHAR PRIMARY KEY, first_period VARCHAR NOT NULL)"""
+    )
+    con.execute(
+        "INSERT INTO billing_starts SELECT tenant_id, min(period) FROM invoices "
+        "WHERE status <> 'draft' GROUP BY tenant_id"
+    )
+
+
+register_migration(_add_billing_starts)
+
+
+def record_starts(con: duckdb.DuckDBPyConnection, starts: Mapping[str, Period]) -> None:
+    """Fix the first billed period of tenants finalized for the first time (others keep
+    theirs)."""
+    if starts:
+        con.executemany(
+            "INSERT INTO billing_starts VALUES (?, ?) ON CONFLICT DO NOTHING",
+            [[t, str(p)] for t, p in starts.items()],
+        )
+
+
 @dataclass(frozen=True)
 class TierChange:
     effective_from: Period
@@ -60,6 +96,7 @@ class Tenant:
     added_at: datetime | None = None
     first_usage: Period | None = None
     history: list[TierChange] = field(default_factory=list)  # sorted by effective_from
+    billed_from: Period | None = None  # fixed at its first finalized invoice
 
     def tier_for(self, period: Period) -> str:
         """The tier in force on the first day of ``period``."""
@@ -95,6 +132,12 @@ def load_tenants(
         else:
             known.added_at = added_at
             known.first_period = min(known.first_period, period)
+    starts = con.execute(
+        f"SELECT tenant_id, first_period FROM billing_starts {where}", params
+    ).fetchall()
+    for tid, start in starts:
+        if tid in tenants:
+            tenants[tid].billed_from = tenants[tid].first_period = Period.parse(start)
     changes = con.execute(
         f"SELECT tenant_id, effective_from, tier FROM tenant_tiers {where} "
         "ORDER BY tenant_id, effective_from",

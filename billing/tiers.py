@@ -27,8 +27,10 @@ Built-in tiers cannot be redefined: invoices already rated with them must stay e
 
 from __future__ import annotations
 
+import json
 import tomllib
 from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -248,6 +250,23 @@ def load_tiers(path: Path | None) -> dict[str, Tier]:
     if path is not None:
         tiers.update(parse_tiers_file(path))
     return tiers
+
+
+@lru_cache(maxsize=256)
+def price_facts(tier: Tier) -> dict[str, Any]:
+    """Everything that rates a period with ``tier``, as plain JSON (decimal strings, exact):
+    what an invoice records as the prices it was rated with. ``tier_from_facts`` reads it
+    back. Cached per tier: do not mutate the result."""
+    return {"name": tier.name, "display_name": tier.display_name, **tier_terms(tier)}
+
+
+@lru_cache(maxsize=1024)
+def tier_from_facts(text: str) -> Tier:
+    """The tier ``price_facts`` recorded (JSON text), whatever the tiers file says now.
+    Facts recorded before ``display_name`` was kept show the tier's name instead."""
+    facts = json.loads(text)
+    facts.setdefault("display_name", facts["name"])
+    return Tier.model_validate(facts)
 
 
 def get_tier(tiers: dict[str, Tier], name: str) -> Tier:

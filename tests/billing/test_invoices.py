@@ -314,5 +314,7 @@ def test_custom_tier_from_the_tiers_file(
     assert invoice.total == Decimal("19.19")  # 20.20 - round(20.20 x 0.05) = 20.20 - 1.01
 
     monkeypatch.delenv("METERING_TIERS_FILE")
-    with pytest.raises(UserError, match="tier 'startup' in 2025-02, which is not defined"):
-        books.bill(at(2025, 3, 2))
+    result = books.bill(at(2025, 3, 2))  # acme is left out with its reason, not everybody
+    assert result.invoices == []
+    assert [(f.tenant_id, f.period) for f in result.failures] == [("acme", "2025-02")]
+    assert "tier 'startup' in 2025-02, which is not defined" in result.failures[0].reason

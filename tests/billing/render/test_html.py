@@ -176,7 +176,7 @@ def _invoice(status: InvoiceStatus = InvoiceStatus.finalized) -> Invoice:
              "tool_executions": 900, "data_retrievals": 4_000, "egress_scans": 1_300,
              "policy_checks": 80_000, "violations": 12}  # fmt: skip
     late = LateUsage(
-        Billed(NASTY, "2025-01", "basic", Usage(cpu_ms=100), "INV-1"),
+        Billed(NASTY, "2025-01", "basic", Usage(cpu_ms=100), "INV-1", None),
         tiers["basic"],
         Usage(cpu_ms=5_100, api_calls=20),
     )
