@@ -1,6 +1,7 @@
 """The nightly ``bill`` job: finalize every closed period not yet invoiced (``invoicing.bill``),
 then push the finalized, unsent invoices to Stripe; what the run did is written as job metrics
-however it ends (``recorded``)."""
+however it ends (``recorded``). A tenant that cannot be billed is left out (``failures``); the
+run finalizes and pushes everything else, then fails (``raise_if_not_billed``)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from typing import TYPE_CHECKING
 
 from billing import invoice_store, invoicing
 from billing.db import billing_db
-from billing.invoicing import BillResult, Rules, UsageData
+from billing.invoicing import BillFailure, BillResult, Rules, UsageData
 from billing.model import Invoice, money
+from common.errors import OperationError
 from common.settings import Settings
 
 if TYPE_CHECKING:  # stripe-python takes seconds to import: only a push loads it
@@ -28,10 +30,22 @@ class NightlyRun:
 
     finalized: int = 0
     pushes: list[PushResult] = field(default_factory=list)
+    failures: list[BillFailure] = field(default_factory=list)
 
     @property
     def pushed_all(self) -> bool:
         return all(r.ok for r in self.pushes)
+
+
+class NotBilled(OperationError):
+    """Some tenants could not be billed (the others were; each failure was printed)."""
+
+
+def raise_if_not_billed(failures: list[BillFailure]) -> None:
+    """``NotBilled`` naming every tenant left out, if any was."""
+    if failures:
+        names = ", ".join(sorted({f.tenant_id for f in failures}))
+        raise NotBilled(f"{len(failures)} tenant(s) could not be billed: {names}")
 
 
 @contextmanager
@@ -42,7 +56,7 @@ def recorded(metrics_file: Path | None) -> Iterator[NightlyRun]:
     succeeded = False
     try:
         yield run
-        succeeded = run.pushed_all
+        succeeded = run.pushed_all and not run.failures
     finally:
         if metrics_file is not None:
             from billing.job_metrics import BillRun, write_job_metrics

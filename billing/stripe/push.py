@@ -12,6 +12,9 @@ before the invoice):
 4. finalize (key ``pf-finalize-<invoice_id>``), unless Stripe shows it is no longer a draft;
 5. Stripe's total must equal ours to the cent, then the local invoice becomes ``sent``.
 
+Before the first call, an invoice with an amount beyond Stripe's limit (eight digits of cents)
+is refused, that invoice alone (``check_stripe_limits``).
+
 Items created before their invoice are "pending" on the customer and would be swept into
 whichever invoice is created next; creating the invoice first means a crash can never leave
 such strays. Every create carries a deterministic key and a deterministic body, so a retry or a
@@ -44,6 +47,9 @@ from common.errors import OperationError
 log = logging.getLogger("billing.stripe_push")
 
 PUSHABLE = frozenset({InvoiceStatus.finalized})
+STRIPE_MAX_AMOUNT = 99_999_999
+"""Stripe takes amounts of at most eight digits in the currency's minor unit (999,999.99 usd
+for an invoice item, and for what an invoice charges)."""
 ALREADY_PUSHED = frozenset({InvoiceStatus.sent, InvoiceStatus.paid, InvoiceStatus.overdue})
 
 
@@ -121,6 +127,22 @@ def planned_items(invoice: Invoice) -> list[PlannedItem]:
     return items
 
 
+def check_stripe_limits(invoice: Invoice) -> None:
+    """``PushRefused`` naming the invoice and the limit when Stripe would refuse an amount
+    of it (checked before any call, so nothing of such an invoice reaches Stripe)."""
+    limit = f"Stripe accepts at most {STRIPE_MAX_AMOUNT} cents (8 digits) per amount"
+    for item in planned_items(invoice):
+        if abs(item.amount_cents) > STRIPE_MAX_AMOUNT:
+            raise PushRefused(
+                f"invoice {invoice.invoice_id}: line {item.ref} is {item.amount_cents} cents; "
+                f"{limit}: split it or bill it outside Stripe"
+            )
+    if abs(invoice.total_cents) > STRIPE_MAX_AMOUNT:
+        raise PushRefused(
+            f"invoice {invoice.invoice_id}: its total is {invoice.total_cents} cents; {limit}"
+        )
+
+
 def days_until_due(invoice: Invoice) -> int:
     """Our due date as days after our finalization: fixed per invoice, so the create body (and
     its idempotency key) never changes between reruns. Stripe counts these days from its own
@@ -175,6 +197,7 @@ class StripePusher:
                 raise PushRefused(
                     f"invoice is {invoice.status.value}; only finalized invoices go to Stripe"
                 )
+            check_stripe_limits(invoice)
             stripe_id = self._push(invoice)
         except (StripeCallError, PushRefused, OperationError) as exc:
             log.error("stripe push of %s failed: %s", invoice.invoice_id, exc)

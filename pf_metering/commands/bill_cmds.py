@@ -55,11 +55,14 @@ def bill(
         rules = Rules.from_settings(cfg)
         with status(f"billing {len(usage.rows)} tenant-periods of usage", quiet):
             result = nightly.finalize(cfg, usage, rules, as_of=moment, now=now)
-        run.finalized = len(result.invoices)
+        run.finalized, run.failures = len(result.invoices), result.failures
+        for failure in result.failures:  # quiet or not: the job fails because of these
+            print(f"not billed: {failure}", file=sys.stderr)
         if not quiet:
             print(nightly.summary(result), file=sys.stderr)
         if stripe_requested(cfg, stripe):
             run.pushes = push_invoices(cfg, nightly.unsent(cfg))
+    nightly.raise_if_not_billed(run.failures)
     raise_if_failed(run.pushes)
 
 
