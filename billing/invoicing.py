@@ -25,7 +25,6 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import duckdb
@@ -35,7 +34,7 @@ from aggregator.views import UsageReader
 from billing import invoice_store
 from billing.db import transaction
 from billing.invoice_store import Billed, InvoiceKey, to_json_text
-from billing.model import MAX_MONEY, Invoice, InvoiceLine, InvoiceStatus, money
+from billing.model import MAX_MONEY, Invoice, InvoiceLine, InvoiceStatus, add_up, money
 from billing.rating import Usage, late_usage_line, rate
 from billing.tenants import Tenant, load_tenants, record_starts
 from billing.tiers import Tier, get_tier, load_tiers, price_facts, tier_from_facts
@@ -207,7 +206,7 @@ def build_invoice(
         status=status,
         lines=lines,
         subtotal=rating.subtotal,
-        total=sum((ln.amount for ln in lines), Decimal(0)),
+        total=add_up(ln.amount for ln in lines),
         due_date=period.due_date(due_days),
         created_at=created_at,
         finalized_at=finalized_at,

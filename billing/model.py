@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+EXACT = Context(prec=100, rounding=ROUND_HALF_UP)
+"""Every sum, product and rounding of money and quantities: Python's default context keeps 28
+digits and would round (or refuse to quantize) amounts from 128-bit usage; 100 never does, and
+rounding is half away from zero."""
+
+
+def add_up(amounts: Iterable[Decimal]) -> Decimal:
+    """The exact sum of ``amounts`` (Decimal 0 when there are none)."""
+    total = Decimal(0)
+    for amount in amounts:
+        total = EXACT.add(total, amount)
+    return total
+
+
 MONEY_SQL = "DECIMAL(38, 2)"
-MAX_MONEY = Decimal(10**36) - Decimal("0.01")
+MAX_MONEY = Decimal("9" * 36 + ".99")
 """The largest amount (in usd, either sign) a stored invoice total or subtotal can hold."""
 
 
@@ -74,11 +89,11 @@ class Invoice(BaseModel):
 
     def cents(self, line: InvoiceLine) -> int:
         """Integer cents of a line, as sent to Stripe."""
-        return int((line.amount * 100).to_integral_exact())
+        return int(EXACT.multiply(line.amount, Decimal(100)).to_integral_exact(context=EXACT))
 
     @property
     def total_cents(self) -> int:
-        return int((self.total * 100).to_integral_exact())
+        return int(EXACT.multiply(self.total, Decimal(100)).to_integral_exact(context=EXACT))
 
 
 def plain(value: Decimal, min_places: int = 0) -> str:
@@ -92,4 +107,4 @@ def plain(value: Decimal, min_places: int = 0) -> str:
 
 def money(value: Decimal) -> str:
     """An amount as a decimal string with two places, e.g. ``"53.66"``."""
-    return plain(value.quantize(Decimal("0.01")), 2)
+    return plain(value.quantize(Decimal("0.01"), context=EXACT), 2)

@@ -9,14 +9,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from billing import invoice_store, invoicing
 from billing.db import billing_db
 from billing.invoicing import BillFailure, BillResult, Rules, UsageData
-from billing.model import Invoice, money
+from billing.model import Invoice, add_up, money
 from common.errors import OperationError
 from common.settings import Settings
 
@@ -80,7 +79,7 @@ def unsent(cfg: Settings) -> list[Invoice]:
 
 def summary(result: BillResult) -> str:
     """One line saying what ``finalize`` did."""
-    total = sum((inv.total for inv in result.invoices), Decimal(0))
+    total = add_up(inv.total for inv in result.invoices)
     return (
         f"billed through {result.last_closed}: {len(result.invoices)} invoice(s) finalized "
         f"for {result.tenants} tenant(s), {result.late_lines} late-usage line(s), "

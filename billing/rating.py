@@ -18,17 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from decimal import ROUND_HALF_UP, Context, Decimal
+from decimal import Decimal
 from functools import lru_cache
 
-from billing.model import InvoiceLine, QuotaUsage
+from billing.model import EXACT, InvoiceLine, QuotaUsage, add_up
 from billing.tiers import Tier
 
 MIB = 1_048_576
 CENT = Decimal("0.01")
-_CTX = Context(prec=100, rounding=ROUND_HALF_UP)
+_CTX = EXACT
 """All arithmetic here: enough digits that no product or quotient is ever inexact (a byte
-count over 2**20 has up to 20 decimals), and half-away-from-zero rounding to the cent."""
+count over 2**20 has up to 20 decimals, a 128-bit count 39 digits), and half-away-from-zero
+rounding to the cent."""
 
 
 def round_cents(value: Decimal) -> Decimal:
@@ -108,11 +109,11 @@ class Rating:
     @property
     def subtotal(self) -> Decimal:
         """Base plus usage lines: what the risk adjustment applies to."""
-        return sum((ln.amount for ln in self.lines if ln.code != "risk_adjustment"), Decimal(0))
+        return add_up(ln.amount for ln in self.lines if ln.code != "risk_adjustment")
 
     @property
     def total(self) -> Decimal:
-        return sum((ln.amount for ln in self.lines), Decimal(0))
+        return add_up(ln.amount for ln in self.lines)
 
 
 def _line(code: str, description: str, quantity: Decimal, unit_price: Decimal) -> InvoiceLine:
@@ -181,7 +182,7 @@ def rate(tier: Tier, usage: Usage) -> Rating:
             quantity = max(_CTX.subtract(quantity, charge.allowance), Decimal(0))
         lines.append(_line(charge.meter.code, charge.description, quantity, charge.unit_price))
     if tier.risk_multiplier != 1:
-        subtotal = sum((ln.amount for ln in lines), Decimal(0))
+        subtotal = add_up(ln.amount for ln in lines)
         factor = _CTX.subtract(tier.risk_multiplier, Decimal(1))
         lines.append(
             _line("risk_adjustment", f"risk multiplier {tier.risk_multiplier}", subtotal, factor)
@@ -191,7 +192,7 @@ def rate(tier: Tier, usage: Usage) -> Rating:
 
 def late_usage_amount(tier: Tier, billed: Usage, now: Usage) -> Decimal:
     """What the period costs now minus what was already billed for it (exact to the cent)."""
-    return rate(tier, now).total - rate(tier, billed).total
+    return _CTX.subtract(rate(tier, now).total, rate(tier, billed).total)
 
 
 def late_usage_line(period: str, tier: Tier, billed: Usage, now: Usage) -> InvoiceLine:

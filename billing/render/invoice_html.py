@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from billing.model import Invoice, InvoiceLine, InvoiceStatus, QuotaUsage, plain
+from billing.model import EXACT, Invoice, InvoiceLine, InvoiceStatus, QuotaUsage, add_up, plain
 from billing.rating import METERS
 
 CENT = Decimal("0.01")
@@ -86,12 +86,12 @@ def grouped(value: Decimal, places: int) -> str:
 
 
 def amount_text(value: Decimal) -> str:
-    return grouped(value.quantize(CENT), 2)
+    return grouped(value.quantize(CENT, context=EXACT), 2)
 
 
 def quantity_text(value: Decimal) -> str:
     """A quantity with at most four decimals; a rounded one says so (``≈``)."""
-    shown = value.quantize(Decimal(1).scaleb(-QUANTITY_PLACES)).normalize()
+    shown = value.quantize(Decimal(1).scaleb(-QUANTITY_PLACES), context=EXACT).normalize(EXACT)
     return grouped(shown, 0) if shown == value else f"≈ {grouped(shown, 0)}"
 
 
@@ -194,8 +194,8 @@ def _totals(
     cur = esc(invoice.currency.upper())
     label = "Total so far" if status is InvoiceStatus.draft else "Total due"
     rows = [("Subtotal (base and usage)", invoice.subtotal)]
-    rows += [("Risk adjustment", sum((ln.amount for ln in risk), Decimal(0)))] if risk else []
-    rows += [("Late usage", sum((ln.amount for ln in late), Decimal(0)))] if late else []
+    rows += [("Risk adjustment", add_up(ln.amount for ln in risk))] if risk else []
+    rows += [("Late usage", add_up(ln.amount for ln in late))] if late else []
     body = "".join(
         f'<tr><td>{esc(label)}</td><td class="num">{esc(amount_text(value))}</td></tr>'
         for label, value in rows

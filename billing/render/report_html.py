@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from billing.model import Invoice
+from billing.model import Invoice, add_up
 from billing.rating import METERS, Usage
 from billing.render.invoice_html import (
     DASH,
@@ -204,7 +204,7 @@ def _charts(periods: Sequence[PeriodUsage]) -> str:
 
 
 def _late_total(invoice: Invoice) -> Decimal:
-    return sum((ln.amount for ln in invoice.lines if ln.code == "late_usage"), Decimal(0))
+    return add_up(ln.amount for ln in invoice.lines if ln.code == "late_usage")
 
 
 def _invoice_rows(report: UsageReport) -> list[list[str]]:
@@ -244,7 +244,7 @@ INVOICE_HEADERS = (
 
 
 def _cards(report: UsageReport) -> str:
-    invoiced = sum((inv.total for inv in report.invoices), Decimal(0))
+    invoiced = add_up(inv.total for inv in report.invoices)
     cards = [
         ("Events", grouped(Decimal(sum(p.events for p in report.periods)), 0)),
         ("Sessions", grouped(Decimal(sum(p.sessions for p in report.periods)), 0)),
