@@ -24,7 +24,7 @@ import duckdb
 import pyarrow as pa
 from pydantic import TypeAdapter
 
-from billing.db import register_migration, register_schema, widen
+from billing.db import column_types, register_migration, register_schema, widen
 from billing.model import MONEY_SQL, Invoice, InvoiceLine, InvoiceStatus, QuotaUsage
 from billing.rating import Usage
 from common.jsonfmt import json_default
@@ -77,7 +77,9 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     billed usage without its prices gets those its period's invoice recorded."""
     widen(con, "invoices", {"subtotal": MONEY_SQL, "total": MONEY_SQL})
     widen(con, "billed_usage", dict.fromkeys(COUNTERS, COUNTER_SQL))
-    con.execute("ALTER TABLE billed_usage ADD COLUMN IF NOT EXISTS prices VARCHAR")
+    if "prices" in column_types(con, "billed_usage"):
+        return
+    con.execute("ALTER TABLE billed_usage ADD COLUMN prices VARCHAR")
     con.execute(
         """UPDATE billed_usage b SET prices = json_extract(i.computed_from, '$.tier')::VARCHAR
            FROM invoices i WHERE b.prices IS NULL AND i.tenant_id = b.tenant_id
