@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,8 @@ class CommitResult:
     counted: int
     duplicates: int
     dead: int  # the batch's dead letters plus ``refused``
-    refused: list[DeadLetter]  # valid events the fold could not apply (over the ceiling)
+    refused: list[DeadLetter] = field(default_factory=list)  # valid events the fold could
+    # not apply (over the ceiling), among ``dead``
 
 
 class PartitionLedger:

@@ -16,7 +16,7 @@ from aggregator.views import open_usage
 from bench.ledger_load import publish_usage
 from common.settings import Settings
 from schemas.codec import COUNTERS
-from tests.events import make_event
+from tests.support.events import make_event
 
 INT64_MAX = 2**63 - 1
 JAN = 1_735_689_600_000_000 + 86_400_000_000  # 2025-01-02T00:00:00Z

@@ -22,9 +22,10 @@ from billing.stripe.push import PushRefused, check_stripe_limits
 from billing.tiers import PRICE_FIELDS
 from common import settings as config
 from common.errors import UserError
-from tests.cli_runner import assert_user_error, run_cli
-from tests.stripe_fixtures import make_invoice
-from tests.test_invoices import Books, at, event
+from tests.fixtures.seeds import event
+from tests.fixtures.stripe import make_invoice
+from tests.support.books import Books, at
+from tests.support.cli_runner import assert_user_error, run_cli
 
 INT64_MAX = 2**63 - 1
 

@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.ledger_load import publish_usage
 from common.settings import load_settings
 from schemas.codec import COUNTERS
-from tests.cli_runner import run_cli
-from tests.events import make_event
+from tests.support.cli_runner import run_cli
+from tests.support.events import make_event
 
 JAN = 1_736_000_000_000_000  # 2025-01-04
 INT64_MAX = 2**63 - 1

@@ -12,9 +12,15 @@ from aggregator.fold import COUNTER_CEILING
 from aggregator.ledger import ledger_path
 from common.settings import load_settings
 from schemas.codec import COUNTERS
-from tests.cli_runner import run_cli
-from tests.events import make_event
-from tests.worker_harness import drain, expected_totals, ledger_state, ledger_totals, produce
+from tests.support.cli_runner import run_cli
+from tests.support.events import make_event
+from tests.support.worker_harness import (
+    drain,
+    expected_totals,
+    ledger_state,
+    ledger_totals,
+    produce,
+)
 
 INT64_MAX = 2**63 - 1
 
