@@ -5,6 +5,7 @@ suites."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import sys
@@ -155,7 +156,7 @@ def test_a_revoked_partition_is_committed_whole_and_released_to_its_new_owner(
     for p in range(3):
         produce(broker, events[p], p)
     broker.fetch_records = 4  # a partition: polls of 12 records fill no batch of 12
-    config = WorkerConfig(**{**config.__dict__, "batch_size": 12})
+    config = dataclasses.replace(config, batch_size=12)
     worker, consumer = start(broker, config, drain=True, strategy=strategy)
     other = broker.consumer({"partition.assignment.strategy": strategy})
     seen: dict[str, Any] = {}
