@@ -245,6 +245,24 @@ def test_transient_failures_are_retried_within_one_run(
     assert_consistent(fake_stripe, local_billing, invoices)
 
 
+def test_an_amount_beyond_stripes_limit_stops_only_that_invoice_before_any_call(
+    fake_stripe: FakeStripe, local_billing: LocalBilling
+) -> None:
+    huge = make_invoice("huge", "2025-01", [("base", "50.00"), ("tool_executions", "1000000.00")])
+    invoices = [huge, *sample_invoices()]
+    local_billing.add(*invoices)
+    results = push(fake_stripe, local_billing, invoices)
+    assert [r.outcome for r in results] == [PushOutcome.failed] + [PushOutcome.sent] * 3
+    assert results[0].error is not None
+    assert (
+        f"invoice {huge.invoice_id}: line 1-tool_executions is 100000000 cents" in results[0].error
+    )
+    assert "Stripe accepts at most 99999999 cents" in results[0].error
+    assert fake_stripe.customers_for("huge") == []  # nothing of it reached Stripe
+    assert not any("huge" in str(c.params) for c in fake_stripe.calls)
+    assert_consistent(fake_stripe, local_billing, invoices[1:])
+
+
 def test_a_non_retryable_error_stops_only_that_invoice(
     fake_stripe: FakeStripe, local_billing: LocalBilling
 ) -> None:
