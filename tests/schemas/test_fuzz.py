@@ -228,13 +228,19 @@ def check_batch(
     return rows, dead
 
 
-Batch = tuple[list[Any], random.Random, int, int | None]
+Drawn = tuple[list[Any], random.Random, int, int | None]
+Batch = tuple[list[Any], random.Random, int | None]  # items, their random source, oldest
 Raw = tuple[bytes | None, bytes | None]
 Tally = Counter[str]
 
 
-def fuzz(items: st.SearchStrategy[Any], body: Callable[[Batch], int]) -> int:
-    """Run ``body`` over drawn batches until FUZZ_INPUTS records were checked."""
+def fuzz(
+    items: st.SearchStrategy[Any],
+    random_item: Callable[[random.Random], Any],
+    body: Callable[[Batch], int],
+) -> int:
+    """Run ``body`` over batches until FUZZ_INPUTS records were checked: each batch is a few
+    items Hypothesis draws, then 50-400 of ``random_item`` from the drawn random source."""
     checked = 0
     batches = st.tuples(
         st.lists(items, max_size=8), st.randoms(use_true_random=True), st.integers(50, 400),
@@ -247,9 +253,10 @@ def fuzz(items: st.SearchStrategy[Any], body: Callable[[Batch], int]) -> int:
               print_blob=True, suppress_health_check=list(HealthCheck),
               phases=[Phase.explicit, Phase.reuse, Phase.generate])  # fmt: skip
     @given(batches)
-    def run(batch: Batch) -> None:
+    def run(drawn: Drawn) -> None:
         nonlocal checked
-        checked += body(batch)
+        listed, rnd, extra, oldest = drawn
+        checked += body((listed + [random_item(rnd) for _ in range(extra)], rnd, oldest))
 
     while checked < FUZZ_INPUTS:
         run()
@@ -261,8 +268,7 @@ def test_fuzzed_bytes_never_crash_and_every_reject_names_its_reason() -> None:
     tally: Tally = Counter()
 
     def body(batch: Batch) -> int:
-        drawn, rnd, extra, oldest = batch
-        items = drawn + [random_value(rnd) for _ in range(extra)]
+        items, _, oldest = batch
         records = [Record(i, key, value) for i, (key, value) in enumerate(items)]
         _rows, dead = check_batch(records, oldest)
         for rec in records:
@@ -270,7 +276,7 @@ def test_fuzzed_bytes_never_crash_and_every_reject_names_its_reason() -> None:
         tally.update(dead.get(r.offset, "counted") for r in records)
         return len(records)
 
-    checked = fuzz(drawn_value, body)
+    checked = fuzz(drawn_value, random_value, body)
     print(f"\nfuzzed bytes: {checked} inputs: {dict(tally.most_common())}")
     assert checked >= FUZZ_INPUTS and tally["counted"] and len(tally) >= 8
 
@@ -280,8 +286,7 @@ def test_fuzzed_events_are_counted_exactly_when_the_spec_allows() -> None:
     tally: Tally = Counter()
 
     def body(batch: Batch) -> int:
-        drawn, rnd, extra, oldest = batch
-        items = drawn + [random_event(rnd) for _ in range(extra)]
+        items, rnd, oldest = batch
         items += [rnd.choice(items) for _ in range(rnd.randrange(5))]  # sent twice
         records = [Record(i, key, value) for i, (_, key, value) in enumerate(items)]
         rows, dead = check_batch(records, oldest)
@@ -297,7 +302,7 @@ def test_fuzzed_events_are_counted_exactly_when_the_spec_allows() -> None:
         tally.update(dead.get(r.offset, "counted") for r in records)
         return len(records)
 
-    checked = fuzz(drawn_event(), body)
+    checked = fuzz(drawn_event(), random_event, body)
     print(f"\nfuzzed events: {checked} inputs: {dict(tally.most_common())}")
     # The generator makes about a third of the events valid (33-36% seen): a quarter is
     # the floor that says the fuzz still reaches the counting path, not a statistic.

@@ -28,6 +28,17 @@ from tests.fixtures.stripe import (
 from tests.support.stripe_server import FakeStripe, FaultKind, running
 
 
+def refuse_invoice_create(fake_stripe: FakeStripe, invoice_id: str) -> None:
+    """Stripe answers 400 to every attempt to create ``invoice_id``'s invoice."""
+    fake_stripe.inject(
+        "fail",
+        status=400,
+        when=lambda c: (
+            c.path == "/v1/invoices" and c.params["metadata"]["invoice_id"] == invoice_id
+        ),
+    )
+
+
 def push(
     fake: FakeStripe,
     billing: LocalBilling,
@@ -82,8 +93,7 @@ def assert_consistent(fake: FakeStripe, billing: LocalBilling, invoices: list[In
 def test_push_makes_one_customer_per_tenant_and_one_item_per_nonzero_line(
     fake_stripe: FakeStripe, local_billing: LocalBilling
 ) -> None:
-    invoices = sample_invoices()
-    local_billing.add(*invoices)
+    invoices = local_billing.add_samples()
     results = push(fake_stripe, local_billing, invoices)
     assert [r.outcome for r in results] == [PushOutcome.sent] * 3
     assert_consistent(fake_stripe, local_billing, invoices)
@@ -130,8 +140,7 @@ def test_every_create_carries_its_deterministic_idempotency_key(
 def test_pushing_again_changes_nothing_at_stripe(
     fake_stripe: FakeStripe, local_billing: LocalBilling
 ) -> None:
-    invoices = sample_invoices()
-    local_billing.add(*invoices)
+    invoices = local_billing.add_samples()
     push(fake_stripe, local_billing, invoices)
     posts = sum(c.method == "POST" for c in fake_stripe.calls)
     again = push(fake_stripe, local_billing, current(local_billing, invoices))
@@ -233,8 +242,7 @@ def test_stripe_should_retry_header_overrides_the_status() -> None:
 def test_transient_failures_are_retried_within_one_run(
     fake_stripe: FakeStripe, local_billing: LocalBilling, kind: FaultKind, status: int
 ) -> None:
-    invoices = sample_invoices()
-    local_billing.add(*invoices)
+    invoices = local_billing.add_samples()
     for at in (1, 4, 9, 20):  # spread over searches, creates and items
         fake_stripe.inject(kind, at=at, status=status)
     sleeps = Sleeps()
@@ -266,15 +274,8 @@ def test_an_amount_beyond_stripes_limit_stops_only_that_invoice_before_any_call(
 def test_a_non_retryable_error_stops_only_that_invoice(
     fake_stripe: FakeStripe, local_billing: LocalBilling
 ) -> None:
-    invoices = sample_invoices()
-    local_billing.add(*invoices)
-    fake_stripe.inject(
-        "fail",
-        status=400,
-        when=lambda c: (
-            c.path == "/v1/invoices" and c.params["metadata"]["invoice_id"] == "inv-acme-2025-01"
-        ),
-    )
+    invoices = local_billing.add_samples()
+    refuse_invoice_create(fake_stripe, "inv-acme-2025-01")
     results = push(fake_stripe, local_billing, invoices, attempts=5)
     assert [r.outcome for r in results] == [PushOutcome.failed, PushOutcome.sent, PushOutcome.sent]
     assert results[0].error is not None
@@ -290,8 +291,7 @@ def test_a_non_retryable_error_stops_only_that_invoice(
 def test_retries_give_up_after_max_attempts(
     fake_stripe: FakeStripe, local_billing: LocalBilling
 ) -> None:
-    invoices = sample_invoices()
-    local_billing.add(*invoices)
+    invoices = local_billing.add_samples()
     fake_stripe.inject("fail", status=502, times=None, when=lambda c: c.path.endswith("/finalize"))
     sleeps = Sleeps()
     results = push(fake_stripe, local_billing, invoices, attempts=3, sleeps=sleeps)
@@ -452,15 +452,8 @@ def stripe_env(
 def test_push_to_stripe_reports_each_invoice_and_fails_if_any_did(
     stripe_env: LocalBilling, fake_stripe: FakeStripe, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    invoices = sample_invoices()
-    stripe_env.add(*invoices)
-    fake_stripe.inject(
-        "fail",
-        status=400,
-        when=lambda c: (
-            c.path == "/v1/invoices" and c.params["metadata"]["invoice_id"] == "inv-acme-2025-01"
-        ),
-    )
+    invoices = stripe_env.add_samples()
+    refuse_invoice_create(fake_stripe, "inv-acme-2025-01")
     with pytest.raises(OperationError) as caught:
         push_to_stripe(config.load_settings(), invoices, store=stripe_env.store)
     assert str(caught.value) == ("1 of 3 invoices failed to push to Stripe: inv-acme-2025-01")

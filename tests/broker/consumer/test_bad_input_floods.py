@@ -20,18 +20,8 @@ import pytest
 from aggregator.views import open_usage
 from common.settings import load_settings
 from schemas.codec import MAX_VALUE_BYTES, SINGLE_OBJECT_MAGIC, default_codec
+from tests.support import worker_harness as harness
 from tests.support.events import make_event
-from tests.support.worker_harness import (
-    drain,
-    expected_totals,
-    ledger_totals,
-    produce,
-    produce_raw,
-    random_events,
-    read_while_running,
-    start_worker,
-    with_duplicates,
-)
 
 SOAK = os.environ.get("PF_SOAK") == "1"
 FLOOD = 100_000 if SOAK else 20_000
@@ -43,15 +33,15 @@ Raw = tuple[bytes | None, bytes | None]
 
 def test_oversized_values_are_dead_lettered_and_nothing_stalls(env: dict[str, str]) -> None:
     bootstrap, topic = env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"]
-    valid = with_duplicates(random_events(3_000, tenants=12, seed=51), ratio=0.1)
+    valid = harness.with_duplicates(harness.random_events(3_000, tenants=12, seed=51), ratio=0.1)
     rnd = random.Random(52)
     sizes = [MAX_VALUE_BYTES + 1, 256 * 1024, 900_000]  # under every broker's 1 MB default
     big: list[Raw] = [(b"tenant_3.x", HEADERS[0] + rnd.randbytes(size - 10)) for size in sizes]
-    produce(bootstrap, topic, valid[:1500])
-    produce_raw(bootstrap, topic, big)
-    produce(bootstrap, topic, valid[1500:])
-    drain(env)
-    assert ledger_totals(env) == expected_totals(valid)
+    harness.produce(bootstrap, topic, valid[:1500])
+    harness.produce_raw(bootstrap, topic, big)
+    harness.produce(bootstrap, topic, valid[1500:])
+    harness.drain(env)
+    assert harness.ledger_totals(env) == harness.expected_totals(valid)
     letters = dead_letter_counts(env)
     assert letters == {"oversized": len(sizes)}
 
@@ -100,18 +90,18 @@ def test_a_flood_of_invalid_events_does_not_stall_the_valid_ones(
 ) -> None:
     bootstrap, topic = env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"]
     flood, classes = flood_of_every_class(FLOOD, int(time.time() * 1_000_000))
-    valid = with_duplicates(random_events(2_000, tenants=20, seed=53), ratio=0.1)
-    produce_raw(bootstrap, topic, flood)
-    produce(bootstrap, topic, valid)  # behind the whole flood
+    valid = harness.with_duplicates(harness.random_events(2_000, tenants=20, seed=53), ratio=0.1)
+    harness.produce_raw(bootstrap, topic, flood)
+    harness.produce(bootstrap, topic, valid)  # behind the whole flood
     port = 19600 + os.getpid() % 300
     log = tmp_path / "worker.log"
-    worker = start_worker(env, "--metrics-port", str(port), log=log)
+    worker = harness.start_worker(env, "--metrics-port", str(port), log=log)
     try:
-        expected = expected_totals(valid)
+        expected = harness.expected_totals(valid)
         deadline = time.monotonic() + 600
         while (
-            read_while_running(lambda: ledger_totals(env)) != expected
-            or read_while_running(lambda: dead_letter_counts(env)) != classes
+            harness.read_while_running(lambda: harness.ledger_totals(env)) != expected
+            or harness.read_while_running(lambda: dead_letter_counts(env)) != classes
         ):
             assert worker.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the valid events were not all counted"

@@ -10,38 +10,30 @@ from confluent_kafka import KafkaError, Message
 from consumer.kafka import split_by_partition
 from schemas.codec import default_codec
 from schemas.validation import REASONS
+from tests.support import worker_harness as harness
 from tests.support.cli_runner import run_cli
 from tests.support.events import make_event
-from tests.support.worker_harness import (
-    drain,
-    expected_totals,
-    ledger_totals,
-    produce,
-    produce_raw,
-    random_events,
-    with_duplicates,
-)
 
 
 def test_drain_counts_every_event_once(env: dict[str, str]) -> None:
-    events = with_duplicates(random_events(3000), ratio=0.2)
-    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
-    proc = drain(env)
+    events = harness.with_duplicates(harness.random_events(3000), ratio=0.2)
+    harness.produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
+    proc = harness.drain(env)
     assert "duplicates" in proc.stderr
-    assert ledger_totals(env) == expected_totals(events)
+    assert harness.ledger_totals(env) == harness.expected_totals(events)
     # a second drain reads nothing new and changes nothing
-    drain(env)
-    assert ledger_totals(env) == expected_totals(events)
+    harness.drain(env)
+    assert harness.ledger_totals(env) == harness.expected_totals(events)
 
 
 def test_same_events_produced_again_later_are_duplicates(env: dict[str, str]) -> None:
-    events = random_events(500, seed=9)
-    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
-    drain(env)
-    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
-    proc = drain(env)
+    events = harness.random_events(500, seed=9)
+    harness.produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
+    harness.drain(env)
+    harness.produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
+    proc = harness.drain(env)
     assert "0 counted, 500 duplicates" in proc.stderr
-    assert ledger_totals(env) == expected_totals(events)
+    assert harness.ledger_totals(env) == harness.expected_totals(events)
 
 
 def test_every_invalid_class_is_dead_lettered_and_nothing_else(env: dict[str, str]) -> None:
@@ -71,10 +63,10 @@ def test_every_invalid_class_is_dead_lettered_and_nothing_else(env: dict[str, st
         (b"someone-else", codec.encode(make_event(tenant="bad")), "key_mismatch"),
         (b"bad", b"\xc3\x01" + b"\x00" * 200_000, "oversized"),
     ]
-    produce_raw(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], [r[:2] for r in raw])
-    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], good)
-    drain(env)
-    assert ledger_totals(env) == expected_totals(good)
+    harness.produce_raw(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], [r[:2] for r in raw])
+    harness.produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], good)
+    harness.drain(env)
+    assert harness.ledger_totals(env) == harness.expected_totals(good)
     proc = run_cli("dead-letters", "-f", "json", env=env, check=True)
     letters = json.loads(proc.stdout)
     assert sorted(d["reason_code"] for d in letters) == sorted(r[2] for r in raw)
@@ -85,10 +77,10 @@ def test_every_invalid_class_is_dead_lettered_and_nothing_else(env: dict[str, st
 def test_v1_and_v2_mixed_in_one_partition(env: dict[str, str]) -> None:
     v1 = [make_event(tenant="mixed", session_id=f"a{i}") for i in range(50)]
     v2 = [{**make_event(tenant="mixed", session_id=f"b{i}"), "region": "eu"} for i in range(50)]
-    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], v1, version=1)
-    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], v2, version=2)
-    drain(env)
-    assert ledger_totals(env) == expected_totals(v1 + v2)
+    harness.produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], v1, version=1)
+    harness.produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], v2, version=2)
+    harness.drain(env)
+    assert harness.ledger_totals(env) == harness.expected_totals(v1 + v2)
 
 
 def test_a_poll_is_split_into_partition_runs_in_offset_order() -> None:

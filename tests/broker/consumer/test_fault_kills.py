@@ -32,17 +32,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import worker_harness as harness
 from tests.support.log_lines import ASSIGNED, BATCH, BATCH_DONE, SPAN
-from tests.support.worker_harness import (
-    drain,
-    expected_totals,
-    ledger_state,
-    ledger_totals,
-    produce,
-    random_events,
-    start_worker,
-    with_duplicates,
-)
 
 SOAK = os.environ.get("PF_SOAK") == "1"
 EVENTS = 200_000 if SOAK else 60_000
@@ -150,7 +141,7 @@ def kill_at_random_points(
         if not (SOAK and i % 5 == 4):
             group = f"{env['METERING_GROUP']}-life{i}"
         life = Life(logs / f"life-{i:02d}.log")
-        proc = start_worker({**env, **RUN_ENV, "METERING_GROUP": group}, log=life.log)
+        proc = harness.start_worker({**env, **RUN_ENV, "METERING_GROUP": group}, log=life.log)
         try:
             if rng.random() < STARTUP_KILL_SHARE:
                 time.sleep(rng.uniform(0.1, 1.5))
@@ -169,7 +160,7 @@ def kill_at_random_points(
         report.lives.append(life)
         if life.last == "committing" and life.last_span is not None:
             partition, start, end = life.last_span
-            stored = ledger_state(env)[partition][0] or 0  # no row yet: offset 0
+            stored = harness.ledger_state(env)[partition][0] or 0  # no row yet: offset 0
             assert stored in (start, end), (stored, life.last_span)  # all or nothing
             if stored == start:
                 report.inside_transaction_rolled_back += 1
@@ -180,18 +171,18 @@ def kill_at_random_points(
 
 @pytest.mark.soak
 def test_sigkill_at_random_points_of_a_long_run(env: dict[str, str], tmp_path: Path) -> None:
-    events = with_duplicates(random_events(EVENTS, tenants=60, seed=101), ratio=0.1)
-    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
+    events = harness.with_duplicates(harness.random_events(EVENTS, tenants=60, seed=101), ratio=0.1)
+    harness.produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
     report = kill_at_random_points(env, len(events), KILLS, random.Random(7), tmp_path)
     print(f"\n{len(events)} records ({EVENTS} distinct events): {report.summary()}")
     assert len(report.lives) == KILLS
     assert report.mid_batch >= KILLS // 2, report.summary()
-    drain(env)
-    assert ledger_totals(env) == expected_totals(events)
+    harness.drain(env)
+    assert harness.ledger_totals(env) == harness.expected_totals(events)
     # the stored ledgers agree with the published snapshot, partition by partition
     stored: dict[tuple[str, str], dict[str, int]] = {}
-    for _offset, totals in ledger_state(env).values():
+    for _offset, totals in harness.ledger_state(env).values():
         for key, row in totals.items():
             assert key not in stored  # a tenant lives in one partition
             stored[key] = row
-    assert stored == ledger_totals(env)
+    assert stored == harness.ledger_totals(env)

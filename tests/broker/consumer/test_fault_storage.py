@@ -19,17 +19,8 @@ from confluent_kafka import Consumer, TopicPartition
 
 from schemas.codec import default_codec
 from schemas.prepare import Record
+from tests.support import worker_harness as harness
 from tests.support.cli_runner import BIN, assert_user_error
-from tests.support.worker_harness import (
-    drain,
-    expected_totals,
-    ledger_state,
-    ledger_totals,
-    produce,
-    random_events,
-    read_topic,
-    with_duplicates,
-)
 
 # Runs argv with a file-size limit: SIG_IGN and rlimits survive exec (no preexec_fn needed,
 # which is unsafe in a threaded parent).
@@ -74,8 +65,8 @@ def decoded(records: list[Record]) -> list[dict[str, Any]]:
 
 def test_storage_refusing_writes_stops_the_worker_and_loses_nothing(env: dict[str, str]) -> None:
     """One topic, storage refusing writes three ways in a row, then fixed."""
-    events = with_duplicates(random_events(10_000, tenants=30, seed=31), ratio=0.1)
-    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
+    events = harness.with_duplicates(harness.random_events(10_000, tenants=30, seed=31), ratio=0.1)
+    harness.produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
 
     # 1. Not even a ledger file can be created (it is left torn, a byte long).
     failed = consume_with_file_limit(env, 1)
@@ -89,11 +80,12 @@ def test_storage_refusing_writes_stops_the_worker_and_loses_nothing(env: dict[st
     assert "cut short at creation" in failed.stderr  # the torn files of 1. were set aside
     # The stored offsets say exactly what the stored aggregates hold: per partition, the
     # records below the offset (read back from Kafka and folded here) and nothing else.
-    topic = read_topic(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"])
-    state = ledger_state(env)
+    topic = harness.read_topic(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"])
+    state = harness.ledger_state(env)
     assert set(state) == set(topic)
     for partition, (offset, totals) in state.items():
-        assert totals == expected_totals(decoded(topic[partition][: offset or 0])), partition
+        produced = decoded(topic[partition][: offset or 0])
+        assert totals == harness.expected_totals(produced), partition
     stopped_early = [p for p, (offset, _) in state.items() if (offset or 0) < len(topic[p])]
     assert stopped_early, "the worker should have stopped before the end of the topic"
     # Kafka's committed offsets (monitoring only) never run ahead of the ledger
@@ -105,6 +97,6 @@ def test_storage_refusing_writes_stops_the_worker_and_loses_nothing(env: dict[st
     assert_user_error(failed, "stopping the worker failed")
     assert "File too large" in failed.stderr
 
-    resumed = drain(env)  # storage fixed: no limit
+    resumed = harness.drain(env)  # storage fixed: no limit
     assert "Traceback" not in resumed.stderr
-    assert ledger_totals(env) == expected_totals(events)
+    assert harness.ledger_totals(env) == harness.expected_totals(events)
