@@ -39,8 +39,11 @@ def test_only_a_torn_unlocked_ledger_file_is_set_aside(tmp_path: Path) -> None:
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         assert [set_aside_torn_ledger(p) for p in (torn, with_wal, valid, locked)] == [
-            True, False, False, False,
-        ]  # fmt: skip
+            True,
+            False,
+            False,
+            False,
+        ]
     finally:
         holder.communicate("\n", timeout=30)
     assert not torn.exists() and len(list(tmp_path.glob("p-0000.duckdb.torn-*"))) == 1

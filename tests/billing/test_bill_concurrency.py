@@ -177,8 +177,10 @@ def assert_one_stripe_invoice_each(env: dict[str, str], fake: FakeStripe) -> Non
 def small(tmp_path: Path) -> dict[str, str]:
     """5 tenants, one closed period: a push of ~80 Stripe calls."""
     data = tmp_path / "data"
-    publish_usage(load_settings(metering_data_dir=data),
-                  [event(f"s{i:02d}", "2025-04", **SEED) for i in range(5)])  # fmt: skip
+    publish_usage(
+        load_settings(metering_data_dir=data),
+        [event(f"s{i:02d}", "2025-04", **SEED) for i in range(5)],
+    )
     return {"METERING_DATA_DIR": str(data), "METERING_GROUP": f"g-{tmp_path.name}"}
 
 

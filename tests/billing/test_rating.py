@@ -103,8 +103,13 @@ def test_included_quotas_are_free_allowances() -> None:
 
 def test_quota_report_utilisation_and_exceeded() -> None:
     report = {q.quota: q for q in rate(BASIC, Usage(cpu_ms=7_200_000, api_calls=2_500)).quotas}
-    assert set(report) == {"cpu_ms", "network_mb", "api_calls", "tool_executions",
-                           "data_retrievals"}  # fmt: skip
+    assert set(report) == {
+        "cpu_ms",
+        "network_mb",
+        "api_calls",
+        "tool_executions",
+        "data_retrievals",
+    }
     assert report["cpu_ms"].exceeded and report["cpu_ms"].utilisation_pct == Decimal("200.00")
     assert not report["api_calls"].exceeded
     assert report["api_calls"].utilisation_pct == Decimal("25.00")

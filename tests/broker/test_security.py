@@ -90,8 +90,13 @@ def test_no_secret_in_any_output_of_a_full_flow(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    flow = {**env, **SECRETS, "KAFKA_SASL_USERNAME": "svc", "STRIPE_API_BASE": fake_stripe.url,
-            "LOG_LEVEL": "DEBUG"}  # fmt: skip
+    flow = {
+        **env,
+        **SECRETS,
+        "KAFKA_SASL_USERNAME": "svc",
+        "STRIPE_API_BASE": fake_stripe.url,
+        "LOG_LEVEL": "DEBUG",
+    }
     for name, value in flow.items():
         monkeypatch.setenv(name, value)
     said = Transcript()
@@ -141,8 +146,9 @@ def test_no_secret_in_any_output_of_a_full_flow(
         text = said.subprocess({**flow, **BAD_TLS}, *args, ok=False)
         assert "ssl.ca.location" in text
 
-    written = [p for p in [*Path(env["METERING_DATA_DIR"]).rglob("*"), *out.rglob("*")]
-               if p.is_file()]  # fmt: skip
+    written = [
+        p for p in [*Path(env["METERING_DATA_DIR"]).rglob("*"), *out.rglob("*")] if p.is_file()
+    ]
     assert len(written) >= 20 and len(said.texts) >= 30  # what was searched
     assert any(" DEBUG " in text for text in said.texts)  # at the most talkative level
     for name, secret in SECRETS.items():
@@ -159,11 +165,19 @@ def test_sasl_reaches_the_broker_handshake(env: dict[str, str], tmp_path: Path) 
     """SASL_PLAINTEXT against the test broker's PLAINTEXT listener: librdkafka starts a SASL
     SCRAM handshake, which the broker cannot answer; the worker reports it, password unsaid."""
     log = tmp_path / "worker.log"
-    sasl = {"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
-            "KAFKA_SASL_USERNAME": "svc", "KAFKA_SASL_PASSWORD": SASL_PASSWORD}  # fmt: skip
+    sasl = {
+        "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "KAFKA_SASL_USERNAME": "svc",
+        "KAFKA_SASL_PASSWORD": SASL_PASSWORD,
+    }
     with log.open("w") as sink:
-        proc = subprocess.Popen([str(BIN), "consume", "--drain"], env={**os.environ, **env, **sasl},
-                                stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(BIN), "consume", "--drain"],
+            env={**os.environ, **env, **sasl},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while "_AUTHENTICATION" not in log.read_text():

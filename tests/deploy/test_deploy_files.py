@@ -93,8 +93,9 @@ def test_compose_runs_kafka_two_workers_webhooks_and_the_nightly_job() -> None:
         for volume in svc.get("volumes", []):
             source = volume.split(":", 1)[0]
             assert source.startswith((".", "/")) or source in compose["volumes"], volume
-    worker_ports = [p for svc in pf.values() if svc["command"][0] == "consume"
-                    for p in svc["ports"]]  # fmt: skip
+    worker_ports = [
+        p for svc in pf.values() if svc["command"][0] == "consume" for p in svc["ports"]
+    ]
     assert len({p.rsplit(":", 1)[0] for p in worker_ports}) == len(worker_ports)
 
 

@@ -51,8 +51,10 @@ def stored_books(tmp_path_factory: pytest.TempPathFactory) -> Path:
     each of them proves it changed nothing."""
     data = tmp_path_factory.mktemp("books") / "data"
     env = {"METERING_DATA_DIR": str(data), "METERING_GROUP": "g-bad-input"}
-    publish_usage(load_settings(metering_data_dir=data), [
-        event("acme", "2025-01", **SEED), event("beta.eu", "2025-02", api_calls=7)])  # fmt: skip
+    publish_usage(
+        load_settings(metering_data_dir=data),
+        [event("acme", "2025-01", **SEED), event("beta.eu", "2025-02", api_calls=7)],
+    )
     run_cli("tenants", "add", "gamma", "--tier", "professional", env=env, check=True)
     run_cli("bill", "--as-of", AS_OF, "--quiet", env=env, check=True)
     return data

@@ -60,8 +60,10 @@ def assert_same(fast: PreparedBatch, slow: PreparedBatch) -> None:
     assert fast.events.to_pylist() == slow.events.to_pylist()
     assert sorted(dead_view(fast.dead)) == sorted(dead_view(slow.dead))
     assert (fast.next_offset, fast.consumed, fast.max_occurred_at) == (
-        slow.next_offset, slow.consumed, slow.max_occurred_at,
-    )  # fmt: skip
+        slow.next_offset,
+        slow.consumed,
+        slow.max_occurred_at,
+    )
 
 
 def both(records: list[Record], codec: Codec = CODEC) -> PreparedBatch:
@@ -144,8 +146,9 @@ def test_malformed_bodies_amid_valid_ones_leave_neighbours_exact() -> None:
         201: values[201][:HEADER_LEN],  # header only
         399: values[399] + values[0][HEADER_LEN:],  # two bodies in one value
     }
-    records = records_of([(e["tenant_id"].encode(), broken.get(i, values[i])) for i, e in
-                          enumerate(events)])  # fmt: skip
+    records = records_of(
+        [(e["tenant_id"].encode(), broken.get(i, values[i])) for i, e in enumerate(events)]
+    )
     batch = both(records)
     assert sorted(d.offset - 100 for d in batch.dead) == sorted(broken)
     assert {d.reason_code for d in batch.dead} == {"undecodable_body"}

@@ -243,15 +243,22 @@ def fuzz(
     items Hypothesis draws, then 50-400 of ``random_item`` from the drawn random source."""
     checked = 0
     batches = st.tuples(
-        st.lists(items, max_size=8), st.randoms(use_true_random=True), st.integers(50, 400),
+        st.lists(items, max_size=8),
+        st.randoms(use_true_random=True),
+        st.integers(50, 400),
         oldest_allowed,
-    )  # fmt: skip
+    )
 
     # No shrinking: a failing batch of hundreds of records would take Hypothesis minutes to
     # shrink; the assertion names the failing record, and the printed blob replays the batch.
-    @settings(max_examples=max(FUZZ_INPUTS // 200, 20), deadline=None, database=None,
-              print_blob=True, suppress_health_check=list(HealthCheck),
-              phases=[Phase.explicit, Phase.reuse, Phase.generate])  # fmt: skip
+    @settings(
+        max_examples=max(FUZZ_INPUTS // 200, 20),
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    )
     @given(batches)
     def run(drawn: Drawn) -> None:
         nonlocal checked

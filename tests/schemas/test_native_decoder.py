@@ -291,8 +291,9 @@ def test_only_wanted_fields_are_returned() -> None:
 
 
 def test_arrow_buffers_are_valid() -> None:
-    values: list[bytes | None] = [encode(_record(s="x" * i, ns=None if i % 2 else "y" * i))
-                                  for i in range(30)]  # fmt: skip
+    values: list[bytes | None] = [
+        encode(_record(s="x" * i, ns=None if i % 2 else "y" * i)) for i in range(30)
+    ]
     table = decode_columns(values, PLAN, MAX)
     assert table is not None
     arrow = table.to_arrow()

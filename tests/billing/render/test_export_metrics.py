@@ -58,8 +58,13 @@ def test_export_metrics_parses_and_matches_usage(pfm: Cli, tmp_path: Path) -> No
 
 
 def test_label_values_are_escaped(pfm: Cli) -> None:
-    row = {"tenant_id": 'we"ird\\id', "period": "2025-01", "risk_score_avg": None,
-           "risk_score_max": None, **dict.fromkeys(COUNTERS, 1)}  # fmt: skip
+    row = {
+        "tenant_id": 'we"ird\\id',
+        "period": "2025-01",
+        "risk_score_avg": None,
+        "risk_score_max": None,
+        **dict.fromkeys(COUNTERS, 1),
+    }
     text = exposition([row])
     assert 'tenant="we\\"ird\\\\id"' in text
     (family, *_) = text_string_to_metric_families(text)

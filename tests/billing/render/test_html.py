@@ -95,13 +95,25 @@ def screenshot(chromium: str, page: Path, png: Path) -> None:
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.run(
             [
-                chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile}",
-                f"--screenshot={png}", "--window-size=1000,1400", page.resolve().as_uri(),
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                f"--screenshot={png}",
+                "--window-size=1000,1400",
+                page.resolve().as_uri(),
             ],
-            capture_output=True, text=True, timeout=180,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
     assert png.is_file(), proc.stderr[-2000:]
 
 
@@ -242,10 +254,16 @@ def _usage_history(data_env: dict[str, str]) -> None:
     for n, period in enumerate(MONTHS, start=1):
         moment = int((period.start + timedelta(days=3)).timestamp() * 1_000_000)
         events += [
-            make_event("acme-corp", session_id=f"s-{n}-{i}", occurred_at=moment,
-                       cpu_ms=400_000 * n, api_calls=3_000 * n * n, network_bytes=2**20 * 90 * n)
+            make_event(
+                "acme-corp",
+                session_id=f"s-{n}-{i}",
+                occurred_at=moment,
+                cpu_ms=400_000 * n,
+                api_calls=3_000 * n * n,
+                network_bytes=2**20 * 90 * n,
+            )
             for i in range(n)
-        ]  # fmt: skip
+        ]
     publish_usage(load_settings(), events)
     run_cli("tenants", "set-tier", "acme-corp", "professional", "--from", "2025-06", check=True)
     run_cli("bill", "--quiet", check=True)

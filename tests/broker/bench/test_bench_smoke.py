@@ -19,8 +19,12 @@ def test_bench_runs_and_writes_its_results(
             "--peers", "java"]  # fmt: skip
     results = run.main([*argv, "--output", str(out)])
     assert json.loads(out.read_text()) == results
-    rates = ("raw_consume_events_per_s", "naive_events_per_s", "worker_events_per_s",
-             "worker_process_events_per_s")  # fmt: skip
+    rates = (
+        "raw_consume_events_per_s",
+        "naive_events_per_s",
+        "worker_events_per_s",
+        "worker_process_events_per_s",
+    )
     for key in rates:
         assert results[key]["median"] > 0 and len(results[key]["samples"]) == 1
     assert results["events"] == 3000 and results["preload_ids"] == 5000

@@ -136,8 +136,10 @@ def test_workers_survive_a_broker_restart_mid_run(
         assert not producer.is_alive() and producer.error is None, producer.error
         assert drainer.wait(timeout=300) == 0, drain_log.read_text()[-3000:]
         expected = expected_totals(events)
-        wait_for(lambda: read_while_running(lambda: ledger_totals(env)) == expected,
-                 "the worker to count every event")  # fmt: skip
+        wait_for(
+            lambda: read_while_running(lambda: ledger_totals(env)) == expected,
+            "the worker to count every event",
+        )
         assert runner.poll() is None, run_log.read_text()[-3000:]  # survived every restart
     finally:
         for proc in (runner, drainer):

@@ -101,11 +101,18 @@ def test_readers_work_while_a_worker_runs(env: dict[str, str]) -> None:
         dl = run_cli("dead-letters", "-f", "json", env=env, check=True)
         assert dl.stdout.strip() == "[]"
         duck = subprocess.run(
-            [str(BIN.parent / "duckdb"), "-readonly", "-csv",
-             str(os.path.join(env["METERING_DATA_DIR"], "query.duckdb")),
-             "-c", "SELECT sum(events) FROM usage"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                str(BIN.parent / "duckdb"),
+                "-readonly",
+                "-csv",
+                str(os.path.join(env["METERING_DATA_DIR"], "query.duckdb")),
+                "-c",
+                "SELECT sum(events) FROM usage",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert duck.returncode == 0, duck.stderr
         assert str(len(events)) in duck.stdout
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()

@@ -20,9 +20,12 @@ CODEC = default_codec()
 
 def _read(bootstrap: str, topic: str, expected: int) -> list[tuple[bytes | None, bytes | None]]:
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4()}",
-         "enable.auto.commit": False}
-    )  # fmt: skip
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"read-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(6)])
     got: list[tuple[bytes | None, bytes | None]] = []
     deadline = time.time() + 60

@@ -13,8 +13,11 @@ def test_dead_letters_and_sql_never_print_terminal_escapes(env: dict[str, str], 
     terminal escaped, in every format."""
     evil = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x9b1m\r\u202e".encode()
     mismatched = default_codec().encode(make_event("acme"))
-    produce_raw(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"],
-                [(evil, b"not avro"), (evil, mismatched)])  # fmt: skip
+    produce_raw(
+        env["KAFKA_BOOTSTRAP_SERVERS"],
+        env["METERING_TOPIC"],
+        [(evil, b"not avro"), (evil, mismatched)],
+    )
     drain(env)
     formats: tuple[list[str], ...] = ([], ["-f", "csv"], ["-f", "json"])
     runs = [pfm("dead-letters", *fmt) for fmt in formats]
