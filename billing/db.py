@@ -9,7 +9,7 @@ commits, and closes; a process that finds it locked retries with backoff up to
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import duckdb
@@ -19,6 +19,9 @@ from aggregator.files import retry_while_locked
 _SCHEMA: list[str] = []
 Migration = Callable[[duckdb.DuckDBPyConnection], None]
 _MIGRATIONS: list[Migration] = []
+
+Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
+"""Opens the billing file for one unit of work, e.g. ``partial(billing_db, path, timeout)``."""
 
 
 def register_schema(ddl: str) -> None:

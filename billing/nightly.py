@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from billing import invoice_store, invoicing
-from billing.db import billing_db
+from billing.db import Connect
 from billing.invoicing import BillFailure, BillResult, Rules, UsageData
 from billing.model import Invoice, add_up, money
 from common.errors import OperationError
-from common.settings import Settings
 
 if TYPE_CHECKING:  # stripe-python takes seconds to import: only a push loads it
     from billing.stripe.push import PushResult
@@ -64,16 +63,16 @@ def recorded(metrics_file: Path | None) -> Iterator[NightlyRun]:
 
 
 def finalize(
-    cfg: Settings, usage: UsageData, rules: Rules, *, as_of: datetime, now: datetime
+    connect: Connect, usage: UsageData, rules: Rules, *, as_of: datetime, now: datetime
 ) -> BillResult:
     """Finalize every closed period of every tenant as of ``as_of`` (one transaction)."""
-    with billing_db(cfg.billing_db, cfg.metering_lock_timeout) as con:
+    with connect() as con:
         return invoicing.bill(con, usage, rules, as_of=as_of, now=now)
 
 
-def unsent(cfg: Settings) -> list[Invoice]:
+def unsent(connect: Connect) -> list[Invoice]:
     """Every finalized invoice not yet in Stripe (a rerun resumes an interrupted push)."""
-    with billing_db(cfg.billing_db, cfg.metering_lock_timeout) as con:
+    with connect() as con:
         return invoice_store.finalized_unsent(con)
 
 

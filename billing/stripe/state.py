@@ -7,17 +7,14 @@ guard for webhooks: losing them costs extra look-ups on the next push, never a d
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import duckdb
 
-from billing.db import register_schema
+from billing.db import Connect, register_schema
 
-Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
-"""Opens the billing file for one unit of work, e.g. ``partial(billing_db, path, timeout)``."""
+__all__ = ["Connect"]  # (defined with the billing file, used here by every caller)
 
 register_schema(
     """

@@ -12,7 +12,7 @@ from billing import nightly
 from billing.invoicing import Rules
 from common.errors import UserError
 from pf_metering.commands.books import STRIPE_OPTION, read_usage, utc_now
-from pf_metering.commands.common import QUIET_OPTION, settings_of
+from pf_metering.commands.common import QUIET_OPTION, billing_connect, settings_of
 from pf_metering.commands.stripe_cmds import push_invoices, raise_if_failed, stripe_requested
 from pf_metering.progress import status
 
@@ -50,18 +50,19 @@ def bill(
     cfg = settings_of(ctx)
     now = utc_now()
     moment = _parse_as_of(as_of, now)
+    connect = billing_connect(cfg)
     with nightly.recorded(metrics_file) as run:
         usage = read_usage(cfg, quiet=quiet)
         rules = Rules.from_settings(cfg)
         with status(f"billing {len(usage.rows)} tenant-periods of usage", quiet):
-            result = nightly.finalize(cfg, usage, rules, as_of=moment, now=now)
+            result = nightly.finalize(connect, usage, rules, as_of=moment, now=now)
         run.finalized, run.failures = len(result.invoices), result.failures
         for failure in result.failures:  # quiet or not: the job fails because of these
             print(f"not billed: {failure}", file=sys.stderr)
         if not quiet:
             print(nightly.summary(result), file=sys.stderr)
         if stripe_requested(cfg, stripe):
-            run.pushes = push_invoices(cfg, nightly.unsent(cfg))
+            run.pushes = push_invoices(cfg, nightly.unsent(connect))
     nightly.raise_if_not_billed(run.failures)
     raise_if_failed(run.pushes)
 

@@ -6,8 +6,8 @@ table."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -18,12 +18,11 @@ import typer
 from rich.table import Table
 
 from aggregator.views import open_usage
-from billing.db import billing_db
 from billing.invoicing import Rules, UsageData
 from billing.model import QuotaUsage
 from billing.render.invoice_json import quota_json
 from common.settings import Settings
-from pf_metering.commands.common import check_tenant, output_path, parse_period
+from pf_metering.commands.common import billing_connect, check_tenant, output_path, parse_period
 from pf_metering.output import Format
 from schemas.periods import Period
 
@@ -58,11 +57,9 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-@contextmanager
-def billing(cfg: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
+def billing(cfg: Settings) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
     """The billing file, open for one unit of work."""
-    with billing_db(cfg.billing_db, cfg.metering_lock_timeout) as con:
-        yield con
+    return billing_connect(cfg)()
 
 
 def read_usage(cfg: Settings, tenant_id: str | None = None, *, quiet: bool = False) -> UsageData:

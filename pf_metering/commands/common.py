@@ -3,10 +3,12 @@ formats and output files."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import typer
 
+from billing.db import Connect, billing_db
 from common.errors import UserError
 from common.settings import Settings, load_settings
 from pf_metering.output import Format
@@ -26,6 +28,11 @@ def settings_of(ctx: typer.Context) -> Settings:
     if cfg is None:  # a command invoked on its own: read them once, for the whole run
         cfg = ctx.find_root().obj = load_settings()
     return cfg
+
+
+def billing_connect(cfg: Settings) -> Connect:
+    """Opens the billing file of ``cfg`` for one unit of work."""
+    return partial(billing_db, cfg.billing_db, cfg.metering_lock_timeout)
 
 
 def parse_period(text: str) -> Period:

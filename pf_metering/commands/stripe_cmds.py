@@ -10,19 +10,16 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
 import typer
 
-from billing.db import billing_db
 from billing.model import Invoice
-from billing.stripe.state import Connect
 from billing.stripe.webhook_server import InvoiceStatusStore, WebhookApp, WebhookServer
 from common.errors import OperationError, UserError
 from common.settings import Settings
-from pf_metering.commands.common import settings_of
+from pf_metering.commands.common import billing_connect, settings_of
 
 webhooks_app = typer.Typer(help="The Stripe webhook endpoint.", no_args_is_help=True)
 
@@ -38,10 +35,6 @@ def _invoice_store() -> InvoiceStore:
     from billing import invoice_store
 
     return invoice_store
-
-
-def _billing_connect(cfg: Settings) -> Connect:
-    return partial(billing_db, cfg.billing_db, cfg.metering_lock_timeout)
 
 
 class PushFailed(OperationError):
@@ -71,7 +64,7 @@ def push_invoices(
     from billing.stripe.push import PushOutcome, StripePusher
 
     gateway = StripeGateway.from_settings(cfg)
-    pusher = StripePusher(gateway, store or _invoice_store(), _billing_connect(cfg))
+    pusher = StripePusher(gateway, store or _invoice_store(), billing_connect(cfg))
     results = pusher.push_all(invoices)
     for r in results:
         if r.outcome is PushOutcome.failed:
@@ -105,7 +98,7 @@ def serve(
     if cfg.stripe_webhook_secret is None or not cfg.stripe_webhook_secret.get_secret_value():
         raise UserError("STRIPE_WEBHOOK_SECRET is not set; it is needed to verify webhooks")
     app = WebhookApp(
-        cfg.stripe_webhook_secret.get_secret_value(), _invoice_store(), _billing_connect(cfg)
+        cfg.stripe_webhook_secret.get_secret_value(), _invoice_store(), billing_connect(cfg)
     )
     try:
         server = WebhookServer((host, port), app)
