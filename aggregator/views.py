@@ -86,13 +86,20 @@ def materialize(con: duckdb.DuckDBPyConnection) -> None:
 
 @dataclass
 class UsageReader:
-    """An in-memory DuckDB connection holding a copy of the current snapshot."""
+    """An in-memory DuckDB connection holding a copy of the current snapshot; closed by
+    ``close`` or at the end of a ``with`` block."""
 
     con: duckdb.DuckDBPyConnection
     freshness: Freshness
 
     def close(self) -> None:
         self.con.close()
+
+    def __enter__(self) -> UsageReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 READ_ATTEMPTS = 5

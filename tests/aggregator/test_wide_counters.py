@@ -17,6 +17,7 @@ from bench.ledger_load import publish_usage
 from common.settings import Settings
 from schemas.codec import COUNTERS
 from tests.support.events import make_event
+from tests.support.ledgers import set_total
 
 INT64_MAX = 2**63 - 1
 JAN = 1_735_689_600_000_000 + 86_400_000_000  # 2025-01-02T00:00:00Z
@@ -27,25 +28,19 @@ def _settings(tmp_path: Path) -> Settings:
 
 
 def _usage(cfg: Settings, tenant: str) -> dict[str, int]:
-    reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
-    try:
+    with open_usage(cfg.snapshot_dir, cfg.metering_topic) as reader:
         row = reader.con.execute(
             f"SELECT events, {', '.join(COUNTERS)} FROM usage WHERE tenant_id = ?", [tenant]
         ).fetchone()
-    finally:
-        reader.close()
     assert row is not None
     return dict(zip(("events", *COUNTERS), row, strict=True))
 
 
 def _dead(cfg: Settings) -> list[tuple[int, str, str]]:
-    reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
-    try:
+    with open_usage(cfg.snapshot_dir, cfg.metering_topic) as reader:
         rows = reader.con.execute(
             'SELECT "offset", reason_code, reason FROM dead_letters ORDER BY "offset"'
         ).fetchall()
-    finally:
-        reader.close()
     return [(int(o), code, reason) for o, code, reason in rows]
 
 
@@ -92,24 +87,12 @@ def test_the_network_overflow_case_then_ordinary_events_all_count(tmp_path: Path
     assert _dead(cfg) == []
 
 
-def _set_total(cfg: Settings, partition: int, tenant: str, counter: str, value: int) -> None:
-    path = ledger_path(cfg.ledger_dir, cfg.metering_topic, partition)
-    con = duckdb.connect(str(path))
-    try:
-        con.execute(
-            f"UPDATE aggregates SET {counter} = ?::HUGEINT WHERE tenant_id = ?",
-            [str(value), tenant],
-        )
-    finally:
-        con.close()
-
-
 def test_an_event_past_the_ceiling_is_dead_lettered_alone_and_the_rest_count(
     tmp_path: Path,
 ) -> None:
     cfg = _settings(tmp_path)
     publish_usage(cfg, [_event("big", cpu_ms=1)])  # offset 0
-    _set_total(cfg, 0, "big", "cpu_ms", COUNTER_CEILING - 5)
+    set_total(cfg, 0, "big", "cpu_ms", COUNTER_CEILING - 5)
     refused = _event("big", cpu_ms=10, api_calls=7)
     publish_usage(
         cfg,

@@ -14,7 +14,7 @@ import duckdb
 import pytest
 
 from aggregator.fold import COUNTER_CEILING
-from aggregator.ledger import LedgerSet, ledger_path
+from aggregator.ledger import LedgerSet
 from billing.db import billing_db
 from billing.invoicing import InvoiceRefused
 from billing.model import MAX_MONEY, MONEY_SQL, InvoiceStatus
@@ -26,6 +26,7 @@ from tests.fixtures.seeds import event
 from tests.fixtures.stripe import make_invoice
 from tests.support.books import Books, at
 from tests.support.cli_runner import assert_user_error, run_cli
+from tests.support.ledgers import set_total
 
 INT64_MAX = 2**63 - 1
 
@@ -35,26 +36,27 @@ def books(data_env: dict[str, str]) -> Books:
     return Books()
 
 
-def _tiers_file(path: Path, **tiers: dict[str, str]) -> None:
+def _tiers_file(path: Path, **tiers: dict[str, str]) -> Path:
     """A tiers file with each named tier at 0 for every price but those given."""
     out = []
     for name, prices in tiers.items():
         out.append(f"[tiers.{name}]\nbase_price_usd = {prices.get('base_price_usd', '10.00')}")
         out += [f"{field} = {prices.get(field, '0')}" for field in PRICE_FIELDS.values()]
     path.write_text("\n".join(out) + "\n")
+    return path
+
+
+def _use_tiers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **tiers: dict[str, str]) -> Path:
+    """``_tiers_file`` in ``tmp_path``, named by METERING_TIERS_FILE."""
+    path = _tiers_file(tmp_path / "tiers.toml", **tiers)
+    monkeypatch.setenv("METERING_TIERS_FILE", str(path))
+    return path
 
 
 def _set_ledger_total(partition: int, tenant: str, counter: str, value: int) -> None:
     """Set a stored total (as if very many events had come), then publish the snapshot."""
     cfg = config.load_settings()
-    con = duckdb.connect(str(ledger_path(cfg.ledger_dir, cfg.metering_topic, partition)))
-    try:
-        con.execute(
-            f"UPDATE aggregates SET {counter} = ?::HUGEINT WHERE tenant_id = ?",
-            [str(value), tenant],
-        )
-    finally:
-        con.close()
+    set_total(cfg, partition, tenant, counter, value)
     ledgers = LedgerSet(cfg.ledger_dir, cfg.metering_topic, lock_timeout=10)
     ledgers.acquire(partition)
     ledgers.close(cfg.snapshot_dir)
@@ -88,9 +90,7 @@ def test_a_line_of_1e16_usd_is_finalized_exactly_and_everybody_else_too(books: B
 def test_an_amount_no_invoice_can_hold_is_refused_for_that_tenant_alone(
     books: Books, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    path = tmp_path / "tiers.toml"
-    _tiers_file(path, dear={"violation_price": "1000000000"})
-    monkeypatch.setenv("METERING_TIERS_FILE", str(path))
+    _use_tiers(monkeypatch, tmp_path, dear={"violation_price": "1000000000"})
     books.publish(event("dear-co", "2025-01", violations=1), event("cheap", "2025-01"))
     _set_ledger_total(0, "dear-co", "violations", COUNTER_CEILING)  # 1e37 usd
     books.set_tier("dear-co", "dear", "2025-01")
@@ -107,8 +107,7 @@ def test_an_amount_no_invoice_can_hold_is_refused_for_that_tenant_alone(
 def test_bill_names_the_tenants_it_could_not_bill_and_exits_non_zero(
     books: Books, data_env: dict[str, str], tmp_path: Path
 ) -> None:
-    path = tmp_path / "tiers.toml"
-    _tiers_file(path, gone={"api_call_price": "1.00"})
+    path = _tiers_file(tmp_path / "tiers.toml", gone={"api_call_price": "1.00"})
     env = {**data_env, "METERING_TIERS_FILE": str(path)}
     books.publish(event("leaving", "2025-01", api_calls=1), event("staying", "2025-01"))
     run_cli("tenants", "set-tier", "leaving", "gone", "--from", "2025-01", env=env, check=True)
@@ -143,9 +142,7 @@ def test_stripe_limits_are_checked_per_line_and_total_naming_the_invoice() -> No
 def test_late_usage_is_rated_with_the_prices_its_period_was_billed_with(
     books: Books, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    path = tmp_path / "tiers.toml"
-    _tiers_file(path, custom={"api_call_price": "1.00"})
-    monkeypatch.setenv("METERING_TIERS_FILE", str(path))
+    path = _use_tiers(monkeypatch, tmp_path, custom={"api_call_price": "1.00"})
     books.publish(event("acme", "2025-01", api_calls=10))
     books.set_tier("acme", "custom", "2025-01")
     (jan,) = books.bill(at(2025, 2, 2)).invoices
@@ -231,9 +228,7 @@ def test_usage_before_the_first_billed_period_is_a_late_line_not_invoices_back_i
     assert result.invoices[0].computed_from["late_usage"][0]["billed_by"] is None
 
     # more of it later: only the difference, at the prices it was first charged with
-    path = tmp_path / "tiers.toml"
-    _tiers_file(path, other={})
-    monkeypatch.setenv("METERING_TIERS_FILE", str(path))
+    _use_tiers(monkeypatch, tmp_path, other={})
     books.set_tier("acme", "other", "2025-07")
     books.publish(event("acme", "2024-11", api_calls=1000), event("acme", "2024-12"))
     (jul,) = books.bill(at(2025, 8, 2)).invoices

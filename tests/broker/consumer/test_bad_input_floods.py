@@ -74,13 +74,10 @@ def dead_letter_counts(env: dict[str, str]) -> dict[str, int]:
     cfg = load_settings(
         metering_data_dir=env["METERING_DATA_DIR"], metering_topic=env["METERING_TOPIC"]
     )
-    reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
-    try:
+    with open_usage(cfg.snapshot_dir, cfg.metering_topic) as reader:
         rows = reader.con.execute(
             "SELECT reason_code, count(*) FROM dead_letters GROUP BY ALL"
         ).fetchall()
-    finally:
-        reader.close()
     return {str(code): int(n) for code, n in rows}
 
 
