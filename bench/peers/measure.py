@@ -36,7 +36,7 @@ JVM_OPTIONS = (
     "-XX:InitiatingHeapOccupancyPercent=35",
     "-XX:+ExplicitGCInvokesConcurrent",
 )
-JAVA = "java"
+JAVA = "java"  # the Java consumer's name among the contenders
 NAMES = (*(p.name for p in PEERS), JAVA)
 
 
@@ -77,6 +77,7 @@ class Contender:
     label: str
     guarantee: str
     unavailable: str | None
+    peer: Peer | None  # None: the Java consumer
     samples: list[Sample] = field(default_factory=list)
 
 
@@ -118,7 +119,7 @@ def run_peer(
 def run_java(bootstrap: str, topic: str, events: int, work: Path) -> Sample:
     """One run of ConsumerPerformance over ``events`` records; raises unless it read all."""
     group = f"bench-java-{uuid.uuid4().hex[:8]}"
-    command = [JAVA, *JVM_OPTIONS, "-cp", f"{_jars()}/*", JAVA_TOOL, "--bootstrap-server",
+    command = ["java", *JVM_OPTIONS, "-cp", f"{_jars()}/*", JAVA_TOOL, "--bootstrap-server",
                bootstrap, "--topic", topic, "--messages", str(events), "--group", group,
                "--timeout", "60000"]  # fmt: skip
     run = run_measured(command, dict(os.environ), work / f"{group}.log")
@@ -133,10 +134,6 @@ def run_java(bootstrap: str, topic: str, events: int, work: Path) -> Sample:
     return Sample(run, consumed / float(stats["nMsg.sec"]))
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 class PeerBench:
     """The peers' and the Java consumer's share of a ``make bench`` run."""
 
@@ -148,13 +145,13 @@ class PeerBench:
         self.peer_repeat = peer_repeat
         self.expected: Totals | None = None
         self.contenders = [
-            Contender(p.name, p.library, p.guarantee, p.unavailable())
+            Contender(p.name, p.library, p.guarantee, p.unavailable(), p)
             for p in PEERS
             if p.name in names
         ]
         if JAVA in names:
             java = Contender(JAVA, "Apache Kafka ConsumerPerformance", "none (reads only)",
-                             java_unavailable())  # fmt: skip
+                             java_unavailable(), None)  # fmt: skip
             self.contenders.append(java)
 
     def round(self, index: int, worker_data: Path) -> None:
@@ -163,13 +160,12 @@ class PeerBench:
         if self.expected is None:
             self.expected = worker_totals(worker_data, self.topic)
         for c in self.contenders:
-            if c.unavailable is not None or (c.name != JAVA and index >= self.peer_repeat):
+            if c.unavailable is not None or (c.peer is not None and index >= self.peer_repeat):
                 continue
-            if c.name == JAVA:
+            if c.peer is None:
                 sample = run_java(self.bootstrap, self.topic, self.events, self.work)
             else:
-                peer = next(p for p in PEERS if p.name == c.name)
-                sample = run_peer(peer, self.bootstrap, self.topic, self.events, self.work,
+                sample = run_peer(c.peer, self.bootstrap, self.topic, self.events, self.work,
                                   self.expected)  # fmt: skip
             c.samples.append(sample)
             s, gib = sample.run, sample.run.peak_rss_bytes / GIB
@@ -179,19 +175,19 @@ class PeerBench:
 
     def summary(self, worker: dict[str, float]) -> dict[str, Any]:
         """Per contender: medians and ratios against ``worker`` (its median
-        ``events_per_s`` timed like (a), ``process_events_per_s`` and ``cpu_seconds``)."""
+        ``events_per_s`` timed like (a) and ``process_events_per_s``)."""
         out: dict[str, Any] = {}
         for c in self.contenders:
             entry: dict[str, Any] = {"library": c.label, "guarantee": c.guarantee}
             if c.unavailable is not None:
                 out[c.name] = {**entry, "status": c.unavailable}
                 continue
-            process = _median([self.events / s.run.seconds for s in c.samples])
-            own = _median([self.events / s.own_seconds for s in c.samples])
-            cpu = _median([s.run.cpu_seconds for s in c.samples])
+            process = statistics.median([self.events / s.run.seconds for s in c.samples])
+            own = statistics.median([self.events / s.own_seconds for s in c.samples])
+            cpu = statistics.median([s.run.cpu_seconds for s in c.samples])
             out[c.name] = {
                 **entry,
-                "status": "ok" if c.name == JAVA else "ok, totals equal the worker's",
+                "status": "ok" if c.peer is None else "ok, totals equal the worker's",
                 "rounds": len(c.samples),
                 "process_events_per_s": round(process),
                 "own_events_per_s": round(own),
