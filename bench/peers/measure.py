@@ -42,13 +42,10 @@ NAMES = (*(p.name for p in PEERS), JAVA)
 
 def worker_totals(data_dir: Path, topic: str) -> Totals:
     """The worker's totals, read from its published snapshot (the ``usage`` view)."""
-    reader = open_usage(data_dir / "snapshot", topic)
-    try:
-        sql = f"SELECT tenant_id, period, {', '.join(TOTAL_FIELDS)} FROM usage"
+    sql = f"SELECT tenant_id, period, {', '.join(TOTAL_FIELDS)} FROM usage"
+    with open_usage(data_dir / "snapshot", topic) as reader:
         rows = reader.con.execute(sql).fetchall()
-        return {f"{t}/{p}": dict(zip(TOTAL_FIELDS, rest, strict=True)) for t, p, *rest in rows}
-    finally:
-        reader.close()
+    return {f"{t}/{p}": dict(zip(TOTAL_FIELDS, rest, strict=True)) for t, p, *rest in rows}
 
 
 def _jars() -> Path:
