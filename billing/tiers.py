@@ -41,8 +41,15 @@ from common.errors import TierFileError, UserError
 
 DEFAULT_TIER = "basic"
 
-Price = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
-Limit = Annotated[int, Field(ge=0)]
+MAX_PRICE = Decimal(1_000_000_000)
+"""The largest base fee or unit price a tiers file may set, in usd."""
+PRICE_PLACES = 12
+"""The most decimal places of a price (a millionth of a micro-dollar)."""
+Price = Annotated[
+    Decimal,
+    Field(ge=0, le=MAX_PRICE, allow_inf_nan=False, max_digits=22, decimal_places=PRICE_PLACES),
+]
+Limit = Annotated[int, Field(ge=0, le=2**63 - 1)]
 TierName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 
@@ -219,10 +226,12 @@ def parse_tiers_file(path: Path) -> dict[str, Tier]:
             raw = tomllib.load(fh, parse_float=Decimal)
     except OSError as exc:
         raise TierFileError(f"cannot read tiers file {path}: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise TierFileError(f"invalid tiers file {path}: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise TierFileError(f"invalid tiers file {path}: not UTF-8 text") from exc
+    except ValueError as exc:  # TOMLDecodeError, or an integer of thousands of digits
+        raise TierFileError(f"invalid tiers file {path}: {str(exc).splitlines()[0]}") from exc
+    except RecursionError as exc:
+        raise TierFileError(f"invalid tiers file {path}: nested too deeply") from exc
     try:
         parsed = TiersFile.model_validate(raw)
     except ValidationError as exc:

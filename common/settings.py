@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.errors import ConfigError
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SIZE = r"^\d{1,6}(\.\d{1,3})?\s?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$"
+"""A size as DuckDB reads one: ``512MB``, ``1GB``, ``1.5GiB``."""
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
@@ -42,6 +44,10 @@ class Settings(BaseSettings):
     metering_snapshot_seconds: float = Field(default=5.0, gt=0, le=3600)
     metering_batch_size: int = Field(default=100_000, ge=1, le=1_000_000)
     metering_lock_timeout: float = Field(default=60.0, ge=0)
+    metering_sql_timeout: float = Field(default=30.0, gt=0, le=86_400)
+    metering_sql_memory_limit: str = Field(default="1GB", pattern=_SIZE)
+    metering_sql_spill_limit: str = Field(default="2GB", pattern=_SIZE)
+    metering_sql_max_rows: int = Field(default=1_000_000, ge=1, le=100_000_000)
 
     kafka_security_protocol: str | None = None
     kafka_sasl_mechanism: str | None = None

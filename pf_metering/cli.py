@@ -14,6 +14,7 @@ from common.errors import MeteringError
 from common.logs import configure, redact, secrets_of
 from common.settings import Settings, load_settings
 from pf_metering.commands import register
+from pf_metering.output import FOLLOW_SYMLINKS
 
 
 def build_app(args: Sequence[str] | None = None) -> typer.Typer:
@@ -30,10 +31,16 @@ def build_app(args: Sequence[str] | None = None) -> typer.Typer:
     return app
 
 
-def _root(ctx: typer.Context) -> None:
+def _root(
+    ctx: typer.Context,
+    follow_symlinks: bool = typer.Option(
+        False, "--follow-symlinks", help="let -o FILE write to the target of a symbolic link"
+    ),
+) -> None:
     """Usage metering and billing for the Provability Fabric testbed."""
     if ctx.obj is None:  # run without ``main`` (e.g. typer's test runner): read them here
         ctx.obj = load_settings()
+    FOLLOW_SYMLINKS["on"] = follow_symlinks
 
 
 def _fail(message: str, code: int, cfg: Settings | None) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from datetime import date, datetime
@@ -13,8 +15,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod, OverflowMethod
+from rich.style import Style
 from rich.table import Table
+from rich.text import Text
 
 from common.errors import UserError
 from common.jsonfmt import json_default
@@ -31,7 +35,9 @@ def to_json(data: Any) -> str:
 
 
 def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """RFC 4180 CSV (csv module, CRLF line ends, quoting where needed)."""
+    """RFC 4180 CSV (csv module, CRLF line ends, quoting where needed). A text cell that a
+    spreadsheet would take for a formula (starting with ``= + - @``, tab or CR) gets a
+    leading ``'``; numbers are written as they are."""
     buf = io.StringIO()
     cols = list(columns or (rows[0].keys() if rows else []))
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\r\n")
@@ -46,11 +52,50 @@ def _cell(value: Any) -> Any:
         return json.dumps(value, default=json_default)
     if isinstance(value, Decimal | datetime | date):
         return json_default(value)
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
     return "" if value is None else value
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What makes a spreadsheet read a CSV cell as a formula."""
+
+
+def printable(value: Any) -> Any:
+    """A value safe to print on a terminal: bytes as hex, and in text every control or
+    format character (ANSI escape sequences, BEL, CR, bidi overrides) shown escaped."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, str) and not value.isprintable():
+        return "".join(
+            c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value
+        )
+    return value
+
+
+class _TextConsole(Console):
+    """Shows every string as the text it is: never rich markup (``[red]``), emoji codes
+    or highlighting, control and format characters escaped. Table cells, titles and
+    captions all come through here, and any of them may hold data."""
+
+    def render_str(
+        self,
+        text: str,
+        *,
+        style: str | Style = "",
+        justify: JustifyMethod | None = None,
+        overflow: OverflowMethod | None = None,
+        emoji: bool | None = None,
+        markup: bool | None = None,
+        highlight: bool | None = None,
+        highlighter: Any = None,
+    ) -> Text:
+        return Text(printable(text), style=style, justify=justify, overflow=overflow)
+
+
 def table_text(table: Table, width: int = 160) -> str:
-    console = Console(file=io.StringIO(), width=width, force_terminal=False, color_system=None)
+    console = _TextConsole(file=io.StringIO(), width=width, force_terminal=False,
+                           color_system=None)  # fmt: skip
     console.print(table)
     out = console.file.getvalue()  # type: ignore[attr-defined]
     return str(out)
@@ -66,16 +111,57 @@ def rows_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> Tabl
     return table
 
 
+FOLLOW_SYMLINKS = {"on": False}
+"""Set by the CLI's ``--follow-symlinks``: ``-o`` may then write through a symbolic link."""
+
+
 def write(text: str, output: Path | None) -> None:
-    """Print to stdout, or write to ``output`` (stdout then only names the file)."""
+    """Print to stdout, or write to ``output`` (stdout then only names the file).
+
+    A file is replaced whole or not at all: the text goes to a temporary file beside it,
+    which is synced and renamed over it (an existing file keeps its permissions). A
+    symbolic link is refused unless ``--follow-symlinks``; a device or FIFO (``/dev/stdout``)
+    is written to directly, since it cannot be replaced."""
     if output is None:
         sys.stdout.write(text)
         return
     try:
-        output.write_text(text)
+        _write_file(output, text.encode())
     except OSError as exc:
-        raise UserError(f"cannot write {output}: {exc.strerror}") from exc
+        raise UserError(f"cannot write {output}: {exc.strerror or exc}") from exc
     print(f"wrote {output}", file=sys.stderr)
+
+
+def _write_file(output: Path, data: bytes) -> None:
+    target = output
+    if output.is_symlink():
+        if not FOLLOW_SYMLINKS["on"]:
+            raise UserError(
+                f"cannot write {output}: it is a symbolic link (to write to its target, "
+                "give the target's path or pass --follow-symlinks before the command)"
+            )
+        target = output.resolve()
+    try:
+        mode: int | None = stat.S_IMODE(os.stat(target).st_mode)
+        if not stat.S_ISREG(os.stat(target).st_mode):
+            with target.open("wb") as fh:  # a device or FIFO: nothing to replace
+                fh.write(data)
+            return
+    except FileNotFoundError:
+        mode = None
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)  # the umask applied at creation
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def render(

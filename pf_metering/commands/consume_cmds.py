@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-import duckdb
 import typer
 
+from aggregator.adhoc import QueryLimits, lock_down, read_only_statement, run_query, spill_folder
 from aggregator.views import open_usage
 from billing.db import copy_queryable_tables
 from common.errors import UserError
@@ -27,7 +26,7 @@ from pf_metering.commands.common import (
     output_path,
     settings_of,
 )
-from pf_metering.output import Format, render, rows_table
+from pf_metering.output import Format, printable, render, rows_table
 from pf_metering.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -129,25 +128,6 @@ def dead_letters(
     )
 
 
-def printable(value: Any) -> Any:
-    """A value safe to print on a terminal: bytes as hex, and in text every control or
-    format character (ANSI escape sequences, BEL, CR, bidi overrides) shown escaped."""
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, str) and not value.isprintable():
-        return "".join(
-            c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value
-        )
-    return value
-
-
-_WRITES = re.compile(
-    r"\b(INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|ATTACH|DETACH|COPY|INSTALL|LOAD|EXPORT|IMPORT|"
-    r"PRAGMA|SET|RESET|CALL|CHECKPOINT|VACUUM|USE|BEGIN|COMMIT|ROLLBACK|TRUNCATE|MERGE)\b",
-    re.IGNORECASE,
-)
-
-
 def sql(
     ctx: typer.Context,
     query: str = typer.Argument(..., help="a SELECT over the documented views"),
@@ -155,31 +135,22 @@ def sql(
     output: Path = OUTPUT_OPTION,
 ) -> None:
     """Read-only ad-hoc query over usage, dead_letters, tenants, tenant_tiers, invoices and
-    billed_usage."""
-    stripped = query.strip().rstrip(";")
-    if ";" in stripped:
-        raise UserError("sql takes exactly one statement")
-    if not re.match(r"^\s*(SELECT|WITH|FROM|DESCRIBE|SHOW|SUMMARIZE|EXPLAIN)\b", stripped, re.I):
-        raise UserError("sql is read-only: only SELECT, WITH, FROM, DESCRIBE, SHOW queries")
-    if _WRITES.search(stripped):
-        raise UserError(
-            "sql is read-only: statements that write, ATTACH, COPY, INSTALL or LOAD are refused"
-        )
+    billed_usage (bounded by METERING_SQL_TIMEOUT and METERING_SQL_MEMORY_LIMIT)."""
     cfg = settings_of(ctx)
+    limits = QueryLimits(cfg.metering_sql_timeout, cfg.metering_sql_memory_limit,
+                         cfg.metering_sql_spill_limit, cfg.metering_sql_max_rows)  # fmt: skip
     reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
-    con = reader.con
-    copy_queryable_tables(con, cfg.billing_db, cfg.metering_lock_timeout)
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
-    print(reader.freshness.describe(), file=sys.stderr)
     try:
-        rel = con.sql(stripped)
-        cols = rel.columns if rel is not None else []
-        rows = [dict(zip(cols, r, strict=True)) for r in rel.fetchall()] if rel else []
-    except duckdb.Error as exc:
-        raise UserError(f"query failed: {str(exc).splitlines()[0]}") from exc
+        statement = read_only_statement(reader.con, query)
+        con = reader.con
+        copy_queryable_tables(con, cfg.billing_db, cfg.metering_lock_timeout)
+        print(reader.freshness.describe(), file=sys.stderr)
+        with spill_folder(cfg.metering_data_dir) as spill:
+            lock_down(con, spill, limits)
+            cols, found = run_query(con, statement, limits)
     finally:
         reader.close()
+    rows = [dict(zip(cols, r, strict=True)) for r in found]
     shown = [{k: printable(v) for k, v in r.items()} for r in rows]
     data = [{k: v.hex() if isinstance(v, bytes) else v for k, v in r.items()} for r in rows]
     render(
