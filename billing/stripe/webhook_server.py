@@ -12,15 +12,18 @@ event id. A redelivery after such a crash recomputes the same status and changes
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import resource
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Protocol
+from typing import Any, Protocol
 
 import duckdb
 
@@ -88,7 +91,7 @@ class WebhookApp:
         try:
             with self._lock:  # one delivery at a time: no write conflicts between threads
                 outcome = self._apply(event, now)
-        except (OperationError, duckdb.Error) as exc:
+        except (OperationError, duckdb.Error, OSError) as exc:
             log.error("webhook %s not processed: %s", event.event_id, exc)
             return Reply(500, {"error": "billing database unavailable, retry later"})
         log.info("webhook %s %s: %s", event.event_id, event.type, outcome)
@@ -135,17 +138,95 @@ class WebhookApp:
         return invoice.invoice_id, f"{invoice.status.value} -> {target.value}"
 
 
-class WebhookServer(ThreadingHTTPServer):
-    daemon_threads = True
+MAX_CONNECTIONS = 2048
+"""Connections served at once (a thread each); more wait in the listen backlog."""
+REQUEST_TIMEOUT = 10.0
+"""Seconds a request may take to arrive whole (head and body), and a kept-alive connection
+may stay idle, before the server closes it."""
+BACKLOG = 1024
+SPARE_FILES = 64
+"""File descriptors kept free for the billing file and the process itself."""
 
-    def __init__(self, address: tuple[str, int], app: WebhookApp) -> None:
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class WebhookServer(ThreadingHTTPServer):
+    """Bounded: at most ``max_connections`` at once (never more than the open-file limit
+    allows), each closed once a request has taken ``request_timeout`` seconds to arrive or
+    it idled that long; a listen backlog of ``BACKLOG``."""
+
+    daemon_threads = True
+    request_queue_size = BACKLOG
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        app: WebhookApp,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
         super().__init__(address, _Handler)
         self.app = app
+        self.request_timeout = request_timeout
+        files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if files != resource.RLIM_INFINITY:
+            max_connections = max(1, min(max_connections, files - SPARE_FILES))
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host!s}:{port}"
+
+    def process_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        self._slots.acquire()  # full: the accept loop waits, new connections queue
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Reads a socket, each read given only what is left of the request's time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = time.monotonic()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request took too long to arrive")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
 
 
 class KeepAliveHandler(BaseHTTPRequestHandler):
@@ -157,6 +238,12 @@ class KeepAliveHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        self._reader.deadline = time.monotonic() + self.server.request_timeout
+        super().handle_one_request()
 
 
 class _Handler(KeepAliveHandler):
@@ -183,7 +270,15 @@ class _Handler(KeepAliveHandler):
             self._send(413, {"error": "body too large"})
             return
         payload = self.rfile.read(length)
-        reply = self.server.app.handle(payload, self.headers.get("Stripe-Signature"))
+        if len(payload) < length:
+            self.close_connection = True
+            return  # the client went away mid-body
+        self.connection.settimeout(self.server.request_timeout)  # for the answer
+        try:
+            reply = self.server.app.handle(payload, self.headers.get("Stripe-Signature"))
+        except Exception:  # a bug must still get an answer (Stripe then redelivers)
+            log.exception("webhook not processed")
+            reply = Reply(500, {"error": "internal error, retry later"})
         self._send(reply.status, reply.body)
 
     def _send(self, status: int, body: dict[str, str]) -> None:

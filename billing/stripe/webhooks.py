@@ -97,7 +97,9 @@ def verify(
     if not candidates:
         raise SignatureError("no v1 signature in Stripe-Signature")
     expected = sign(payload, secret, timestamp)
-    if not any(hmac.compare_digest(expected, c) for c in candidates):
+    # bytes, not str: compare_digest refuses text that is not ASCII (a forged header may be)
+    given = [c.encode("utf-8", "replace") for c in candidates]
+    if not any(hmac.compare_digest(expected.encode(), c) for c in given):
         raise SignatureError("signature does not match the payload")
     if abs(now - timestamp) > tolerance:
         raise SignatureError(f"signature timestamp outside the {tolerance} s tolerance")
@@ -108,6 +110,8 @@ def parse_event(payload: bytes) -> Event:
         body: Any = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise EventError("body is not JSON") from exc
+    except RecursionError as exc:
+        raise EventError("body is nested too deeply") from exc
     if not isinstance(body, dict):
         raise EventError("body is not a JSON object")
     event_id, event_type = body.get("id"), body.get("type")

@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Protocol
 import typer
 
 from billing.model import Invoice
-from billing.stripe.webhook_server import InvoiceStatusStore, WebhookApp, WebhookServer
+from billing.stripe.webhook_server import (
+    InvoiceStatusStore,
+    WebhookApp,
+    WebhookServer,
+    raise_open_file_limit,
+)
 from common.errors import OperationError, UserError
 from common.settings import Settings
 from pf_metering.commands.common import billing_connect, settings_of
@@ -100,6 +105,7 @@ def serve(
     app = WebhookApp(
         cfg.stripe_webhook_secret.get_secret_value(), _invoice_store(), billing_connect(cfg)
     )
+    raise_open_file_limit()  # a connection is a file: take what the hard limit allows
     try:
         server = WebhookServer((host, port), app)
     except OSError as exc:
