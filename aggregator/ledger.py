@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from aggregator.files import retry_while_locked, topic_folder
 from aggregator.fold import fold_fresh, stored_maximum
 from aggregator.recovery import set_aside_torn_ledger
-from aggregator.snapshot import publish_partition
+from aggregator.snapshot import manifest_path, publish_partition
 from common.errors import LedgerError
 from common.sqltext import sql_string
 from schemas.codec import COUNTERS
@@ -224,9 +224,15 @@ class LedgerSet:
     """The partition ledgers a worker holds, on one shared DuckDB connection."""
 
     def __init__(
-        self, ledger_dir: Path, topic: str, lock_timeout: float, memory_limit: str = "512MB"
+        self,
+        ledger_dir: Path,
+        topic: str,
+        lock_timeout: float,
+        memory_limit: str = "512MB",
+        snapshot_dir: Path | None = None,
     ) -> None:
         self.ledger_dir = ledger_dir
+        self.snapshot_dir = snapshot_dir  # where its partitions' manifests are published
         self.topic = topic
         self.lock_timeout = lock_timeout
         self.con = duckdb.connect(":memory:")
@@ -243,13 +249,24 @@ class LedgerSet:
         if partition in self.held:
             return self.held[partition]
         path = ledger_path(self.ledger_dir, self.topic, partition)
-        set_aside_torn_ledger(path)
+        manifest = (
+            manifest_path(self.snapshot_dir, self.topic, partition) if self.snapshot_dir else None
+        )
+        set_aside_torn_ledger(path, manifest)
         path.parent.mkdir(parents=True, exist_ok=True)
         alias = f"p{partition}"
         attach = f"ATTACH {sql_string(path)} AS {alias}"
-        retry_while_locked(
-            lambda: self.con.execute(attach), self.lock_timeout, f"ledger {path}", LedgerError
-        )
+        try:
+            retry_while_locked(
+                lambda: self.con.execute(attach), self.lock_timeout, f"ledger {path}", LedgerError
+            )
+        except LedgerError as exc:
+            if "not a valid DuckDB database" not in str(exc):
+                raise
+            raise LedgerError(
+                f"cannot open ledger {path}: damaged (not a DuckDB file, nor one cut short at "
+                "creation), left as it is: restore it from a backup"
+            ) from exc
         ledger = PartitionLedger(self.con, alias, self.topic, partition)
         self.held[partition] = ledger
         return ledger

@@ -9,6 +9,8 @@ every ``METERING_SNAPSHOT_SECONDS`` and when it releases the partition.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ import duckdb
 from aggregator.files import topic_folder
 from common.sqltext import sql_string
 from schemas.codec import COUNTERS
+
+log = logging.getLogger(__name__)
 
 TABLES = ("aggregates", "dead_letters")
 WIDE_COLUMNS = {"aggregates": COUNTERS}
@@ -64,7 +68,7 @@ def publish_partition(
         "published_at": time.time(),
         "writer_pid": os.getpid(),
     }
-    final = folder / f"p-{partition:04d}.manifest.json"
+    final = manifest_path(snapshot_dir, topic, partition)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(manifest))
     os.replace(tmp, final)
@@ -90,13 +94,64 @@ class Freshness:
         )
 
 
+@dataclass(frozen=True)
+class Manifest:
+    """What a worker said when it last published a partition."""
+
+    topic: str
+    partition: int
+    next_offset: int
+    published_at: float
+
+
+MAX_MANIFEST_BYTES = 64 * 1024
+
+
+def manifest_path(snapshot_dir: Path, topic: str, partition: int) -> Path:
+    return topic_dir(snapshot_dir, topic) / f"p-{partition:04d}.manifest.json"
+
+
+def read_manifest(path: Path) -> Manifest | None:
+    """The manifest at ``path``, None if there is none; ValueError if it is damaged (not
+    a JSON object of the fields and types ``publish_partition`` writes, or oversized)."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ValueError(f"manifest {path.name} unreadable: {exc.strerror}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"manifest {path.name} is oversized")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ValueError(f"manifest {path.name} is not JSON") from None
+    fields = {"topic": str, "partition": int, "next_offset": int, "published_at": float}
+    if not isinstance(doc, dict):
+        raise ValueError(f"manifest {path.name} is not a JSON object")
+    for name, kind in fields.items():
+        value = doc.get(name)
+        ok = isinstance(value, int | float) if kind is float else isinstance(value, kind)
+        if not ok or isinstance(value, bool):
+            raise ValueError(f"manifest {path.name}: {name} missing or not a {kind.__name__}")
+    if doc["next_offset"] < 0 or not math.isfinite(doc["published_at"]):
+        raise ValueError(f"manifest {path.name}: next_offset or published_at out of range")
+    return Manifest(doc["topic"], doc["partition"], doc["next_offset"],
+                    float(doc["published_at"]))  # fmt: skip
+
+
 def freshness(snapshot_dir: Path, topic: str) -> Freshness:
+    """How fresh the snapshot is; a damaged manifest is skipped with a warning."""
     stamps = []
     for path in topic_dir(snapshot_dir, topic).glob("p-*.manifest.json"):
         try:
-            stamps.append(float(json.loads(path.read_text())["published_at"]))
-        except (OSError, ValueError, KeyError):
+            manifest = read_manifest(path)
+        except ValueError as exc:
+            log.warning("snapshot: %s; skipped", exc)
             continue
+        if manifest is not None:
+            stamps.append(manifest.published_at)
     if not stamps:
         return Freshness(0, None, None)
     return Freshness(len(stamps), min(stamps), max(stamps))

@@ -103,7 +103,9 @@ class Worker:
         self.assigned_once = False
         self.closing = False
         self.failed = False
-        self.ledgers = LedgerSet(config.ledger_dir, self.topic, config.lock_timeout)
+        self.ledgers = LedgerSet(
+            config.ledger_dir, self.topic, config.lock_timeout, snapshot_dir=config.snapshot_dir
+        )
         conf = consumer_config(dict(config.kafka), config.group, strategy, extra_config)
         conf["error_cb"] = self._on_error
         conf["logger"] = logging.getLogger("rdkafka")  # librdkafka's logs obey LOG_FORMAT too

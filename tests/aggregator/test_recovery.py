@@ -9,7 +9,7 @@ from pathlib import Path
 
 import duckdb
 
-from aggregator.recovery import set_aside_torn_ledger
+from aggregator.recovery import empty_file_bytes, set_aside_torn_ledger
 
 _LOCK_HOLDER = """
 import fcntl, os, sys
@@ -22,9 +22,9 @@ sys.stdin.readline()
 
 def test_only_a_torn_unlocked_ledger_file_is_set_aside(tmp_path: Path) -> None:
     torn = tmp_path / "p-0000.duckdb"
-    torn.write_bytes(b"\x00")
+    torn.write_bytes(empty_file_bytes()[:1])  # a new file's first byte: nothing else got there
     with_wal = tmp_path / "p-0001.duckdb"
-    with_wal.write_bytes(b"\x00")
+    with_wal.write_bytes(empty_file_bytes()[:1])
     (tmp_path / "p-0001.duckdb.wal").write_bytes(b"wal")
     valid = tmp_path / "p-0002.duckdb"
     duckdb.connect(str(valid)).close()
