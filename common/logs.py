@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+from typing import Any
 
 from common.settings import Settings
 
 REDACTED = "[redacted]"
+_NUMBERS = re.compile(r"\d+")
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -28,26 +31,53 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
+def escape_controls(text: str) -> str:
+    """``text`` with every control or format character (ESC, CR, LF, BEL, bidi overrides)
+    written as its escape, so data in a message can neither forge a line nor drive the
+    terminal that shows it."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 class _RedactingFormatter(logging.Formatter):
+    """One line per record: the message and every field are redacted first (a secret is
+    found as it was given, before JSON or escaping could rewrite it), then their control
+    characters escaped, then the line is formatted. Only a traceback spans more lines."""
+
     def __init__(self, secrets: list[str], as_json: bool) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.secrets = secrets
         self.as_json = as_json
 
+    def _clean(self, text: str) -> str:
+        return escape_controls(redact(text, self.secrets))
+
     def format(self, record: logging.LogRecord) -> str:
+        message = self._clean(record.getMessage())
+        trace = ""
+        if record.exc_info:
+            trace = self.formatException(record.exc_info)
+        elif record.exc_text:
+            trace = record.exc_text
+        trace = "\n".join(self._clean(line) for line in trace.split("\n") if line)
         if self.as_json:
-            payload = {
+            payload: dict[str, Any] = {
                 "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                 + f".{int(record.msecs):03d}Z",
                 "level": record.levelname.lower(),
                 "logger": record.name,
-                "message": record.getMessage(),
+                "message": message,
             }
-            payload.update(getattr(record, "fields", {}))
-            text = json.dumps(payload, default=str)
-        else:
-            text = super().format(record)
-        return redact(text, self.secrets)
+            for key, value in getattr(record, "fields", {}).items():
+                payload[key] = (
+                    value if isinstance(value, int | float | bool) else (self._clean(str(value)))
+                )
+            if trace:
+                payload["traceback"] = trace
+            return json.dumps(payload)
+        line = f"{self.formatTime(record)} {record.levelname} {record.name}: {message}"
+        return f"{line}\n{trace}" if trace else line
 
 
 class Repeats:
@@ -77,7 +107,8 @@ class RepeatFilter(logging.Filter):
         self.repeats = Repeats(window)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.repeats.first(record.getMessage(), record.created)
+        # numbers apart: "after 6ms in state AUTH" repeats "after 0ms in state AUTH"
+        return self.repeats.first(_NUMBERS.sub("#", record.getMessage()), record.created)
 
 
 def configure(settings: Settings) -> None:

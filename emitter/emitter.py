@@ -15,6 +15,7 @@ event costs no Python callback.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -32,6 +33,11 @@ from schemas.bulk_encoder import ENCODES, encode
 from schemas.codec import COUNTERS, Codec, PublishedSchema, default_codec
 from schemas.flat_schema import FlatSchema
 from schemas.validation import validate
+
+# librdkafka's own lines and its error callbacks, on the logger whose repeats are dropped
+_client_log = logging.getLogger("rdkafka")
+# Client errors no retry will cure: flush stops waiting once one is reported.
+REFUSALS = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
 
 EventBatch: TypeAlias = "Iterable[dict[str, Any]] | pl.DataFrame | pa.Table"
 _Rows: TypeAlias = "pl.DataFrame | list[dict[str, Any]]"
@@ -63,10 +69,15 @@ class InvalidEvent(ValueError):
 class DeliveryFailed(RuntimeError):
     """The broker did not acknowledge some events; ``errors`` holds (event_id, error)."""
 
-    def __init__(self, errors: list[tuple[str, str]]) -> None:
+    def __init__(self, errors: list[tuple[str, str]], refused: str | None = None) -> None:
         first = errors[0]
-        super().__init__(f"{len(errors)} event(s) not delivered; first {first[0]}: {first[1]}")
+        super().__init__(
+            f"the broker refused the client: {refused}"
+            if refused
+            else f"{len(errors)} event(s) not delivered; first {first[0]}: {first[1]}"
+        )
         self.errors = errors
+        self.refused = refused  # why the broker refused the client itself (SASL, TLS)
 
 
 def to_micros(value: int | datetime) -> int:
@@ -102,6 +113,9 @@ class Emitter:
         validate_events: bool = True,
     ) -> None:
         conf = {**PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap_servers, **(config or {})}
+        conf.setdefault("logger", _client_log)  # through logging, never raw on stderr
+        conf.setdefault("error_cb", self._on_error)
+        self._refused: KafkaError | None = None
         self._producer = Producer(conf)
         self.topic = topic
         self.codec = codec or default_codec()
@@ -116,6 +130,13 @@ class Emitter:
         """Events acknowledged so far (sent, minus failed, minus still queued). A failed
         event can be counted before librdkafka drops it from its queue: never below 0."""
         return max(0, self.sent - self.failed - len(self._producer))
+
+    def _on_error(self, err: KafkaError) -> None:
+        """Client errors go to the log; one the broker will keep giving (authentication,
+        TLS, a fatal error) makes ``flush`` fail at once instead of at its timeout."""
+        if err.fatal() or err.code() in REFUSALS:
+            self._refused = err
+        _client_log.warning("kafka client: %s", err.str())
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
@@ -211,7 +232,15 @@ class Emitter:
 
     def flush(self, timeout: float = 120.0) -> None:
         """Wait for every queued event; raise DeliveryFailed if any was not acknowledged."""
-        remaining = self._producer.flush(timeout)
+        deadline = time.monotonic() + timeout
+        remaining = len(self._producer)
+        while remaining and self._refused is None and time.monotonic() < deadline:
+            remaining = self._producer.flush(min(0.5, max(0.0, deadline - time.monotonic())))
+        if self._refused is not None and remaining:
+            self._producer.purge()  # nothing will get through: do not wait at exit either
+            failures, self.failures = self.failures, []
+            failures.append(("?", f"{remaining} event(s) not sent"))
+            raise DeliveryFailed(failures, refused=self._refused.str())
         if remaining:
             self.failures.append(("?", f"{remaining} event(s) still queued after {timeout}s"))
         if self.failures:

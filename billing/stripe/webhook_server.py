@@ -238,16 +238,21 @@ class KeepAliveHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _Handler(KeepAliveHandler):
+    """Every read of a request is bounded by what is left of its ``request_timeout``."""
+
+    server: WebhookServer
+
+    def setup(self) -> None:
+        super().setup()
         self._reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader)
 
     def handle_one_request(self) -> None:
         self._reader.deadline = time.monotonic() + self.server.request_timeout
         super().handle_one_request()
-
-
-class _Handler(KeepAliveHandler):
-    server: WebhookServer
 
     def do_GET(self) -> None:
         if self.path == "/healthz":

@@ -49,6 +49,12 @@ def simulate_usage(
         try:
             emitter.flush()
         except DeliveryFailed as exc:
+            if exc.refused:
+                raise OperationError(
+                    f"Kafka at KAFKA_BOOTSTRAP_SERVERS {cfg.kafka_bootstrap_servers} refused "
+                    "the client (see KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*): "
+                    f"{exc.refused}"
+                ) from exc
             raise OperationError(str(exc)) from exc
     summary = ", ".join(f"{k}={totals[k]}" for k in COUNTERS)
     print(
