@@ -1,7 +1,8 @@
 """Damaged files never pass for empty ones: a ledger is set aside only when it was provably
 created empty (anything else is refused with one error line and left byte for byte as it
 was), and a snapshot manifest that is not what a worker writes is skipped by every reader
-instead of breaking it."""
+instead of breaking it. (A damaged ledger under a real worker:
+tests/broker/aggregator/test_damaged_ledger.py.)"""
 
 from __future__ import annotations
 
@@ -13,16 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.empty_ledger import empty_file_bytes
 from aggregator.ledger import ledger_path
+from aggregator.recovery import empty_file_bytes, set_aside_torn_ledger
 from aggregator.snapshot import freshness, manifest_path, read_manifest
 from bench.ledger_load import publish_usage
 from common.settings import load_settings
-from consumer.worker import set_aside_torn_ledger
-from tests.cli_runner import assert_user_error, run_cli
-from tests.test_billing_cli import Cli, pfm_fixture  # noqa: F401 (fixture)
-from tests.test_invoices import SEED, event
-from tests.worker_harness import drain, expected_totals, ledger_totals, produce, random_events
+from tests.fixtures.cli import Cli
+from tests.fixtures.seeds import SEED, event
 
 TOPIC = "pf.usage.events"
 
@@ -81,25 +79,6 @@ def test_a_snapshot_that_saw_data_keeps_even_a_header_sized_ledger(tmp_path: Pat
         path.write_bytes(full[:4096])
         manifest.write_text(text)
         assert set_aside_torn_ledger(path, manifest) is aside, text
-
-
-def test_a_damaged_ledger_stops_the_worker_and_is_left_as_it_is(env: dict[str, str]) -> None:
-    events = random_events(2_000, tenants=12, seed=5)
-    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
-    drain(env)
-    settings = load_settings(metering_data_dir=env["METERING_DATA_DIR"])
-    paths = sorted(settings.ledger_dir.rglob("p-*.duckdb"))
-    victim = paths[0]
-    original = victim.read_bytes()
-    damaged = random.Random(11).randbytes(4096)
-    victim.write_bytes(damaged)
-    for _ in range(2):
-        failed = run_cli("consume", "--drain", env=env)
-        assert_user_error(failed, f"cannot open ledger {victim}: damaged")
-        assert victim.read_bytes() == damaged and list(victim.parent.glob("*.torn-*")) == []
-    victim.write_bytes(original)  # restored from a backup: all is there
-    drain(env)
-    assert ledger_totals(env) == expected_totals(events)
 
 
 MANIFESTS = {

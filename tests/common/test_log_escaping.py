@@ -1,7 +1,7 @@
 """Every log line is one line of plain text: control and format characters from data are
 escaped (text and JSON), secrets are redacted before formatting (so JSON's own escaping
 cannot hide one from the filter), and librdkafka's lines from ``simulate-usage`` go through
-logging too, which then fails in one line when the broker refuses the client."""
+logging too (tests/broker/emitter/test_refused_client.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import pytest
 
 from common.logs import configure
 from common.settings import Settings, load_settings
-from tests.cli_runner import BIN, assert_user_error, run_cli
-from tests.stripe_fixtures import WEBHOOK_SECRET, stripe_signature
+from tests.fixtures.stripe import WEBHOOK_SECRET, stripe_signature
+from tests.support.cli_runner import BIN
 
 CONTROLS = ["\x1b[2J", "\r", "\n", "\x07", "\u202e", "\x9b1m", "\x00"]
 HOSTILE = "pay" + "".join(CONTROLS) + "me"
@@ -117,32 +117,3 @@ def test_webhook_request_lines_and_event_ids_are_logged_escaped(tmp_path: Path) 
     assert "/\\x1b[31mred" in text and "evt_\\x1b[2J\\rx" in text  # logged, escaped
     for control in ("\x1b", "\r", "\u202e"):
         assert control not in text, repr(control)
-
-
-BAD_SASL = {
-    "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-    "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
-    "KAFKA_SASL_USERNAME": "svc",
-    "KAFKA_SASL_PASSWORD": "kafka-pw-0123456789SECRET",
-}
-
-
-@pytest.mark.parametrize("fmt", ["text", "json"])
-def test_simulate_usage_logs_librdkafka_and_fails_when_refused(
-    env: dict[str, str], fmt: str
-) -> None:
-    run = run_cli("simulate-usage", "acme", "2", "--quiet", timeout=90,
-                  env={**env, **BAD_SASL, "LOG_FORMAT": fmt})  # fmt: skip
-    assert_user_error(run, "refused the client (see KAFKA_SECURITY_PROTOCOL")
-    assert "KAFKA_BOOTSTRAP_SERVERS" in run.stderr
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    logged = lines[:-1]
-    assert logged, run.stderr  # librdkafka had something to say ...
-    for line in logged:  # ... and said it through logging
-        if fmt == "json":
-            assert json.loads(line)["logger"] == "rdkafka", line
-        else:
-            assert LINE.match(line) and " rdkafka: " in line, line
-    said = [json.loads(ln)["message"] if fmt == "json" else LINE.sub("", ln) for ln in logged]
-    assert len(said) == len({re.sub(r"\d+", "#", text) for text in said})  # no repeats
-    assert BAD_SASL["KAFKA_SASL_PASSWORD"] not in run.stderr + run.stdout

@@ -19,15 +19,10 @@ import pytest
 
 from billing.db import billing_db
 from billing.stripe.webhook_server import BACKLOG, WebhookApp, WebhookServer
-from tests import test_webhooks
-from tests.cli_runner import BIN
-from tests.stripe_fixtures import WEBHOOK_SECRET, LocalBilling, stripe_signature
-from tests.test_webhooks import NOW, PAST_DUE, Endpoint, T, event, post
-
-billing_fixture = test_webhooks.billing_fixture
-endpoint_fixture = test_webhooks.endpoint_fixture
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fixtures.stripe import WEBHOOK_SECRET, LocalBilling, stripe_signature
+from tests.fixtures.webhooks import NOW, PAST_DUE, Endpoint, T, event, post
+from tests.support import REPO
+from tests.support.cli_runner import BIN
 
 
 def test_a_non_ascii_signature_or_a_deeply_nested_body_gets_a_400(endpoint: Endpoint) -> None:
@@ -184,6 +179,6 @@ def test_a_thousand_held_connections_do_not_keep_a_valid_request_out(tmp_path: P
 
 def test_the_units_raise_the_open_file_limit() -> None:
     for unit in ("pf-metering-webhooks.service", "pf-metering-worker@.service"):
-        lines = (ROOT / "deploy" / "systemd" / unit).read_text().splitlines()
+        lines = (REPO / "deploy" / "systemd" / unit).read_text().splitlines()
         limits = [int(ln.split("=")[1]) for ln in lines if ln.startswith("LimitNOFILE=")]
         assert limits and limits[0] >= 16_384, unit
