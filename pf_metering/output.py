@@ -22,6 +22,7 @@ from rich.text import Text
 
 from common.errors import UserError
 from common.jsonfmt import json_default
+from common.logs import escape_controls
 
 
 class Format(StrEnum):
@@ -66,11 +67,7 @@ def printable(value: Any) -> Any:
     format character (ANSI escape sequences, BEL, CR, bidi overrides) shown escaped."""
     if isinstance(value, bytes):
         return value.hex()
-    if isinstance(value, str) and not value.isprintable():
-        return "".join(
-            c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value
-        )
-    return value
+    return escape_controls(value) if isinstance(value, str) else value
 
 
 class _TextConsole(Console):

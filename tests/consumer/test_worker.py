@@ -18,6 +18,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException
 
 from aggregator.ledger import ledger_path
+from aggregator.recovery import empty_file_bytes
 from aggregator.views import open_usage
 from common.errors import OperationError
 from consumer.config import WorkerConfig
@@ -304,7 +305,7 @@ def test_a_ledger_file_torn_at_creation_is_set_aside_on_assignment(
     produce(broker, events_of(0, 10, seed=8), 0)
     torn = ledger_path(config.ledger_dir, TOPIC, 0)
     torn.parent.mkdir(parents=True)
-    torn.write_bytes(b"\x00")
+    torn.write_bytes(empty_file_bytes()[:1])  # a new file's first byte, as a full disk leaves it
     worker, _ = start(broker, config, drain=True)
     with caplog.at_level(logging.WARNING, logger="consumer.worker"):
         stats = worker.run()
