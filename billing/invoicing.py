@@ -25,6 +25,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import duckdb
@@ -129,8 +130,10 @@ class LateUsage:
     now: Usage
 
 
+@lru_cache(maxsize=256)
 def prices_text(tier: Tier) -> str:
-    """The prices ``tier`` rates with, as recorded in ``billed_usage.prices``."""
+    """The prices ``tier`` rates with, as recorded in ``billed_usage.prices`` (once per tier:
+    ``bill`` records thousands)."""
     return to_json_text(price_facts(tier))
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import duckdb
+import pyarrow as pa
 
 from billing import invoice_store
 from billing.db import register_migration, register_schema
@@ -76,11 +77,19 @@ register_migration(_add_billing_starts)
 def record_starts(con: duckdb.DuckDBPyConnection, starts: Mapping[str, Period]) -> None:
     """Fix the first billed period of tenants finalized for the first time (others keep
     theirs)."""
-    if starts:
-        con.executemany(
-            "INSERT INTO billing_starts VALUES (?, ?) ON CONFLICT DO NOTHING",
-            [[t, str(p)] for t, p in starts.items()],
-        )
+    if not starts:
+        return
+    rows = pa.table(
+        {
+            "tenant_id": pa.array(list(starts), pa.string()),
+            "first_period": pa.array([str(p) for p in starts.values()], pa.string()),
+        }
+    )
+    con.register("_new_starts", rows)  # one statement: executemany is ~7 ms a row
+    try:
+        con.execute("INSERT INTO billing_starts SELECT * FROM _new_starts ON CONFLICT DO NOTHING")
+    finally:
+        con.unregister("_new_starts")
 
 
 @dataclass(frozen=True)
