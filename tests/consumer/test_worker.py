@@ -1,7 +1,7 @@
 """The worker's assignment, revocation, drain and lag logic, on an in-memory consumer
 (``tests.support.memory_consumer``) and real DuckDB ledgers. The same worker against
-the real broker, with kills and faults: ``tests/test_worker_faults.py`` and the fault
-suites."""
+the real broker, with kills and faults: ``tests/broker/consumer/`` (the fault
+suites)."""
 
 from __future__ import annotations
 
