@@ -100,6 +100,18 @@ def start_worker(env: dict[str, str], *args: str, log: Path | None = None) -> su
         )
 
 
+def wait_for_line(
+    log: Path, marker: str, proc: subprocess.Popen[str], count: int = 1, timeout: float = 300
+) -> None:
+    """Wait until ``log`` holds ``marker`` ``count`` times (a state, not a time); fail if
+    ``proc`` exits first or ``timeout`` passes (a bound for a hung worker only)."""
+    deadline = time.monotonic() + timeout
+    while log.read_text(errors="replace").count(marker) < count:
+        assert proc.poll() is None, f"worker exited ({proc.returncode}) before {marker!r}"
+        assert time.monotonic() < deadline, f"no {marker!r} in {log} after {timeout} s"
+        time.sleep(0.1)
+
+
 def drain(env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [str(BIN), "consume", "--drain"],

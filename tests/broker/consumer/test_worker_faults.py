@@ -7,8 +7,10 @@ import signal
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 from tests.support.cli_runner import BIN, run_cli
+from tests.support.log_lines import ASSIGNED, COMMITTED
 from tests.support.worker_harness import (
     drain,
     expected_totals,
@@ -17,6 +19,7 @@ from tests.support.worker_harness import (
     produce,
     random_events,
     start_worker,
+    wait_for_line,
     with_duplicates,
 )
 
@@ -33,33 +36,39 @@ def test_sigkill_at_random_points_loses_and_doubles_nothing(env: dict[str, str])
     assert ledger_totals(env) == expected_totals(events)
 
 
-def test_sigterm_stops_cleanly_mid_stream(env: dict[str, str]) -> None:
+def test_sigterm_stops_cleanly_mid_stream(env: dict[str, str], tmp_path: Path) -> None:
     events = random_events(20_000, seed=12)
     produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
-    proc = start_worker({**env, **SMALL_BATCHES})
-    time.sleep(4)
+    log = tmp_path / "worker.log"
+    proc = start_worker({**env, **SMALL_BATCHES, "LOG_LEVEL": "DEBUG"}, log=log)
+    wait_for_line(log, COMMITTED, proc)  # mid-stream: at least one batch committed
     proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    err = log.read_text()
     assert proc.returncode == 0, err
     assert "consumed" in err and "Traceback" not in err
     drain(env)
     assert ledger_totals(env) == expected_totals(events)
 
 
-def test_two_workers_share_partitions_through_a_rebalance(env: dict[str, str]) -> None:
+def test_two_workers_share_partitions_through_a_rebalance(
+    env: dict[str, str], tmp_path: Path
+) -> None:
     events = with_duplicates(random_events(30_000, tenants=40, seed=13), ratio=0.05)
     produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events[:15_000])
-    run_env = {**env, **SMALL_BATCHES}
-    first = start_worker(run_env)
-    time.sleep(3)
-    second = start_worker(run_env)  # joins mid-stream: partitions move between workers
+    run_env = {**env, **SMALL_BATCHES, "LOG_LEVEL": "DEBUG"}
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    first = start_worker(run_env, log=logs[0])
+    wait_for_line(logs[0], COMMITTED, first)  # the first worker is mid-stream
+    second = start_worker(run_env, log=logs[1])  # joins: partitions move between workers
+    wait_for_line(logs[1], ASSIGNED, second)
     produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events[15_000:])
-    time.sleep(6)
+    wait_for_line(logs[1], COMMITTED, second)  # the second worker commits what it took over
     for proc in (first, second):
         proc.send_signal(signal.SIGTERM)
-    for proc in (first, second):
-        _, err = proc.communicate(timeout=90)
-        assert proc.returncode == 0, err
+    for proc, log in zip((first, second), logs, strict=True):
+        proc.wait(timeout=90)
+        assert proc.returncode == 0, log.read_text()
     drain(env)
     assert ledger_totals(env) == expected_totals(events)
 
