@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +24,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aggregator.files import retry_while_locked, topic_folder
-from aggregator.fold import fold_fresh, stored_maximum
+from aggregator.fold import Folded, fold_fresh, stored_maximum
 from aggregator.recovery import set_aside_torn_ledger
 from aggregator.snapshot import manifest_path, publish_partition
 from common.errors import LedgerError
 from common.sqltext import sql_string
 from schemas.codec import COUNTERS
-from schemas.prepare import DeadLetter, PreparedBatch
+from schemas.prepare import DeadLetter, PreparedBatch, RecordBatch
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,25 @@ DDL = [
         topic VARCHAR NOT NULL, partition INTEGER NOT NULL, "offset" BIGINT NOT NULL,
         key BLOB, value BLOB, reason VARCHAR NOT NULL, reason_code VARCHAR NOT NULL,
         dead_lettered_at TIMESTAMPTZ NOT NULL)""",
+    # replay state (DEAD_LETTER_STATES); ADD COLUMN keeps ledgers made before it readable
+    "ALTER TABLE {a}.dead_letters ADD COLUMN IF NOT EXISTS state VARCHAR DEFAULT 'open'",
+    "ALTER TABLE {a}.dead_letters ADD COLUMN IF NOT EXISTS replayed_at TIMESTAMPTZ",
+    """CREATE TABLE IF NOT EXISTS {a}.forwarded (
+        topic VARCHAR NOT NULL, partition INTEGER NOT NULL, "offset" BIGINT NOT NULL,
+        tenant_id VARCHAR NOT NULL, event_id VARCHAR NOT NULL, to_partition INTEGER NOT NULL,
+        forwarded_at TIMESTAMPTZ NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS {a}.replays (
+        request_id VARCHAR NOT NULL PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL,
+        counted BIGINT NOT NULL, duplicates BIGINT NOT NULL, still_failing BIGINT NOT NULL,
+        forwarded BIGINT NOT NULL)""",
 ]
+# What became of a dead letter: never replayed; replayed and counted; replayed and found
+# already counted; replayed and sent on to its tenant's partition (counted there); replayed
+# and refused again (its reason is then the new one).
+DEAD_LETTER_STATES = (
+    "open", "replayed_counted", "replayed_duplicate", "replayed_forwarded", "still_failing"
+)  # fmt: skip
+REPLAYABLE = ("open", "still_failing")
 
 # 128-bit hash of the idempotency key (collision odds ~1e-25 at 10M ids): 16 bytes a row.
 EVENT_HASH = "md5_number(tenant_id || chr(0) || event_id)"
@@ -76,6 +94,19 @@ class CommitResult:
     dead: int  # the batch's dead letters plus ``refused``
     refused: list[DeadLetter] = field(default_factory=list)  # valid events the fold could
     # not apply (over the ceiling), among ``dead``
+    forwarded: int = 0
+
+
+@dataclass(frozen=True)
+class ReplayRequest:
+    """Replay the replayable dead letters (``REPLAYABLE``) stored at or before
+    ``requested_at`` (unix seconds), of ``reason`` (a code; None: all), of ``partition``
+    (None: all)."""
+
+    request_id: str
+    requested_at: float
+    reason: str | None = None
+    partition: int | None = None
 
 
 class PartitionLedger:
@@ -103,18 +134,137 @@ class PartitionLedger:
     def commit(self, batch: PreparedBatch) -> CommitResult:
         """Apply one prepared batch atomically; returns what it counted.
 
-        One transaction: find the fresh events (first sighting of their id: the 128-bit
-        hash, computed once, anti-joined with ``seen_events``; only offset, hash and time
-        are materialised), fold them into sessions and aggregates (``aggregator.fold``,
-        which refuses events that would take a counter past its ceiling: those become dead
-        letters and their ids stay unseen), then insert dedup ids, duplicates and dead
-        letters (each only if any) and the offset. When every event is fresh the Arrow
-        batch itself is the fresh set.
+        One transaction (``_transaction``: the fresh events counted, folded and their ids
+        remembered), then the duplicates, dead letters (the batch's and the fold's
+        refusals), forwarded events (each only if any) and the offset. The forwarded
+        events must already be acknowledged by the broker: a crash before this commit
+        forwards them again, and the destination's dedup makes the second copy a duplicate.
+        """
+        a, con = self.alias, self.con
+        max_at = later_of(self.max_occurred_at, batch.max_occurred_at)
+
+        def apply(first_seen: int, folded: Folded) -> None:
+            if first_seen < batch.events.num_rows:
+                con.execute(
+                    f"""INSERT INTO {a}.duplicates
+                        SELECT ?, ?, b."offset", b.tenant_id, b.event_id, now()
+                        FROM batch_events b ANTI JOIN fresh_ids f ON f."offset" = b."offset"
+                    """,
+                    [self.topic, self.partition],
+                )
+            dead = [*batch.dead, *folded.refused]
+            if dead:
+                with registered(con, "dead_rows", self._dead_table(dead)):
+                    con.execute(
+                        f"""INSERT INTO {a}.dead_letters BY NAME SELECT ? AS topic,
+                            ? AS partition, *, now() AS dead_lettered_at FROM dead_rows""",
+                        [self.topic, self.partition],
+                    )
+            self._record_forwarded(batch)
+            self._store_offset(batch.next_offset, max_at)
+
+        first_seen, folded = self._transaction(batch, apply)
+        self.next_offset = batch.next_offset
+        self.max_occurred_at = max_at
+        self.last_commit = time.monotonic()
+        counted = first_seen - len(folded.refused)
+        return CommitResult(counted, batch.events.num_rows - first_seen,
+                            len(batch.dead) + len(folded.refused), folded.refused,
+                            len(batch.forward))  # fmt: skip
+
+    def replayable(self, request: ReplayRequest) -> RecordBatch | None:
+        """The dead letters ``request`` replays here, as records (offset order); None when
+        this ledger applied it already."""
+        a, con = self.alias, self.con
+        done = con.execute(
+            f"SELECT 1 FROM {a}.replays WHERE request_id = ?", [request.request_id]
+        ).fetchall()
+        if done:
+            return None
+        rows = con.execute(
+            f"""SELECT "offset", key, value FROM {a}.dead_letters
+                WHERE state IN {REPLAYABLE} AND dead_lettered_at <= make_timestamptz(?)
+                  AND (?::VARCHAR IS NULL OR reason_code = ?)
+                ORDER BY "offset" """,
+            [int(request.requested_at * 1_000_000), request.reason, request.reason],
+        ).fetchall()
+        return RecordBatch([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+
+    def replay(self, request: ReplayRequest, batch: PreparedBatch) -> CommitResult:
+        """Apply the re-prepared dead letters of ``request`` (``batch``, made from
+        ``replayable``) atomically, exactly as ``commit`` applies live events, and mark each
+        dead letter's state; the request is recorded as applied in the same transaction,
+        so a second run of it here changes nothing. The stored offset does not move."""
+        a, con = self.alias, self.con
+
+        def mark(offsets: pa.Array, state: str) -> None:
+            with registered(con, "marked", pa.table({"offset": offsets})):
+                con.execute(
+                    f"""UPDATE {a}.dead_letters d SET state = ?, replayed_at = now()
+                        FROM marked m WHERE d."offset" = m."offset" """,
+                    [state],
+                )
+
+        def apply(first_seen: int, folded: Folded) -> None:
+            fresh = con.execute('SELECT "offset" FROM fresh_ids').to_arrow_table().column(0)
+            offsets = batch.events.column("offset")
+            refused = pa.array([d.offset for d in folded.refused], pa.int64())
+            counted = pc.filter(fresh, pc.invert(pc.is_in(fresh, refused)))
+            mark(counted.combine_chunks() if counted.num_chunks else pa.array([], pa.int64()),
+                 "replayed_counted")  # fmt: skip
+            if first_seen < batch.events.num_rows:
+                mark(pc.filter(offsets, pc.invert(pc.is_in(offsets, fresh))),
+                     "replayed_duplicate")  # fmt: skip
+            if batch.forward:
+                mark(pa.array([f.offset for f in batch.forward], pa.int64()),
+                     "replayed_forwarded")  # fmt: skip
+                self._record_forwarded(batch)
+            dead = [*batch.dead, *folded.refused]
+            if dead:
+                with registered(con, "dead_rows", self._dead_table(dead)):
+                    con.execute(
+                        f"""UPDATE {a}.dead_letters d SET reason = r.reason,
+                              reason_code = r.reason_code, state = 'still_failing',
+                              replayed_at = now()
+                            FROM dead_rows r WHERE d."offset" = r."offset"
+                              AND (d.state != 'still_failing' OR d.reason != r.reason)"""
+                    )
+            con.execute(
+                f"INSERT INTO {a}.replays VALUES (?, now(), ?, ?, ?, ?)",
+                [request.request_id, first_seen - len(folded.refused),
+                 batch.events.num_rows - first_seen, len(dead), len(batch.forward)],
+            )  # fmt: skip
+
+        first_seen, folded = self._transaction(batch, apply)
+        self.last_commit = time.monotonic()
+        return CommitResult(first_seen - len(folded.refused), batch.events.num_rows - first_seen,
+                            len(batch.dead) + len(folded.refused), folded.refused,
+                            len(batch.forward))  # fmt: skip
+
+    def open_dead_letters(self) -> dict[str, int]:
+        """Replayable dead letters by reason code."""
+        rows = self.con.execute(
+            f"""SELECT reason_code, count(*) FROM {self.alias}.dead_letters
+                WHERE state IN {REPLAYABLE} GROUP BY reason_code"""
+        ).fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def _transaction(
+        self, batch: PreparedBatch, apply: Callable[[int, Folded], None]
+    ) -> tuple[int, Folded]:
+        """One transaction: find ``batch``'s fresh events, fold them, remember their ids,
+        then ``apply(first_seen, folded)`` with ``batch_events`` and the ``fresh_ids`` temp
+        table (offset, h, occurred_at) still there; returns (first_seen, folded). Any
+        DuckDB error rolls it all back.
+
+        Fresh: first sighting of their id (the 128-bit hash, computed once, anti-joined with
+        ``seen_events``; only offset, hash and time are materialised). They are folded into
+        sessions and aggregates (``aggregator.fold``, which refuses events that would take a
+        counter past its ceiling: those become dead letters and their ids stay unseen). When
+        every event is fresh the Arrow batch itself is the fresh set.
         """
         a, con = self.alias, self.con
         events = batch.events
-        max_at = later_of(self.max_occurred_at, batch.max_occurred_at)
-        registered = ["batch_events"]
         con.register("batch_events", events)
         try:
             con.execute("BEGIN TRANSACTION")
@@ -132,29 +282,14 @@ class PartitionLedger:
                 offsets = con.execute('SELECT "offset" FROM fresh_ids').to_arrow_table()
                 fresh = events.filter(pc.is_in(events.column("offset"), offsets.column(0)))
             folded = fold_fresh(con, a, fresh, self.partition, self.bound)
-            dead = [*batch.dead, *folded.refused]
             remember = f"INSERT INTO {a}.seen_events SELECT h, ?, occurred_at FROM fresh_ids"
             if folded.refused:  # refused ids stay unseen: a redelivery is refused again
-                con.register("refused_rows", self._dead_table(folded.refused))
-                registered.append("refused_rows")
-                remember += ' WHERE "offset" NOT IN (SELECT "offset" FROM refused_rows)'
-            con.execute(remember, [self.partition])
-            if first_seen < events.num_rows:
-                con.execute(
-                    f"""INSERT INTO {a}.duplicates
-                        SELECT ?, ?, b."offset", b.tenant_id, b.event_id, now()
-                        FROM batch_events b ANTI JOIN fresh_ids f ON f."offset" = b."offset"
-                    """,
-                    [self.topic, self.partition],
-                )
-            if dead:
-                con.register("dead_rows", self._dead_table(dead))
-                registered.append("dead_rows")
-                con.execute(
-                    f"INSERT INTO {a}.dead_letters SELECT ?, ?, *, now() FROM dead_rows",
-                    [self.topic, self.partition],
-                )
-            self._store_offset(batch.next_offset, max_at)
+                with registered(con, "refused_rows", self._dead_table(folded.refused)):
+                    remember += ' WHERE "offset" NOT IN (SELECT "offset" FROM refused_rows)'
+                    con.execute(remember, [self.partition])
+            else:
+                con.execute(remember, [self.partition])
+            apply(first_seen, folded)
             con.execute("DROP TABLE fresh_ids")
             con.execute("COMMIT")
         except duckdb.Error as exc:
@@ -164,15 +299,29 @@ class PartitionLedger:
                 f"ledger commit failed for {self.topic}[{self.partition}]: {exc}"
             ) from exc
         finally:
-            for name in registered:
-                with contextlib.suppress(duckdb.Error):
-                    con.unregister(name)
-        self.next_offset = batch.next_offset
-        self.max_occurred_at = max_at
+            with contextlib.suppress(duckdb.Error):
+                con.unregister("batch_events")
         self.bound = folded.bound
-        self.last_commit = time.monotonic()
-        counted = first_seen - len(folded.refused)
-        return CommitResult(counted, events.num_rows - first_seen, len(dead), folded.refused)
+        return first_seen, folded
+
+    def _record_forwarded(self, batch: PreparedBatch) -> None:
+        if not batch.forward:
+            return
+        fwd = batch.forward
+        rows = pa.table(
+            {
+                "offset": pa.array([f.offset for f in fwd], pa.int64()),
+                "tenant_id": pa.array([f.tenant_id for f in fwd], pa.string()),
+                "event_id": pa.array([f.event_id for f in fwd], pa.string()),
+                "to_partition": pa.array([f.to_partition for f in fwd], pa.int32()),
+            }
+        )
+        with registered(self.con, "forwarded_rows", rows):
+            self.con.execute(
+                f"""INSERT INTO {self.alias}.forwarded SELECT ?, ?, "offset", tenant_id,
+                    event_id, to_partition, now() FROM forwarded_rows""",
+                [self.topic, self.partition],
+            )
 
     def _store_offset(self, next_offset: int, max_at: int | None) -> None:
         # UPDATE of the existing row, not INSERT ... ON CONFLICT (docs/performance.md)
@@ -201,13 +350,14 @@ class PartitionLedger:
             }
         )
 
-    def prune(self, window_micros: int) -> int:
-        """Forget dedup ids older than the window (events that old are dead-lettered)."""
-        if self.max_occurred_at is None:
+    def prune(self, oldest_billable_micros: int | None) -> int:
+        """Forget the dedup ids of periods that can no longer be billed (events of those
+        periods are dead-lettered by ``prepare_batch``, so their ids are never needed)."""
+        if oldest_billable_micros is None:
             return 0
-        horizon = self.max_occurred_at - window_micros
         row = self.con.execute(
-            f"DELETE FROM {self.alias}.seen_events WHERE occurred_at < ? RETURNING 1", [horizon]
+            f"DELETE FROM {self.alias}.seen_events WHERE occurred_at < ? RETURNING 1",
+            [oldest_billable_micros],
         ).fetchall()
         return len(row)
 
@@ -357,9 +507,28 @@ def later_of(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else max(a, b)
 
 
+@contextlib.contextmanager
+def registered(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> Iterator[None]:
+    """``table`` registered on ``con`` as ``name`` for the block."""
+    con.register(name, table)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(duckdb.Error):
+            con.unregister(name)
+
+
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> int:
     row = con.execute(sql, params).fetchone()
     return int(row[0]) if row else 0
 
 
-__all__ = ["CommitResult", "LedgerSet", "PartitionLedger", "later_of", "ledger_path"]
+__all__ = [
+    "DEAD_LETTER_STATES",
+    "CommitResult",
+    "LedgerSet",
+    "PartitionLedger",
+    "ReplayRequest",
+    "later_of",
+    "ledger_path",
+]

@@ -4,7 +4,8 @@ Views (all read-only):
 - ``usage``: one row per tenant and period: events, sessions, the eight counters (all
   HUGEINT, 128-bit, exact), risk_score_avg, risk_score_max, first_occurred_at,
   last_occurred_at.
-- ``dead_letters``: every invalid event with topic, partition, offset, key, value, reason.
+- ``dead_letters``: every invalid event with topic, partition, offset, key, value, reason,
+  and its replay state (``aggregator.ledger.DEAD_LETTER_STATES``) and when it was replayed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ _EMPTY_AGGREGATES = (
 _EMPTY_DEAD = (
     'SELECT NULL::VARCHAR AS topic, NULL::INTEGER AS partition, NULL::BIGINT AS "offset", '
     "NULL::BLOB AS key, NULL::BLOB AS value, NULL::VARCHAR AS reason, "
-    "NULL::VARCHAR AS reason_code, NULL::TIMESTAMPTZ AS dead_lettered_at WHERE false"
+    "NULL::VARCHAR AS reason_code, NULL::TIMESTAMPTZ AS dead_lettered_at, "
+    "NULL::VARCHAR AS state, NULL::TIMESTAMPTZ AS replayed_at WHERE false"
 )
 # 128-bit sums of 128-bit values: DuckDB's sum never checks for overflow (a HUGEINT sum
 # wraps, a DECIMAL one runs past its digits), so exactness rests on each snapshot row

@@ -24,6 +24,7 @@ from bench.process import run_measured
 BIN = Path(sys.executable).parent / "pf-metering"
 _SUMMARY = re.compile(
     r"consumed (\d+) records: (\d+) counted, (\d+) duplicates, (\d+) dead-lettered"
+    r"(?:, \d+ forwarded)?"
     r"(?: in ([\d.]+) s)?"  # (older workers, run with --worker-source, do not say)
 )
 

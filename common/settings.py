@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     metering_tiers_file: Path | None = None
     metering_grace: timedelta = timedelta(hours=1)
     metering_due_days: int = Field(default=30, ge=0, le=3650)
-    metering_dedup_days: int = Field(default=35, ge=35, le=3650)
+    metering_late_usage_months: int = Field(default=3, ge=0, le=1200)
+    metering_shutdown_seconds: float = Field(default=10.0, gt=0, le=3600)
     metering_snapshot_seconds: float = Field(default=5.0, gt=0, le=3600)
     metering_batch_size: int = Field(default=100_000, ge=1, le=1_000_000)
     metering_lock_timeout: float = Field(default=60.0, ge=0)

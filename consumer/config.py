@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DAY_MICROS = 86_400 * 1_000_000
-
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -21,10 +19,7 @@ class WorkerConfig:
     ledger_dir: Path
     snapshot_dir: Path
     batch_size: int  # records of one partition handed over at once, at most
-    dedup_days: int  # events older than this before a partition's newest are dead-lettered
+    late_usage_months: int  # a period stays billable this long after it ends (0: forever)
     snapshot_seconds: float  # a committed ledger is published at least this often
     lock_timeout: float  # seconds to wait for another worker to let go of a ledger file
-
-    @property
-    def dedup_window_micros(self) -> int:
-        return self.dedup_days * DAY_MICROS
+    shutdown_seconds: float = 10.0  # a stop request ends the worker within this long

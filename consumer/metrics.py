@@ -33,6 +33,18 @@ class WorkerMetrics:
         )
         for reason in (*REASONS, CEILING_REASON):  # validation's reasons, then the fold's
             self.dead.labels(reason=reason)
+        self.forwarded = Counter(
+            "pf_events_forwarded",
+            "Valid events that arrived on another partition than their tenant's (or with no "
+            "key), forwarded there, by the partition they arrived on",
+            ["partition"], registry=r,
+        )  # fmt: skip
+        self.open_dead_letters = Gauge(
+            "pf_dead_letters_open",
+            "Dead letters not (successfully) replayed yet, in the partitions this worker holds",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.known_open_reasons: set[str] = set()
         self.batch_seconds = Histogram(
             "pf_batch_duration_seconds",
             "Time to decode, validate and commit one partition batch",

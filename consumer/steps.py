@@ -1,10 +1,10 @@
-"""The worker's steps, in chain order: ``Accumulate`` -> ``Decode`` -> ``CommitToLedger`` ->
-``Acknowledge``. Each holds its ``next_step`` and submits to it what it made of an item;
-``END_OF_POLL`` passes through all of them. The worker runs ``Decode`` and
-``CommitToLedger`` each on its own ``consumer.pipeline.Stage`` (a stage is a step too:
-``submit`` queues the item for the step behind it), the others on the threads that call
-them. A new step goes where its input is made: it takes the next step of the one before
-it, and that one takes it.
+"""The worker's steps, in chain order: ``Accumulate`` -> ``Decode`` -> ``Forward`` ->
+``CommitToLedger`` -> ``Acknowledge``. Each holds its ``next_step`` and submits to it what
+it made of an item; ``END_OF_POLL`` passes through all of them. The worker runs ``Decode``
+and ``Forward`` (then ``CommitToLedger``, on the same thread) each on its own
+``consumer.pipeline.Stage`` (a stage is a step too: ``submit`` queues the item for the step
+behind it), the others on the threads that call them. A new step goes where its input is
+made: it takes the next step of the one before it, and that one takes it.
 
 The DEBUG lines trace each hand-over's phases (the fault tests use them to tell where a
 kill landed): "batch" -> "committing" -> "committed" (per partition) -> "batch done".
@@ -17,11 +17,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
-from aggregator.ledger import CommitResult, LedgerSet, later_of
+from aggregator.ledger import CommitResult, LedgerSet
+from consumer.forwarding import Forwarder
 from consumer.metrics import WorkerMetrics
 from consumer.types import END_OF_POLL, Batch, Decoded, EndOfPoll, Head, Polled, Step, WorkerStats
-from schemas.codec import Codec
-from schemas.prepare import DeadLetter, prepare_batch
+from schemas.prepare import DeadLetter, PreparedBatch
 from schemas.record_batch import RecordBatch
 
 log = logging.getLogger("consumer.worker")  # the name operators and the fault tests know
@@ -84,14 +84,16 @@ class Accumulate:
         self.next_step.submit(END_OF_POLL)
 
 
-class Decode:
-    """Decode and validate a batch's records (``prepare_batch``): valid events become
-    columns, invalid ones dead letters. Events older than the dedup window before the
-    partition's newest event are dead-lettered; the newest is advanced on the head."""
+Prepare = Callable[[int, RecordBatch, int], PreparedBatch]  # (partition, records, now)
 
-    def __init__(self, codec: Codec, dedup_window_micros: int, next_step: Step[CommitInput]):
-        self.codec = codec
-        self.window = dedup_window_micros
+
+class Decode:
+    """Decode and validate a batch's records with ``prepare`` (``prepare_batch`` with the
+    worker's codec, late-usage horizon and partition contract): valid events become
+    columns, invalid ones dead letters, those of other partitions events to forward."""
+
+    def __init__(self, prepare: Prepare, next_step: Step[CommitInput]):
+        self.prepare = prepare
         self.next_step = next_step
 
     def submit(self, item: DecodeInput) -> None:
@@ -99,13 +101,26 @@ class Decode:
             self.next_step.submit(item)
             return
         began = time.perf_counter()
-        polled, head = item.payload, item.payload.head
-        oldest = None if head.max_occurred_at is None else head.max_occurred_at - self.window
-        prepared = prepare_batch(
-            item.partition, polled.records, self.codec, polled.now_micros, oldest
-        )
-        head.max_occurred_at = later_of(head.max_occurred_at, prepared.max_occurred_at)
+        polled = item.payload
+        prepared = self.prepare(item.partition, polled.records, polled.now_micros)
         self.next_step.submit(item.carrying(Decoded(prepared, time.perf_counter() - began)))
+
+
+class Forward:
+    """Send the batch's events that belong to another partition (or came without a key)
+    to their tenant's partition and wait for the broker's acknowledgement, then hand the
+    batch on to the ledger commit that records them as forwarded: a crash in between
+    forwards them again, and the destination's dedup makes the copy a duplicate
+    (``consumer.forwarding``)."""
+
+    def __init__(self, forwarder: Forwarder, next_step: Step[CommitInput]) -> None:
+        self.forwarder = forwarder
+        self.next_step = next_step
+
+    def submit(self, item: CommitInput) -> None:
+        if isinstance(item, Batch):
+            self.forwarder.send(item.partition, item.payload.prepared.forward)
+        self.next_step.submit(item)
 
 
 class CommitToLedger:
@@ -157,12 +172,15 @@ class CommitToLedger:
         stats.counted += result.counted
         stats.duplicates += result.duplicates
         stats.dead += result.dead
+        stats.forwarded += result.forwarded
         stats.batches += 1
         metrics.consumed.labels(partition=str(partition)).inc(consumed)
         metrics.counted.inc(result.counted)
         metrics.duplicates.inc(result.duplicates)
         for d in dead:
             metrics.dead.labels(reason=d.reason_code).inc()
+        if result.forwarded:
+            metrics.forwarded.labels(partition=str(partition)).inc(result.forwarded)
 
 
 class Acknowledge:

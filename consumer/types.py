@@ -62,12 +62,10 @@ class Step(Protocol[T_contra]):
 
 @dataclass
 class Head:
-    """Where a partition stands once every batch handed over is applied: ``next_offset``
-    is advanced by the main thread, ``max_occurred_at`` (the dedup window's anchor) by
-    the decoder."""
+    """Where a partition stands once every batch handed over is applied (``next_offset``
+    is advanced by the main thread)."""
 
     next_offset: int | None
-    max_occurred_at: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +93,7 @@ class WorkerStats:
     counted: int = 0
     duplicates: int = 0
     dead: int = 0
+    forwarded: int = 0
     batches: int = 0
     started: float = field(default_factory=time.monotonic)  # (before the Kafka client)
 

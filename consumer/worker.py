@@ -5,7 +5,10 @@ Commit contract (why exactly-once holds), one clause per step (``consumer.steps`
    (handed to ``assign``/``incremental_assign``, not ``seek``), so Kafka resumes exactly
    there; records below the partition's head (redelivered) are dropped.
 2. ``Decode``: every record is decoded and validated; an invalid one becomes a dead
-   letter, never skipped.
+   letter, never skipped; a valid one of another partition (the partition contract,
+   ``schemas.partitioning``) or without a key is set aside to be forwarded.
+2b. ``Forward``: those are sent to their tenant's partition and acknowledged by the
+   broker before the commit that records them as forwarded (never counted here).
 3. ``CommitToLedger``: one DuckDB transaction per batch holds its aggregates, dedup ids,
    duplicates (ids already in the dedup table: recorded, not counted), dead letters and
    the partition's next offset.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -37,12 +41,13 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
-from aggregator.ledger import LedgerSet
+from aggregator.ledger import LedgerSet, PartitionLedger, ReplayRequest
 from aggregator.views import write_query_db
 from common.errors import OperationError
 from common.logs import Repeats
 from consumer import lag
 from consumer.config import WorkerConfig
+from consumer.forwarding import Forwarder, StopRequested
 from consumer.kafka import (
     ConsumerFactory,
     cached_high_watermark,
@@ -56,12 +61,18 @@ from consumer.kafka import (
 )
 from consumer.metrics import WorkerMetrics
 from consumer.pipeline import Stage
-from consumer.steps import Accumulate, Acknowledge, CommitToLedger, Decode
+from consumer.replay import pending_requests, write_result
+from consumer.steps import Accumulate, Acknowledge, CommitToLedger, Decode, Forward
 from consumer.types import Head, WorkerStats
-from schemas.codec import Codec, default_codec
+from schemas.codec import Codec
+from schemas.periods import oldest_billable_start
+from schemas.prepare import PreparedBatch, prepare_batch
+from schemas.record_batch import RecordBatch
+from schemas.registry import Registry
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY_SECONDS = 600.0
+REPLAY_CHECK_SECONDS = 1.0  # how often the replay requests folder is looked at
 # --drain's view of the topic's partitions is refreshed this often (partitions are rarely
 # added, and the metadata request waits behind a fetch: not on every check).
 PARTITIONS_MAX_AGE_SECONDS = 10.0
@@ -95,7 +106,9 @@ class Worker:
         self.topic = config.topic
         self.drain = drain
         self.metrics = metrics or WorkerMetrics()
-        self.codec = codec or default_codec()
+        # published schema versions: re-read on each assignment and on an unknown fingerprint
+        self.registry = Registry(config.data_dir)
+        self._fixed_codec = codec
         self.cooperative = strategy == "cooperative-sticky"
         self.stats = WorkerStats()
         self.stop_requested = threading.Event()
@@ -111,6 +124,13 @@ class Worker:
         conf["logger"] = logging.getLogger("rdkafka")  # librdkafka's logs obey LOG_FORMAT too
         self._errors_logged = Repeats(30.0)
         self.consumer = consumer_factory(conf)
+        forward_conf = {**config.kafka, "error_cb": self._on_error, "logger": conf["logger"]}
+        self.forwarder = Forwarder(forward_conf, self.topic, self.stop_requested)
+        self.partition_count = 0  # of the topic, for the partition contract (on assignment)
+        self._replays_done: set[tuple[str, int]] = set()
+        self._last_replay_check = -1e9
+        self._open_dead: dict[int, dict[str, int]] = {}  # per partition held, by reason
+        self._stop_deadline: float | None = None
         self._last_prune = time.monotonic()
         self.progress = progress  # called with (records consumed, records still to go)
         self.lag: dict[int, int] = {}
@@ -119,12 +139,17 @@ class Worker:
         # them in that order finishes everything handed over.
         self.acknowledge = Acknowledge(self._commit_to_kafka)
         commit = CommitToLedger(self.ledgers, self.stats, self.metrics, self.acknowledge)
-        self.committer = Stage("ledger-commit", commit.submit)
-        decode = Decode(self.codec, config.dedup_window_micros, self.committer)
+        forward = Forward(self.forwarder, commit)
+        self.committer = Stage("ledger-commit", forward.submit)
+        decode = Decode(self._prepare, self.committer)
         self.decoder = Stage("decode", decode.submit)
         self.accumulate = Accumulate(self.heads, config.batch_size, self.decoder)
         self.stages = (self.decoder, self.committer)
         self._partitions: tuple[float, list[int]] = (-1e9, [])  # (when, ids) for --drain
+
+    @property
+    def codec(self) -> Codec:
+        return self._fixed_codec or self.registry.codec
 
     # -- rebalance callbacks (run inside consume()) -------------------------------------
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
@@ -132,20 +157,20 @@ class Worker:
             return  # leaving the group: take nothing new
         try:
             self._settle()
+            self.registry.refresh()
+            self.partition_count = len(self._topic_partitions(fresh=True))
             for tp in partitions:
                 ledger = self.ledgers.acquire(tp.partition)
                 tp.offset = (
                     ledger.next_offset if ledger.next_offset is not None else OFFSET_BEGINNING
                 )
-                self.heads[tp.partition] = Head(ledger.next_offset, ledger.max_occurred_at)
-                ledger.publish(self.config.snapshot_dir)
+                self.heads[tp.partition] = Head(ledger.next_offset)
+                self._publish(ledger)
             if self.cooperative:
                 self.consumer.incremental_assign(partitions)
             else:
                 self.consumer.assign(partitions)
             self.assigned_once = True
-            if self.drain:
-                self._topic_partitions()  # now, before fetches keep the connection busy
             write_query_db(self.config.data_dir, self.config.snapshot_dir, self.topic)
             self.metrics.rebalances.labels(kind="assign").inc()
             self.metrics.partitions_held.set(len(self.ledgers.held))
@@ -164,8 +189,10 @@ class Worker:
             self.ledgers.release([tp.partition for tp in partitions], snapshot)
             for tp in partitions:
                 self.heads.pop(tp.partition, None)
+                self._open_dead.pop(tp.partition, None)
                 with contextlib.suppress(KeyError):
                     self.metrics.lag.remove(str(tp.partition))
+            self._show_open_dead_letters()
             self.metrics.rebalances.labels(kind="revoke").inc()
             self.metrics.partitions_held.set(len(self.ledgers.held))
             log.info("revoked %s", sorted(tp.partition for tp in partitions))
@@ -221,6 +248,9 @@ class Worker:
             self.accumulate.hand_over()
             self._settle()
             clean = True
+        except StopRequested as exc:  # the batch in hand is not committed: redone on restart
+            log.info("stopped with a batch uncommitted (%s)", exc)
+            clean = True
         finally:
             self._shutdown(clean)
         return self.stats
@@ -240,13 +270,85 @@ class Worker:
         if idle or stale or prune:
             self._settle()  # publishing and pruning use the ledgers' connection
         for ledger in stale:
-            ledger.publish(self.config.snapshot_dir)
+            self._publish(ledger)
         if prune:
+            months = self.config.late_usage_months
+            oldest = oldest_billable_start(int(time.time() * 1_000_000), months)
             for ledger in self.ledgers.held.values():
-                ledger.prune(self.config.dedup_window_micros)
+                ledger.prune(oldest)
             self._last_prune = now
         if idle or self.stats.batches % 20 == 0:
             self._update_lag()
+        self._replay_requested()
+
+    def _prepare(self, partition: int, records: RecordBatch, now_micros: int) -> PreparedBatch:
+        """``prepare_batch`` with the partition contract and the late-usage horizon; a
+        batch that met an unknown fingerprint is prepared again if the registry has learnt
+        new versions since (published with ``schemas add``)."""
+        oldest = oldest_billable_start(now_micros, self.config.late_usage_months)
+
+        def prepare() -> PreparedBatch:
+            return prepare_batch(partition, records, self.codec, now_micros, oldest,
+                                 partitions=self.partition_count or None)  # fmt: skip
+
+        batch = prepare()
+        unknown = any(d.reason_code == "unknown_fingerprint" for d in batch.dead)
+        if unknown and self._fixed_codec is None and self.registry.refresh():
+            log.info("schema registry: new writer versions published; decoding again")
+            batch = prepare()
+        return batch
+
+    def _publish(self, ledger: PartitionLedger) -> None:
+        ledger.publish(self.config.snapshot_dir)
+        self._open_dead[ledger.partition] = ledger.open_dead_letters()
+        self._show_open_dead_letters()
+
+    def _show_open_dead_letters(self) -> None:
+        totals: dict[str, int] = {}
+        for by_reason in self._open_dead.values():
+            for reason, n in by_reason.items():
+                totals[reason] = totals.get(reason, 0) + n
+        for reason in set(totals) | set(self.metrics.known_open_reasons):
+            self.metrics.open_dead_letters.labels(reason=reason).set(totals.get(reason, 0))
+        self.metrics.known_open_reasons.update(totals)
+
+    # -- dead-letter replay (consumer.replay) -----------------------------------------------
+    def _replay_requested(self) -> None:
+        """Apply the pending replay requests to the partitions held (between batches)."""
+        now = time.monotonic()
+        if now - self._last_replay_check < REPLAY_CHECK_SECONDS:
+            return
+        self._last_replay_check = now
+        todo = [
+            (request, ledger)
+            for request in pending_requests(self.config.data_dir)
+            for ledger in self.ledgers.held.values()
+            if (request.request_id, ledger.partition) not in self._replays_done
+            and request.partition in (None, ledger.partition)
+        ]
+        if not todo:
+            return
+        self._settle()
+        self.registry.refresh()
+        for request, ledger in todo:
+            self._replay(request, ledger)
+            self._replays_done.add((request.request_id, ledger.partition))
+
+    def _replay(self, request: ReplayRequest, ledger: PartitionLedger) -> None:
+        records = ledger.replayable(request)
+        if records is None:
+            return  # applied before (by this worker or an earlier owner)
+        batch = self._prepare(ledger.partition, records, int(time.time() * 1_000_000))
+        self.forwarder.send(ledger.partition, batch.forward)
+        result = ledger.replay(request, batch)
+        write_result(self.config.data_dir, request, ledger.partition, result)
+        log.info("replay %s on p%d: %d dead letters, %d counted, %d duplicates, %d forwarded, "
+                 "%d still failing", request.request_id, ledger.partition, len(records),
+                 result.counted, result.duplicates, result.forwarded, result.dead)  # fmt: skip
+        self.metrics.counted.inc(result.counted)
+        if result.forwarded:
+            self.metrics.forwarded.labels(partition=str(ledger.partition)).inc(result.forwarded)
+        self._publish(ledger)
 
     def _settle(self) -> None:
         """Wait until every record handed over has gone through every step."""
@@ -288,61 +390,108 @@ class Worker:
             # end. Keep waiting, as a worker without --drain does.
             log.warning("drain: end offsets unknown for now (%s); waiting for the broker", exc)
             return False
+        for partition, end in self.forwarder.ends.items():  # (fetches may not show them yet)
+            ends[partition] = max(ends.get(partition, 0), end)
         ours = {p: head.next_offset for p, head in self.heads.items()}
         return lag.drained(ends, ours, theirs)
 
-    def _topic_partitions(self) -> list[int]:
+    def _topic_partitions(self, fresh: bool = False) -> list[int]:
         when, ids = self._partitions
-        if time.monotonic() - when > PARTITIONS_MAX_AGE_SECONDS:
+        if fresh or time.monotonic() - when > PARTITIONS_MAX_AGE_SECONDS:
             ids = topic_partitions(self.consumer, self.topic)
             self._partitions = (time.monotonic(), ids)
         return ids
 
     # -- stopping ------------------------------------------------------------------------
     def _shutdown(self, clean: bool) -> None:
-        """Leave the group: its final revoke releases (and, if clean, publishes) ledgers.
+        """Finish (or drop) the batch in hand, release the ledgers, then leave the group.
 
         After a failure (``clean`` False) the error in flight is the one to report: errors of
         the clean-up itself (a disk that refused the commit usually refuses the checkpoint
         too) are logged at DEBUG and never replace it. Committed batches are safe either way:
         they are in the ledger's write-ahead log, replayed on the next start.
+
+        Bounded: the ledgers are released before Kafka is told anything, and leaving the
+        group (a last offset commit for lag monitoring, then ``close``) is given what is
+        left of ``METERING_SHUTDOWN_SECONDS``; a broker that does not answer by then is left
+        behind (the group evicts this member after its session timeout).
         """
         self.closing = True
         self.failed = not clean
+        deadline = self._stop_deadline or time.monotonic() + self.config.shutdown_seconds
         first: Exception | None = None
         for stage in self.stages:
             try:
                 stage.close()  # records already handed over are still committed
+            except StopRequested as exc:
+                log.info("stopped with a batch uncommitted (%s)", exc)
             except Exception as exc:
                 log.debug("while stopping: %s", _first_line(exc))
                 self.failed, first = True, first or exc
-        if clean and not self.failed:
-            held = {
-                p: ledger.next_offset
-                for p, ledger in self.ledgers.held.items()
-                if ledger.next_offset is not None
-            }
-            if held:
-                try:
-                    commit_offsets(self.consumer, self.topic, held, wait=True)
-                except Exception as exc:  # lag monitoring only; the ledger has the truth
-                    log.warning("final Kafka offset commit skipped: %s", exc)
+        held = {
+            p: ledger.next_offset
+            for p, ledger in self.ledgers.held.items()
+            if ledger.next_offset is not None and clean and not self.failed
+        }
         snapshot = None if self.failed else self.config.snapshot_dir
-        for step in (self.consumer.close, lambda: self.ledgers.close(snapshot)):
+        steps: list[Callable[[], None]] = [lambda: self.ledgers.close(snapshot)]
+        for step in [*steps, self.forwarder.close]:
             try:
                 step()
             except Exception as exc:
                 log.debug("while stopping: %s", _first_line(exc))
                 first = first or exc
+        errors: list[Exception] = []
+
+        def leave() -> None:
+            if held:
+                try:
+                    commit_offsets(self.consumer, self.topic, held, wait=True)
+                except Exception as exc:  # lag monitoring only; the ledger has the truth
+                    log.warning("final Kafka offset commit skipped: %s", exc)
+            try:
+                self.consumer.close()
+            except Exception as exc:
+                errors.append(exc)
+
+        leaving = threading.Thread(target=leave, name="leave-group", daemon=True)
+        leaving.start()
+        leaving.join(max(0.1, deadline - time.monotonic() - 0.5))
+        if leaving.is_alive():
+            log.warning("the broker did not answer within METERING_SHUTDOWN_SECONDS: "
+                        "stopped without leaving the group")  # fmt: skip
+        elif errors:
+            log.debug("while stopping: %s", _first_line(errors[0]))
+            first = first or errors[0]
         if clean and first is not None:
             raise OperationError(f"stopping the worker failed: {_first_line(first)}") from first
 
+    def request_stop(self) -> None:
+        """Stop within ``METERING_SHUTDOWN_SECONDS``: the loop ends after the batch in hand
+        (which commits whole, or not at all if it cannot finish in time), and a watchdog
+        ends the process if anything still blocks at the deadline (exit 1; every ledger
+        transaction is then rolled back or committed, as after a SIGKILL)."""
+        if self._stop_deadline is None:
+            seconds = self.config.shutdown_seconds
+            self._stop_deadline = time.monotonic() + seconds
+            watchdog = threading.Timer(seconds, self._force_exit)
+            watchdog.daemon = True
+            watchdog.start()
+        self.stop_requested.set()
+
+    def _force_exit(self) -> None:
+        log.error("not stopped within METERING_SHUTDOWN_SECONDS=%s: exiting now",
+                  self.config.shutdown_seconds)  # fmt: skip
+        logging.shutdown()
+        os._exit(1)
+
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: finish the batch in hand, publish, release partitions, exit."""
+        """SIGTERM/SIGINT: ``request_stop``."""
 
         def handler(signum: int, frame: FrameType | None) -> None:
-            log.info("signal %s: stopping after the current batch", signum)
-            self.stop_requested.set()
+            log.info("signal %s: stopping within %s s", signum,
+                     self.config.shutdown_seconds)  # fmt: skip
+            self.request_stop()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)

@@ -2,8 +2,10 @@
 
 Services call ``emit(event)`` for each usage delta, or ``emit_many(events)`` for a batch
 (dicts, a polars DataFrame or an Arrow table), and ``close()`` (or use ``with``) at the
-end. Events are validated before they leave the process, keyed by tenant_id (so one
-tenant's events share a partition) and sent by an idempotent, compressing producer.
+end. Events are validated before they leave the process, keyed by tenant_id and placed
+by the partition contract (``schemas.partitioning``: murmur2 of the tenant_id, as Kafka's
+Java client does; librdkafka's own default, CRC32, would put a tenant elsewhere) and sent
+by an idempotent, compressing producer.
 Delivery failures are never swallowed: ``flush``/``close`` raise ``DeliveryFailed``.
 
 ``emit_many`` is the bulk path: it validates a chunk with vectorised rules (the exact
@@ -49,6 +51,8 @@ _POLARS_TYPES = {
 }  # fmt: skip
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
+    # The partition contract (schemas.partitioning.partition_for), computed by librdkafka.
+    "partitioner": "murmur2_random",
     "enable.idempotence": True,
     "acks": "all",
     "compression.type": "lz4",

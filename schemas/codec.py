@@ -2,7 +2,8 @@
 
 A value is ``C3 01`` + the 8-byte little-endian CRC-64-AVRO fingerprint of the writer
 schema's Parsing Canonical Form + the Avro binary body. The codec knows every version in
-this folder by fingerprint and resolves any of them into the newest (reader) schema.
+this folder (the built-in ones) by fingerprint and resolves any of them into the newest
+(reader) schema; ``schemas.registry`` adds the versions published at run time.
 
 Timestamps stay raw integers (microseconds since the epoch): the logicalType is dropped
 from the schemas used for (de)serialisation. It does not change the binary encoding nor
@@ -79,7 +80,11 @@ class PublishedSchema:
 
 
 def load_schema(path: Path, version: int) -> PublishedSchema:
-    raw = json.loads(path.read_text())
+    return schema_of_raw(json.loads(path.read_text()), version, path)
+
+
+def schema_of_raw(raw: dict[str, Any], version: int, path: Path) -> PublishedSchema:
+    """A version from its JSON (``path``: where it is kept). Raises on an invalid schema."""
     canonical = to_parsing_canonical_form(fastavro.parse_schema(copy.deepcopy(raw)))
     fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
     parsed = fastavro.parse_schema(_strip_logical_types(raw))
@@ -99,12 +104,13 @@ def discover(directory: Path = SCHEMA_DIR) -> list[PublishedSchema]:
 
 
 class Codec:
-    """Encodes with any published version; decodes any of them into the reader schema."""
+    """Encodes with any published version; decodes any of them into the reader schema
+    (default: the newest version)."""
 
-    def __init__(self, schemas: list[PublishedSchema]) -> None:
+    def __init__(self, schemas: list[PublishedSchema], reader: PublishedSchema | None = None):
         self.versions = {s.version: s for s in schemas}
         self.by_fingerprint = {s.fingerprint: s for s in schemas}
-        self.reader = max(schemas, key=lambda s: s.version)
+        self.reader = reader or max(schemas, key=lambda s: s.version)
 
     def writer(self, version: int | None = None) -> PublishedSchema:
         return self.reader if version is None else self.versions[version]

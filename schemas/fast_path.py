@@ -112,8 +112,8 @@ def decode_fast(
 def _accepts(events: pl.DataFrame, now_micros: int, oldest_allowed_micros: int | None) -> pl.Expr:
     """Rows counted as they are: valid, key = tenant, and an occurred_at in range.
 
-    Negative timestamps (before 1970) and ones older than the dedup window go to the
-    per-record path, which dead-letters or dates them exactly as it always has.
+    Negative timestamps (before 1970) and ones of a period past the late-usage horizon go
+    to the per-record path, which dead-letters or dates them exactly as it always has.
     """
     at = pl.col("occurred_at")
     ok = pl.lit(vouched(events, now_micros)) & (at >= 0)

@@ -64,6 +64,20 @@ class Period:
         return f"{self.year:04d}-{self.month:02d}"
 
 
+def oldest_billable_start(now_micros: int, horizon_months: int) -> int | None:
+    """The first instant (microseconds) of the oldest period that can still be billed at
+    ``now_micros`` (wall clock): a period stays billable for its own month plus
+    ``horizon_months`` after it ends, so at any moment of May with a 3-month horizon
+    February is the oldest (January ended February 1st; its horizon ended May 1st).
+    None: ``horizon_months`` is 0, every period stays billable forever."""
+    if horizon_months == 0:
+        return None
+    p = Period.of(datetime.fromtimestamp(now_micros / 1_000_000, UTC))
+    months = p.year * 12 + p.month - 1 - horizon_months
+    oldest = Period(months // 12, months % 12 + 1)
+    return int(oldest.start.timestamp()) * 1_000_000
+
+
 def period_of(micros: int) -> str:
     """The ``YYYY-MM`` of a timestamp in microseconds since the epoch, UTC."""
     moment = datetime.fromtimestamp(micros / 1_000_000, UTC)

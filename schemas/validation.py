@@ -29,7 +29,7 @@ REASONS = (
     "future_timestamp",
     "timestamp_before_1970",
     "key_mismatch",
-    "outside_dedup_window",
+    "past_late_usage_horizon",
 )
 
 

@@ -23,6 +23,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "invoice_cmds": ("generate-invoice", "invoices"),
     "bill_cmds": ("bill",),
     "report_cmds": ("report",),
+    "schema_cmds": ("schemas",),
 }
 
 

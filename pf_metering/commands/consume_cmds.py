@@ -12,12 +12,14 @@ from typing import NoReturn
 import typer
 
 from aggregator.adhoc import QueryLimits, lock_down, read_only_statement, run_query, spill_folder
+from aggregator.ledger import ledger_path
 from aggregator.views import open_usage
 from billing.db import copy_queryable_tables
-from common.errors import UserError
+from common.errors import OperationError, UserError
 from common.settings import Settings
 from consumer.config import WorkerConfig
 from consumer.metrics import WorkerMetrics
+from consumer.replay import post_request, read_results
 from consumer.worker import Worker
 from pf_metering.commands.common import (
     FORMAT_OPTION,
@@ -28,6 +30,7 @@ from pf_metering.commands.common import (
 )
 from pf_metering.output import Format, printable, render, rows_table
 from pf_metering.progress import progress_bar
+from schemas.validation import REASONS
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,8 @@ def consume(
     if not quiet:
         print(
             f"consumed {stats.consumed} records: {stats.counted} counted, "
-            f"{stats.duplicates} duplicates, {stats.dead} dead-lettered "
+            f"{stats.duplicates} duplicates, {stats.dead} dead-lettered, "
+            f"{stats.forwarded} forwarded "
             f"in {time.monotonic() - stats.started:.2f} s",
             file=sys.stderr,
         )
@@ -83,9 +87,10 @@ def worker_config(cfg: Settings) -> WorkerConfig:
         ledger_dir=cfg.ledger_dir,
         snapshot_dir=cfg.snapshot_dir,
         batch_size=cfg.metering_batch_size,
-        dedup_days=cfg.metering_dedup_days,
+        late_usage_months=cfg.metering_late_usage_months,
         snapshot_seconds=cfg.metering_snapshot_seconds,
         lock_timeout=cfg.metering_lock_timeout,
+        shutdown_seconds=cfg.metering_shutdown_seconds,
     )
 
 
@@ -98,22 +103,32 @@ def exit_without_teardown() -> NoReturn:
     os._exit(0)
 
 
+dead_letters_app = typer.Typer(
+    help="Invalid events with their reasons and replay states; `replay` re-processes them."
+)
+
+
+@dead_letters_app.callback(invoke_without_command=True)
 def dead_letters(
     ctx: typer.Context, fmt: Format = FORMAT_OPTION, output: Path = OUTPUT_OPTION
 ) -> None:
-    """List invalid events with their reasons."""
+    """List invalid events with their reasons and replay states (open, replayed_counted,
+    replayed_duplicate, replayed_forwarded, still_failing)."""
+    if ctx.invoked_subcommand is not None:
+        return
     cfg = settings_of(ctx)
     reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
     print(reader.freshness.describe(), file=sys.stderr)
     rel = reader.con.sql(
-        'SELECT topic, partition, "offset", key, value, reason_code, reason, dead_lettered_at '
-        'FROM dead_letters ORDER BY partition, "offset"'
+        'SELECT topic, partition, "offset", key, value, reason_code, reason, dead_lettered_at, '
+        'state, replayed_at FROM dead_letters ORDER BY partition, "offset"'
     )
     cols = rel.columns
     rows = [dict(zip(cols, r, strict=True)) for r in rel.fetchall()]
     for row in rows:
         row["key"] = row["key"].decode("utf-8", "replace") if row["key"] is not None else None
         row["value"] = row["value"].hex() if row["value"] is not None else None
+        row["state"] = row["state"] or "open"
     reader.close()
     shown = [{k: printable(v) for k, v in r.items()} for r in rows]  # keys come from anyone
     render(
@@ -126,6 +141,46 @@ def dead_letters(
             title=f"{len(rows)} dead letters",
         ),
     )
+
+
+@dead_letters_app.command("replay")
+def dead_letters_replay(
+    ctx: typer.Context,
+    reason: str = typer.Option(None, "--reason", help="only dead letters of this reason code"),
+    partition: int = typer.Option(None, "--partition", min=0, help="only this partition"),
+    wait: float = typer.Option(60.0, "--wait", min=0, help="seconds to wait for the workers"),
+) -> None:
+    """Re-process open and still-failing dead letters through the same decode, validation
+    and dedup as live events, exactly once, by the workers holding their partitions."""
+    if reason is not None and reason not in REASONS:
+        raise UserError(f"unknown --reason {reason[:64]!r}: one of {', '.join(REASONS)}")
+    cfg = settings_of(ctx)
+    folder = ledger_path(cfg.ledger_dir, cfg.metering_topic, 0).parent
+    stored = sorted(int(p.stem.split("-")[1]) for p in folder.glob("p-*.duckdb"))
+    wanted = [p for p in stored if partition in (None, p)]
+    request = post_request(cfg.metering_data_dir, reason, partition)
+    print(f"replay {request.request_id} requested for {len(wanted)} partition(s)", file=sys.stderr)
+    deadline = time.monotonic() + wait
+    results = read_results(cfg.metering_data_dir, request.request_id)
+    while any(p not in results for p in wanted) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        results = read_results(cfg.metering_data_dir, request.request_id)
+    totals = {k: sum(int(r[k]) for r in results.values()) for k in _REPLAY_COUNTS}
+    print(
+        f"replayed on {len(results)} partition(s): {totals['counted']} counted, "
+        f"{totals['duplicates']} duplicates, {totals['forwarded']} forwarded, "
+        f"{totals['dead']} still failing"
+    )
+    missing = [p for p in wanted if p not in results]
+    if missing:
+        raise OperationError(
+            f"partition(s) {', '.join(map(str, missing))} not replayed within --wait {wait:g} s "
+            f"(no worker holds them?); request {request.request_id} stays pending and is "
+            "applied when a worker takes them"
+        )
+
+
+_REPLAY_COUNTS = ("counted", "duplicates", "forwarded", "dead")
 
 
 def sql(
@@ -164,5 +219,5 @@ def sql(
 
 def register(app: typer.Typer) -> None:
     app.command("consume")(consume)
-    app.command("dead-letters")(dead_letters)
+    app.add_typer(dead_letters_app, name="dead-letters")
     app.command("sql")(sql)
