@@ -32,10 +32,10 @@ def test_grace_formats(monkeypatch: pytest.MonkeyPatch, text: str, seconds: int)
 
 
 def test_bad_value_names_variable_not_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("METERING_DEDUP_DAYS", "3")
+    monkeypatch.setenv("METERING_LATE_USAGE_MONTHS", "-1")
     with pytest.raises(UserError) as err:
         load_settings()
-    assert "METERING_DEDUP_DAYS" in str(err.value)
+    assert "METERING_LATE_USAGE_MONTHS" in str(err.value)
 
 
 def test_cli_reports_bad_config_in_one_line() -> None:

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from aggregator.ledger import CommitResult, LedgerSet
-from consumer.config import DAY_MICROS
 from consumer.metrics import WorkerMetrics
 from consumer.steps import Accumulate, Acknowledge, CommitToLedger, Decode
 from consumer.types import END_OF_POLL, Batch, Head, Polled, WorkerStats
 from schemas.codec import default_codec
+from schemas.prepare import prepare_batch
 from schemas.record_batch import RecordBatch
 from tests.support.events import make_event
 
@@ -36,7 +36,7 @@ def records(offsets: range, values: list[bytes | None] | None = None) -> RecordB
 
 
 def test_accumulate_drops_redelivered_records_and_partitions_not_held() -> None:
-    heads = {0: Head(5, None), 1: Head(None, None)}
+    heads = {0: Head(5), 1: Head(None)}
     after = Recorder()
     step = Accumulate(heads, batch_size=1000, next_step=after)
     step.submit({0: records(range(0, 8)), 1: records(range(0, 3)), 2: records(range(0, 4))})
@@ -52,7 +52,7 @@ def test_accumulate_drops_redelivered_records_and_partitions_not_held() -> None:
 
 
 def test_accumulate_hands_a_full_partition_over_at_once_in_one_batch() -> None:
-    heads = {0: Head(None, None), 1: Head(None, None)}
+    heads = {0: Head(None), 1: Head(None)}
     after = Recorder()
     step = Accumulate(heads, batch_size=10, next_step=after)
     step.submit({0: records(range(0, 6)), 1: records(range(0, 2))})
@@ -67,7 +67,7 @@ def test_accumulate_hands_a_full_partition_over_at_once_in_one_batch() -> None:
 
 
 def test_accumulate_forgets_a_partition_revoked_while_its_records_waited() -> None:
-    heads = {0: Head(None, None)}
+    heads = {0: Head(None)}
     after = Recorder()
     step = Accumulate(heads, batch_size=100, next_step=after)
     step.submit({0: records(range(0, 3))})
@@ -107,8 +107,9 @@ def test_decode_then_commit_to_ledger_carry_the_batch_to_its_ledger(
     ledger = ledgers.acquire(0)
     stats, metrics, after = WorkerStats(), WorkerMetrics(), Recorder()
     commit = CommitToLedger(ledgers, stats, metrics, next_step=after)
-    decode = Decode(codec, 35 * DAY_MICROS, next_step=commit)
-    head, now = Head(10, None), int(time.time() * 1_000_000)
+    now = int(time.time() * 1_000_000)
+    decode = Decode(lambda p, recs, at: prepare_batch(p, recs, codec, at, None), next_step=commit)
+    head = Head(10)
     with caplog.at_level(logging.DEBUG, logger="consumer.worker"):
         # counted, duplicate, dead
         decode.submit(Batch(0, 10, 13, Polled(records(range(10, 13), values), head, now)))
@@ -119,7 +120,6 @@ def test_decode_then_commit_to_ledger_carry_the_batch_to_its_ledger(
     assert committed.payload == CommitResult(counted=1, duplicates=1, dead=1)
     assert committed.committable == {0: 13}
     assert ledger.next_offset == 13
-    assert head.max_occurred_at == event["occurred_at"]  # the decoder's part of the head
     assert (stats.consumed, stats.counted, stats.duplicates, stats.dead) == (3, 1, 1, 1)
     assert metrics.registry.get_sample_value("pf_events_counted_total") == 1
     lines = [r.getMessage() for r in caplog.records if r.name == "consumer.worker"]

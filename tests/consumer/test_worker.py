@@ -24,6 +24,7 @@ from common.errors import OperationError
 from consumer.config import WorkerConfig
 from consumer.worker import Worker
 from schemas.codec import default_codec
+from schemas.partitioning import partition_for
 from tests.support.memory_consumer import MemoryBroker, MemoryConsumer
 from tests.support.worker_harness import expected_totals, random_events
 
@@ -58,7 +59,7 @@ def config(tmp_path: Path) -> WorkerConfig:
         ledger_dir=data / "ledger",
         snapshot_dir=data / "snapshot",
         batch_size=100,
-        dedup_days=35,
+        late_usage_months=0,
         snapshot_seconds=5.0,
         lock_timeout=5.0,
     )
@@ -79,10 +80,18 @@ def start(
 
 
 def events_of(partition: int, n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` events of tenants of their own (a tenant's events share one partition)."""
+    """``n`` events of tenants of their own whose partition (by the partition contract,
+    in a topic of 3) is ``partition``, so the worker counts them where they are."""
     events = random_events(n, tenants=3, seed=seed)
+    names: dict[str, str] = {}
     for event in events:
-        event["tenant_id"] = f"p{partition}-{event['tenant_id']}"
+        tenant = event["tenant_id"]
+        if tenant not in names:
+            k = 0
+            while partition_for(f"p{partition}-{k}-{tenant}", 3) != partition:
+                k += 1
+            names[tenant] = f"p{partition}-{k}-{tenant}"
+        event["tenant_id"] = names[tenant]
     return events
 
 

@@ -178,7 +178,7 @@ def reference_outcome(rec: Record, oldest: int | None) -> str | None:
     if reason is not None:
         return reason_code(reason)
     if oldest is not None and event["occurred_at"] < oldest:
-        return "outside_dedup_window"
+        return "past_late_usage_horizon"
     return None
 
 
@@ -202,7 +202,7 @@ def spec_violations(event: dict[str, Any], key: bytes | None, oldest: int | None
     if key is not None and key != event["tenant_id"].encode():
         broken.add("key_mismatch")
     if oldest is not None and event["occurred_at"] < oldest:
-        broken.add("outside_dedup_window")
+        broken.add("past_late_usage_horizon")
     return broken
 
 
@@ -343,7 +343,7 @@ def test_every_reason_is_reachable_through_prepare_batch() -> None:
         "future_timestamp": (b"acme", enc(occurred_at=now + 301_000_000)),
         "timestamp_before_1970": (b"acme", enc(occurred_at=-1)),
         "key_mismatch": (b"someone-else", enc()),
-        "outside_dedup_window": (b"acme", enc(occurred_at=now - 40 * 24 * HOUR)),
+        "past_late_usage_horizon": (b"acme", enc(occurred_at=now - 40 * 24 * HOUR)),
     }
     assert set(cases) == set(REASONS)
     records = [Record(i, k, v) for i, (k, v) in enumerate(cases.values())]

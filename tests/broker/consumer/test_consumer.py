@@ -70,7 +70,7 @@ def test_every_invalid_class_is_dead_lettered_and_nothing_else(env: dict[str, st
     proc = run_cli("dead-letters", "-f", "json", env=env, check=True)
     letters = json.loads(proc.stdout)
     assert sorted(d["reason_code"] for d in letters) == sorted(r[2] for r in raw)
-    assert {d["reason_code"] for d in letters} | {"outside_dedup_window"} == set(REASONS)
+    assert {d["reason_code"] for d in letters} | {"past_late_usage_horizon"} == set(REASONS)
     assert all(d["reason"] and d["offset"] is not None for d in letters)
 
 
