@@ -31,12 +31,10 @@ import contextlib
 import gc
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from types import FrameType
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
@@ -45,6 +43,7 @@ from aggregator.ledger import LedgerSet, PartitionLedger, ReplayRequest
 from aggregator.views import write_query_db
 from common.errors import OperationError
 from common.logs import Repeats
+from common.stopping import on_stop
 from consumer import lag
 from consumer.config import WorkerConfig
 from consumer.forwarding import Forwarder, StopRequested
@@ -486,15 +485,14 @@ class Worker:
         os._exit(1)
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: ``request_stop``."""
+        """SIGTERM/SIGINT: ``request_stop`` (also for a signal that came while the process
+        was still starting, if the CLI caught it: ``common.stopping``)."""
 
-        def handler(signum: int, frame: FrameType | None) -> None:
-            log.info("signal %s: stopping within %s s", signum,
-                     self.config.shutdown_seconds)  # fmt: skip
+        def stop(signum: int) -> None:
+            log.info("signal %s: stopping within %s s", signum, self.config.shutdown_seconds)
             self.request_stop()
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        on_stop(stop)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -13,6 +13,7 @@ import typer
 from common.errors import MeteringError
 from common.logs import configure, redact, secrets_of
 from common.settings import Settings, load_settings
+from common.stopping import catch_stop_signals
 from pf_metering.commands import register
 from pf_metering.output import FOLLOW_SYMLINKS
 
@@ -53,6 +54,8 @@ def _fail(message: str, code: int, cfg: Settings | None) -> None:
 def main() -> None:
     """Console-script entry point."""
     args = sys.argv[1:]
+    if args[:1] == ["consume"]:
+        catch_stop_signals()  # a SIGTERM while the worker starts still stops it cleanly
     command = typer.main.get_command(build_app(args))
     cfg: Settings | None = None
     try:
