@@ -44,7 +44,9 @@ class WorkerMetrics:
             "Dead letters not (successfully) replayed yet, in the partitions this worker holds",
             ["reason"], registry=r,
         )  # fmt: skip
-        self.known_open_reasons: set[str] = set()
+        for reason in REASONS:
+            self.open_dead_letters.labels(reason=reason)
+        self.known_open_reasons: set[str] = set(REASONS)
         self.batch_seconds = Histogram(
             "pf_batch_duration_seconds",
             "Time to decode, validate and commit one partition batch",

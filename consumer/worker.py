@@ -164,6 +164,7 @@ class Worker:
                     ledger.next_offset if ledger.next_offset is not None else OFFSET_BEGINNING
                 )
                 self.heads[tp.partition] = Head(ledger.next_offset)
+                self.metrics.forwarded.labels(partition=str(tp.partition))  # shown from 0
                 self._publish(ledger)
             if self.cooperative:
                 self.consumer.incremental_assign(partitions)
