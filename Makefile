@@ -4,9 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV     := $(BIN)/uv
 STRIPE_MOCK_VERSION := v0.197.0
+PROMTOOL_VERSION := v0.316.0
 export PATH := $(CURDIR)/.cache/bin:$(PATH)
 
-.PHONY: install lint test demo bench bench-peers soak kafka kafka-stop stripe-mock clean
+.PHONY: install lint test demo bench bench-peers soak kafka kafka-stop stripe-mock promtool clean
 
 install: $(VENV)/.installed
 
@@ -36,17 +37,24 @@ stripe-mock: .cache/bin/stripe-mock
 	GOBIN=$(CURDIR)/.cache/bin go install github.com/stripe/stripe-mock@$(STRIPE_MOCK_VERSION) \
 	  || echo "warning: stripe-mock could not be built; its contract tests need STRIPE_MOCK_URL"
 
+# Prometheus' own checker (promtool check metrics), for the export-metrics test (~5 min once).
+promtool: .cache/bin/promtool
+.cache/bin/promtool:
+	@mkdir -p .cache/bin
+	GOBIN=$(CURDIR)/.cache/bin go install github.com/prometheus/prometheus/cmd/promtool@$(PROMTOOL_VERSION) \
+	  || echo "warning: promtool could not be built; the export-metrics promtool test is skipped"
+
 kafka: install
 	deploy/local-kafka start
 
 kafka-stop:
 	deploy/local-kafka stop
 
-test: install lint stripe-mock
+test: install lint stripe-mock promtool
 	deploy/ensure-chromium > /dev/null
 	$(BIN)/pytest -q tests
 
-soak: install stripe-mock
+soak: install stripe-mock promtool
 	PF_SOAK=1 $(BIN)/pytest -q tests
 
 demo: install

@@ -130,6 +130,8 @@ class PartitionLedger:
         self.max_occurred_at: int | None = row[1] if row else None
         self.last_publish = 0.0
         self.last_commit = 0.0
+        self.committed_at: float | None = None  # wall clock of this process's last commit
+        self.log_end: int | None = None  # the partition's end as its owner last saw it
 
     def commit(self, batch: PreparedBatch) -> CommitResult:
         """Apply one prepared batch atomically; returns what it counted.
@@ -167,6 +169,7 @@ class PartitionLedger:
         self.next_offset = batch.next_offset
         self.max_occurred_at = max_at
         self.last_commit = time.monotonic()
+        self.committed_at = time.time()
         counted = first_seen - len(folded.refused)
         return CommitResult(counted, batch.events.num_rows - first_seen,
                             len(batch.dead) + len(folded.refused), folded.refused,
@@ -237,6 +240,7 @@ class PartitionLedger:
 
         first_seen, folded = self._transaction(batch, apply)
         self.last_commit = time.monotonic()
+        self.committed_at = time.time()
         return CommitResult(first_seen - len(folded.refused), batch.events.num_rows - first_seen,
                             len(batch.dead) + len(folded.refused), folded.refused,
                             len(batch.forward))  # fmt: skip
@@ -363,7 +367,10 @@ class PartitionLedger:
 
     def publish(self, snapshot_dir: Path, con: duckdb.DuckDBPyConnection | None = None) -> None:
         """Write the snapshot readers use (``con``: a cursor of this ledger's connection)."""
-        publish_partition(con or self.con, self.alias, snapshot_dir, self.topic, self.partition)
+        publish_partition(
+            con or self.con, self.alias, snapshot_dir, self.topic, self.partition,
+            committed_at=self.committed_at, log_end=self.log_end,
+        )  # fmt: skip
         self.last_publish = time.monotonic()
 
 

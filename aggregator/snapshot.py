@@ -47,9 +47,20 @@ def partition_file(snapshot_dir: Path, topic: str, partition: int, table: str) -
 
 
 def publish_partition(
-    con: duckdb.DuckDBPyConnection, alias: str, snapshot_dir: Path, topic: str, partition: int
+    con: duckdb.DuckDBPyConnection,
+    alias: str,
+    snapshot_dir: Path,
+    topic: str,
+    partition: int,
+    *,
+    committed_at: float | None = None,
+    log_end: int | None = None,
 ) -> None:
-    """Write this partition's tables and manifest atomically (each file by rename)."""
+    """Write this partition's tables and manifest atomically (each file by rename).
+
+    The manifest says how current the files are: ``committed_at`` (wall clock of the newest
+    commit they hold; None keeps the previous manifest's) and ``log_end`` (the partition's
+    end offset as the writer last saw it, None if not known)."""
     folder = topic_dir(snapshot_dir, topic)
     folder.mkdir(parents=True, exist_ok=True)
     for table in TABLES:
@@ -61,14 +72,22 @@ def publish_partition(
         f"SELECT next_offset FROM {alias}.offsets WHERE topic = ? AND partition = ?",
         [topic, partition],
     ).fetchone()
+    final = manifest_path(snapshot_dir, topic, partition)
+    if committed_at is None:
+        try:
+            before = read_manifest(final)
+        except ValueError:
+            before = None
+        committed_at = before.committed_at if before is not None else None
     manifest = {
         "topic": topic,
         "partition": partition,
         "next_offset": row[0] if row else 0,
         "published_at": time.time(),
+        "committed_at": committed_at,
+        "log_end_offset": log_end,
         "writer_pid": os.getpid(),
     }
-    final = manifest_path(snapshot_dir, topic, partition)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(manifest))
     os.replace(tmp, final)
@@ -76,21 +95,31 @@ def publish_partition(
 
 @dataclass(frozen=True)
 class Freshness:
-    """How current the snapshot a reader sees is."""
+    """How current the snapshot a reader sees is: the newest commit it holds, and how many
+    records its partitions' writers had not yet committed when they last published."""
 
     partitions: int
     oldest_published_at: float | None
     newest_published_at: float | None
+    newest_committed_at: float | None = None
+    behind: int | None = None  # records short of the log end (None: an end not known)
 
     def describe(self, now: float | None = None) -> str:
-        if self.oldest_published_at is None:
+        if self.newest_published_at is None:
             return "no usage data published yet (has a worker run?)"
         now = time.time() if now is None else now
-        age = max(0.0, now - self.oldest_published_at)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.oldest_published_at))
+        moment = self.newest_committed_at or self.newest_published_at
+        age = max(0.0, now - moment)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+        if self.behind is None:
+            end = "log end not known"
+        elif self.behind == 0:
+            end = "caught up with the log end"
+        else:
+            end = f"{self.behind:,} record(s) behind the log end"
         return (
-            f"usage data as of {stamp} ({age:.0f} s old, snapshot of {self.partitions} "
-            "partition(s))"
+            f"usage data as of {stamp} ({age:.0f} s old, newest commit; {end}; snapshot of "
+            f"{self.partitions} partition(s))"
         )
 
 
@@ -102,6 +131,8 @@ class Manifest:
     partition: int
     next_offset: int
     published_at: float
+    committed_at: float | None = None
+    log_end_offset: int | None = None
 
 
 MAX_MANIFEST_BYTES = 64 * 1024
@@ -137,24 +168,45 @@ def read_manifest(path: Path) -> Manifest | None:
             raise ValueError(f"manifest {path.name}: {name} missing or not a {kind.__name__}")
     if doc["next_offset"] < 0 or not math.isfinite(doc["published_at"]):
         raise ValueError(f"manifest {path.name}: next_offset or published_at out of range")
-    return Manifest(doc["topic"], doc["partition"], doc["next_offset"],
-                    float(doc["published_at"]))  # fmt: skip
+    committed, end = doc.get("committed_at"), doc.get("log_end_offset")
+    return Manifest(
+        doc["topic"], doc["partition"], doc["next_offset"], float(doc["published_at"]),
+        _finite(committed),
+        end if isinstance(end, int) and not isinstance(end, bool) and end >= 0 else None,
+    )  # fmt: skip
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a finite float, None if it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def freshness(snapshot_dir: Path, topic: str) -> Freshness:
     """How fresh the snapshot is; a damaged manifest is skipped with a warning."""
-    stamps = []
+    stamps: list[float] = []
+    committed: list[float] = []
+    behind: int | None = 0
     for path in topic_dir(snapshot_dir, topic).glob("p-*.manifest.json"):
         try:
             manifest = read_manifest(path)
         except ValueError as exc:
             log.warning("snapshot: %s; skipped", exc)
             continue
-        if manifest is not None:
-            stamps.append(manifest.published_at)
+        if manifest is None:
+            continue
+        stamps.append(manifest.published_at)
+        if manifest.committed_at is not None:
+            committed.append(manifest.committed_at)
+        if behind is not None and manifest.log_end_offset is not None:
+            behind += max(0, manifest.log_end_offset - manifest.next_offset)
+        else:
+            behind = None
     if not stamps:
         return Freshness(0, None, None)
-    return Freshness(len(stamps), min(stamps), max(stamps))
+    newest = max(committed) if committed else None
+    return Freshness(len(stamps), min(stamps), max(stamps), newest, behind)
 
 
 def snapshot_files(snapshot_dir: Path, topic: str, table: str) -> list[Path]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import duckdb
 
 from aggregator.files import retry_while_locked
+from billing.model import INVOICES_SHOWN_SQL
 
 _SCHEMA: list[str] = []
 Migration = Callable[[duckdb.DuckDBPyConnection], None]
@@ -93,7 +94,8 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
     con.execute("COMMIT")
 
 
-# Billing tables the read-only ``sql`` command offers beside the usage views.
+# Billing tables the read-only ``sql`` command offers beside the usage views; ``invoices``
+# with the status people see (``stored_status``: the one stored).
 QUERYABLE_TABLES = ("tenants", "tenant_tiers", "invoices", "billed_usage")
 
 
@@ -110,7 +112,8 @@ def copy_queryable_tables(target: duckdb.DuckDBPyConnection, path: Path, timeout
         for table in QUERYABLE_TABLES:
             if table not in present:
                 continue
-            data = source.execute(f"SELECT * FROM {table}").to_arrow_table()
+            query = INVOICES_SHOWN_SQL if table == "invoices" else f"SELECT * FROM {table}"
+            data = source.execute(query).to_arrow_table()
             target.register("_billing_copy", data)
             target.execute(f"CREATE TABLE {table} AS SELECT * FROM _billing_copy")
             target.unregister("_billing_copy")

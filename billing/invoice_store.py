@@ -25,7 +25,14 @@ import pyarrow as pa
 from pydantic import TypeAdapter
 
 from billing.db import column_types, register_migration, register_schema, widen
-from billing.model import MONEY_SQL, Invoice, InvoiceLine, InvoiceStatus, QuotaUsage
+from billing.model import (
+    INVOICES_SHOWN_SQL,
+    MONEY_SQL,
+    Invoice,
+    InvoiceLine,
+    InvoiceStatus,
+    QuotaUsage,
+)
 from billing.rating import Usage
 from common.jsonfmt import json_default
 from schemas.codec import COUNTERS
@@ -54,6 +61,10 @@ register_schema(
     )
     """
 )
+# The invoices with the status people see (``overdue`` once an unpaid one is past due) and
+# the stored one beside it: what ``sql`` offers as ``invoices``, and what the plain duckdb
+# CLI reads from this file.
+register_schema(f"CREATE VIEW IF NOT EXISTS invoices_shown AS {INVOICES_SHOWN_SQL}")
 COUNTER_SQL = "HUGEINT"  # as wide as the usage view's sums
 _COUNTER_COLUMNS = ",\n".join(f"        {c} {COUNTER_SQL} NOT NULL" for c in COUNTERS)
 register_schema(

@@ -22,7 +22,7 @@ everybody else is finalized.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -176,8 +176,14 @@ def build_invoice(
     created_at: datetime,
     finalized_at: datetime | None,
     due_days: int,
+    issued_at: datetime | None = None,
 ) -> Invoice:
-    """One invoice, with the aggregate values it was computed from (pure)."""
+    """One invoice, with the aggregate values it was computed from (pure).
+
+    Due ``due_days`` after the period's end; one issued after that date (a backfill, a
+    late first bill) is due ``due_days`` after its issue instead, and says so
+    (``computed_from["issued_late"]`` holds the regular due date). ``issued_at``: when
+    the invoice counts as issued (``bill --as-of``'s moment; default ``finalized_at``)."""
     rating = rate(tier, Usage.from_mapping(usage_row or {}))
     late_lines: list[InvoiceLine] = [
         late_usage_line(item.billed.period, item.tier, item.billed.usage, item.now) for item in late
@@ -187,6 +193,11 @@ def build_invoice(
         "tier": dict(price_facts(tier)),
         "usage": _usage_facts(usage_row),
     }
+    due_date = period.due_date(due_days)
+    issued = issued_at or finalized_at
+    if finalized_at is not None and issued is not None and issued > due_date:
+        computed_from["issued_late"] = {"regular_due_date": due_date.isoformat()}
+        due_date = issued + timedelta(days=due_days)
     if late:
         computed_from["late_usage"] = [
             {
@@ -210,7 +221,7 @@ def build_invoice(
         lines=lines,
         subtotal=rating.subtotal,
         total=add_up(ln.amount for ln in lines),
-        due_date=period.due_date(due_days),
+        due_date=due_date,
         created_at=created_at,
         finalized_at=finalized_at,
         computed_from=computed_from,
@@ -231,6 +242,7 @@ class _Session:
     usage: UsageData
     rules: Rules
     now: datetime
+    as_of: datetime | None = None  # bill --as-of: the moment its invoices count as issued
 
     def tier_of(self, tenant: Tenant, period: Period) -> Tier:
         name = tenant.tier_for(period)
@@ -315,6 +327,7 @@ class _Session:
             created_at=existing.created_at if existing else self.now,
             finalized_at=self.now if status is InvoiceStatus.finalized else None,
             due_days=self.rules.due_days,
+            issued_at=self.as_of,
         )
 
     def finalize(
@@ -406,11 +419,13 @@ def bill(
     *,
     as_of: datetime,
     now: datetime | None = None,
+    on_plan: Callable[[Mapping[str, list[Period]]], None] | None = None,
 ) -> BillResult:
     """The nightly job: finalize every closed, not yet finalized period of every tenant, from
     its first period on (no usage: base fee only). Tenants that cannot be billed are in
-    ``failures``; everything else is finalized."""
-    session = _Session(con, usage, rules, now or datetime.now(UTC))
+    ``failures``; everything else is finalized. ``on_plan`` is shown the periods of each
+    tenant about to be finalized, before any is."""
+    session = _Session(con, usage, rules, now or datetime.now(UTC), as_of)
     last = rules.last_closed(as_of)
     with transaction(con):
         tenants = load_tenants(con, usage.first_periods())
@@ -424,6 +439,8 @@ def bill(
             ]
             if todo:
                 targets[tenant.tenant_id] = todo
+        if on_plan is not None:
+            on_plan(targets)
         invoices, failures = session.finalize(tenants, targets, index)
     return BillResult(last, len(tenants), invoices, failures)
 

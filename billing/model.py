@@ -60,6 +60,14 @@ class QuotaUsage(BaseModel):
 
 
 UNPAID = frozenset({InvoiceStatus.finalized, InvoiceStatus.sent})
+SHOWN_STATUS_SQL = (
+    f"CASE WHEN status IN ({', '.join(sorted(repr(s.value) for s in UNPAID))}) "
+    "AND now() > due_date THEN 'overdue' ELSE status END"
+)
+"""``Invoice.status_on(now)`` in SQL, for the views that show invoices as the CLI does."""
+INVOICES_SHOWN_SQL = (
+    f"SELECT * REPLACE ({SHOWN_STATUS_SQL} AS status), status AS stored_status FROM invoices"
+)
 
 
 class Invoice(BaseModel):
@@ -86,6 +94,11 @@ class Invoice(BaseModel):
         if self.status in UNPAID and now > self.due_date:
             return InvoiceStatus.overdue
         return self.status
+
+    @property
+    def issued_late(self) -> bool:
+        """Issued after its period's regular due date, so due counted from the issue."""
+        return "issued_late" in self.computed_from
 
     def cents(self, line: InvoiceLine) -> int:
         """Integer cents of a line, as sent to Stripe."""

@@ -5,7 +5,7 @@ run finalizes and pushes everything else, then fails (``raise_if_not_billed``)."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +17,7 @@ from billing.db import Connect
 from billing.invoicing import BillFailure, BillResult, Rules, UsageData
 from billing.model import Invoice, add_up, money
 from common.errors import OperationError
+from schemas.periods import Period
 
 if TYPE_CHECKING:  # stripe-python takes seconds to import: only a push loads it
     from billing.stripe.push import PushResult
@@ -63,11 +64,32 @@ def recorded(metrics_file: Path | None) -> Iterator[NightlyRun]:
 
 
 def finalize(
-    connect: Connect, usage: UsageData, rules: Rules, *, as_of: datetime, now: datetime
+    connect: Connect,
+    usage: UsageData,
+    rules: Rules,
+    *,
+    as_of: datetime,
+    now: datetime,
+    on_plan: Callable[[Mapping[str, list[Period]]], None] | None = None,
 ) -> BillResult:
-    """Finalize every closed period of every tenant as of ``as_of`` (one transaction)."""
+    """Finalize every closed period of every tenant as of ``as_of`` (one transaction);
+    ``on_plan`` sees the periods about to be finalized first."""
     with connect() as con:
-        return invoicing.bill(con, usage, rules, as_of=as_of, now=now)
+        return invoicing.bill(con, usage, rules, as_of=as_of, now=now, on_plan=on_plan)
+
+
+FEW_PERIODS = 3  # more than this many periods of one tenant in one run are announced
+
+
+def plan(targets: Mapping[str, list[Period]]) -> list[str]:
+    """One line per tenant with more than ``FEW_PERIODS`` periods about to be finalized."""
+    return [
+        f"{tenant_id}: finalizing {len(periods)} invoices, {periods[0]} to {periods[-1]} "
+        "(a base fee each, usage or not; those issued after their period's due date are due "
+        "counted from their issue)"
+        for tenant_id, periods in sorted(targets.items())
+        if len(periods) > FEW_PERIODS
+    ]
 
 
 def unsent(connect: Connect) -> list[Invoice]:

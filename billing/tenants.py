@@ -116,6 +116,14 @@ class Tenant:
             tier = change.tier
         return tier
 
+    def billed_history(self) -> list[TierChange]:
+        """The tier history from the first period on, as billing applies it: the entry in
+        force then shown as starting there (a tier given at ``tenants add`` rates every
+        period, but none before the first exists)."""
+        shown = [TierChange(self.first_period, self.tier_for(self.first_period))]
+        shown += [c for c in self.history if c.effective_from > self.first_period]
+        return shown
+
 
 def load_tenants(
     con: duckdb.DuckDBPyConnection,

@@ -7,6 +7,8 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from common.settings import Settings
@@ -81,8 +83,9 @@ class _RedactingFormatter(logging.Formatter):
 
 
 class Repeats:
-    """Lets a text through once per ``window`` seconds (librdkafka repeats connection
-    failures every few milliseconds while a broker is down)."""
+    """Lets a text through once per ``window`` seconds, numbers aside (librdkafka repeats
+    connection failures every few milliseconds while a broker is down, each with its own
+    timings: "after 0ms", "after 12ms")."""
 
     def __init__(self, window: float = 30.0) -> None:
         self.window = window
@@ -90,6 +93,7 @@ class Repeats:
 
     def first(self, text: str, now: float) -> bool:
         """Whether ``text`` was not let through in the ``window`` seconds before ``now``."""
+        text = _DIGITS.sub("#", text)
         last = self.seen.get(text)
         if last is not None and now - last < self.window:
             return False
@@ -102,7 +106,7 @@ class Repeats:
 class RepeatFilter(logging.Filter):
     """Drops a log message repeated within ``window`` seconds (``Repeats``)."""
 
-    def __init__(self, window: float = 30.0) -> None:
+    def __init__(self, window: float = 60.0) -> None:
         super().__init__()
         self.repeats = Repeats(window)
 
@@ -111,11 +115,52 @@ class RepeatFilter(logging.Filter):
         return self.repeats.first(_NUMBERS.sub("#", record.getMessage()), record.created)
 
 
+_DIGITS = re.compile(r"\d+")
+
+
+class _Handler(logging.Handler):
+    """Writes each formatted record through ``write`` (stderr, or a progress display's
+    console while one is live, so log lines print above the bar, never over it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.write: Callable[[str], None] = _stderr
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.write(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+def _stderr(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def configure(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """Root logging at ``LOG_LEVEL`` on stderr, secrets redacted; librdkafka's repeats
+    dropped; stripe-python's line per HTTP request only at DEBUG."""
+    handler = _Handler()
     handler.setFormatter(_RedactingFormatter(secrets_of(settings), settings.log_format == "json"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
+    level = settings.log_level.upper()
+    root.setLevel(level)
     rdkafka = logging.getLogger("rdkafka")
     rdkafka.filters[:] = [RepeatFilter()]
+    logging.getLogger("stripe").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
+@contextmanager
+def logs_through(write: Callable[[str], None]) -> Iterator[None]:
+    """While inside, every log line goes to ``write`` (one formatted line, no newline)."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, _Handler)]
+    before = [h.write for h in handlers]
+    for h in handlers:
+        h.write = write
+    try:
+        yield
+    finally:
+        for h, old in zip(handlers, before, strict=True):
+            h.write = old

@@ -13,18 +13,31 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ConfigError
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _SIZE = r"^\d{1,6}(\.\d{1,3})?\s?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$"
 """A size as DuckDB reads one: ``512MB``, ``1GB``, ``1.5GiB``."""
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+DURATION_FORMS = "a duration such as 90s, 30m, 2h, 1d (a plain number is seconds) or ISO 8601 PT1H"
+SECURITY_PROTOCOLS = ("plaintext", "ssl", "sasl_plaintext", "sasl_ssl")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
 
 
 def parse_duration(value: Any) -> Any:
-    """Accepts ``90``, ``90s``, ``30m``, ``1h``, ``2d`` (and ISO 8601 via pydantic)."""
+    """Accepts ``90``, ``90s``, ``30m``, ``1h``, ``2d`` and ISO 8601 (``PT1H``, via pydantic);
+    any other text is a ValueError listing those forms."""
     if isinstance(value, str):
         m = _DURATION_RE.match(value)
         if m:
             return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+        if not re.fullmatch(r"\s*-?P[0-9TWDHMS.,]+\s*", value.upper()):
+            raise ValueError(f"expected {DURATION_FORMS}")
+    return value
+
+
+def _one_of(value: str | None, accepted: tuple[str, ...]) -> str | None:
+    """``value`` if it is one of ``accepted`` (any case), else a ValueError listing them."""
+    if value is not None and value.lower() not in {a.lower() for a in accepted}:
+        raise ValueError(f"expected one of {', '.join(accepted)}")
     return value
 
 
@@ -49,6 +62,8 @@ class Settings(BaseSettings):
     metering_sql_memory_limit: str = Field(default="1GB", pattern=_SIZE)
     metering_sql_spill_limit: str = Field(default="2GB", pattern=_SIZE)
     metering_sql_max_rows: int = Field(default=1_000_000, ge=1, le=100_000_000)
+    metering_drain_timeout: float = Field(default=120.0, gt=0)
+    kafka_connect_timeout: float = Field(default=8.0, gt=0, le=300)
 
     kafka_security_protocol: str | None = None
     kafka_sasl_mechanism: str | None = None
@@ -78,8 +93,18 @@ class Settings(BaseSettings):
     @classmethod
     def _non_negative(cls, value: timedelta) -> timedelta:
         if value < timedelta(0):
-            raise ValueError("must not be negative")
+            raise ValueError(f"must not be negative: expected {DURATION_FORMS}")
         return value
+
+    @field_validator("kafka_security_protocol")
+    @classmethod
+    def _protocol(cls, value: str | None) -> str | None:
+        return _one_of(value, SECURITY_PROTOCOLS)
+
+    @field_validator("kafka_sasl_mechanism")
+    @classmethod
+    def _mechanism(cls, value: str | None) -> str | None:
+        return _one_of(value, SASL_MECHANISMS)
 
     def kafka_common(self) -> dict[str, Any]:
         """librdkafka settings shared by producers and consumers (security passes through)."""
@@ -121,4 +146,4 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         var = str(err["loc"][0]).upper() if err["loc"] else "configuration"
-        raise ConfigError(f"invalid {var}: {err['msg']}") from exc
+        raise ConfigError(f"invalid {var}: {err['msg'].removeprefix('Value error, ')}") from exc

@@ -23,3 +23,4 @@ class WorkerConfig:
     snapshot_seconds: float  # a committed ledger is published at least this often
     lock_timeout: float  # seconds to wait for another worker to let go of a ledger file
     shutdown_seconds: float = 10.0  # a stop request ends the worker within this long
+    drain_timeout: float = 120.0  # seconds a --drain waits for a broker out of reach

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol, cast, overload
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._listoffsets import OffsetSpec  # (not re-exported for mypy)
 
 from schemas.record_batch import RecordBatch
 
@@ -160,6 +162,41 @@ def end_offsets(
             high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
         ends[p] = high
     return ends
+
+
+EndsSource = Callable[[str, list[int]], dict[int, int]]
+
+
+def fresh_end_offsets(consumer: ConsumerClient, config: Mapping[str, Any]) -> EndsSource:
+    """A way to ask the broker for partitions' ends now (never a cached value). For
+    confluent-kafka's Consumer: an admin client's ListOffsets on a connection of its own
+    (~30 ms; the consumer's own requests queue behind its long-poll fetches); for another
+    client, its uncached watermarks."""
+    if isinstance(consumer, Consumer):
+        connection = ("bootstrap.", "security.", "sasl.", "ssl.", "error_cb", "logger")
+        admin = AdminClient({k: v for k, v in config.items() if k.startswith(connection)})
+        return lambda topic, partitions: broker_end_offsets(admin, topic, partitions)
+
+    def uncached(topic: str, partitions: list[int]) -> dict[int, int]:
+        ends = {}
+        for p in partitions:
+            tp = TopicPartition(topic, p)
+            ends[p] = consumer.get_watermark_offsets(tp, timeout=10.0, cached=False)[1]
+        return ends
+
+    return uncached
+
+
+def broker_end_offsets(
+    admin: AdminClient, topic: str, partitions: list[int], timeout: float = 10.0
+) -> dict[int, int]:
+    """Each partition's end as the broker says now (not a cached value): one ListOffsets
+    request per leader on the admin client's own connection (no fetch queued ahead of it).
+    Raises KafkaException when the broker does not answer in ``timeout`` seconds."""
+    latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+    request = {TopicPartition(topic, p): latest for p in partitions}
+    futures = admin.list_offsets(request, request_timeout=timeout)
+    return {tp.partition: int(future.result().offset) for tp, future in futures.items()}
 
 
 def cached_high_watermark(consumer: ConsumerClient, topic: str, partition: int) -> int:

@@ -65,6 +65,11 @@ class WorkerMetrics:
         self.partitions_held = Gauge(
             "pf_partitions_assigned", "Partitions this worker currently owns", registry=r
         )
+        self.broker_connected = Gauge(
+            "pf_broker_connected",
+            "1 while the worker reaches the Kafka cluster, 0 while it cannot",
+            registry=r,
+        )
         self.rebalances = Counter(
             "pf_rebalances", "Partition assignments and revocations seen", ["kind"], registry=r
         )

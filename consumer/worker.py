@@ -46,6 +46,7 @@ from common.logs import Repeats
 from common.stopping import on_stop
 from consumer import lag
 from consumer.config import WorkerConfig
+from consumer.connectivity import BrokerWatch
 from consumer.forwarding import Forwarder, StopRequested
 from consumer.kafka import (
     ConsumerFactory,
@@ -54,6 +55,7 @@ from consumer.kafka import (
     committed_offsets,
     consumer_config,
     end_offsets,
+    fresh_end_offsets,
     kafka_consumer,
     split_by_partition,
     topic_partitions,
@@ -80,6 +82,8 @@ PARTITIONS_MAX_AGE_SECONDS = 10.0
 # METERING_BATCH_SIZE: polls accumulate per partition until then (or a poll comes back short).
 POLL_RECORDS = 5_000
 GIL_SWITCH_SECONDS = 0.0002
+# pf_consumer_lag (and --drain's progress) is refreshed at least this often while busy.
+LAG_EVERY_SECONDS = 1.0
 
 
 class Worker:
@@ -122,6 +126,8 @@ class Worker:
         conf["error_cb"] = self._on_error
         conf["logger"] = logging.getLogger("rdkafka")  # librdkafka's logs obey LOG_FORMAT too
         self._errors_logged = Repeats(30.0)
+        bootstrap = str(config.kafka.get("bootstrap.servers", ""))
+        self.watch = BrokerWatch(bootstrap, self.metrics.broker_connected)
         self.consumer = consumer_factory(conf)
         forward_conf = {**config.kafka, "error_cb": self._on_error, "logger": conf["logger"]}
         self.forwarder = Forwarder(forward_conf, self.topic, self.stop_requested)
@@ -130,6 +136,10 @@ class Worker:
         self._last_replay_check = -1e9
         self._open_dead: dict[int, dict[str, int]] = {}  # per partition held, by reason
         self._stop_deadline: float | None = None
+        # --drain asks the broker for the ends before it calls the topic drained: the
+        # cached ones may predate an outage (or a pause of this process).
+        self._fresh_ends = fresh_end_offsets(self.consumer, conf) if drain else None
+        self._lag_updated = -1e9
         self._last_prune = time.monotonic()
         self.progress = progress  # called with (records consumed, records still to go)
         self.lag: dict[int, int] = {}
@@ -202,8 +212,10 @@ class Worker:
             raise
 
     def _on_error(self, err: Any) -> None:
-        """Log a client error once per 30 s (librdkafka repeats them every few ms while a
-        broker is down)."""
+        """A cluster out of reach goes to the broker watch (one line a minute); other client
+        errors are logged once per 30 s (librdkafka repeats them every few ms)."""
+        if isinstance(err, KafkaError) and self.watch.on_error(err):
+            return
         if self._errors_logged.first(str(err), time.monotonic()):
             log.warning("kafka client: %s", err)
 
@@ -237,6 +249,7 @@ class Worker:
                 if self.fatal is not None:
                     failed = self.fatal
                     raise OperationError(f"partition assignment failed: {failed}") from failed
+                self._watch_broker()
                 self.acknowledge.poll()
                 if messages:
                     self.accumulate.submit(split_by_partition(messages))
@@ -254,6 +267,28 @@ class Worker:
         finally:
             self._shutdown(clean)
         return self.stats
+
+    def _watch_broker(self) -> None:
+        """While the cluster is out of reach: probe it now and then, say so once a minute,
+        and (draining) give up after METERING_DRAIN_TIMEOUT."""
+        watch = self.watch
+        if watch.connected:
+            return
+        if watch.probe_due():
+            try:
+                self.consumer.list_topics(self.topic, timeout=2.0)
+                watch.reached()
+                return
+            except KafkaException as exc:
+                watch.lost(_first_line(exc))
+        watch.tick()
+        limit = self.config.drain_timeout
+        if self.drain and watch.down_for() > limit:
+            raise OperationError(
+                f"gave up draining: cannot reach the Kafka broker at {watch.bootstrap} "
+                f"(KAFKA_BOOTSTRAP_SERVERS) for {watch.down_for():.0f} s "
+                f"(METERING_DRAIN_TIMEOUT={limit:g})"
+            )
 
     def _commit_to_kafka(self, offsets: Mapping[int, int]) -> None:
         commit_offsets(self.consumer, self.topic, offsets, wait=False)
@@ -277,7 +312,8 @@ class Worker:
             for ledger in self.ledgers.held.values():
                 ledger.prune(oldest)
             self._last_prune = now
-        if idle or self.stats.batches % 20 == 0:
+        if idle or now - self._lag_updated >= LAG_EVERY_SECONDS:
+            self._lag_updated = now
             self._update_lag()
         self._replay_requested()
 
@@ -367,6 +403,9 @@ class Worker:
             if behind is not None:
                 self.lag[partition] = behind
                 self.metrics.lag.labels(partition=str(partition)).set(behind)
+                ledger = self.ledgers.held.get(partition)
+                if ledger is not None:  # (the snapshot's manifest says how far behind)
+                    ledger.log_end = (head.next_offset or 0) + behind
         if self.progress is not None:
             self.progress(self.stats.consumed, lag.held_lag(self.lag, self.heads))
 
@@ -376,23 +415,34 @@ class Worker:
 
     def _drained(self) -> bool:
         """True once every partition of the topic is consumed to its end (by anyone)."""
-        if not self.assigned_once:
-            return False
+        if not self.assigned_once or not self.watch.connected:
+            return False  # (not knowing the end is not the end: wait, as a service does)
+        ours = {p: head.next_offset for p, head in self.heads.items()}
         try:
-            ends = end_offsets(self.consumer, self.topic, self._topic_partitions())
-            others = [p for p in ends if p not in self.heads]
+            partitions = self._topic_partitions()
+            cached = end_offsets(self.consumer, self.topic, partitions)
+            for partition, end in self.forwarder.ends.items():
+                cached[partition] = max(cached.get(partition, 0), end)
+            mine = {p: end for p, end in cached.items() if p in ours}
+            if not lag.drained(mine, ours, {}):
+                return False  # (the usual answer mid-drain: no request made)
+            others = [p for p in cached if p not in ours]
             theirs = committed_offsets(self.consumer, self.topic, others)
+            if not lag.drained(cached, ours, theirs):
+                return False
+            assert self._fresh_ends is not None
+            ends = self._fresh_ends(self.topic, partitions)
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             if isinstance(err, KafkaError) and err.fatal():
                 raise
-            # The broker is unreachable (restarting, say): not knowing the end is not the
-            # end. Keep waiting, as a worker without --drain does.
-            log.warning("drain: end offsets unknown for now (%s); waiting for the broker", exc)
+            # The broker is unreachable (restarting, say), or busy electing leaders.
+            if self._errors_logged.first("drain: end offsets unknown", time.monotonic()):
+                log.warning("drain: end offsets unknown for now (%s); waiting for the broker", exc)
             return False
+        self.watch.reached()
         for partition, end in self.forwarder.ends.items():  # (fetches may not show them yet)
             ends[partition] = max(ends.get(partition, 0), end)
-        ours = {p: head.next_offset for p, head in self.heads.items()}
         return lag.drained(ends, ours, theirs)
 
     def _topic_partitions(self, fresh: bool = False) -> list[int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 
 import click
 import typer
@@ -32,8 +33,21 @@ def build_app(args: Sequence[str] | None = None) -> typer.Typer:
     return app
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"pf-metering {version('pf-metering')}")
+        raise typer.Exit(0)
+
+
 def _root(
     ctx: typer.Context,
+    _: bool = typer.Option(
+        False,
+        "--version",
+        help="print the installed version",
+        is_eager=True,
+        callback=_show_version,
+    ),
     follow_symlinks: bool = typer.Option(
         False, "--follow-symlinks", help="let -o FILE write to the target of a symbolic link"
     ),
@@ -49,6 +63,15 @@ def _fail(message: str, code: int, cfg: Settings | None) -> None:
     first_line = redact(message, secrets).strip().splitlines()[0] if message.strip() else "failed"
     print(f"error: {first_line}", file=sys.stderr)
     sys.exit(code)
+
+
+def _storage_error(exc: OSError, cfg: Settings | None) -> str:
+    where = str(exc.filename or "")
+    data_dir = str(cfg.metering_data_dir) if cfg is not None else ""
+    reason = exc.strerror or type(exc).__name__
+    if data_dir and (where == data_dir or where.startswith(data_dir.rstrip("/") + "/")):
+        return f"cannot use METERING_DATA_DIR {data_dir}: {reason} ({where})"
+    return f"{reason}: {where}" if where else reason
 
 
 def main() -> None:
@@ -70,6 +93,8 @@ def main() -> None:
         _fail(exc.format_message(), exc.exit_code, cfg)
     except MeteringError as exc:
         _fail(str(exc), exc.exit_code, cfg)
+    except OSError as exc:  # storage refused: name the setting when it is the data folder
+        _fail(_storage_error(exc, cfg), 1, cfg)
     except Exception as exc:  # unexpected: one line; the traceback only at DEBUG
         logging.getLogger("pf_metering").debug("unexpected error", exc_info=True)
         _fail(f"{type(exc).__name__}: {exc}", 1, cfg)

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import stat
 import sys
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console, JustifyMethod, OverflowMethod
+from rich.measure import Measurement
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
@@ -90,12 +92,52 @@ class _TextConsole(Console):
         return Text(printable(text), style=style, justify=justify, overflow=overflow)
 
 
-def table_text(table: Table, width: int = 160) -> str:
+def readable(value: float | Decimal | int) -> str:
+    """A measured number for people (tables only; JSON and CSV keep exact values): whole
+    numbers with thousands separators, 2 decimals from 1 on, 4 significant digits below."""
+    number = Decimal(str(value))
+    if not number.is_finite():
+        return str(value)
+    if number == number.to_integral_value():
+        return f"{int(number):,}"
+    if abs(number) >= 1:
+        return f"{number:,.2f}"
+    return format(Decimal(f"{number:.4g}"), "f")
+
+
+def table_width() -> int:
+    """``COLUMNS``, else the terminal's width, else 120 (output piped somewhere)."""
+    return shutil.get_terminal_size((120, 24)).columns
+
+
+def table_text(table: Table, width: int | None = None) -> str:
+    """``table`` as text at most ``width`` columns wide (default ``table_width()``); a table
+    of records too wide for it is shown one record at a time, a field per line."""
+    width = width or table_width()
     console = _TextConsole(file=io.StringIO(), width=width, force_terminal=False,
                            color_system=None)  # fmt: skip
+    natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    if table.show_header and len(table.columns) > 2 and natural > width:
+        table = vertical(table)
     console.print(table)
     out = console.file.getvalue()  # type: ignore[attr-defined]
     return str(out)
+
+
+def vertical(table: Table) -> Table:
+    """The records of ``table`` one below the other: a ``field  value`` line each."""
+    out = Table.grid(padding=(0, 2))
+    out.title = table.title
+    out.add_column(style="bold", no_wrap=True)
+    out.add_column(overflow="fold")
+    headers = [str(c.header) for c in table.columns]
+    cells = [list(c.cells) for c in table.columns]
+    for i in range(table.row_count):
+        if i:
+            out.add_row("", "")
+        for header, column in zip(headers, cells, strict=True):
+            out.add_row(header, column[i] if i < len(column) else "")
+    return out
 
 
 def rows_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> Table:
@@ -104,8 +146,14 @@ def rows_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> Tabl
     for col in cols:
         table.add_column(col, overflow="fold")
     for row in rows:
-        table.add_row(*(str(_cell(row.get(c))) for c in cols))
+        table.add_row(*(_shown(row.get(c)) for c in cols))
     return table
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return readable(value)
+    return str(_cell(value))
 
 
 FOLLOW_SYMLINKS = {"on": False}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 _PERIOD_RE = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")  # ASCII digits only, whole string
+FORM = "expected YYYY-MM from 1970-01 on, e.g. 2025-01"
 
 
 @dataclass(frozen=True, order=True)
@@ -20,10 +21,11 @@ class Period:
 
     @classmethod
     def parse(cls, text: str) -> Period:
-        """Strict ``YYYY-MM``: 2025-13, 2025-1 and 25-01 are errors."""
-        m = _PERIOD_RE.fullmatch(text.strip() if isinstance(text, str) else "")
+        """Strict ``YYYY-MM`` from 1970-01 on, the whole text: 2025-13, 2025-1, 25-01, an
+        empty text and one with spaces around it are errors (ValueError naming the form)."""
+        m = _PERIOD_RE.fullmatch(text) if isinstance(text, str) else None
         if not m or int(m.group(1)) < 1970:
-            raise ValueError(f"invalid period {text!r}: expected YYYY-MM, e.g. 2025-01")
+            raise ValueError(f"invalid period {text!r}: {FORM}")
         return cls(int(m.group(1)), int(m.group(2)))
 
     @classmethod

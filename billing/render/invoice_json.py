@@ -48,6 +48,7 @@ def invoice_json(invoice: Invoice, now: datetime) -> dict[str, Any]:
         "subtotal": money(invoice.subtotal),
         "total": money(invoice.total),
         "due_date": invoice.due_date,
+        "issued_late": invoice.issued_late,
         "created_at": invoice.created_at,
         "finalized_at": invoice.finalized_at,
         "stripe_invoice_id": invoice.stripe_invoice_id,

@@ -17,6 +17,11 @@ Prometheus' own parser reads this back as family ``pf_usage_cpu_ms`` with sample
 ``pf_usage_cpu_ms_total``; in PromQL query ``pf_usage_cpu_ms_total``. We keep the library's
 behaviour rather than declare the counters untyped to keep the bare names.
 Labels: ``tenant`` (the whole tenant id, ``_`` and all, escaped) and ``period``.
+
+``pf_usage_cpu_ms`` keeps its contract name (Prometheus' linter prefers base units);
+``pf_usage_cpu_seconds`` says the same in seconds beside it. Whole values print as integers
+(``1002860``, not prometheus-client's Go-style ``1.00286e+06``); every value is exact below
+2**53, which float64 samples cannot go past anyway.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ HELP = {
     "policy_checks": "Policy checks",
     "violations": "Policy violations",
 }
+SECONDS = {"cpu_seconds": ("cpu_ms", 1000, "CPU time used, in seconds")}
 GAUGES = {
     "risk_score": ("risk_score_avg", "Mean risk score of the period's events (0-1)"),
     "risk_score_max": ("risk_score_max", "Highest risk score of the period's events (0-1)"),
@@ -59,6 +65,12 @@ class UsageCollector(Collector):
             for row in self.rows:
                 family.add_metric([row["tenant_id"], row["period"]], float(row[counter] or 0))
             yield family
+        for name, (column, per_second, text) in SECONDS.items():
+            family = CounterMetricFamily(f"pf_usage_{name}", text, labels=LABELS)
+            for row in self.rows:
+                value = (row[column] or 0) / per_second
+                family.add_metric([row["tenant_id"], row["period"]], value)
+            yield family
         for name, (column, text) in GAUGES.items():
             gauge = GaugeMetricFamily(f"pf_usage_{name}", text, labels=LABELS)
             for row in self.rows:
@@ -71,4 +83,15 @@ def exposition(rows: Iterable[Mapping[str, Any]]) -> str:
     """The text exposition of ``rows`` (dicts with tenant_id, period, the counters, risk)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(UsageCollector(rows))
-    return generate_latest(registry).decode()
+    return "".join(map(_whole, generate_latest(registry).decode().splitlines(keepends=True)))
+
+
+def _whole(line: str) -> str:
+    """A sample line with a whole value written as an integer (comments unchanged)."""
+    if line.startswith("#"):
+        return line
+    head, _, value = line.rstrip("\n").rpartition(" ")
+    number = float(value)
+    if number.is_integer() and abs(number) < 2**53:
+        return f"{head} {int(number)}\n"
+    return line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,9 +13,10 @@ from billing import nightly
 from billing.invoicing import Rules
 from common.errors import UserError
 from pf_metering.commands.books import STRIPE_OPTION, read_usage, utc_now
-from pf_metering.commands.common import QUIET_OPTION, billing_connect, settings_of
+from pf_metering.commands.common import QUIET_OPTION, billing_connect, output_path, settings_of
 from pf_metering.commands.stripe_cmds import push_invoices, raise_if_failed, stripe_requested
 from pf_metering.progress import status
+from schemas.periods import Period
 
 
 def _parse_as_of(text: str | None, now: datetime) -> datetime:
@@ -34,6 +36,11 @@ def _parse_as_of(text: str | None, now: datetime) -> datetime:
     return moment
 
 
+def _announce(targets: Mapping[str, list[Period]]) -> None:
+    for line in nightly.plan(targets):
+        print(line, file=sys.stderr)
+
+
 def bill(
     ctx: typer.Context,
     as_of: str = typer.Option(
@@ -51,18 +58,21 @@ def bill(
     now = utc_now()
     moment = _parse_as_of(as_of, now)
     connect = billing_connect(cfg)
-    with nightly.recorded(metrics_file) as run:
+    metrics_path = output_path(metrics_file, "--metrics-file")  # before billing, not after
+    with nightly.recorded(metrics_path) as run:
         usage = read_usage(cfg, quiet=quiet)
         rules = Rules.from_settings(cfg)
         with status(f"billing {len(usage.rows)} tenant-periods of usage", quiet):
-            result = nightly.finalize(connect, usage, rules, as_of=moment, now=now)
+            result = nightly.finalize(
+                connect, usage, rules, as_of=moment, now=now, on_plan=None if quiet else _announce
+            )
         run.finalized, run.failures = len(result.invoices), result.failures
         for failure in result.failures:  # quiet or not: the job fails because of these
             print(f"not billed: {failure}", file=sys.stderr)
         if not quiet:
             print(nightly.summary(result), file=sys.stderr)
         if stripe_requested(cfg, stripe):
-            run.pushes = push_invoices(cfg, nightly.unsent(connect))
+            run.pushes = push_invoices(cfg, nightly.unsent(connect), quiet=quiet)
     nightly.raise_if_not_billed(run.failures)
     raise_if_failed(run.pushes)
 

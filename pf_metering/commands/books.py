@@ -23,7 +23,7 @@ from billing.model import QuotaUsage
 from billing.render.invoice_json import quota_json
 from common.settings import Settings
 from pf_metering.commands.common import billing_connect, check_tenant, output_path, parse_period
-from pf_metering.output import Format
+from pf_metering.output import Format, readable
 from schemas.periods import Period
 
 
@@ -109,5 +109,6 @@ def quotas_table(quotas: Sequence[QuotaUsage], title: str) -> Table:
     for q in quotas:
         j = quota_json(q)
         exceeded = "YES" if q.exceeded else "no"
-        table.add_row(q.quota, j["used"], j["limit"], j["utilisation_pct"] or "-", exceeded)
+        used, limit = readable(q.used), readable(q.limit)
+        table.add_row(q.quota, used, limit, j["utilisation_pct"] or "-", exceeded)
     return table

@@ -21,6 +21,7 @@ from consumer.config import WorkerConfig
 from consumer.metrics import WorkerMetrics
 from consumer.replay import post_request, read_results
 from consumer.worker import Worker
+from pf_metering.broker import require_broker
 from pf_metering.commands.common import (
     FORMAT_OPTION,
     OUTPUT_OPTION,
@@ -29,7 +30,7 @@ from pf_metering.commands.common import (
     settings_of,
 )
 from pf_metering.output import Format, printable, render, rows_table
-from pf_metering.progress import progress_bar
+from pf_metering.progress import DrainProgress, progress_bar
 from schemas.validation import REASONS
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ def consume(
     if strategy not in ("cooperative-sticky", "range", "roundrobin"):
         raise UserError(f"unknown assignment strategy {strategy!r}")
     cfg = settings_of(ctx)
+    if drain:
+        require_broker(cfg)  # a service keeps retrying; a drain fails fast
     metrics = WorkerMetrics()
     if metrics_port is not None:
         try:
@@ -57,11 +60,7 @@ def consume(
         except OSError as exc:
             raise UserError(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from exc
     with progress_bar(quiet or not drain) as bar:
-        task = bar.add_task("draining", total=None)
-
-        def show(consumed: int, remaining: int) -> None:
-            bar.update(task, completed=consumed, total=consumed + remaining)
-
+        show = DrainProgress(bar)
         config = worker_config(cfg)
         worker = Worker(config, drain=drain, metrics=metrics, strategy=strategy, progress=show)
         worker.install_signal_handlers()
@@ -91,6 +90,7 @@ def worker_config(cfg: Settings) -> WorkerConfig:
         snapshot_seconds=cfg.metering_snapshot_seconds,
         lock_timeout=cfg.metering_lock_timeout,
         shutdown_seconds=cfg.metering_shutdown_seconds,
+        drain_timeout=cfg.metering_drain_timeout,
     )
 
 

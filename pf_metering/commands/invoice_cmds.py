@@ -35,7 +35,7 @@ from pf_metering.commands.common import (
     settings_of,
 )
 from pf_metering.commands.stripe_cmds import push_to_stripe, stripe_requested
-from pf_metering.output import render, write
+from pf_metering.output import readable, render, write
 
 
 def _invoice_table(invoice: Invoice, now: datetime) -> Table:
@@ -50,7 +50,9 @@ def _invoice_table(invoice: Invoice, now: datetime) -> Table:
     right(lines, "quantity", "unit price", f"amount ({invoice.currency})")
     for ln in invoice.lines:
         amount = money(ln.amount)
-        lines.add_row(ln.code, ln.description, plain(ln.quantity), plain(ln.unit_price, 2), amount)
+        lines.add_row(
+            ln.code, ln.description, readable(ln.quantity), plain(ln.unit_price, 2), amount
+        )
     lines.add_section()
     lines.add_row("subtotal", "base + usage", "", "", money(invoice.subtotal))
     lines.add_row("total", "", "", "", money(invoice.total))
@@ -63,6 +65,8 @@ def _invoice_table(invoice: Invoice, now: datetime) -> Table:
 
 def _invoice_caption(invoice: Invoice) -> str:
     parts = [f"due {invoice.due_date.date()}", f"created {invoice.created_at:%Y-%m-%d %H:%M}Z"]
+    if invoice.issued_late:
+        parts.append("issued after its period's due date: due counted from the issue")
     if invoice.stripe_invoice_id:
         parts.append(f"stripe {invoice.stripe_invoice_id}")
     if invoice.status is InvoiceStatus.draft:
@@ -108,6 +112,10 @@ def generate_invoice(
     )
 
 
+def _due(invoice: Invoice) -> str:
+    return f"{invoice.due_date.date()}" + (" (issued late)" if invoice.issued_late else "")
+
+
 def _late_summary(invoice: Invoice) -> str:
     return ", ".join(
         f"{ln.period}: {money(ln.amount)}" for ln in invoice.lines if ln.code == "late_usage"
@@ -140,7 +148,7 @@ def invoices_cmd(
         for inv in found:
             table.add_row(inv.invoice_id, inv.period, inv.tier, inv.status_on(now).value,
                           money(inv.subtotal), money(inv.total), _late_summary(inv),
-                          str(inv.due_date.date()), inv.stripe_invoice_id or "")  # fmt: skip
+                          _due(inv), inv.stripe_invoice_id or "")  # fmt: skip
         return table
 
     render(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections import Counter
 from datetime import UTC, datetime
@@ -11,7 +12,14 @@ import typer
 from common.errors import OperationError, UserError
 from emitter.emitter import DeliveryFailed, Emitter
 from emitter.simulate import simulate_sessions
-from pf_metering.commands.common import QUIET_OPTION, check_tenant, parse_period, settings_of
+from pf_metering.broker import require_broker
+from pf_metering.commands.common import (
+    NUMBERS_AS_ARGUMENTS,
+    QUIET_OPTION,
+    check_tenant,
+    parse_period,
+    settings_of,
+)
 from pf_metering.progress import progress_bar
 from schemas.codec import COUNTERS
 from schemas.periods import Period
@@ -29,13 +37,14 @@ def simulate_usage(
     check_tenant(tenant_id)
     if sessions < 0:
         raise UserError("SESSIONS must be zero or more")
-    target = parse_period(period) if period else Period.of(datetime.now(UTC))
-    if target.start > datetime.now(UTC):
-        raise UserError(f"period {target} lies in the future; events may not")
+    now = datetime.now(UTC)
+    target = parse_period(period, "--period", now=now) if period is not None else Period.of(now)
     cfg = settings_of(ctx)
+    require_broker(cfg)
     totals: Counter[str] = Counter()
     events = 0
-    emitter = Emitter(cfg.kafka_bootstrap_servers, cfg.metering_topic, config=cfg.kafka_common())
+    config = {**cfg.kafka_common(), "logger": logging.getLogger("rdkafka")}  # (repeats dropped)
+    emitter = Emitter(cfg.kafka_bootstrap_servers, cfg.metering_topic, config=config)
     with progress_bar(quiet) as bar:
         task = bar.add_task(f"simulating {tenant_id}", total=sessions)
         last_session = None
@@ -65,4 +74,4 @@ def simulate_usage(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("simulate-usage")(simulate_usage)
+    app.command("simulate-usage", context_settings=NUMBERS_AS_ARGUMENTS)(simulate_usage)

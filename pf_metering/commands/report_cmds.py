@@ -36,8 +36,8 @@ MAX_PERIODS = 120
 
 
 def _range(start: str | None, end: str | None, now: datetime) -> list[Period]:
-    last = parse_period(end) if end else Period.of(now)
-    first = parse_period(start) if start else last
+    last = parse_period(end, "--to", now=now) if end is not None else Period.of(now)
+    first = parse_period(start, "--from", now=now) if start is not None else last
     if start is None:
         for _ in range(DEFAULT_MONTHS - 1):
             first = first.previous()

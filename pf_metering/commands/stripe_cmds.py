@@ -52,19 +52,27 @@ def stripe_requested(cfg: Settings, flag: bool) -> bool:
 
 
 def push_to_stripe(
-    cfg: Settings, invoices: Sequence[Invoice], store: SentMarker | None = None
+    cfg: Settings,
+    invoices: Sequence[Invoice],
+    store: SentMarker | None = None,
+    *,
+    quiet: bool = False,
 ) -> list[PushResult]:
     """``push_invoices``, then ``PushFailed`` if any failed."""
-    results = push_invoices(cfg, invoices, store)
+    results = push_invoices(cfg, invoices, store, quiet=quiet)
     raise_if_failed(results)
     return results
 
 
 def push_invoices(
-    cfg: Settings, invoices: Sequence[Invoice], store: SentMarker | None = None
+    cfg: Settings,
+    invoices: Sequence[Invoice],
+    store: SentMarker | None = None,
+    *,
+    quiet: bool = False,
 ) -> list[PushResult]:
     """Push invoices (``bill`` passes every finalized one, so a rerun resumes earlier pushes)
-    and print one line per invoice on stderr."""
+    and print one line per invoice on stderr (``quiet``: failures only)."""
     from billing.stripe.gateway import StripeGateway
     from billing.stripe.push import PushOutcome, StripePusher
 
@@ -74,6 +82,8 @@ def push_invoices(
     for r in results:
         if r.outcome is PushOutcome.failed:
             line = f"stripe: {r.invoice_id} ({r.tenant_id}) failed: {r.error}"
+        elif quiet:
+            continue
         else:
             line = (
                 f"stripe: {r.invoice_id} ({r.tenant_id}) {r.outcome.value} as {r.stripe_invoice_id}"

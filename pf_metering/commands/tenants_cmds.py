@@ -35,7 +35,9 @@ def _tenant_json(tenant: tenants.Tenant, now: datetime) -> dict[str, Any]:
         "first_period": str(tenant.first_period),
         "first_usage_period": str(tenant.first_usage) if tenant.first_usage else None,
         "added_at": tenant.added_at.astimezone(UTC) if tenant.added_at else None,
-        "tier_history": [{"from": str(c.effective_from), "tier": c.tier} for c in tenant.history],
+        "tier_history": [
+            {"from": str(c.effective_from), "tier": c.tier} for c in tenant.billed_history()
+        ],
     }
 
 
@@ -56,7 +58,12 @@ def tenants_add(
         known = tenants.load_tenants(con, usage.first_periods(), tenant_id).get(tenant_id)
         added = tenants.add_tenant(con, known, tenant_id, tier, now)
         current = tenants.load_tenants(con, usage.first_periods(), tenant_id)[tenant_id]
-    state = "added" if added else "already registered:"
+    if not added:
+        state = "already registered:"
+    elif known is not None:
+        state = f"registered (known from its usage since {known.first_period}):"
+    else:
+        state = "added"
     print(f"{state} tenant {tenant_id}, tier {current.tier_for(Period.of(now))}", file=sys.stderr)
 
 
@@ -74,7 +81,7 @@ def tenants_set_tier(
     check_tenant(tenant_id)
     get_tier(load_tiers(cfg.metering_tiers_file), tier)
     now = utc_now()
-    period = parse_period(start) if start is not None else Period.of(now)
+    period = parse_period(start, "--from", future=True) if start is not None else Period.of(now)
     usage = read_usage(cfg, tenant_id, quiet=True)
     with billing(cfg) as con, transaction(con):
         invoicing.known_tenant(con, usage, tenant_id)

@@ -22,7 +22,7 @@ from pf_metering.commands.common import (
     output_path,
     settings_of,
 )
-from pf_metering.output import Format, render, write
+from pf_metering.output import Format, readable, render, write
 from schemas.codec import COUNTERS
 
 
@@ -65,7 +65,7 @@ def usage_cmd(
             if key in ("tenant_id", "period", "tier"):
                 facts.add_row(key, value)
             elif key != "quotas":
-                facts.add_row(key, "-" if value is None else f"{value:,}")
+                facts.add_row(key, "-" if value is None else readable(value))
         grid.add_row(facts)
         grid.add_row(quotas_table(quotas, "Quotas"))
         return grid

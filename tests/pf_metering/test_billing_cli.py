@@ -80,7 +80,10 @@ def test_tenants_add_set_tier_and_list(pfm: Cli, tmp_path: Path) -> None:
     listed = {t["tenant_id"]: t for t in pfm("tenants", "list", "-f", "json").json()}
     assert set(listed) == {"acme", "beta"}
     assert listed["acme"]["tier"] == "enterprise" and listed["acme"]["first_period"] == "2025-01"
-    assert listed["acme"]["tier_history"] == [{"from": "2025-02", "tier": "enterprise"}]
+    assert listed["acme"]["tier_history"] == [
+        {"from": "2025-01", "tier": "basic"},  # from its first period, as billed
+        {"from": "2025-02", "tier": "enterprise"},
+    ]
     assert listed["beta"]["tier"] == "professional" and listed["beta"]["added_at"]
     assert listed["beta"]["first_period"] == str(Period.of(datetime.now(UTC)))
 
@@ -88,7 +91,7 @@ def test_tenants_add_set_tier_and_list(pfm: Cli, tmp_path: Path) -> None:
     assert pfm("tenants", "list", "-f", "csv", "-o", str(out)).code == 0
     rows = list(csv.DictReader(out.open(newline="")))
     assert [r["tenant_id"] for r in rows] == ["acme", "beta"]
-    assert rows[0]["tier_history"] == "enterprise from 2025-02"
+    assert rows[0]["tier_history"] == "basic from 2025-01; enterprise from 2025-02"
     assert pfm("usage", "acme", "2025-01", "-f", "json").json()["tier"] == "basic"
     assert pfm("usage", "acme", "2025-02", "-f", "json").json()["tier"] == "enterprise"
 

@@ -13,3 +13,5 @@ COMMITTED = f"{WORKER}: committed p"  # DEBUG, one partition's ledger commit
 # DEBUG, one partition's ledger transaction begun / committed: step, partition, [from, to)
 SPAN = re.compile(r"(committing|committed) p(\d+) \[(\d+), (\d+)\)")
 DRAIN_WAITING = "drain: end offsets unknown for now"  # WARNING, a drain waiting for the broker
+# WARNING, once a minute while a worker cannot reach the cluster (logger consumer.worker)
+UNREACHABLE = "cannot reach the Kafka broker at"

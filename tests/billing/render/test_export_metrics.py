@@ -5,6 +5,8 @@ what ``usage`` reports."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,6 +33,7 @@ def test_export_metrics_parses_and_matches_usage(pfm: Cli, tmp_path: Path) -> No
 
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert set(families) == {f"pf_usage_{c}" for c in COUNTERS} | {
+        "pf_usage_cpu_seconds",
         "pf_usage_risk_score",
         "pf_usage_risk_score_max",
     }
@@ -54,6 +57,8 @@ def test_export_metrics_parses_and_matches_usage(pfm: Cli, tmp_path: Path) -> No
         for counter in COUNTERS:
             assert samples[(f"pf_usage_{counter}", tenant, period)] == usage[counter], counter
         assert samples[("pf_usage_risk_score", tenant, period)] == usage["risk_score_avg"]
+        cpu_seconds = samples[("pf_usage_cpu_seconds", tenant, period)]
+        assert cpu_seconds == usage["cpu_ms"] / 1000
     assert samples[("pf_usage_network_bytes", "a.b:c-d_e", "2025-01")] == 2**40
 
 
@@ -71,3 +76,40 @@ def test_label_values_are_escaped(pfm: Cli) -> None:
     assert family.samples[0].labels["tenant"] == 'we"ird\\id'
     empty = pfm("export-metrics")
     assert empty.code == 0 and "# TYPE pf_usage_cpu_ms_total counter" in empty.out
+
+
+def test_whole_values_print_as_integers(pfm: Cli, tmp_path: Path) -> None:
+    pfm.publish(event("acme_corp", "2025-01", cpu_ms=1_002_860, network_bytes=2**40 + 1))
+    text = exposition_of(pfm, tmp_path)
+    assert 'pf_usage_cpu_ms_total{period="2025-01",tenant="acme_corp"} 1002860\n' in text
+    labels = '{period="2025-01",tenant="acme_corp"}'
+    assert f"pf_usage_network_bytes_total{labels} {2**40 + 1}\n" in text
+    assert 'pf_usage_cpu_seconds_total{period="2025-01",tenant="acme_corp"} 1002.86\n' in text
+    assert "e+" not in text
+
+
+def promtool() -> Path:
+    """Prometheus' own checker: ``make test`` builds it into .cache/bin (``make promtool``).
+    Missing is a failure, not a skip: this is the proof the exposition passes its lint."""
+    local = Path(__file__).resolve().parent.parent / ".cache" / "bin" / "promtool"
+    found = local if local.exists() else shutil.which("promtool")
+    assert found, "promtool is missing: run `make promtool`"
+    return Path(found)
+
+
+def test_promtool_check_metrics_passes(pfm: Cli, tmp_path: Path) -> None:
+    pfm.publish(
+        event("acme_corp", "2025-01", **SEED),
+        event("a.b:c-d_e", "2025-02", cpu_ms=123_456_789, network_bytes=2**40),
+    )
+    text = exposition_of(pfm, tmp_path)
+    check = subprocess.run(
+        [str(promtool()), "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def exposition_of(pfm: Cli, tmp_path: Path) -> str:
+    out = tmp_path / "metrics.prom"
+    assert pfm("export-metrics", "-o", str(out)).code == 0
+    return out.read_text()

@@ -6,14 +6,20 @@ independent pipelines read the same topic through the outage: a long-running wor
 ``--drain`` worker (own data folder, own group), while a producer keeps sending through it
 (its idempotent retries land after the restart). ``make test`` restarts the broker once;
 ``PF_SOAK=1`` (``make soak``) sends more and restarts it three times.
+
+Every wait is on a state the workers report (a commit, "cannot reach the Kafka broker",
+``pf_broker_connected`` on /metrics), never on how fast a busy machine gets there: the drain
+worker cannot end while the broker is away, since it asks the broker for the ends first.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +28,7 @@ import pytest
 
 from bench.broker import create_topic, local_kafka
 from emitter import Emitter
-from tests.support.log_lines import COMMITTED, DRAIN_WAITING
+from tests.support.log_lines import COMMITTED, UNREACHABLE
 from tests.support.worker_harness import (
     drain,
     expected_totals,
@@ -66,6 +72,25 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 240) -> 
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def broker_connected(port: int) -> float | None:
+    """``pf_broker_connected`` as the worker serves it (None: not answering yet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("pf_broker_connected "):
+            return float(line.split()[1])
+    return None
 
 
 def committed_batches(log: Path) -> int:
@@ -112,7 +137,8 @@ def test_workers_survive_a_broker_restart_mid_run(
         "METERING_GROUP": env["METERING_GROUP"] + "-drain",
     }
     run_log, drain_log = tmp_path / "run.log", tmp_path / "drain.log"
-    runner = start_worker({**env, **RUN_ENV}, log=run_log)
+    metrics_port = free_port()
+    runner = start_worker({**env, **RUN_ENV}, "--metrics-port", str(metrics_port), log=run_log)
     drainer = start_worker({**drain_env, **RUN_ENV}, "--drain", log=drain_log)
     producer = SlowProducer(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], live)
     try:
@@ -128,10 +154,12 @@ def test_workers_survive_a_broker_restart_mid_run(
             local_kafka("stop", PORT)
             if n == 0:
                 os.kill(drainer.pid, signal.SIGCONT)
-                wait_for(lambda: DRAIN_WAITING in drain_log.read_text(), "the drain to wait")
+                wait_for(lambda: UNREACHABLE in drain_log.read_text(), "the drain to wait")
+            wait_for(lambda: broker_connected(metrics_port) == 0, "pf_broker_connected 0")
             for proc, log in ((runner, run_log), (drainer, drain_log)):
                 assert proc.poll() is None, log.read_text()[-3000:]  # alive, broker down
             local_kafka("start", PORT)
+            wait_for(lambda: broker_connected(metrics_port) == 1, "pf_broker_connected 1")
         producer.join(timeout=300)
         assert not producer.is_alive() and producer.error is None, producer.error
         assert drainer.wait(timeout=300) == 0, drain_log.read_text()[-3000:]
@@ -154,3 +182,31 @@ def test_workers_survive_a_broker_restart_mid_run(
     assert ledger_totals(env) == expected
     drain(drain_env)  # what the producer sent after the drain worker's end
     assert ledger_totals(drain_env) == expected
+
+
+def test_a_drain_gives_up_after_metering_drain_timeout(
+    broker_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The broker goes away under a draining worker and does not come back: after
+    METERING_DRAIN_TIMEOUT it stops, exit 1, one error line naming the setting."""
+    env = broker_env
+    produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], random_events(5_000, seed=5))
+    log = tmp_path / "drain.log"
+    drainer = start_worker({**env, **RUN_ENV, "METERING_DRAIN_TIMEOUT": "5"}, "--drain", log=log)
+    try:
+        wait_for(lambda: committed_batches(log) > 0, "the drain worker to commit")
+        os.kill(drainer.pid, signal.SIGSTOP)  # so that it surely meets the outage
+        local_kafka("stop", PORT)
+        os.kill(drainer.pid, signal.SIGCONT)
+        assert drainer.wait(timeout=300) == 1, log.read_text()[-3000:]
+    finally:
+        if drainer.poll() is None:
+            os.kill(drainer.pid, signal.SIGCONT)
+            drainer.kill()
+            drainer.wait()
+        local_kafka("start", PORT)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, log.read_text()[-3000:]
+    assert "gave up draining: cannot reach the Kafka broker at" in lines[0]
+    assert "(KAFKA_BOOTSTRAP_SERVERS)" in lines[0] and "METERING_DRAIN_TIMEOUT=5" in lines[0]
+    assert "Traceback" not in log.read_text()
