@@ -18,8 +18,10 @@ Prometheus' own parser reads this back as family ``pf_usage_cpu_ms`` with sample
 behaviour rather than declare the counters untyped to keep the bare names.
 Labels: ``tenant`` (the whole tenant id, ``_`` and all, escaped) and ``period``.
 
-``pf_usage_cpu_ms`` keeps its contract name (Prometheus' linter prefers base units);
-``pf_usage_cpu_seconds`` says the same in seconds beside it. Whole values print as integers
+``pf_usage_cpu_ms`` keeps its contract name, which Prometheus' linter (``promtool check
+metrics``) flags for its abbreviated unit; ``pf_usage_cpu_seconds`` says the same in seconds
+beside it, and ``base_units`` leaves the ``_ms`` family out (then the linter has nothing to
+say). Whole values print as integers
 (``1002860``, not prometheus-client's Go-style ``1.00286e+06``); every value is exact below
 2**53, which float64 samples cannot go past anyway.
 """
@@ -56,11 +58,14 @@ GAUGES = {
 class UsageCollector(Collector):
     """Yields one family per metric with a sample per (tenant, period) usage row."""
 
-    def __init__(self, rows: Iterable[Mapping[str, Any]]) -> None:
+    def __init__(self, rows: Iterable[Mapping[str, Any]], base_units: bool = False) -> None:
+        self.base_units = base_units
         self.rows = sorted(rows, key=lambda r: (r["tenant_id"], r["period"]))
 
     def collect(self) -> Iterator[Metric]:
         for counter in COUNTERS:
+            if self.base_units and counter == "cpu_ms":
+                continue
             family = CounterMetricFamily(f"pf_usage_{counter}", HELP[counter], labels=LABELS)
             for row in self.rows:
                 family.add_metric([row["tenant_id"], row["period"]], float(row[counter] or 0))
@@ -79,10 +84,10 @@ class UsageCollector(Collector):
             yield gauge
 
 
-def exposition(rows: Iterable[Mapping[str, Any]]) -> str:
+def exposition(rows: Iterable[Mapping[str, Any]], *, base_units: bool = False) -> str:
     """The text exposition of ``rows`` (dicts with tenant_id, period, the counters, risk)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(UsageCollector(rows))
+    registry.register(UsageCollector(rows, base_units))
     return "".join(map(_whole, generate_latest(registry).decode().splitlines(keepends=True)))
 
 

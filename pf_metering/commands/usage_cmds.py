@@ -73,13 +73,19 @@ def usage_cmd(
     render(fmt, output_path(output), json_data=data, csv_rows=csv_rows, table=table)
 
 
-def export_metrics(ctx: typer.Context, output: Path = OUTPUT_OPTION) -> None:
+def export_metrics(
+    ctx: typer.Context,
+    output: Path = OUTPUT_OPTION,
+    base_units: bool = typer.Option(
+        False, "--base-units", help="CPU only in seconds (leaves out pf_usage_cpu_ms_total)"
+    ),
+) -> None:
     """Per-tenant, per-period usage in Prometheus text exposition format."""
     from billing.render.prometheus_export import exposition  # only this command needs the library
 
     out = output_path(output)
     usage = read_usage(settings_of(ctx))
-    write(exposition(usage.rows.values()), out)
+    write(exposition(usage.rows.values(), base_units=base_units), out)
 
 
 def register(app: typer.Typer) -> None:

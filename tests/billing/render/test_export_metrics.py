@@ -97,19 +97,33 @@ def promtool() -> Path:
     return Path(found)
 
 
-def test_promtool_check_metrics_passes(pfm: Cli, tmp_path: Path) -> None:
+def promtool_check(text: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(promtool()), "check", "metrics", *flags], input=text, capture_output=True, text=True
+    )
+
+
+def test_promtool_check_metrics(pfm: Cli, tmp_path: Path) -> None:
+    """Valid for Prometheus' own parser; its linter's one remark is the contract's name
+    (abbreviated unit), and ``--base-units`` leaves it nothing to remark."""
     pfm.publish(
         event("acme_corp", "2025-01", **SEED),
         event("a.b:c-d_e", "2025-02", cpu_ms=123_456_789, network_bytes=2**40),
     )
     text = exposition_of(pfm, tmp_path)
-    check = subprocess.run(
-        [str(promtool()), "check", "metrics"], input=text, capture_output=True, text=True
+    parsed = promtool_check(text, "--lint=none", "--extended")
+    assert parsed.returncode == 0, parsed.stdout + parsed.stderr
+    linted = promtool_check(text)
+    remarks = [line for line in (linted.stdout + linted.stderr).splitlines() if line.strip()]
+    assert remarks == ["pf_usage_cpu_ms_total metric names should not contain abbreviated units"], (
+        remarks
     )
-    assert check.returncode == 0, check.stdout + check.stderr
+    clean = promtool_check(exposition_of(pfm, tmp_path, "--base-units"))
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "pf_usage_cpu_ms_total" not in exposition_of(pfm, tmp_path, "--base-units")
 
 
-def exposition_of(pfm: Cli, tmp_path: Path) -> str:
+def exposition_of(pfm: Cli, tmp_path: Path, *flags: str) -> str:
     out = tmp_path / "metrics.prom"
-    assert pfm("export-metrics", "-o", str(out)).code == 0
+    assert pfm("export-metrics", "-o", str(out), *flags).code == 0
     return out.read_text()
