@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
 
 import pytest
 from rich.console import Console
@@ -18,6 +19,17 @@ from tests.fixtures.seeds import SEED, event
 from tests.fixtures.stripe import API_KEY
 from tests.support.cli_runner import run_cli
 from tests.support.stripe_server import FakeStripe
+
+
+@pytest.fixture(autouse=True)
+def logging_restored() -> Iterator[None]:
+    """These tests call ``configure``: put the process's logging back as it was after."""
+    root, stripe = logging.getLogger(), logging.getLogger("stripe")
+    handlers, level, stripe_level = root.handlers[:], root.level, stripe.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    stripe.setLevel(stripe_level)
 
 
 def terminal() -> Console:

@@ -91,7 +91,7 @@ def test_whole_values_print_as_integers(pfm: Cli, tmp_path: Path) -> None:
 def promtool() -> Path:
     """Prometheus' own checker: ``make test`` builds it into .cache/bin (``make promtool``).
     Missing is a failure, not a skip: this is the proof the exposition passes its lint."""
-    local = Path(__file__).resolve().parent.parent / ".cache" / "bin" / "promtool"
+    local = Path(__file__).resolve().parents[3] / ".cache" / "bin" / "promtool"
     found = local if local.exists() else shutil.which("promtool")
     assert found, "promtool is missing: run `make promtool`"
     return Path(found)
