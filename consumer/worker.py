@@ -90,7 +90,8 @@ class Worker:
     """One consumer-group member folding the usage topic into its partition ledgers.
 
     ``consumer_factory`` makes the Kafka client from its librdkafka configuration
-    (default: confluent-kafka's ``Consumer``).
+    (default: confluent-kafka's ``Consumer``); ``clock`` (monotonic seconds) paces the lag
+    refresh and the broker watch.
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class Worker:
         extra_config: dict[str, Any] | None = None,
         progress: Callable[[int, int], None] | None = None,
         consumer_factory: ConsumerFactory = kafka_consumer,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.topic = config.topic
@@ -127,7 +129,8 @@ class Worker:
         conf["logger"] = logging.getLogger("rdkafka")  # librdkafka's logs obey LOG_FORMAT too
         self._errors_logged = Repeats(30.0)
         bootstrap = str(config.kafka.get("bootstrap.servers", ""))
-        self.watch = BrokerWatch(bootstrap, self.metrics.broker_connected)
+        self.clock = clock
+        self.watch = BrokerWatch(bootstrap, self.metrics.broker_connected, clock)
         self.consumer = consumer_factory(conf)
         forward_conf = {**config.kafka, "error_cb": self._on_error, "logger": conf["logger"]}
         self.forwarder = Forwarder(forward_conf, self.topic, self.stop_requested)
@@ -312,8 +315,8 @@ class Worker:
             for ledger in self.ledgers.held.values():
                 ledger.prune(oldest)
             self._last_prune = now
-        if idle or now - self._lag_updated >= LAG_EVERY_SECONDS:
-            self._lag_updated = now
+        if idle or self.clock() - self._lag_updated >= LAG_EVERY_SECONDS:
+            self._lag_updated = self.clock()
             self._update_lag()
         self._replay_requested()
 

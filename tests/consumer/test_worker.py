@@ -331,3 +331,28 @@ def test_a_partition_that_cannot_be_assigned_stops_the_worker(
     with pytest.raises(OperationError, match="cannot open ledger"):
         worker.run()
     assert consumer.closed and worker.fatal is not None
+
+
+def test_lag_stays_current_while_every_poll_brings_records(
+    broker: MemoryBroker, config: WorkerConfig
+) -> None:
+    """A busy worker (never an empty poll) refreshes pf_consumer_lag every second, not every
+    so many batches: the gauge trails the partition by at most the polls of one second."""
+    produce(broker, events_of(0, 2_000, seed=9), 0)
+    broker.fetch_records = 100
+    now = [0.0]
+    worker, consumer = start(broker, config, clock=lambda: now[0])
+    seen: dict[int, float | None] = {}
+
+    def world(call: int) -> None:
+        now[0] += 0.6  # each poll takes 0.6 s of the worker's clock
+        seen[call] = worker.metrics.registry.get_sample_value("pf_consumer_lag", {"partition": "0"})
+        if call == 12:
+            worker.stop_requested.set()
+
+    consumer.on_consume = world
+    worker.run()
+    # before poll k, k - 1 polls of 100 records were handed over; refreshed within 2 polls
+    for call in (6, 9, 12):
+        lag = seen[call]
+        assert lag is not None and lag <= 2_000 - 100 * (call - 3), seen
