@@ -118,24 +118,22 @@ class RepeatFilter(logging.Filter):
 _DIGITS = re.compile(r"\d+")
 
 
-class _Handler(logging.Handler):
-    """Writes each formatted record through ``write`` (stderr, or a progress display's
-    console while one is live, so log lines print above the bar, never over it)."""
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr, or while ``logs_through`` is active its ``write`` (a progress display's
+    console, so log lines print above the bar, never over it)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.write: Callable[[str], None] = _stderr
+        super().__init__(sys.stderr)
+        self.write: Callable[[str], None] | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.write is None:
+            super().emit(record)
+            return
         try:
             self.write(self.format(record))
         except Exception:
             self.handleError(record)
-
-
-def _stderr(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
 
 
 def configure(settings: Settings) -> None:
