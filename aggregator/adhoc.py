@@ -51,7 +51,7 @@ def read_only_statement(con: duckdb.DuckDBPyConnection, query: str) -> duckdb.St
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as exc:
-        raise UserError(f"query failed: {_first_line(exc)}") from None
+        raise UserError(f"query failed: {_first_line(exc)}") from exc
     if len(statements) != 1:
         raise UserError(f"sql takes exactly one statement (got {len(statements)})")
     kind = statements[0].type
@@ -72,7 +72,7 @@ def spill_folder(data_dir: Path) -> Iterator[Path]:
     except OSError as exc:
         raise UserError(
             f"cannot create a spill folder in METERING_DATA_DIR {data_dir}: {exc.strerror}"
-        ) from None
+        ) from exc
     try:
         yield folder
     finally:
@@ -109,19 +109,19 @@ def run_query(
                 )
             if time.monotonic() > deadline:
                 raise duckdb.InterruptException("interrupted")
-    except duckdb.InterruptException:
+    except duckdb.InterruptException as exc:
         raise UserError(
             f"query stopped: it ran longer than METERING_SQL_TIMEOUT ({limits.seconds:g} s)"
-        ) from None
-    except duckdb.OutOfMemoryException:
+        ) from exc
+    except duckdb.OutOfMemoryException as exc:
         raise UserError(
             f"query stopped: it needed more than METERING_SQL_MEMORY_LIMIT ({limits.memory}) "
             f"of memory and METERING_SQL_SPILL_LIMIT ({limits.spill}) of spill space"
-        ) from None
+        ) from exc
     except duckdb.Error as exc:
-        raise UserError(f"query failed: {_first_line(exc)}") from None
-    except MemoryError:
-        raise OperationError("query stopped: out of memory while collecting its rows") from None
+        raise UserError(f"query failed: {_first_line(exc)}") from exc
+    except MemoryError as exc:
+        raise OperationError("query stopped: out of memory while collecting its rows") from exc
     finally:
         timer.cancel()
     return cols, rows

@@ -505,7 +505,7 @@ def widen_counters(con: duckdb.DuckDBPyConnection, alias: str) -> None:
     except duckdb.Error as exc:
         with contextlib.suppress(duckdb.Error):
             con.execute("ROLLBACK")
-        raise LedgerError(f"cannot widen the counters of ledger {alias}: {exc}") from None
+        raise LedgerError(f"cannot widen the counters of ledger {alias}: {exc}") from exc
     log.info("ledger %s: counters widened to %s", alias, COUNTER_TYPE)
 
 

@@ -151,13 +151,13 @@ def read_manifest(path: Path) -> Manifest | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise ValueError(f"manifest {path.name} unreadable: {exc.strerror}") from None
+        raise ValueError(f"manifest {path.name} unreadable: {exc.strerror}") from exc
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ValueError(f"manifest {path.name} is oversized")
     try:
         doc = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise ValueError(f"manifest {path.name} is not JSON") from None
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"manifest {path.name} is not JSON") from exc
     fields = {"topic": str, "partition": int, "next_offset": int, "published_at": float}
     if not isinstance(doc, dict):
         raise ValueError(f"manifest {path.name} is not a JSON object")

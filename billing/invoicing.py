@@ -494,7 +494,7 @@ def generate(
                     draft = session.build(tenant, period, existing, late, InvoiceStatus.draft)
                 except UserError as exc:
                     failure = BillFailure(tenant_id, str(period), str(exc))
-                    raise InvoiceRefused(str(failure)) from None
+                    raise InvoiceRefused(str(failure)) from exc
                 invoice_store.write_invoices(con, [draft])
         invoice = invoice_store.invoice_for(con, tenant_id, str(period))
     assert invoice is not None
