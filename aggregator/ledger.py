@@ -171,9 +171,13 @@ class PartitionLedger:
         self.last_commit = time.monotonic()
         self.committed_at = time.time()
         counted = first_seen - len(folded.refused)
-        return CommitResult(counted, batch.events.num_rows - first_seen,
-                            len(batch.dead) + len(folded.refused), folded.refused,
-                            len(batch.forward))  # fmt: skip
+        return CommitResult(
+            counted,
+            batch.events.num_rows - first_seen,
+            len(batch.dead) + len(folded.refused),
+            folded.refused,
+            len(batch.forward),
+        )
 
     def replayable(self, request: ReplayRequest) -> RecordBatch | None:
         """The dead letters ``request`` replays here, as records (offset order); None when
@@ -213,14 +217,14 @@ class PartitionLedger:
             offsets = batch.events.column("offset")
             refused = pa.array([d.offset for d in folded.refused], pa.int64())
             counted = pc.filter(fresh, pc.invert(pc.is_in(fresh, refused)))
-            mark(counted.combine_chunks() if counted.num_chunks else pa.array([], pa.int64()),
-                 "replayed_counted")  # fmt: skip
+            mark(
+                counted.combine_chunks() if counted.num_chunks else pa.array([], pa.int64()),
+                "replayed_counted",
+            )
             if first_seen < batch.events.num_rows:
-                mark(pc.filter(offsets, pc.invert(pc.is_in(offsets, fresh))),
-                     "replayed_duplicate")  # fmt: skip
+                mark(pc.filter(offsets, pc.invert(pc.is_in(offsets, fresh))), "replayed_duplicate")
             if batch.forward:
-                mark(pa.array([f.offset for f in batch.forward], pa.int64()),
-                     "replayed_forwarded")  # fmt: skip
+                mark(pa.array([f.offset for f in batch.forward], pa.int64()), "replayed_forwarded")
                 self._record_forwarded(batch)
             dead = [*batch.dead, *folded.refused]
             if dead:
@@ -234,16 +238,25 @@ class PartitionLedger:
                     )
             con.execute(
                 f"INSERT INTO {a}.replays VALUES (?, now(), ?, ?, ?, ?)",
-                [request.request_id, first_seen - len(folded.refused),
-                 batch.events.num_rows - first_seen, len(dead), len(batch.forward)],
-            )  # fmt: skip
+                [
+                    request.request_id,
+                    first_seen - len(folded.refused),
+                    batch.events.num_rows - first_seen,
+                    len(dead),
+                    len(batch.forward),
+                ],
+            )
 
         first_seen, folded = self._transaction(batch, apply)
         self.last_commit = time.monotonic()
         self.committed_at = time.time()
-        return CommitResult(first_seen - len(folded.refused), batch.events.num_rows - first_seen,
-                            len(batch.dead) + len(folded.refused), folded.refused,
-                            len(batch.forward))  # fmt: skip
+        return CommitResult(
+            first_seen - len(folded.refused),
+            batch.events.num_rows - first_seen,
+            len(batch.dead) + len(folded.refused),
+            folded.refused,
+            len(batch.forward),
+        )
 
     def open_dead_letters(self) -> dict[str, int]:
         """Replayable dead letters by reason code."""
@@ -368,9 +381,14 @@ class PartitionLedger:
     def publish(self, snapshot_dir: Path, con: duckdb.DuckDBPyConnection | None = None) -> None:
         """Write the snapshot readers use (``con``: a cursor of this ledger's connection)."""
         publish_partition(
-            con or self.con, self.alias, snapshot_dir, self.topic, self.partition,
-            committed_at=self.committed_at, log_end=self.log_end,
-        )  # fmt: skip
+            con or self.con,
+            self.alias,
+            snapshot_dir,
+            self.topic,
+            self.partition,
+            committed_at=self.committed_at,
+            log_end=self.log_end,
+        )
         self.last_publish = time.monotonic()
 
 

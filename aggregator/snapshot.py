@@ -170,10 +170,13 @@ def read_manifest(path: Path) -> Manifest | None:
         raise ValueError(f"manifest {path.name}: next_offset or published_at out of range")
     committed, end = doc.get("committed_at"), doc.get("log_end_offset")
     return Manifest(
-        doc["topic"], doc["partition"], doc["next_offset"], float(doc["published_at"]),
+        doc["topic"],
+        doc["partition"],
+        doc["next_offset"],
+        float(doc["published_at"]),
         _finite(committed),
         end if isinstance(end, int) and not isinstance(end, bool) and end >= 0 else None,
-    )  # fmt: skip
+    )
 
 
 def _finite(value: object) -> float | None:

@@ -77,8 +77,11 @@ class BrokerWatch:
             self._logged = now
             log.warning(
                 "cannot reach the Kafka broker at %s (KAFKA_BOOTSTRAP_SERVERS) for %.0f s: %s; "
-                "retrying", self.bootstrap, self.down_for(), self.reason,
-            )  # fmt: skip
+                "retrying",
+                self.bootstrap,
+                self.down_for(),
+                self.reason,
+            )
 
     def probe_due(self) -> bool:
         """True every PROBE_EVERY_SECONDS while the cluster is out of reach: time to ask it

@@ -69,10 +69,13 @@ class Forwarder:
             while True:
                 try:
                     producer.produce(
-                        self.topic, event.value, event.tenant_id.encode(),
-                        partition=event.to_partition, headers=[(FORWARDED_FROM, header)],
+                        self.topic,
+                        event.value,
+                        event.tenant_id.encode(),
+                        partition=event.to_partition,
+                        headers=[(FORWARDED_FROM, header)],
                         on_delivery=self._on_delivery,
-                    )  # fmt: skip
+                    )
                     break
                 except BufferError:
                     producer.poll(WAIT_STEP_SECONDS)

@@ -37,13 +37,15 @@ class WorkerMetrics:
             "pf_events_forwarded",
             "Valid events that arrived on another partition than their tenant's (or with no "
             "key), forwarded there, by the partition they arrived on",
-            ["partition"], registry=r,
-        )  # fmt: skip
+            ["partition"],
+            registry=r,
+        )
         self.open_dead_letters = Gauge(
             "pf_dead_letters_open",
             "Dead letters not (successfully) replayed yet, in the partitions this worker holds",
-            ["reason"], registry=r,
-        )  # fmt: skip
+            ["reason"],
+            registry=r,
+        )
         for reason in REASONS:
             self.open_dead_letters.labels(reason=reason)
         self.known_open_reasons: set[str] = set(REASONS)

@@ -55,9 +55,11 @@ def pending_requests(data_dir: Path, now: float | None = None) -> list[ReplayReq
         try:
             doc = json.loads(path.read_text())
             request = ReplayRequest(
-                str(doc["request_id"]), float(doc["requested_at"]), doc.get("reason"),
+                str(doc["request_id"]),
+                float(doc["requested_at"]),
+                doc.get("reason"),
                 doc.get("partition"),
-            )  # fmt: skip
+            )
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if now - request.requested_at <= REQUEST_TTL_SECONDS:

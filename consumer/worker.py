@@ -327,8 +327,14 @@ class Worker:
         oldest = oldest_billable_start(now_micros, self.config.late_usage_months)
 
         def prepare() -> PreparedBatch:
-            return prepare_batch(partition, records, self.codec, now_micros, oldest,
-                                 partitions=self.partition_count or None)  # fmt: skip
+            return prepare_batch(
+                partition,
+                records,
+                self.codec,
+                now_micros,
+                oldest,
+                partitions=self.partition_count or None,
+            )
 
         batch = prepare()
         unknown = any(d.reason_code == "unknown_fingerprint" for d in batch.dead)
@@ -381,9 +387,17 @@ class Worker:
         self.forwarder.send(ledger.partition, batch.forward)
         result = ledger.replay(request, batch)
         write_result(self.config.data_dir, request, ledger.partition, result)
-        log.info("replay %s on p%d: %d dead letters, %d counted, %d duplicates, %d forwarded, "
-                 "%d still failing", request.request_id, ledger.partition, len(records),
-                 result.counted, result.duplicates, result.forwarded, result.dead)  # fmt: skip
+        log.info(
+            "replay %s on p%d: %d dead letters, %d counted, %d duplicates, %d forwarded, "
+            "%d still failing",
+            request.request_id,
+            ledger.partition,
+            len(records),
+            result.counted,
+            result.duplicates,
+            result.forwarded,
+            result.dead,
+        )
         self.metrics.counted.inc(result.counted)
         if result.forwarded:
             self.metrics.forwarded.labels(partition=str(ledger.partition)).inc(result.forwarded)
@@ -511,8 +525,10 @@ class Worker:
         leaving.start()
         leaving.join(max(0.1, deadline - time.monotonic() - 0.5))
         if leaving.is_alive():
-            log.warning("the broker did not answer within METERING_SHUTDOWN_SECONDS: "
-                        "stopped without leaving the group")  # fmt: skip
+            log.warning(
+                "the broker did not answer within METERING_SHUTDOWN_SECONDS: "
+                "stopped without leaving the group"
+            )
         elif errors:
             log.debug("while stopping: %s", _first_line(errors[0]))
             first = first or errors[0]
@@ -533,8 +549,10 @@ class Worker:
         self.stop_requested.set()
 
     def _force_exit(self) -> None:
-        log.error("not stopped within METERING_SHUTDOWN_SECONDS=%s: exiting now",
-                  self.config.shutdown_seconds)  # fmt: skip
+        log.error(
+            "not stopped within METERING_SHUTDOWN_SECONDS=%s: exiting now",
+            self.config.shutdown_seconds,
+        )
         logging.shutdown()
         os._exit(1)
 

@@ -23,8 +23,10 @@ def require_broker(settings: Settings) -> None:
     SASL handshake), within ``KAFKA_CONNECT_TIMEOUT`` seconds."""
     seen: list[KafkaError] = []
     conf: dict[str, Any] = {
-        **settings.kafka_common(), "logger": _QUIET, "error_cb": seen.append,
-    }  # fmt: skip
+        **settings.kafka_common(),
+        "logger": _QUIET,
+        "error_cb": seen.append,
+    }
     timeout = settings.kafka_connect_timeout
     admin = AdminClient(conf)
     try:

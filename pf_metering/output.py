@@ -114,8 +114,7 @@ def table_text(table: Table, width: int | None = None) -> str:
     """``table`` as text at most ``width`` columns wide (default ``table_width()``); a table
     of records too wide for it is shown one record at a time, a field per line."""
     width = width or table_width()
-    console = _TextConsole(file=io.StringIO(), width=width, force_terminal=False,
-                           color_system=None)  # fmt: skip
+    console = _TextConsole(file=io.StringIO(), width=width, force_terminal=False, color_system=None)
     natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
     if table.show_header and len(table.columns) > 2 and natural > width:
         table = vertical(table)

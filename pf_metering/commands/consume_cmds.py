@@ -192,8 +192,12 @@ def sql(
     """Read-only ad-hoc query over usage, dead_letters, tenants, tenant_tiers, invoices and
     billed_usage (bounded by METERING_SQL_TIMEOUT and METERING_SQL_MEMORY_LIMIT)."""
     cfg = settings_of(ctx)
-    limits = QueryLimits(cfg.metering_sql_timeout, cfg.metering_sql_memory_limit,
-                         cfg.metering_sql_spill_limit, cfg.metering_sql_max_rows)  # fmt: skip
+    limits = QueryLimits(
+        cfg.metering_sql_timeout,
+        cfg.metering_sql_memory_limit,
+        cfg.metering_sql_spill_limit,
+        cfg.metering_sql_max_rows,
+    )
     reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
     try:
         statement = read_only_statement(reader.con, query)

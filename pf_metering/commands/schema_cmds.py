@@ -66,8 +66,13 @@ def schemas_list(
     for row in rows:
         row["reader"] = row["version"] == registry.reader.version
     print(f"{len(rows)} version(s)", file=sys.stderr)
-    render(fmt, output_path(output), json_data=rows, csv_rows=lambda: rows,
-           table=lambda: rows_table(rows))  # fmt: skip
+    render(
+        fmt,
+        output_path(output),
+        json_data=rows,
+        csv_rows=lambda: rows,
+        table=lambda: rows_table(rows),
+    )
 
 
 def register(app: typer.Typer) -> None:
