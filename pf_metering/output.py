@@ -226,3 +226,15 @@ def render(
     else:
         text = table_text(table()) if table else to_json(json_data)
     write(text, output)
+
+
+def render_rows(
+    fmt: Format,
+    output: Path | None,
+    data: Sequence[dict[str, Any]],
+    shown: Sequence[dict[str, Any]] | None = None,
+) -> None:
+    """Rows in the requested format: JSON from ``data``; a table or CSV from ``shown``
+    (default ``data``), the rows as a terminal may show them."""
+    visible = data if shown is None else shown
+    render(fmt, output, json_data=data, csv_rows=lambda: visible, table=lambda: rows_table(visible))

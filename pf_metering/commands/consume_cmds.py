@@ -29,7 +29,7 @@ from pf_metering.commands.common import (
     output_path,
     settings_of,
 )
-from pf_metering.output import Format, printable, render, rows_table
+from pf_metering.output import Format, printable, render, render_rows, rows_table
 from pf_metering.progress import DrainProgress, progress_bar
 from schemas.validation import REASONS
 
@@ -212,13 +212,7 @@ def sql(
     rows = [dict(zip(cols, r, strict=True)) for r in found]
     shown = [{k: printable(v) for k, v in r.items()} for r in rows]
     data = [{k: v.hex() if isinstance(v, bytes) else v for k, v in r.items()} for r in rows]
-    render(
-        fmt,
-        output_path(output),
-        json_data=data,
-        csv_rows=lambda: shown,
-        table=lambda: rows_table(shown),
-    )
+    render_rows(fmt, output_path(output), data, shown)
 
 
 def register(app: typer.Typer) -> None:

@@ -12,7 +12,7 @@ import typer
 
 from common.errors import UserError
 from pf_metering.commands.common import FORMAT_OPTION, OUTPUT_OPTION, output_path, settings_of
-from pf_metering.output import Format, render, rows_table
+from pf_metering.output import Format, render_rows
 from schemas.registry import IncompatibleSchema, Registry, Version
 
 schemas_app = typer.Typer(
@@ -66,13 +66,7 @@ def schemas_list(
     for row in rows:
         row["reader"] = row["version"] == registry.reader.version
     print(f"{len(rows)} version(s)", file=sys.stderr)
-    render(
-        fmt,
-        output_path(output),
-        json_data=rows,
-        csv_rows=lambda: rows,
-        table=lambda: rows_table(rows),
-    )
+    render_rows(fmt, output_path(output), rows)
 
 
 def register(app: typer.Typer) -> None:
