@@ -137,7 +137,7 @@ def dead_letters(
         json_data=rows,
         csv_rows=lambda: shown,
         table=lambda: rows_table(
-            [{k: v for k, v in r.items() if k != "value"} for r in shown],
+            [{k: v for k, v in r.items() if k not in ("value", "replayed_at")} for r in shown],
             title=f"{len(rows)} dead letters",
         ),
     )
