@@ -24,7 +24,7 @@ from billing.invoicing import InvoiceRefused, LateUsage, build_invoice
 from billing.model import MAX_MONEY, Invoice, InvoiceStatus
 from billing.rating import METERS, MIB, Usage, rate
 from billing.stripe.push import STRIPE_MAX_AMOUNT, PushRefused, check_stripe_limits, planned_items
-from billing.tiers import BUILTIN_TIERS, PRICE_FIELDS, Quotas, Tier
+from billing.tiers import BUILTIN_TIERS, MAX_PRICE, PRICE_FIELDS, Quotas, Tier
 from schemas.codec import COUNTERS
 from schemas.periods import Period
 
@@ -42,9 +42,7 @@ def _custom(name: str, price: st.SearchStrategy[Decimal]) -> st.SearchStrategy[T
             base_price_usd=draw(st.decimals(min_value=0, max_value=10_000, places=2)),
             risk_multiplier=draw(st.decimals(min_value=0, max_value=3, places=2)),
             quota_mode=draw(st.sampled_from(["reported", "included"])),
-            quotas=Quotas(
-                **{q: draw(st.none() | st.integers(0, 2**63)) for q in Quotas.model_fields}
-            ),
+            quotas=Quotas(**{q: draw(st.none() | AVRO_LONG) for q in Quotas.model_fields}),
             **{field: draw(price) for field in PRICE_FIELDS.values()},
         )
 
@@ -52,7 +50,9 @@ def _custom(name: str, price: st.SearchStrategy[Decimal]) -> st.SearchStrategy[T
 
 
 PRICE = st.decimals(min_value=0, max_value=1000, places=8, allow_nan=False, allow_infinity=False)
-DEAR = st.decimals(min_value=0, max_value=10**12, places=2, allow_nan=False, allow_infinity=False)
+DEAR = st.decimals(
+    min_value=0, max_value=MAX_PRICE, places=2, allow_nan=False, allow_infinity=False
+)
 TIERS = (
     st.sampled_from(list(BUILTIN_TIERS.values())) | _custom("custom", PRICE) | _custom("dear", DEAR)
 )
