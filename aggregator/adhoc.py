@@ -26,7 +26,7 @@ from typing import Any
 
 import duckdb
 
-from common.errors import OperationError, UserError
+from common.errors import OperationError, StorageError, UserError
 
 FETCH_ROWS = 10_000
 
@@ -70,7 +70,7 @@ def spill_folder(data_dir: Path) -> Iterator[Path]:
         data_dir.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=".sql-spill-", dir=data_dir))  # mode 0700
     except OSError as exc:
-        raise UserError(
+        raise StorageError(
             f"cannot create a spill folder in METERING_DATA_DIR {data_dir}: {exc.strerror}"
         ) from exc
     try:
