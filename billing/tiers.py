@@ -41,15 +41,15 @@ from common.errors import TierFileError, UserError
 
 DEFAULT_TIER = "basic"
 
-MAX_PRICE = Decimal(1_000_000_000)
+MAX_PRICE = Decimal(10**12)
 """The largest base fee or unit price a tiers file may set, in usd."""
 PRICE_PLACES = 12
 """The most decimal places of a price (a millionth of a micro-dollar)."""
 Price = Annotated[
     Decimal,
-    Field(ge=0, le=MAX_PRICE, allow_inf_nan=False, max_digits=22, decimal_places=PRICE_PLACES),
+    Field(ge=0, le=MAX_PRICE, allow_inf_nan=False, max_digits=26, decimal_places=PRICE_PLACES),
 ]
-Limit = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Limit = Annotated[int, Field(ge=0, le=10**19)]
 TierName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 

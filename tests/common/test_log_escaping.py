@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import os
-import re
 import socket
 import subprocess
 import time
@@ -22,11 +21,11 @@ from common.logs import configure
 from common.settings import Settings, load_settings
 from tests.fixtures.stripe import WEBHOOK_SECRET, stripe_signature
 from tests.support.cli_runner import BIN
+from tests.support.log_lines import LINE
 
 CONTROLS = ["\x1b[2J", "\r", "\n", "\x07", "\u202e", "\x9b1m", "\x00"]
 HOSTILE = "pay" + "".join(CONTROLS) + "me"
 SECRETS = ['sk_live_"quoted"\\back', "pw\twith-tab", "ends-with-backslash\\"]
-LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
 @pytest.fixture(name="capture")

@@ -30,3 +30,14 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], fragment: str) -> 
     assert lines and lines[-1].startswith("error: "), proc.stderr
     assert sum(line.startswith("error: ") for line in lines) == 1
     assert fragment.lower() in lines[-1].lower(), lines[-1]
+
+
+# Runs argv with a file-size limit: SIG_IGN and rlimits survive exec (no preexec_fn needed,
+# which is unsafe in a threaded parent).
+FILE_SIZE_LIMITED = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+os.execv(sys.argv[2], sys.argv[2:])
+"""

@@ -26,3 +26,8 @@ def make_event(tenant: str = "acme-corp", **overrides: Any) -> dict[str, Any]:
     }
     event.update(overrides)
     return event
+
+
+# Rich markup and emoji codes, as data would carry them (keys, cells, names)
+MARKUP = ["evil[/red]", "x[foo]hidden[/foo]y", "[/]", "[bold]b[/bold]", "[link=http://x]y[/link]",
+          ":thumbs_up:", "[red]"]  # fmt: skip

@@ -15,3 +15,5 @@ SPAN = re.compile(r"(committing|committed) p(\d+) \[(\d+), (\d+)\)")
 DRAIN_WAITING = "drain: end offsets unknown for now"  # WARNING, a drain waiting for the broker
 # WARNING, once a minute while a worker cannot reach the cluster (logger consumer.worker)
 UNREACHABLE = "cannot reach the Kafka broker at"
+# the start of a text-format log line: "2026-12-01 22:14:54,577 WARNING "
+LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")

@@ -20,23 +20,14 @@ from confluent_kafka import Consumer, TopicPartition
 from schemas.codec import default_codec
 from schemas.prepare import Record
 from tests.support import worker_harness as harness
-from tests.support.cli_runner import BIN, assert_user_error
+from tests.support.cli_runner import BIN, FILE_SIZE_LIMITED, assert_user_error
 
-# Runs argv with a file-size limit: SIG_IGN and rlimits survive exec (no preexec_fn needed,
-# which is unsafe in a threaded parent).
-_LIMITED = """
-import os, resource, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-os.execv(sys.argv[2], sys.argv[2:])
-"""
 BATCHES = {"METERING_BATCH_SIZE": "500"}
 
 
 def consume_with_file_limit(env: dict[str, str], limit: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", _LIMITED, str(limit), str(BIN), "consume", "--drain"],
+        [sys.executable, "-c", FILE_SIZE_LIMITED, str(limit), str(BIN), "consume", "--drain"],
         env={**os.environ, **env, **BATCHES},
         capture_output=True,
         text=True,

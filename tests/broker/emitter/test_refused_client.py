@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from tests.common.test_log_escaping import LINE
 from tests.support.cli_runner import assert_user_error, run_cli
+from tests.support.log_lines import LINE
 
 BAD_SASL = {
     "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",

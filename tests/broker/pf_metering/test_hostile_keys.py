@@ -8,7 +8,7 @@ import csv
 import io
 
 from tests.fixtures.cli import Cli
-from tests.pf_metering.test_hostile_data import MARKUP
+from tests.support.events import MARKUP
 from tests.support.worker_harness import drain, produce_raw
 
 
