@@ -18,7 +18,6 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pytest
@@ -29,6 +28,7 @@ from tests.fixtures.seeds import SEED, event
 from tests.fixtures.stripe import API_KEY
 from tests.support.cli_runner import BIN, run_cli
 from tests.support.stripe_server import FakeStripe
+from tests.support.waiting import wait_for
 
 SOAK = os.environ.get("PF_SOAK") == "1"
 TENANTS, PERIODS = 500, ("2025-01", "2025-02", "2025-03", "2025-04")
@@ -205,7 +205,11 @@ def test_bill_stripe_killed_midway_then_rerun(
     for _ in range(STRIPE_KILLS):
         proc = start_bill(env, "--stripe")
         try:
-            wait_for(stripe_calls_or_exit(fake_stripe, rnd.randint(1, 15), proc))
+            wait_for(
+                stripe_calls_or_exit(fake_stripe, rnd.randint(1, 15), proc),
+                "Stripe calls",
+                every=0.001,
+            )
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
@@ -223,10 +227,3 @@ def stripe_calls_or_exit(
     """True once Stripe got ``more`` calls than it has now, or ``proc`` ended."""
     target = len(fake.calls) + more
     return lambda: len(fake.calls) >= target or proc.poll() is not None
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.001)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -16,6 +15,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from common.logs import RepeatFilter
 from consumer.connectivity import BrokerWatch
+from tests.support.waiting import free_port
 from tests.support.worker_harness import start_worker
 
 
@@ -69,12 +69,6 @@ def test_repeats_differing_only_in_numbers_are_dropped() -> None:
     assert rf.filter(record(text.format(0), 0))
     assert not rf.filter(record(text.format(12), 1))
     assert rf.filter(record(text.format(3), 61))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_a_worker_without_its_broker_says_so(data_env: dict[str, str], tmp_path: Path) -> None:

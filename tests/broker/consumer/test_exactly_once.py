@@ -6,11 +6,8 @@ from __future__ import annotations
 import json
 import random
 import signal
-import socket
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +21,9 @@ from schemas.codec import default_codec
 from schemas.partitioning import partition_for
 from schemas.periods import Period
 from tests.support.cli_runner import run_cli
+from tests.support.waiting import free_port, scrape, wait_for
 from tests.support.worker_harness import (
+    SMALL_BATCHES,
     drain,
     expected_totals,
     kill_randomly,
@@ -39,36 +38,6 @@ from tests.support.worker_harness import (
 )
 
 PARTITIONS = 6
-# (the clean stop these tests end with can outlast the 10 s default bound on a loaded
-# machine; the bound is tested in test_shutdown.py)
-SMALL_BATCHES = {
-    "METERING_BATCH_SIZE": "500",
-    "METERING_SNAPSHOT_SECONDS": "0.5",
-    "METERING_SHUTDOWN_SECONDS": "120",
-}
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def scrape(port: int) -> dict[str, float]:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-    out = {}
-    for line in body.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def ledger_rows(env: dict[str, str], sql: str) -> list[tuple[Any, ...]]:

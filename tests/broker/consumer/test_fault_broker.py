@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -29,6 +28,7 @@ import pytest
 from bench.broker import create_topic, local_kafka
 from emitter import Emitter
 from tests.support.log_lines import COMMITTED, UNREACHABLE
+from tests.support.waiting import free_port, wait_for
 from tests.support.worker_harness import (
     drain,
     expected_totals,
@@ -69,19 +69,6 @@ def broker_env(
     for k, v in values.items():
         monkeypatch.setenv(k, v)
     return {**data_env, **values}
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def broker_connected(port: int) -> float | None:

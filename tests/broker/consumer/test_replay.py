@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from schemas.codec import Codec, default_codec, discover, schema_of_raw
-from tests.broker.consumer.test_exactly_once import SMALL_BATCHES, free_port, scrape, wait_for
 from tests.support.cli_runner import assert_user_error, run_cli
+from tests.support.waiting import free_port, scrape, wait_for
 from tests.support.worker_harness import (
+    SMALL_BATCHES,
     expected_totals,
     ledger_totals,
     produce,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.broker import TEST_PORT, local_kafka
-from tests.broker.consumer.test_exactly_once import wait_for
+from tests.support.waiting import wait_for
 from tests.support.worker_harness import (
     drain,
     expected_totals,

@@ -12,6 +12,7 @@ from pathlib import Path
 from tests.support.cli_runner import BIN, run_cli
 from tests.support.log_lines import ASSIGNED, COMMITTED
 from tests.support.worker_harness import (
+    SMALL_BATCHES,
     drain,
     expected_totals,
     kill_randomly,
@@ -22,15 +23,6 @@ from tests.support.worker_harness import (
     wait_for_line,
     with_duplicates,
 )
-
-# These tests check the clean stop (the batch finished, snapshots published, the group left),
-# which on a loaded machine can outlast the 10 s default bound; the bound itself is tested
-# in tests/broker/test_shutdown.py.
-SMALL_BATCHES = {
-    "METERING_BATCH_SIZE": "500",
-    "METERING_SNAPSHOT_SECONDS": "0.5",
-    "METERING_SHUTDOWN_SECONDS": "120",
-}
 
 
 def test_sigkill_at_random_points_loses_and_doubles_nothing(env: dict[str, str]) -> None:
