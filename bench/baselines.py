@@ -46,9 +46,13 @@ class Measured:
 
 
 def _consume_all(
-    bootstrap: str, topic: str, partitions: int, expected: int, batch_size: int,
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    expected: int,
+    batch_size: int,
     on_batch: Callable[[list[Message]], None],
-) -> Measured:  # fmt: skip
+) -> Measured:
     """Read ``expected`` records of ``topic`` from the start, handing each poll over."""
     started = time.perf_counter()
     conf = consumer_config(

@@ -84,8 +84,10 @@ def main() -> None:
 
         start = time.perf_counter()
         publish_usage(cfg, events(args.tenants, args.events))
-        print(f"setup: {args.tenants} tenants x {args.events} events folded and published "
-              f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
+        print(
+            f"setup: {args.tenants} tenants x {args.events} events folded and published "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
 
         first = timed_cli("bill", "--as-of", AS_OF)
         second = timed_cli("bill", "--as-of", AS_OF, "--quiet")
@@ -115,8 +117,10 @@ def main() -> None:
         f"({'PASS' if first < 30 else 'FAIL'}: target < 30 s); invoices total {total} usd"
     )
     print(f"bill again (nothing to do): {second:.2f} s")
-    print(f"in-process: read snapshot {read:.2f} s, rate + write {rate_write:.2f} s "
-          f"({args.tenants / max(rate_write, 1e-9):,.0f} invoices/s)")  # fmt: skip
+    print(
+        f"in-process: read snapshot {read:.2f} s, rate + write {rate_write:.2f} s "
+        f"({args.tenants / max(rate_write, 1e-9):,.0f} invoices/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,12 @@ from schemas.prepare import Record, prepare_batch
 def publish_usage(settings: Settings, events: Sequence[dict[str, Any]], partition: int = 0) -> None:
     """Fold ``events`` into partition ``partition``'s ledger (appending) and publish it."""
     codec = default_codec()
-    ledgers = LedgerSet(settings.ledger_dir, settings.metering_topic, lock_timeout=10,
-                        snapshot_dir=settings.snapshot_dir)  # fmt: skip
+    ledgers = LedgerSet(
+        settings.ledger_dir,
+        settings.metering_topic,
+        lock_timeout=10,
+        snapshot_dir=settings.snapshot_dir,
+    )
     try:
         ledger = ledgers.acquire(partition)
         start = ledger.next_offset or 0

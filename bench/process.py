@@ -35,9 +35,12 @@ def _tree_rss(proc: psutil.Process) -> int:
 
 
 def run_measured(
-    command: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None,
+    command: Sequence[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    cwd: Path | None = None,
     timeout: float = 3600,
-) -> ProcessRun:  # fmt: skip
+) -> ProcessRun:
     """Run ``command`` to its end (killed after ``timeout``), output to ``log_path``."""
     peak = [0]
     with log_path.open("w") as log:

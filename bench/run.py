@@ -170,9 +170,11 @@ def measure(args: argparse.Namespace, bootstrap: str, topic: str, work: Path) ->
         if run.counted != args.events or run.dead or run.duplicates:
             raise RuntimeError(f"worker counted {run.counted} of {args.events}: {run}")
         rss = run.peak_rss_bytes / GIB
-        print(f"[{round_ + 1}/{args.repeat}] (c) worker        {run.rate:>12,.0f} events/s "
-              f"({run.process_rate:,.0f} whole process), {run.cpu_seconds:.1f} s CPU, "
-              f"peak RSS {rss:.2f} GiB")  # fmt: skip
+        print(
+            f"[{round_ + 1}/{args.repeat}] (c) worker        {run.rate:>12,.0f} events/s "
+            f"({run.process_rate:,.0f} whole process), {run.cpu_seconds:.1f} s CPU, "
+            f"peak RSS {rss:.2f} GiB"
+        )
         others.round(round_, data)
         shutil.rmtree(data, ignore_errors=True)
     a = statistics.median(m.rate for m in raw)
@@ -214,8 +216,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--tenants", type=int, default=1_000)
     parser.add_argument("--partitions", type=int, default=6)
-    parser.add_argument("--preload-ids", type=int, default=0,
-                        help="dedup ids put into the worker's ledgers before (c)")  # fmt: skip
+    parser.add_argument(
+        "--preload-ids",
+        type=int,
+        default=0,
+        help="dedup ids put into the worker's ledgers before (c)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rounds of (a), (b), (c)")
     parser.add_argument(
         "--batch-size",
@@ -291,23 +297,39 @@ def report(r: dict[str, Any]) -> None:
     def line(label: str, value: str) -> None:
         print(f"  {label:<34}{value}")
 
-    print(f"\n{r['events']:,} events, {r['tenants']:,} tenants, {r['partitions']} partitions, "
-          f"{r['preload_ids']:,} preloaded dedup ids, median of {r['repeat']}")  # fmt: skip
+    print(
+        f"\n{r['events']:,} events, {r['tenants']:,} tenants, {r['partitions']} partitions, "
+        f"{r['preload_ids']:,} preloaded dedup ids, median of {r['repeat']}"
+    )
     line("(a) raw consume", f"{r['raw_consume_events_per_s']['median']:>12,} events/s")
     if "naive_events_per_s" in r:
         line("(b) naive baseline", f"{r['naive_events_per_s']['median']:>12,} events/s")
-    line("(c) pf-metering consume --drain", f"{r['worker_events_per_s']['median']:>12,} events/s"
-         "   (Kafka client created -> closed, as (a))")  # fmt: skip
-    line("    the same, whole process", f"{r['worker_process_events_per_s']['median']:>12,} "
-         "events/s   (interpreter start and imports included)")  # fmt: skip
+    line(
+        "(c) pf-metering consume --drain",
+        f"{r['worker_events_per_s']['median']:>12,} events/s"
+        "   (Kafka client created -> closed, as (a))",
+    )
+    line(
+        "    the same, whole process",
+        f"{r['worker_process_events_per_s']['median']:>12,} "
+        "events/s   (interpreter start and imports included)",
+    )
     ok = {True: "met", False: "MISSED"}
-    line("c / a", f"{r['c_over_a']:>12.2f}   (target >= 0.5: {ok[r['c_over_a_target_met']]}; "
-         f"whole process {r['c_over_a_whole_process']:.2f})")  # fmt: skip
+    line(
+        "c / a",
+        f"{r['c_over_a']:>12.2f}   (target >= 0.5: {ok[r['c_over_a_target_met']]}; "
+        f"whole process {r['c_over_a_whole_process']:.2f})",
+    )
     if "c_over_b" in r:
-        line("c / b", f"{r['c_over_b']:>12.2f}   (target >= 3: {ok[r['c_over_b_target_met']]}; "
-             f"whole process {r['c_over_b_whole_process']:.2f})")  # fmt: skip
-    line("worker peak RSS", f"{r['worker_peak_rss_gib']:>12.2f} GiB "
-         f"(target <= 1.5: {ok[r['rss_target_met']]})")  # fmt: skip
+        line(
+            "c / b",
+            f"{r['c_over_b']:>12.2f}   (target >= 3: {ok[r['c_over_b_target_met']]}; "
+            f"whole process {r['c_over_b_whole_process']:.2f})",
+        )
+    line(
+        "worker peak RSS",
+        f"{r['worker_peak_rss_gib']:>12.2f} GiB (target <= 1.5: {ok[r['rss_target_met']]})",
+    )
     line("emitter", f"{r['emitter_events_per_s']:>12,} events/s (columnar input)")
     line("emitter", f"{r['emitter_dict_events_per_s']:>12,} events/s (dict input)")
 

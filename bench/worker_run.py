@@ -76,9 +76,14 @@ def preload_seen_ids(ledger_dir: Path, topic: str, partitions: int, ids: int) ->
 
 
 def run_worker(
-    bootstrap: str, topic: str, data_dir: Path, expected: int, extra_env: dict[str, str],
-    source: Path | None = None, timeout: float = 3600,
-) -> WorkerRun:  # fmt: skip
+    bootstrap: str,
+    topic: str,
+    data_dir: Path,
+    expected: int,
+    extra_env: dict[str, str],
+    source: Path | None = None,
+    timeout: float = 3600,
+) -> WorkerRun:
     """Drain ``topic`` with a fresh worker (own group, own data dir) and measure it.
 
     ``source``: run the worker from another checkout (before/after comparisons)."""

@@ -42,8 +42,10 @@ def install(peer: Peer, force: bool = False) -> str | None:
             peer.failed_stamp.write_text(reason + "\n")
             return reason
     # precompiled once, so no run pays for bytecode compilation (the worker's venv is too)
-    subprocess.run([str(peer.python), "-m", "compileall", "-q", "-j", "2", str(peer.venv / "lib")],
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [str(peer.python), "-m", "compileall", "-q", "-j", "2", str(peer.venv / "lib")],
+        capture_output=True,
+    )
     peer.installed_stamp.write_text(wanted)
     return None
 

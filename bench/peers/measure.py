@@ -96,9 +96,23 @@ def run_peer(
     workdir = work / group
     workdir.mkdir(parents=True)
     result = workdir / "result.json"
-    command = [str(peer.python), "-m", peer.module, "--bootstrap", bootstrap, "--topic", topic,
-               "--events", str(events), "--group", group, "--workdir", str(workdir),
-               "--result", str(result)]  # fmt: skip
+    command = [
+        str(peer.python),
+        "-m",
+        peer.module,
+        "--bootstrap",
+        bootstrap,
+        "--topic",
+        topic,
+        "--events",
+        str(events),
+        "--group",
+        group,
+        "--workdir",
+        str(workdir),
+        "--result",
+        str(result),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
         run = run_measured(command, env, workdir / "peer.log", cwd=workdir)
@@ -116,9 +130,23 @@ def run_peer(
 def run_java(bootstrap: str, topic: str, events: int, work: Path) -> Sample:
     """One run of ConsumerPerformance over ``events`` records; raises unless it read all."""
     group = f"bench-java-{uuid.uuid4().hex[:8]}"
-    command = ["java", *JVM_OPTIONS, "-cp", f"{_jars()}/*", JAVA_TOOL, "--bootstrap-server",
-               bootstrap, "--topic", topic, "--messages", str(events), "--group", group,
-               "--timeout", "60000"]  # fmt: skip
+    command = [
+        "java",
+        *JVM_OPTIONS,
+        "-cp",
+        f"{_jars()}/*",
+        JAVA_TOOL,
+        "--bootstrap-server",
+        bootstrap,
+        "--topic",
+        topic,
+        "--messages",
+        str(events),
+        "--group",
+        group,
+        "--timeout",
+        "60000",
+    ]
     run = run_measured(command, dict(os.environ), work / f"{group}.log")
     lines = [line for line in run.output.splitlines() if "," in line and "SLF4J" not in line]
     rows = list(csv.reader(lines, skipinitialspace=True))
@@ -135,9 +163,14 @@ class PeerBench:
     """The peers' and the Java consumer's share of a ``make bench`` run."""
 
     def __init__(
-        self, bootstrap: str, topic: str, events: int, work: Path, names: list[str],
+        self,
+        bootstrap: str,
+        topic: str,
+        events: int,
+        work: Path,
+        names: list[str],
         peer_repeat: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.bootstrap, self.topic, self.events, self.work = bootstrap, topic, events, work
         self.peer_repeat = peer_repeat
         self.expected: Totals | None = None
@@ -147,8 +180,13 @@ class PeerBench:
             if p.name in names
         ]
         if JAVA in names:
-            java = Contender(JAVA, "Apache Kafka ConsumerPerformance", "none (reads only)",
-                             java_unavailable(), None)  # fmt: skip
+            java = Contender(
+                JAVA,
+                "Apache Kafka ConsumerPerformance",
+                "none (reads only)",
+                java_unavailable(),
+                None,
+            )
             self.contenders.append(java)
 
     def round(self, index: int, worker_data: Path) -> None:
@@ -162,13 +200,16 @@ class PeerBench:
             if c.peer is None:
                 sample = run_java(self.bootstrap, self.topic, self.events, self.work)
             else:
-                sample = run_peer(c.peer, self.bootstrap, self.topic, self.events, self.work,
-                                  self.expected)  # fmt: skip
+                sample = run_peer(
+                    c.peer, self.bootstrap, self.topic, self.events, self.work, self.expected
+                )
             c.samples.append(sample)
             s, gib = sample.run, sample.run.peak_rss_bytes / GIB
-            print(f"[{index + 1}] {c.name:<8} {self.events / s.seconds:>12,.0f} events/s whole "
-                  f"process ({self.events / sample.own_seconds:,.0f} as it times itself), "
-                  f"{s.cpu_seconds:.1f} s CPU, peak RSS {gib:.2f} GiB")  # fmt: skip
+            print(
+                f"[{index + 1}] {c.name:<8} {self.events / s.seconds:>12,.0f} events/s whole "
+                f"process ({self.events / sample.own_seconds:,.0f} as it times itself), "
+                f"{s.cpu_seconds:.1f} s CPU, peak RSS {gib:.2f} GiB"
+            )
 
     def summary(self, worker: dict[str, float]) -> dict[str, Any]:
         """Per contender: medians and ratios against ``worker`` (its median
@@ -205,16 +246,25 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     if rates:
         fastest = max(rates, key=rates.__getitem__)
         ratio = peers[fastest]["worker_over_it_whole_process"]
-        found["worker_over_fastest_peer"] = {"peer": fastest, "value": ratio, "target": 10,
-                                             "met": ratio >= 10}  # fmt: skip
+        found["worker_over_fastest_peer"] = {
+            "peer": fastest,
+            "value": ratio,
+            "target": 10,
+            "met": ratio >= 10,
+        }
     if "rounds" in peers.get(JAVA, {}):
         java = peers[JAVA]
         for key in ("worker_over_it_whole_process", "worker_over_it_own_timing"):
             found[f"worker_over_java_{key.removeprefix('worker_over_it_')}"] = {
-                "value": java[key], "target": 0.8, "met": java[key] >= 0.8}  # fmt: skip
+                "value": java[key],
+                "target": 0.8,
+                "met": java[key] >= 0.8,
+            }
     raw = result["raw_consume_events_per_s"]["median"]
-    for key, value, target in (("c_over_a_whole_process", worker / raw, 0.5),
-                               ("c_over_a", result["c_over_a"], 0.65)):  # fmt: skip
+    for key, value, target in (
+        ("c_over_a_whole_process", worker / raw, 0.5),
+        ("c_over_a", result["c_over_a"], 0.65),
+    ):
         found[key] = {"value": round(value, 3), "target": target, "met": value >= target}
     return found
 
@@ -222,12 +272,16 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> None:
     """Print the peers' table and the targets."""
     events = result["events"]
-    print(f"\n  {'':<10}{'events/s':>12}{'own timing':>12}{'CPU s/M':>9}{'RSS GiB':>9}"
-          f"{'worker/it':>11}  (whole process; own timing: client created -> done)")  # fmt: skip
+    print(
+        f"\n  {'':<10}{'events/s':>12}{'own timing':>12}{'CPU s/M':>9}{'RSS GiB':>9}"
+        f"{'worker/it':>11}  (whole process; own timing: client created -> done)"
+    )
     cpu = statistics.median(result["worker_cpu_seconds"]) * MILLION / events
-    print(f"  {'worker':<10}{result['worker_process_events_per_s']['median']:>12,}"
-          f"{result['worker_events_per_s']['median']:>12,}{cpu:>9.2f}"
-          f"{result['worker_peak_rss_gib']:>9.2f}")  # fmt: skip
+    print(
+        f"  {'worker':<10}{result['worker_process_events_per_s']['median']:>12,}"
+        f"{result['worker_events_per_s']['median']:>12,}{cpu:>9.2f}"
+        f"{result['worker_peak_rss_gib']:>9.2f}"
+    )
     for name, p in result["peers"].items():
         if "rounds" not in p:
             print(f"  {name:<10}{p['status']}")

@@ -72,10 +72,12 @@ def test_a_snapshot_that_saw_data_keeps_even_a_header_sized_ledger(tmp_path: Pat
     full = data_ledger(tmp_path / "source")
     path = tmp_path / "p-0000.duckdb"
     manifest = tmp_path / "p-0000.manifest.json"
-    for text, aside in (('{"topic": "t", "partition": 0, "next_offset": 1, "published_at": 1}',
-                         False), ("[1, 2]", False), ("{}", False),
-                        ('{"topic": "t", "partition": 0, "next_offset": 0, "published_at": 1}',
-                         True)):  # fmt: skip
+    for text, aside in (
+        ('{"topic": "t", "partition": 0, "next_offset": 1, "published_at": 1}', False),
+        ("[1, 2]", False),
+        ("{}", False),
+        ('{"topic": "t", "partition": 0, "next_offset": 0, "published_at": 1}', True),
+    ):
         path.write_bytes(full[:4096])
         manifest.write_text(text)
         assert set_aside_torn_ledger(path, manifest) is aside, text
@@ -120,7 +122,7 @@ def test_a_damaged_manifest_is_skipped_by_every_reader(pfm: Cli, data_env: dict[
             ["bill", "--as-of", "2025-02-01T02:00:00Z"],
         ):
             run = pfm(*args)
-            assert run.code == 0, (name, args, run.err)  # fmt: skip
+            assert run.code == 0, (name, args, run.err)
     assert pfm("usage", "acme", "2025-01", "-f", "json").json()["events"] == 1
 
 

@@ -32,8 +32,10 @@ JAN_2025 = 1_736_000_000_000_000  # 2025-01-04
 def tiny_input() -> list[dict[str, Any]]:
     """400 events, then 40 of them again (same ids), and 30 in January 2025."""
     events: list[dict[str, Any]] = synthetic_events(400, 7).to_dicts()
-    old = [{**e, "event_id": f"old-{i}", "occurred_at": JAN_2025 + i} for i, e in
-           enumerate(events[:30])]  # fmt: skip
+    old = [
+        {**e, "event_id": f"old-{i}", "occurred_at": JAN_2025 + i}
+        for i, e in enumerate(events[:30])
+    ]
     return [*events, *events[::10], *old]
 
 
@@ -50,10 +52,13 @@ def reference(events: list[dict[str, Any]]) -> Totals:
     totals: Totals = {}
     for (tenant, period), t in fold_totals(events).items():
         key, scores = f"{tenant}/{period}", risks.get(f"{tenant}/{period}", [])
-        totals[key] = {"events": t.events, "sessions": len(t.sessions),
-                       **{c: t.counters[c] for c in COUNTERS},
-                       "risk_score_max": max(scores, default=None),
-                       "risk_score_avg": sum(scores) / len(scores) if scores else None}  # fmt: skip
+        totals[key] = {
+            "events": t.events,
+            "sessions": len(t.sessions),
+            **{c: t.counters[c] for c in COUNTERS},
+            "risk_score_max": max(scores, default=None),
+            "risk_score_avg": sum(scores) / len(scores) if scores else None,
+        }
     return totals
 
 

@@ -23,9 +23,18 @@ ORIGINAL = {  # the original tool's tiers, column by column
     "enterprise": ("Enterprise", "500.00", "0.00000006", "0.03", "0.0005", "0.005", "0.003",
                    "0.001", "0.0005", "0.50", "0.8", (18_000_000, 20_000, 200_000, 20_000, 10_000)),
 }  # fmt: skip
-PRICES = ("base_price_usd", "cpu_price_per_ms", "network_price_per_mb", "api_call_price",
-          "tool_execution_price", "data_retrieval_price", "egress_scan_price",
-          "policy_check_price", "violation_price", "risk_multiplier")  # fmt: skip
+PRICES = (
+    "base_price_usd",
+    "cpu_price_per_ms",
+    "network_price_per_mb",
+    "api_call_price",
+    "tool_execution_price",
+    "data_retrieval_price",
+    "egress_scan_price",
+    "policy_check_price",
+    "violation_price",
+    "risk_multiplier",
+)
 QUOTAS = ("cpu_ms", "network_mb", "api_calls", "tool_executions", "data_retrievals")
 
 

@@ -109,12 +109,16 @@ def test_no_secret_in_any_output_of_a_full_flow(
     (doc,) = said.cli(pfm, "invoices", "acme-sec", "-f", "json").json()
     assert doc["stripe_invoice_id"] and fake_stripe.calls
     assert fake_stripe.calls[0].headers["authorization"] == f"Bearer {API_KEY}"  # it was used
-    for args in (["invoices", "acme-sec", "-o", f"{out}/invoices.json"],
-                 ["generate-invoice", "acme-sec", "2025-01", "-o", f"{out}/inv.json"],
-                 ["usage", "acme-sec", "2025-01", "-f", "csv", "-o", f"{out}/usage.csv"],
-                 ["export-metrics", "-o", f"{out}/metrics.prom"], ["tiers", "-o", f"{out}/t.json"],
-                 ["tenants", "list", "-f", "json"], ["dead-letters", "-f", "json"],
-                 ["sql", "SELECT * FROM usage", "-f", "csv", "-o", f"{out}/q.csv"]):  # fmt: skip
+    for args in (
+        ["invoices", "acme-sec", "-o", f"{out}/invoices.json"],
+        ["generate-invoice", "acme-sec", "2025-01", "-o", f"{out}/inv.json"],
+        ["usage", "acme-sec", "2025-01", "-f", "csv", "-o", f"{out}/usage.csv"],
+        ["export-metrics", "-o", f"{out}/metrics.prom"],
+        ["tiers", "-o", f"{out}/t.json"],
+        ["tenants", "list", "-f", "json"],
+        ["dead-letters", "-f", "json"],
+        ["sql", "SELECT * FROM usage", "-f", "csv", "-o", f"{out}/q.csv"],
+    ):
         said.cli(pfm, *args)
 
     server, url = serve_webhooks(flow)

@@ -60,7 +60,7 @@ def test_control_characters_are_escaped_and_secrets_redacted_first(
             stripe_webhook_secret=SECRETS[2],
         )
     )
-    log = logging.getLogger("pf_metering.test")  # fmt: skip
+    log = logging.getLogger("pf_metering.test")
     log.warning("event %s rejected", HOSTILE)
     log.info("keys %s | %s | %s", *SECRETS)
     try:
@@ -88,24 +88,38 @@ def test_control_characters_are_escaped_and_secrets_redacted_first(
 
 
 def test_webhook_request_lines_and_event_ids_are_logged_escaped(tmp_path: Path) -> None:
-    env = {**os.environ, "METERING_DATA_DIR": str(tmp_path / "data"), "LOG_LEVEL": "DEBUG",
-           "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET}  # fmt: skip
-    server = subprocess.Popen([str(BIN), "webhooks", "serve", "--port", "0"], env=env,
-                              stderr=subprocess.PIPE)  # fmt: skip
+    env = {
+        **os.environ,
+        "METERING_DATA_DIR": str(tmp_path / "data"),
+        "LOG_LEVEL": "DEBUG",
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
+    server = subprocess.Popen(
+        [str(BIN), "webhooks", "serve", "--port", "0"], env=env, stderr=subprocess.PIPE
+    )
     assert server.stderr is not None
     url = server.stderr.readline().decode().split()[-1]
     host, port = url.removeprefix("http://").split(":")
     try:
-        for line, status in ((b"GET /\x1b[31mred HTTP/1.1", b" 404 "),
-                             (b"GET /x\rforged HTTP/1.1", b" 400 ")):  # fmt: skip
+        for line, status in (
+            (b"GET /\x1b[31mred HTTP/1.1", b" 404 "),
+            (b"GET /x\rforged HTTP/1.1", b" 400 "),
+        ):
             with socket.create_connection((host, int(port)), timeout=30) as sock:
                 sock.sendall(line + b"\r\nHost: x\r\n\r\n")
                 assert status in sock.recv(1024), line
-        payload = json.dumps({"id": "evt_\x1b[2J\rx", "type": "invoice.paid",
-                              "data": {"object": {"id": "in_\u202e"}}}).encode()  # fmt: skip
+        payload = json.dumps(
+            {
+                "id": "evt_\x1b[2J\rx",
+                "type": "invoice.paid",
+                "data": {"object": {"id": "in_\u202e"}},
+            }
+        ).encode()
         signature = stripe_signature(payload, WEBHOOK_SECRET, int(time.time()))
-        head = (f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nStripe-Signature: {signature}\r\n"
-                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+        head = (
+            f"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nStripe-Signature: {signature}\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+        )
         with socket.create_connection((host, int(port)), timeout=30) as sock:
             sock.sendall(head.encode() + payload)
             assert sock.recv(1024).startswith(b"HTTP/1.1 200")

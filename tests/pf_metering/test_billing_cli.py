@@ -44,8 +44,13 @@ def test_usage_formats_zeros_and_errors(pfm: Cli, tmp_path: Path) -> None:
     assert data["events"] == 2 and data["api_calls"] == 107 and data["cpu_ms"] == 3_600_000
     assert data["risk_score_avg"] == pytest.approx(0.25) and data["tier"] == "basic"
     cpu = next(q for q in data["quotas"] if q["quota"] == "cpu_ms")
-    assert cpu == {"quota": "cpu_ms", "used": "3600000", "limit": "3600000",
-                   "utilisation_pct": "100.00", "exceeded": False}  # fmt: skip
+    assert cpu == {
+        "quota": "cpu_ms",
+        "used": "3600000",
+        "limit": "3600000",
+        "utilisation_pct": "100.00",
+        "exceeded": False,
+    }
     assert "usage data as of" in run.err  # freshness on stderr
 
     table = pfm("usage", "acme_corp", "2025-01")
@@ -108,8 +113,13 @@ def test_bill_generate_and_list_invoices(pfm: Cli, tmp_path: Path) -> None:
     ]  # fmt: skip
     assert doc["total"] == "53.66" and doc["subtotal"] == "53.66" and doc["currency"] == "usd"
     cpu = doc["lines"][1]
-    assert cpu == {"code": "cpu", "description": "CPU time (ms)", "quantity": "3600000",
-                   "unit_price": "0.0000001", "amount": "0.36"}  # fmt: skip
+    assert cpu == {
+        "code": "cpu",
+        "description": "CPU time (ms)",
+        "quantity": "3600000",
+        "unit_price": "0.0000001",
+        "amount": "0.36",
+    }
     assert doc["status"] == "overdue"  # finalized, unpaid, due 2025-03-03
     assert doc["due_date"].startswith("2025-03-03") and doc["period_end"].startswith("2025-02-01")
     assert doc["computed_from"]["usage"]["cpu_ms"] == 3_600_000
@@ -122,9 +132,16 @@ def test_bill_generate_and_list_invoices(pfm: Cli, tmp_path: Path) -> None:
     assert [i["period"] for i in invoices] == ["2025-01", "2025-02"]
     assert invoices[0]["invoice_id"] == doc["invoice_id"] and invoices[0]["total"] == "53.66"
     late = [ln for ln in invoices[1]["lines"] if ln["code"] == "late_usage"]
-    assert late == [{"code": "late_usage", "description": "late usage for 2025-01 (basic): "
-                     "api_calls +1000", "quantity": "1", "unit_price": "1.00",
-                     "amount": "1.00", "period": "2025-01"}]  # fmt: skip
+    assert late == [
+        {
+            "code": "late_usage",
+            "description": "late usage for 2025-01 (basic): api_calls +1000",
+            "quantity": "1",
+            "unit_price": "1.00",
+            "amount": "1.00",
+            "period": "2025-01",
+        }
+    ]
     assert invoices[1]["total"] == "51.00"
     table = pfm("invoices", "acme")
     assert "2025-01: 1.00" in table.out and doc["invoice_id"] in table.out

@@ -82,10 +82,13 @@ class Books:
 def books(stored_books: Path, pfm: Cli, monkeypatch: pytest.MonkeyPatch) -> Books:
     """The shared books, with secrets in the environment and no broker (nothing here may
     reach one)."""
-    for name, value in (("METERING_DATA_DIR", str(stored_books)),
-                        ("STRIPE_SECRET_KEY", API_KEY), ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET),
-                        ("KAFKA_SASL_PASSWORD", SASL_PASSWORD),
-                        ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")):  # fmt: skip
+    for name, value in (
+        ("METERING_DATA_DIR", str(stored_books)),
+        ("STRIPE_SECRET_KEY", API_KEY),
+        ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET),
+        ("KAFKA_SASL_PASSWORD", SASL_PASSWORD),
+        ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9"),
+    ):
         monkeypatch.setenv(name, value)
     return Books(stored_books, pfm, stored(stored_books))
 
@@ -107,12 +110,29 @@ def stored(data_dir: Path) -> dict[str, str]:
     return out
 
 
-BAD_PERIODS = ["2025-13", "2025-1", "25-01", "2025-00", "2025/01", "2025-01-01", "", " ",
-               "abcd-ef", "1969-12", "0000-01", "2025-01; DROP TABLE invoices", "+2025-01",
-               "2025-01\n2025-02", "2025-0\uff11"]  # fmt: skip
-PERIOD_COMMANDS = [["usage", "acme", "{}"], ["generate-invoice", "acme", "{}"],
-                   ["tenants", "set-tier", "acme", "basic", "--from", "{}"],
-                   ["simulate-usage", "acme", "1", "--period", "{}"]]  # fmt: skip
+BAD_PERIODS = [
+    "2025-13",
+    "2025-1",
+    "25-01",
+    "2025-00",
+    "2025/01",
+    "2025-01-01",
+    "",
+    " ",
+    "abcd-ef",
+    "1969-12",
+    "0000-01",
+    "2025-01; DROP TABLE invoices",
+    "+2025-01",
+    "2025-01\n2025-02",
+    "2025-0\uff11",
+]
+PERIOD_COMMANDS = [
+    ["usage", "acme", "{}"],
+    ["generate-invoice", "acme", "{}"],
+    ["tenants", "set-tier", "acme", "basic", "--from", "{}"],
+    ["simulate-usage", "acme", "1", "--period", "{}"],
+]
 
 
 def test_malformed_periods(books: Books) -> None:
@@ -127,14 +147,31 @@ def test_a_period_in_other_digits_is_malformed(books: Books) -> None:
     books.refused(["usage", "acme", "٢٠٢٥-01"], "invalid period")
 
 
-INJECTIONS = ["x' OR '1'='1", "acme'; DROP TABLE invoices; --", 'acme" OR 1=1 --',
-              "' UNION SELECT * FROM invoices --", "acme%", "acme;", "../../etc/passwd",
-              "a" * 129,
-              "", "acme\x00", "acme\r", "\uff41cme", "acme\u202e", "acme/*", "acme)"]  # fmt: skip
-TENANT_COMMANDS = [["usage", "{}", "2025-01"], ["invoices", "{}"],
-                   ["generate-invoice", "{}", "2025-01"], ["tenants", "add", "{}"],
-                   ["tenants", "set-tier", "{}", "basic"],
-                   ["simulate-usage", "{}", "1"]]  # fmt: skip
+INJECTIONS = [
+    "x' OR '1'='1",
+    "acme'; DROP TABLE invoices; --",
+    'acme" OR 1=1 --',
+    "' UNION SELECT * FROM invoices --",
+    "acme%",
+    "acme;",
+    "../../etc/passwd",
+    "a" * 129,
+    "",
+    "acme\x00",
+    "acme\r",
+    "\uff41cme",
+    "acme\u202e",
+    "acme/*",
+    "acme)",
+]
+TENANT_COMMANDS = [
+    ["usage", "{}", "2025-01"],
+    ["invoices", "{}"],
+    ["generate-invoice", "{}", "2025-01"],
+    ["tenants", "add", "{}"],
+    ["tenants", "set-tier", "{}", "basic"],
+    ["simulate-usage", "{}", "1"],
+]
 
 
 def test_sql_injection_through_tenant_ids(books: Books) -> None:
@@ -144,9 +181,12 @@ def test_sql_injection_through_tenant_ids(books: Books) -> None:
 
 
 def test_unknown_tenants_and_tiers(books: Books) -> None:
-    for args in (["usage", "ghost", "2025-01"], ["invoices", "ghost"],
-                 ["generate-invoice", "ghost", "2025-01"],
-                 ["tenants", "set-tier", "ghost", "basic"]):  # fmt: skip
+    for args in (
+        ["usage", "ghost", "2025-01"],
+        ["invoices", "ghost"],
+        ["generate-invoice", "ghost", "2025-01"],
+        ["tenants", "set-tier", "ghost", "basic"],
+    ):
         books.refused(args, "unknown tenant 'ghost'")
     for tier in ("gold", "Basic", "basic'; DROP TABLE tenants; --", ""):
         books.refused(["tenants", "add", "delta", "--tier", tier], "unknown tier")
@@ -154,9 +194,12 @@ def test_unknown_tenants_and_tiers(books: Books) -> None:
 
 
 def test_other_bad_options(books: Books) -> None:
-    for as_of, fragment in (("yesterday", "invalid --as-of"),
-                            ("2025-13-01", "invalid --as-of"), ("0001-01-01", "before 1970"),
-                            ("2999-01-01", "in the future")):  # fmt: skip
+    for as_of, fragment in (
+        ("yesterday", "invalid --as-of"),
+        ("2025-13-01", "invalid --as-of"),
+        ("0001-01-01", "before 1970"),
+        ("2999-01-01", "in the future"),
+    ):
         books.refused(["bill", "--as-of", as_of], fragment)
     books.refused(["usage", "acme", "2025-01", "-f", "xml"], "'xml' is not one of")
     books.refused(["invoices", "acme", "-o", "/nonexistent/x.json"], "does not exist")
@@ -176,11 +219,14 @@ BROKEN_TIERS = {
     "price as text": (CUSTOM.replace("api_call_price = 0.001", 'api_call_price = "cheap"'),
                       "tiers.startup.api_call_price"),
 }  # fmt: skip
-TIER_COMMANDS = [["tiers"], ["usage", "acme", "2025-01"],
-                 ["generate-invoice", "beta.eu", "2025-02"],
-                 ["bill", "--as-of", "2025-04-01T02:00:00Z"],
-                 ["tenants", "add", "delta", "--tier", "basic"],
-                 ["tenants", "set-tier", "acme", "basic"]]  # fmt: skip
+TIER_COMMANDS = [
+    ["tiers"],
+    ["usage", "acme", "2025-01"],
+    ["generate-invoice", "beta.eu", "2025-02"],
+    ["bill", "--as-of", "2025-04-01T02:00:00Z"],
+    ["tenants", "add", "delta", "--tier", "basic"],
+    ["tenants", "set-tier", "acme", "basic"],
+]
 
 
 @pytest.mark.parametrize("kind", [*BROKEN_TIERS, "not UTF-8"])

@@ -32,8 +32,12 @@ def test_sql_cells_and_column_names_with_markup_show_as_they_are(pfm: Cli) -> No
 def test_tier_display_names_show_as_text_escaped(
     pfm: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    names = {"[/]x": "[/]x", "\x1b[31mred\x1b[0m": "\\x1b[31mred\\x1b[0m",
-             "pay\u202eusd": "pay\\u202eusd", "a[foo]b[/foo]": "a[foo]b[/foo]"}  # fmt: skip
+    names = {
+        "[/]x": "[/]x",
+        "\x1b[31mred\x1b[0m": "\\x1b[31mred\\x1b[0m",
+        "pay\u202eusd": "pay\\u202eusd",
+        "a[foo]b[/foo]": "a[foo]b[/foo]",
+    }
     for name, shown in names.items():
         path = tmp_path / "tiers.toml"
         path.write_text(CUSTOM.replace('"Startup"', '"' + name.replace("\x1b", "\\u001b") + '"'))

@@ -152,9 +152,20 @@ def test_column_types() -> None:
 
 
 def _record(**overrides: Any) -> dict[str, Any]:
-    base = {"n": None, "b": True, "i": -7, "l": 2**40, "f": 1.5, "d": -2.25,
-            "s": "a string longer than twelve bytes", "y": b"\x00\xff", "ns": "short",
-            "ln": None, "nd": 0.5, "nb": None}  # fmt: skip
+    base = {
+        "n": None,
+        "b": True,
+        "i": -7,
+        "l": 2**40,
+        "f": 1.5,
+        "d": -2.25,
+        "s": "a string longer than twelve bytes",
+        "y": b"\x00\xff",
+        "ns": "short",
+        "ln": None,
+        "nd": 0.5,
+        "nb": None,
+    }
     return {**base, **overrides}
 
 
@@ -188,8 +199,11 @@ def _long(n: int) -> bytes:
 
 def _with_field(name: str, raw: bytes) -> bytes:
     """A record whose field ``name`` (``i``, ``l`` or ``b``) is encoded as ``raw``."""
-    marker = {"i": ("i", 0x3FFF, _long(0x3FFF)), "l": ("l", 0x1FFFF, _long(0x1FFFF)),
-              "b": ("b", True, b"\x01")}[name]  # fmt: skip
+    marker = {
+        "i": ("i", 0x3FFF, _long(0x3FFF)),
+        "l": ("l", 0x1FFFF, _long(0x1FFFF)),
+        "b": ("b", True, b"\x01"),
+    }[name]
     value = encode(_record(**{marker[0]: marker[1]}, y=b"", s=""))
     # n takes no bytes, then b (one byte), i (-7 unless replaced), l
     at = len(HEADER) + {"b": 0, "i": 1, "l": 1 + len(_long(-7))}[name]

@@ -29,5 +29,12 @@ def make_event(tenant: str = "acme-corp", **overrides: Any) -> dict[str, Any]:
 
 
 # Rich markup and emoji codes, as data would carry them (keys, cells, names)
-MARKUP = ["evil[/red]", "x[foo]hidden[/foo]y", "[/]", "[bold]b[/bold]", "[link=http://x]y[/link]",
-          ":thumbs_up:", "[red]"]  # fmt: skip
+MARKUP = [
+    "evil[/red]",
+    "x[foo]hidden[/foo]y",
+    "[/]",
+    "[bold]b[/bold]",
+    "[link=http://x]y[/link]",
+    ":thumbs_up:",
+    "[red]",
+]

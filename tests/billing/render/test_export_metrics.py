@@ -50,8 +50,12 @@ def test_export_metrics_parses_and_matches_usage(pfm: Cli, tmp_path: Path) -> No
         for s in f.samples
     }
     seen = {(t, p) for _, t, p in samples}
-    assert seen == {("acme_corp", "2025-01"), ("acme_corp", "2025-02"),
-                    ("a.b:c-d_e", "2025-01"), ("plain", "2025-01")}  # fmt: skip
+    assert seen == {
+        ("acme_corp", "2025-01"),
+        ("acme_corp", "2025-02"),
+        ("a.b:c-d_e", "2025-01"),
+        ("plain", "2025-01"),
+    }
     for tenant, period in seen:
         usage = json.loads(pfm("usage", tenant, period, "-f", "json").out)
         for counter in COUNTERS:

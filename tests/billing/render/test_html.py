@@ -184,9 +184,16 @@ def assert_not_blank(png: Path) -> None:
 
 def _invoice(status: InvoiceStatus = InvoiceStatus.finalized) -> Invoice:
     tiers = load_tiers(None)
-    usage = {"cpu_ms": 3_600_000, "network_bytes": 1_234_567_890, "api_calls": 52_000,
-             "tool_executions": 900, "data_retrievals": 4_000, "egress_scans": 1_300,
-             "policy_checks": 80_000, "violations": 12}  # fmt: skip
+    usage = {
+        "cpu_ms": 3_600_000,
+        "network_bytes": 1_234_567_890,
+        "api_calls": 52_000,
+        "tool_executions": 900,
+        "data_retrievals": 4_000,
+        "egress_scans": 1_300,
+        "policy_checks": 80_000,
+        "violations": 12,
+    }
     late = LateUsage(
         Billed(NASTY, "2025-01", "basic", Usage(cpu_ms=100), "INV-1", None),
         tiers["basic"],

@@ -39,8 +39,12 @@ def test_a_non_ascii_signature_or_a_deeply_nested_body_gets_a_400(endpoint: Endp
 def test_a_data_dir_that_is_a_file_gets_a_500(billing: LocalBilling, tmp_path: Path) -> None:
     not_a_dir = tmp_path / "data"
     not_a_dir.write_text("a file")
-    app = WebhookApp(WEBHOOK_SECRET, billing.store, lambda: billing_db(not_a_dir / "billing.duckdb",
-                     1.0), clock=lambda: NOW)  # fmt: skip
+    app = WebhookApp(
+        WEBHOOK_SECRET,
+        billing.store,
+        lambda: billing_db(not_a_dir / "billing.duckdb", 1.0),
+        clock=lambda: NOW,
+    )
     with serving(WebhookServer(("127.0.0.1", 0), app)) as server:
         payload = event("evt_1", "invoice.paid", "in_acme01", PAST_DUE)
         status, body = post(server.url, payload, stripe_signature(payload, WEBHOOK_SECRET, T))
@@ -64,8 +68,9 @@ def serving(server: WebhookServer) -> Iterator[WebhookServer]:
 def quick_fixture(billing: LocalBilling) -> Iterator[WebhookServer]:
     """A server whose requests must arrive within 1 s, 4 connections at most."""
     app = WebhookApp(WEBHOOK_SECRET, billing.store, billing.connect, clock=lambda: NOW)
-    with serving(WebhookServer(("127.0.0.1", 0), app, max_connections=4,
-                               request_timeout=1.0)) as server:  # fmt: skip
+    with serving(
+        WebhookServer(("127.0.0.1", 0), app, max_connections=4, request_timeout=1.0)
+    ) as server:
         yield server
 
 
@@ -146,8 +151,11 @@ os.execv(sys.argv[1], sys.argv[1:])
 
 
 def test_a_thousand_held_connections_do_not_keep_a_valid_request_out(tmp_path: Path) -> None:
-    env = {**os.environ, "METERING_DATA_DIR": str(tmp_path / "data"),
-           "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET}  # fmt: skip
+    env = {
+        **os.environ,
+        "METERING_DATA_DIR": str(tmp_path / "data"),
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
     server = subprocess.Popen(
         [sys.executable, "-c", _FILE_LIMITED, str(BIN), "webhooks", "serve", "--port", "0"],
         env=env, stderr=subprocess.PIPE, text=True,

@@ -15,8 +15,17 @@ def test_bench_runs_and_writes_its_results(
 ) -> None:
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
     out = tmp_path / "bench-results.json"
-    argv = ["--events", "3000", "--tenants", "20", "--preload-ids", "5000", "--skip-bill",
-            "--peers", "java"]  # fmt: skip
+    argv = [
+        "--events",
+        "3000",
+        "--tenants",
+        "20",
+        "--preload-ids",
+        "5000",
+        "--skip-bill",
+        "--peers",
+        "java",
+    ]
     results = run.main([*argv, "--output", str(out)])
     assert json.loads(out.read_text()) == results
     rates = (

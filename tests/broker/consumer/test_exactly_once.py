@@ -46,9 +46,9 @@ def ledger_rows(env: dict[str, str], sql: str) -> list[tuple[Any, ...]]:
         metering_data_dir=env["METERING_DATA_DIR"], metering_topic=env["METERING_TOPIC"]
     )
     rows: list[tuple[Any, ...]] = []
-    for path in sorted(ledger_path(settings.ledger_dir, settings.metering_topic, 0).parent.glob(
-        "p-*.duckdb"
-    )):  # fmt: skip
+    for path in sorted(
+        ledger_path(settings.ledger_dir, settings.metering_topic, 0).parent.glob("p-*.duckdb")
+    ):
         con = duckdb.connect(str(path), read_only=True)
         try:
             rows += con.execute(sql).fetchall()
@@ -77,8 +77,12 @@ def test_every_producer_and_key_counts_each_event_once(env: dict[str, str]) -> N
     elsewhere = random_events(300, tenants=14, seed=22)
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
     for e in elsewhere:
-        producer.produce(topic, codec.encode(e), e["tenant_id"].encode(),
-                         partition=wrong_partition(e["tenant_id"]))  # fmt: skip
+        producer.produce(
+            topic,
+            codec.encode(e),
+            e["tenant_id"].encode(),
+            partition=wrong_partition(e["tenant_id"]),
+        )
     foreign = random_events(7, tenants=3, seed=23)
     for e in foreign:
         producer.produce(topic, codec.encode(e), b"someone-else")

@@ -126,10 +126,14 @@ def test_readers_work_while_a_worker_runs(env: dict[str, str]) -> None:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         text = body.decode()
         for name in (
-            "pf_events_consumed_total", "pf_events_counted_total", "pf_events_duplicate_total",
-            "pf_events_dead_lettered_total", "pf_batch_duration_seconds_bucket",
-            "pf_consumer_lag", "pf_last_commit_timestamp_seconds",
-        ):  # fmt: skip
+            "pf_events_consumed_total",
+            "pf_events_counted_total",
+            "pf_events_duplicate_total",
+            "pf_events_dead_lettered_total",
+            "pf_batch_duration_seconds_bucket",
+            "pf_consumer_lag",
+            "pf_last_commit_timestamp_seconds",
+        ):
             assert name in text, name
         assert f"pf_events_counted_total {float(len(events))}" in text
     finally:

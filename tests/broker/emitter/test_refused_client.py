@@ -24,8 +24,14 @@ BAD_SASL = {
 def test_simulate_usage_logs_librdkafka_and_fails_when_refused(
     env: dict[str, str], fmt: str
 ) -> None:
-    run = run_cli("simulate-usage", "acme", "2", "--quiet", timeout=90,
-                  env={**env, **BAD_SASL, "LOG_FORMAT": fmt})  # fmt: skip
+    run = run_cli(
+        "simulate-usage",
+        "acme",
+        "2",
+        "--quiet",
+        timeout=90,
+        env={**env, **BAD_SASL, "LOG_FORMAT": fmt},
+    )
     assert_user_error(run, "KAFKA_BOOTSTRAP_SERVERS")  # the broker check or the refused flush
     assert "SASL SCRAM-SHA-512" in run.stderr.splitlines()[-1]
     lines = [line for line in run.stderr.splitlines() if line.strip()]

@@ -13,8 +13,11 @@ from tests.support.worker_harness import drain, produce_raw
 
 
 def test_dead_letter_keys_with_markup_show_as_they_are(env: dict[str, str], pfm: Cli) -> None:
-    produce_raw(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"],
-                [(key.encode(), b"not avro") for key in MARKUP])  # fmt: skip
+    produce_raw(
+        env["KAFKA_BOOTSTRAP_SERVERS"],
+        env["METERING_TOPIC"],
+        [(key.encode(), b"not avro") for key in MARKUP],
+    )
     drain(env)
     for _ in range(2):  # and on every later run
         table = pfm("dead-letters")
@@ -29,8 +32,11 @@ FORMULAS = ['=HYPERLINK("http://x","y")', "+1+1", "-2+3", "@SUM(A1)", "=1"]
 
 
 def test_csv_cells_never_start_a_formula(env: dict[str, str], pfm: Cli) -> None:
-    produce_raw(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"],
-                [(key.encode(), b"not avro") for key in FORMULAS])  # fmt: skip
+    produce_raw(
+        env["KAFKA_BOOTSTRAP_SERVERS"],
+        env["METERING_TOPIC"],
+        [(key.encode(), b"not avro") for key in FORMULAS],
+    )
     drain(env)
     letters = list(csv.DictReader(io.StringIO(pfm("dead-letters", "-f", "csv").out)))
     assert sorted(row["key"] for row in letters) == sorted("'" + key for key in FORMULAS)
