@@ -7,7 +7,7 @@ STRIPE_MOCK_VERSION := v0.197.0
 PROMTOOL_VERSION := v0.316.0
 export PATH := $(CURDIR)/.cache/bin:$(PATH)
 
-.PHONY: install lint test demo bench bench-peers soak kafka kafka-stop stripe-mock promtool clean
+.PHONY: install lint test demo bench bench-peers soak kafka kafka-stop postgres postgres-stop stripe-mock promtool clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock schemas/_native_decoder.c
 	@test -x $(UV) || $(BIN)/pip install -q uv==0.13.8
 	$(UV) pip sync -q --python $(BIN)/python requirements.lock
 	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
+	@# PostgreSQL's server binaries for deploy/local-postgres (cluster mode), apt-get once.
+	@deploy/local-postgres install || echo "warning: no PostgreSQL server binaries; cluster-mode tests need them"
 	@# PYTHONDONTWRITEBYTECODE may be set: precompile once so every CLI start is fast.
 	@$(BIN)/python -m compileall -q -j 2 $(VENV)/lib > /dev/null 2>&1 || true
 	@touch $@
@@ -49,6 +51,12 @@ kafka: install
 
 kafka-stop:
 	deploy/local-kafka stop
+
+postgres: install
+	deploy/local-postgres start
+
+postgres-stop:
+	deploy/local-postgres stop
 
 test: install lint stripe-mock promtool
 	deploy/ensure-chromium > /dev/null

@@ -35,3 +35,8 @@ class StorageError(OperationError):
 
 class LedgerError(StorageError):
     """A partition's ledger cannot be opened or a batch could not be committed to it."""
+
+
+class CatalogError(StorageError):
+    """Cluster mode's DuckLake (its PostgreSQL catalog or its data path) cannot be reached or
+    used; the message names ``METERING_CATALOG`` or ``METERING_LAKE_PATH``, never a password."""

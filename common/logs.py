@@ -23,8 +23,11 @@ def secrets_of(settings: Settings) -> list[str]:
         settings.stripe_webhook_secret,
         settings.kafka_sasl_password,
         settings.kafka_ssl_key_password,
+        settings.aws_secret_access_key,
+        settings.aws_session_token,
     ]
-    return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+    found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+    return found + [p for p in [settings.catalog_password()] if p]
 
 
 def redact(text: str, secrets: list[str]) -> str:

@@ -7,8 +7,9 @@ import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ConfigError
@@ -20,6 +21,8 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 DURATION_FORMS = "a duration such as 90s, 30m, 2h, 1d (a plain number is seconds) or ISO 8601 PT1H"
 SECURITY_PROTOCOLS = ("plaintext", "ssl", "sasl_plaintext", "sasl_ssl")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
+CATALOG_FORM = "a PostgreSQL URI postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?OPTIONS]"
+LAKE_PATH_FORMS = "a directory or s3://BUCKET/PREFIX"
 
 
 def parse_duration(value: Any) -> Any:
@@ -32,6 +35,25 @@ def parse_duration(value: Any) -> Any:
         if not re.fullmatch(r"\s*-?P[0-9TWDHMS.,]+\s*", value.upper()):
             raise ValueError(f"expected {DURATION_FORMS}")
     return value
+
+
+def catalog_parts(uri: str) -> tuple[str, str | None]:
+    """``uri`` (a PostgreSQL URI) shown without its password, and the password (or None).
+    Raises ValueError naming the accepted form (never echoing ``uri``) if it is not one."""
+    try:
+        parts = urlsplit(uri.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"expected {CATALOG_FORM}") from exc
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+        raise ValueError(f"expected {CATALOG_FORM}")
+    if not parts.path.strip("/"):
+        raise ValueError(f"expected {CATALOG_FORM} (the database is missing)")
+    user = f"{unquote(parts.username)}@" if parts.username else ""
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    shown = f"postgresql://{user}{host}{f':{port}' if port else ''}{parts.path}"
+    password = unquote(parts.password) if parts.password else None
+    return shown, password
 
 
 def _one_of(value: str | None, accepted: tuple[str, ...]) -> str | None:
@@ -79,22 +101,81 @@ class Settings(BaseSettings):
     stripe_webhook_secret: SecretStr | None = None
     stripe_api_base: str | None = None
 
+    # Cluster mode: the DuckLake's catalog (PostgreSQL) and where its data files go.
+    metering_catalog: SecretStr | None = None
+    metering_lake_path: str | None = None
+    metering_s3_endpoint: str | None = None
+    metering_s3_url_style: Literal["path", "vhost"] | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    aws_region: str | None = None
+    metering_lake_retention: timedelta = timedelta(days=7)
+    metering_lake_file_grace: timedelta = timedelta(hours=1)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"] = (
         "INFO"
     )
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("metering_grace", mode="before")
+    @field_validator(
+        "metering_grace", "metering_lake_retention", "metering_lake_file_grace", mode="before"
+    )
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value)
 
-    @field_validator("metering_grace")
+    @field_validator("metering_grace", "metering_lake_retention", "metering_lake_file_grace")
     @classmethod
     def _non_negative(cls, value: timedelta) -> timedelta:
         if value < timedelta(0):
             raise ValueError(f"must not be negative: expected {DURATION_FORMS}")
         return value
+
+    @field_validator(
+        "metering_catalog", "metering_lake_path", "metering_s3_endpoint", mode="before"
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        """An empty or blank value means the setting is not set (cluster mode stays off)."""
+        return value.strip() or None if isinstance(value, str) else value
+
+    @field_validator("metering_catalog")
+    @classmethod
+    def _catalog(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            catalog_parts(value.get_secret_value())
+        return value
+
+    @field_validator("metering_lake_path")
+    @classmethod
+    def _lake_path(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("s3://"):
+            if not value.removeprefix("s3://").split("/", 1)[0]:
+                raise ValueError(f"expected {LAKE_PATH_FORMS} (the bucket is missing)")
+        elif value is not None and "://" in value:
+            raise ValueError(f"expected {LAKE_PATH_FORMS}")
+        return value
+
+    @field_validator("metering_s3_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        rest = (value or "").removeprefix("http://").removeprefix("https://").rstrip("/")
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", rest):
+            raise ValueError(
+                "expected HOST[:PORT] or http(s)://HOST[:PORT] of an S3-compatible store"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _cluster_pair(self) -> Settings:
+        if self.metering_catalog is not None and self.metering_lake_path is None:
+            raise ValueError("METERING_LAKE_PATH must be set when METERING_CATALOG is")
+        if self.metering_lake_path is not None and self.metering_catalog is None:
+            raise ValueError(
+                "METERING_LAKE_PATH is set but METERING_CATALOG is not (cluster mode needs both)"
+            )
+        return self
 
     @field_validator("kafka_security_protocol")
     @classmethod
@@ -125,6 +206,22 @@ class Settings(BaseSettings):
             if secret is not None:
                 conf[key] = secret.get_secret_value()
         return conf
+
+    @property
+    def cluster_mode(self) -> bool:
+        """True when ``METERING_CATALOG`` is set: the truth lives in the DuckLake."""
+        return self.metering_catalog is not None
+
+    def catalog_shown(self) -> str:
+        """``METERING_CATALOG`` without its password, fit for errors and logs."""
+        if self.metering_catalog is None:
+            return "(not set)"
+        return catalog_parts(self.metering_catalog.get_secret_value())[0]
+
+    def catalog_password(self) -> str | None:
+        if self.metering_catalog is None:
+            return None
+        return catalog_parts(self.metering_catalog.get_secret_value())[1]
 
     @property
     def ledger_dir(self) -> Path:

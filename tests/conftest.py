@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.stripe",
     "tests.fixtures.cli",
     "tests.fixtures.webhooks",
+    "tests.fixtures.postgres",
 ]

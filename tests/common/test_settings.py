@@ -57,3 +57,60 @@ def test_kafka_security_passes_through(monkeypatch: pytest.MonkeyPatch) -> None:
     assert conf["sasl.password"] == "hunter2-secret"
     assert conf["ssl.ca.location"] == "/etc/ca.pem"
     assert "hunter2-secret" not in repr(s)
+
+
+def test_embedded_mode_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("METERING_CATALOG", "METERING_LAKE_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert s.cluster_mode is False
+    assert s.metering_lake_retention == timedelta(days=7)
+    monkeypatch.setenv("METERING_CATALOG", " ")  # blank is unset
+    assert load_settings().cluster_mode is False
+
+
+def test_cluster_settings_keep_their_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METERING_CATALOG", "postgresql://pf:s3cr%40t-pw@db.internal:6432/meter")
+    monkeypatch.setenv("METERING_LAKE_PATH", "s3://pf-lake/prod")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-very-secret")
+    monkeypatch.setenv("METERING_LAKE_RETENTION", "30d")
+    s = load_settings()
+    assert s.cluster_mode is True
+    assert s.catalog_shown() == "postgresql://pf@db.internal:6432/meter"
+    assert s.catalog_password() == "s3cr@t-pw"
+    assert s.metering_lake_retention == timedelta(days=30)
+    for secret in ("s3cr", "aws-very-secret"):
+        assert secret not in repr(s) and secret not in str(s)
+
+
+_CAT, _LAKE, _PG = "METERING_CATALOG", "METERING_LAKE_PATH", "postgresql://h/d"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "accepted"),
+    [
+        ({_CAT: "mysql://u:pw-secret@h/db"}, _CAT, "postgresql://"),
+        ({_CAT: "host=h password=pw-secret"}, _CAT, "postgresql://"),
+        ({_CAT: "postgresql://u:pw-secret@h:99999/db"}, _CAT, "PORT"),
+        ({_CAT: "postgresql://u:pw-secret@h"}, _CAT, "database"),
+        ({_CAT: "postgresql://u:pw-secret@h/db"}, _LAKE, "must be set"),
+        ({_LAKE: "/lake"}, _CAT, "not"),
+        ({_LAKE: "gs://b/p", _CAT: _PG}, _LAKE, "s3://"),
+        ({_LAKE: "s3:///p", _CAT: _PG}, _LAKE, "bucket"),
+        ({"METERING_S3_ENDPOINT": "minio:9000/x y"}, "METERING_S3_ENDPOINT", "HOST[:PORT]"),
+        ({"METERING_S3_URL_STYLE": "both"}, "METERING_S3_URL_STYLE", "path"),
+        ({"METERING_LAKE_RETENTION": "forever"}, "METERING_LAKE_RETENTION", "duration"),
+    ],
+)  # fmt: skip
+def test_bad_cluster_settings_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], variable: str, accepted: str
+) -> None:
+    for var in ("METERING_CATALOG", "METERING_LAKE_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UserError) as err:
+        load_settings()
+    message = str(err.value)
+    assert variable in message and accepted in message, message
+    assert "pw-secret" not in message and "\n" not in message

@@ -1,0 +1,193 @@
+"""The DuckLake shell (cluster mode): a DuckDB connection with the lake ATTACHed as ``lake``.
+
+The catalog is PostgreSQL (``METERING_CATALOG``), the data files go to ``METERING_LAKE_PATH``
+(a directory, or ``s3://bucket/prefix`` through httpfs). The ducklake, postgres and httpfs
+extensions are loaded from their PyPI wheels' files (``duckdb-extension-*``, installed into
+``METERING_DATA_DIR/duckdb-extensions``); nothing is downloaded, autoinstall is off.
+
+Secrets never reach SQL text that DuckDB shows back: the catalog's password goes into an
+unnamed postgres secret (DuckDB prints secrets redacted), so ``duckdb_databases()`` shows the
+conninfo without it; errors show ``METERING_CATALOG`` without its password.
+
+Conflicting commits are DuckLake's to retry (``RETRY``): another host committing the next
+snapshot first makes this one retry against it, up to ~45 s in all before it gives up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import duckdb
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from common.errors import CatalogError
+from common.settings import Settings
+from common.sqltext import sql_string
+
+LAKE = "lake"
+"""The alias every cluster-mode connection ATTACHes the lake under."""
+# The postgres wheel's file is named after the extension's old name.
+_FILE_NAMES = {"postgres": ("postgres", "postgres_scanner")}
+RETRY = {
+    "ducklake_max_retry_count": 15,
+    "ducklake_retry_wait_ms": 50,
+    "ducklake_retry_backoff": 1.5,
+}
+"""Commit retries on a snapshot conflict: 15 attempts from 50 ms, 1.5x apart (~44 s in all)."""
+CONNECT_TIMEOUT_S = 10
+"""libpq's connect_timeout unless the URI sets one: an unreachable catalog fails, not hangs."""
+_LIBPQ_REASON = re.compile(r"failed: (.+)")
+
+
+def extension_file(name: str) -> Path:
+    """The extension file inside its ``duckdb-extension-<name>`` wheel, for this DuckDB."""
+    spec = importlib.util.find_spec(f"duckdb_extension_{name}")
+    package = Path(spec.origin).parent if spec and spec.origin else Path("(not installed)")
+    folder = package / "extensions" / f"v{duckdb.__version__}"
+    for stem in _FILE_NAMES.get(name, (name,)):
+        path = folder / f"{stem}.duckdb_extension"
+        if path.is_file():
+            return path
+    raise CatalogError(
+        f"the DuckDB extension {name} for DuckDB {duckdb.__version__} is not installed "
+        f"(expected in {folder}); reinstall with make install"
+    )
+
+
+def load_extensions(con: duckdb.DuckDBPyConnection, names: Iterable[str]) -> None:
+    """Install ``names`` from their wheel files into the connection's extension directory and
+    load them."""
+    for name in names:
+        con.install_extension(str(extension_file(name)))
+        con.load_extension(name)
+
+
+def catalog_conninfo(uri: str) -> tuple[str, str | None]:
+    """``uri`` as a libpq conninfo string without the password, and the password. Adds
+    ``connect_timeout`` and ``application_name`` unless the URI sets them."""
+    params = {k: v for k, v in conninfo_to_dict(uri).items() if v is not None}
+    password = params.pop("password", None)
+    params.setdefault("connect_timeout", str(CONNECT_TIMEOUT_S))
+    params.setdefault("application_name", "pf-metering")
+    return make_conninfo("", **params), (str(password) if password is not None else None)
+
+
+def data_path(settings: Settings) -> str:
+    """``METERING_LAKE_PATH`` as DuckLake's DATA_PATH: ``s3://...`` as given, a directory made
+    absolute (every host must name the same one); both end in ``/``."""
+    path = settings.metering_lake_path
+    if path is None:
+        raise CatalogError(
+            "METERING_LAKE_PATH is not set; cluster mode needs it with METERING_CATALOG"
+        )
+    if path.startswith("s3://"):
+        return path.rstrip("/") + "/"
+    return str(Path(path).expanduser().absolute()) + "/"
+
+
+def _scrub(text: str, settings: Settings) -> str:
+    for secret in (settings.catalog_password(), *_s3_secrets(settings)):
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def _s3_secrets(settings: Settings) -> list[str]:
+    return [
+        s.get_secret_value()
+        for s in (settings.aws_secret_access_key, settings.aws_session_token)
+        if s is not None
+    ]
+
+
+def _s3_secret_sql(settings: Settings, path: str) -> str:
+    """An httpfs S3 secret scoped to the lake's bucket, from the usual AWS settings and
+    ``METERING_S3_ENDPOINT`` (an S3-compatible store such as MinIO)."""
+    bucket = path.removeprefix("s3://").split("/", 1)[0]
+    options = [("TYPE", "s3"), ("SCOPE", sql_string(f"s3://{bucket}"))]
+    if settings.aws_access_key_id:
+        options.append(("KEY_ID", sql_string(settings.aws_access_key_id)))
+    if settings.aws_secret_access_key is not None:
+        options.append(("SECRET", sql_string(settings.aws_secret_access_key.get_secret_value())))
+    if settings.aws_session_token is not None:
+        options.append(("SESSION_TOKEN", sql_string(settings.aws_session_token.get_secret_value())))
+    options.append(("REGION", sql_string(settings.aws_region or "us-east-1")))
+    endpoint = settings.metering_s3_endpoint
+    style = settings.metering_s3_url_style
+    if endpoint:
+        host = endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
+        options.append(("ENDPOINT", sql_string(host)))
+        options.append(("USE_SSL", "false" if endpoint.startswith("http://") else "true"))
+        style = style or "path"
+    options.append(("URL_STYLE", sql_string(style or "vhost")))
+    return "CREATE OR REPLACE SECRET pf_lake_s3 (" + ", ".join(f"{k} {v}" for k, v in options) + ")"
+
+
+def attach_lake(con: duckdb.DuckDBPyConnection, settings: Settings, alias: str = LAKE) -> None:
+    """Load the extensions and ATTACH the lake as ``alias`` on ``con``; a CatalogError in one
+    line (naming ``METERING_CATALOG`` or ``METERING_LAKE_PATH``, no password) if it cannot."""
+    if settings.metering_catalog is None:
+        raise CatalogError("METERING_CATALOG is not set: this is embedded mode, there is no lake")
+    path = data_path(settings)
+    s3 = path.startswith("s3://")
+    load_extensions(con, ["postgres", "ducklake", *(["httpfs"] if s3 else [])])
+    for name, value in RETRY.items():
+        con.execute(f"SET {name} = {value}")
+    conninfo, password = catalog_conninfo(settings.metering_catalog.get_secret_value())
+    try:
+        if password is not None:
+            con.execute(
+                f"CREATE OR REPLACE SECRET (TYPE postgres, PASSWORD {sql_string(password)})"
+            )
+        if s3:
+            con.execute(_s3_secret_sql(settings, path))
+        else:
+            Path(path).mkdir(parents=True, exist_ok=True)
+    except (duckdb.Error, OSError) as exc:
+        raise CatalogError(
+            f"cannot prepare METERING_LAKE_PATH {path}: {_scrub(str(exc), settings)}"
+        ) from type(exc)(_scrub(str(exc), settings))
+    try:
+        con.execute(
+            f"ATTACH {sql_string('ducklake:postgres:' + conninfo)} AS {alias} "
+            f"(DATA_PATH {sql_string(path)})"
+        )
+    except duckdb.Error as exc:
+        text = _scrub(str(exc), settings)
+        cause = type(exc)(text)
+        if "DATA_PATH" in text:
+            raise CatalogError(
+                f"METERING_LAKE_PATH {path} is not where this lake keeps its data "
+                f"(METERING_CATALOG {settings.catalog_shown()} names another)"
+            ) from cause
+        reason = _LIBPQ_REASON.search(text)
+        detail = (reason.group(1) if reason else text).splitlines()[0].strip()
+        verb = "reach" if "Unable to connect" in text else "use"
+        raise CatalogError(
+            f"cannot {verb} METERING_CATALOG ({settings.catalog_shown()}): {detail}"
+        ) from cause
+
+
+def open_lake(settings: Settings, alias: str = LAKE) -> duckdb.DuckDBPyConnection:
+    """A new in-memory DuckDB connection with the lake ATTACHed as ``alias``."""
+    extensions = settings.metering_data_dir / "duckdb-extensions"
+    try:
+        extensions.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CatalogError(f"cannot create {extensions} under METERING_DATA_DIR: {exc}") from exc
+    con = duckdb.connect(
+        config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "extension_directory": str(extensions),
+        }
+    )
+    try:
+        attach_lake(con, settings, alias)
+    except BaseException:
+        con.close()
+        raise
+    return con
