@@ -36,10 +36,12 @@ def kafka_cluster(action: str, port: int, *extra: str, env: dict[str, str] | Non
     return lines[-1] if lines else ""
 
 
-def kill_node(port: int, node: int) -> None:
-    """SIGKILL node ``node`` (1-3) of the cluster on ``port``: no controlled shutdown."""
-    pidfile = Path(os.environ.get("LOCAL_KAFKA_HOME", REPO / ".cache")) / f"kafka-{port}"
-    pid = int((pidfile / f"node-{node}" / "kafka.pid").read_text())
+def kill_node(port: int, node: int, host: str = "127.0.0.1") -> None:
+    """SIGKILL node ``node`` (1-3) of the cluster on ``host``:``port``: no controlled
+    shutdown."""
+    name = f"kafka-{port}" if host == "127.0.0.1" else f"kafka-{host}-{port}"
+    state = Path(os.environ.get("LOCAL_KAFKA_HOME", REPO / ".cache")) / name
+    pid = int((state / f"node-{node}" / "kafka.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not _alive(pid), f"Kafka node {node} to die")
 
