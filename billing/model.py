@@ -38,8 +38,23 @@ class InvoiceStatus(StrEnum):
     void = "void"
 
 
+class LinePart(BaseModel):
+    """One range of a graduated or volume line, or the packages of a package line:
+    ``quantity`` x ``unit_price`` = ``amount``, exact (the line rounds once, their sum)."""
+
+    quantity: Decimal  # units in the range, or packages
+    unit_price: Decimal
+    amount: Decimal
+    start: Decimal | None = None  # the range, in the counter's units (up_to None: no end)
+    up_to: Decimal | None = None
+    package_size: int | None = None
+
+
 class InvoiceLine(BaseModel):
-    """One line: amount = quantity x unit_price rounded to the cent (risk/late lines derive)."""
+    """One line: amount = quantity x unit_price rounded to the cent (risk/late lines derive).
+    A line with ``parts`` (graduated, volume, package prices) is the sum of its parts' amounts
+    rounded to the cent; its quantity is the billable usage and its unit_price the price of
+    its last part."""
 
     code: str
     description: str
@@ -47,6 +62,7 @@ class InvoiceLine(BaseModel):
     unit_price: Decimal
     amount: Decimal
     period: str | None = None  # for late_usage: the period the usage belongs to
+    parts: list[LinePart] | None = None
 
 
 class QuotaUsage(BaseModel):

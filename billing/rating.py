@@ -9,6 +9,15 @@ multiplier 1 has no such line. total = sum of all lines.
 With ``quota_mode = "included"`` a quota is a free allowance: the line's quantity is the usage
 above it. Otherwise quotas are only reported (utilisation and whether exceeded).
 
+A counter's billable quantity q (its usage, less any included allowance: the allowance comes
+off the bottom, before any range) is priced by its tier's form: unit (q x price), graduated
+(each range's units at its price), volume (every unit at the price of the range q reaches;
+``up_to`` is inclusive) or package (ceil(q / size) started packages x price). A line of one
+of the last three lists its parts and rounds once, their exact sum. A tier's minimum
+commitment compares with the period's rated total after the risk adjustment: when that is
+under it, a ``minimum_commitment`` line of the difference brings the period up to it (the
+line is there, 0.00 or more, whenever the tier sets a commitment).
+
 A late-usage line is the difference between the period rated on its usage now and rated on
 what was already billed (same tier, base included on both sides so it cancels): summed with the
 earlier invoice, the period costs exactly what it would have cost had all usage been on time.
@@ -18,11 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from functools import lru_cache
 
-from billing.model import EXACT, InvoiceLine, QuotaUsage, add_up
-from billing.tiers import Tier
+from billing.model import EXACT, InvoiceLine, LinePart, QuotaUsage, add_up, plain
+from billing.tiers import GraduatedPrice, PackagePrice, PriceForm, Tier, UnitPrice, VolumePrice
 
 MIB = 1_048_576
 CENT = Decimal("0.01")
@@ -109,11 +118,15 @@ class Rating:
     @property
     def subtotal(self) -> Decimal:
         """Base plus usage lines: what the risk adjustment applies to."""
-        return add_up(ln.amount for ln in self.lines if ln.code != "risk_adjustment")
+        return add_up(ln.amount for ln in self.lines if ln.code not in _ON_SUBTOTAL)
 
     @property
     def total(self) -> Decimal:
         return add_up(ln.amount for ln in self.lines)
+
+
+_ON_SUBTOTAL = frozenset({"risk_adjustment", "minimum_commitment"})
+"""The lines computed from the subtotal rather than making it up."""
 
 
 def _line(code: str, description: str, quantity: Decimal, unit_price: Decimal) -> InvoiceLine:
@@ -128,10 +141,10 @@ def _line(code: str, description: str, quantity: Decimal, unit_price: Decimal) -
 
 @dataclass(frozen=True)
 class _Charge:
-    """One meter as a tier prices it: unit price, free allowance (if included), description."""
+    """One meter as a tier prices it: price form, free allowance (if included), description."""
 
     meter: Meter
-    unit_price: Decimal
+    form: PriceForm
     allowance: Decimal | None
     description: str
 
@@ -144,8 +157,76 @@ def _charges(tier: Tier) -> tuple[_Charge, ...]:
         limit = tier.quota_of(meter.quota)
         free = Decimal(limit) if tier.quota_mode == "included" and limit is not None else None
         text = meter.description if free is None else f"{meter.description} above {free} included"
-        charges.append(_Charge(meter, tier.price_of(meter.code), free, text))
+        form = tier.pricing(meter.code)
+        if isinstance(form, PackagePrice):
+            text = f"{text}, per package of {form.size:,}"
+        elif not isinstance(form, UnitPrice):
+            text = f"{text}, {form.kind}"
+        charges.append(_Charge(meter, form, free, text))
     return tuple(charges)
+
+
+def graduated_parts(form: GraduatedPrice, quantity: Decimal) -> list[LinePart]:
+    """The units of ``quantity`` in each range it reaches (the first range at least), each at
+    its range's price."""
+    parts: list[LinePart] = []
+    for start, up_to, price in form.spans():
+        if parts and quantity <= start:
+            break
+        top = quantity if up_to is None else min(quantity, Decimal(up_to))
+        units = max(_CTX.subtract(top, Decimal(start)), Decimal(0))
+        parts.append(_part(units, price, start, up_to))
+    return parts
+
+
+def volume_part(form: VolumePrice, quantity: Decimal) -> LinePart:
+    """Every unit of ``quantity`` at the price of the range it reaches (``up_to`` inclusive)."""
+    spans = form.spans()
+    start, up_to, price = next(s for s in spans if s[1] is None or quantity <= s[1])
+    return _part(quantity, price, start, up_to)
+
+
+def package_part(form: PackagePrice, quantity: Decimal) -> LinePart:
+    """ceil(quantity / size) started packages at the package price."""
+    packages = _CTX.divide(quantity, Decimal(form.size)).to_integral_value(
+        rounding=ROUND_CEILING, context=_CTX
+    )
+    return LinePart(
+        quantity=packages,
+        unit_price=form.price,
+        amount=_CTX.multiply(packages, form.price),
+        package_size=form.size,
+    )
+
+
+def _part(units: Decimal, price: Decimal, start: int, up_to: int | None) -> LinePart:
+    return LinePart(
+        quantity=units,
+        unit_price=price,
+        amount=_CTX.multiply(units, price),
+        start=Decimal(start),
+        up_to=None if up_to is None else Decimal(up_to),
+    )
+
+
+def price_line(code: str, description: str, quantity: Decimal, form: PriceForm) -> InvoiceLine:
+    """The line of ``quantity`` billable units priced by ``form``, rounded once."""
+    if isinstance(form, UnitPrice):
+        return _line(code, description, quantity, form.price)
+    if isinstance(form, GraduatedPrice):
+        parts = graduated_parts(form, quantity)
+    elif isinstance(form, VolumePrice):
+        parts = [volume_part(form, quantity)]
+    else:
+        parts = [package_part(form, quantity)]
+    return InvoiceLine(
+        code=code,
+        description=description,
+        quantity=quantity,
+        unit_price=parts[-1].unit_price,
+        amount=round_cents(add_up(p.amount for p in parts)),
+        parts=parts,
+    )
 
 
 def quota_report(tier: Tier, usage: Usage) -> tuple[QuotaUsage, ...]:
@@ -172,7 +253,8 @@ def quota_report(tier: Tier, usage: Usage) -> tuple[QuotaUsage, ...]:
 
 
 def rate(tier: Tier, usage: Usage) -> Rating:
-    """Rate one tenant-period: base line, one line per meter, then the risk adjustment."""
+    """Rate one tenant-period: base line, one line per meter, the risk adjustment, then the
+    minimum commitment's true-up. A pure function of the tier and the period's totals."""
     lines = [
         _line("base", f"{tier.display_name} base fee (month)", Decimal(1), tier.base_price_usd)
     ]
@@ -180,14 +262,30 @@ def rate(tier: Tier, usage: Usage) -> Rating:
         quantity = charge.meter.quantity(usage)
         if charge.allowance is not None:
             quantity = max(_CTX.subtract(quantity, charge.allowance), Decimal(0))
-        lines.append(_line(charge.meter.code, charge.description, quantity, charge.unit_price))
+        lines.append(price_line(charge.meter.code, charge.description, quantity, charge.form))
     if tier.risk_multiplier != 1:
         subtotal = add_up(ln.amount for ln in lines)
         factor = _CTX.subtract(tier.risk_multiplier, Decimal(1))
         lines.append(
             _line("risk_adjustment", f"risk multiplier {tier.risk_multiplier}", subtotal, factor)
         )
+    if tier.minimum_commitment_usd > 0:
+        lines.append(
+            commitment_line(tier.minimum_commitment_usd, add_up(ln.amount for ln in lines))
+        )
     return Rating(tier=tier.name, lines=tuple(lines), quotas=quota_report(tier, usage))
+
+
+def commitment_line(minimum: Decimal, rated: Decimal) -> InvoiceLine:
+    """The true-up that brings a period rated at ``rated`` up to ``minimum``: max(0, minimum -
+    rated), one line (0.00 when the period reached it)."""
+    shortfall = max(_CTX.subtract(minimum, rated), Decimal(0))
+    return _line(
+        "minimum_commitment",
+        f"minimum commitment {plain(minimum, 2)} per period (rated {plain(rated, 2)})",
+        Decimal(1),
+        shortfall,
+    )
 
 
 def late_usage_amount(tier: Tier, billed: Usage, now: Usage) -> Decimal:

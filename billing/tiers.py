@@ -21,6 +21,19 @@ A custom tiers file looks like this (every price is required; quotas are optiona
     cpu_ms = 3_600_000
     network_mb = 1_000
 
+Any counter may instead be priced under ``[tiers.<name>.prices]`` by its line code (its unit
+price field is then left out): ``unit`` (``price``), ``graduated`` (each range's units at its
+own price), ``volume`` (the range the usage reaches prices every unit) or ``package``
+(``ceil(units / size)`` packages at ``price`` each); ranges are in the counter's units (ms,
+MiB, counts), ``from`` inclusive and ``up_to`` inclusive, contiguous from 0, the last one
+open-ended. ``minimum_commitment_usd`` sets a floor on a period's rated total::
+
+    minimum_commitment_usd = 100.00
+
+    [tiers.startup.prices.api_calls]
+    kind = "graduated"
+    ranges = [{ up_to = 10_000, price = 0.001 }, { from = 10_000, price = 0.0005 }]
+
 TOML floats are read as ``Decimal`` (``parse_float=Decimal``), so ``0.0000001`` stays exact.
 Built-in tiers cannot be redefined: invoices already rated with them must stay explainable.
 """
@@ -31,10 +44,12 @@ import json
 import tomllib
 from decimal import Decimal
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from billing.model import plain
 from common.errors import TierFileError, UserError
@@ -50,6 +65,10 @@ Price = Annotated[
     Field(ge=0, le=MAX_PRICE, allow_inf_nan=False, max_digits=26, decimal_places=PRICE_PLACES),
 ]
 Limit = Annotated[int, Field(ge=0, le=10**19)]
+"""A quota, a range bound or a package size, in the counter's units."""
+Money = Annotated[
+    Decimal, Field(ge=0, le=MAX_PRICE, allow_inf_nan=False, max_digits=15, decimal_places=2)
+]
 TierName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 
@@ -68,40 +87,6 @@ class Quotas(BaseModel):
     violations: Limit | None = None
 
 
-class TierSpec(BaseModel):
-    """One tier as written in the TOML file (the field names of the original tool)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    display_name: str | None = None
-    base_price_usd: Price
-    cpu_price_per_ms: Price
-    network_price_per_mb: Price
-    api_call_price: Price
-    tool_execution_price: Price
-    data_retrieval_price: Price
-    egress_scan_price: Price
-    policy_check_price: Price
-    violation_price: Price
-    risk_multiplier: Price = Decimal(1)
-    quota_mode: Literal["reported", "included"] = "reported"
-    quotas: Quotas = Field(default_factory=Quotas)
-
-
-class Tier(TierSpec):
-    """A tier with its name; ``price_of(code)`` gives the unit price of a usage line."""
-
-    name: TierName
-    display_name: str
-
-    def price_of(self, code: str) -> Decimal:
-        return Decimal(getattr(self, PRICE_FIELDS[code]))
-
-    def quota_of(self, quota: str) -> int | None:
-        value = getattr(self.quotas, quota)
-        return None if value is None else int(value)
-
-
 PRICE_FIELDS: dict[str, str] = {
     "cpu": "cpu_price_per_ms",
     "network": "network_price_per_mb",
@@ -115,16 +100,224 @@ PRICE_FIELDS: dict[str, str] = {
 """Usage line code -> the tier field holding its unit price."""
 
 
+class UnitPrice(BaseModel):
+    """Every unit at ``price`` (what a ``*_price`` field of the tier says)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["unit"] = "unit"
+    price: Price
+
+
+class PriceRange(BaseModel):
+    """Units ``from`` (default: where the previous range ends, 0 for the first) up to and
+    including ``up_to`` (none: no end) at ``price`` each."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    start: Limit | None = Field(default=None, alias="from")
+    up_to: Limit | None = None
+    price: Price
+
+
+class RangedPrice(BaseModel):
+    """Ranges contiguous from 0, sorted, each non-empty, the last one open-ended (checked
+    when loaded, so every usage has exactly one price)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ranges: tuple[PriceRange, ...] = Field(min_length=1, max_length=100)
+
+    @model_validator(mode="after")
+    def _contiguous(self) -> RangedPrice:
+        self.spans()
+        return self
+
+    def spans(self) -> tuple[tuple[int, int | None, Decimal], ...]:
+        """(from, up_to or None, price) per range, ``from`` filled in; a malformed range
+        list is a ``price_ranges`` error saying which range and why."""
+        for bound, verb in (("start", "starts"), ("up_to", "ends")):
+            given = [
+                (i, v) for i, r in enumerate(self.ranges) if (v := getattr(r, bound)) is not None
+            ]
+            for (j, before), (i, value) in pairwise(given):
+                if value < before:
+                    _bad(f"ranges are not sorted: ranges.{i} {verb} at {value}, below ranges.{j}")
+        spans: list[tuple[int, int | None, Decimal]] = []
+        end: int | None = 0
+        for i, rng in enumerate(self.ranges):
+            if end is None:
+                _bad(f"ranges.{i - 1} has no up_to: only the last range may be open-ended")
+            start = end if rng.start is None else rng.start
+            if start < end:
+                _bad(f"ranges.{i} starts at {start}, overlapping ranges.{i - 1} (up to {end})")
+            if start > end:
+                _bad(f"gap: no price from {end} to {start} (ranges must be contiguous from 0)")
+            if rng.up_to is not None and rng.up_to <= start:
+                _bad(f"ranges.{i} is empty: up_to {rng.up_to} is not above its from {start}")
+            spans.append((start, rng.up_to, rng.price))
+            end = rng.up_to
+        if end is not None:
+            _bad(f"the last range ends at {end}: it must be open-ended (no up_to)")
+        return tuple(spans)
+
+
+def _bad(message: str) -> NoReturn:
+    raise PydanticCustomError("price_ranges", message)
+
+
+class GraduatedPrice(RangedPrice):
+    """Each range's units at that range's price, summed."""
+
+    kind: Literal["graduated"]
+
+
+class VolumePrice(RangedPrice):
+    """Every unit at the price of the range the usage reaches."""
+
+    kind: Literal["volume"]
+
+
+class PackagePrice(BaseModel):
+    """``price`` per started package of ``size`` units: ceil(units / size) x price."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["package"]
+    size: Annotated[int, Field(ge=1, le=10**19)]
+    price: Price
+
+
+PriceForm = Annotated[
+    UnitPrice | GraduatedPrice | VolumePrice | PackagePrice, Field(discriminator="kind")
+]
+
+
+class Prices(BaseModel):
+    """Price forms by line code; a counter not named here has its tier's unit price field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu: PriceForm | None = None
+    network: PriceForm | None = None
+    api_calls: PriceForm | None = None
+    tool_executions: PriceForm | None = None
+    data_retrievals: PriceForm | None = None
+    egress_scans: PriceForm | None = None
+    policy_checks: PriceForm | None = None
+    violations: PriceForm | None = None
+
+
+class TierSpec(BaseModel):
+    """One tier as written in the TOML file (the field names of the original tool); each
+    counter has either its unit price field or an entry in ``prices``, never both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    display_name: str | None = None
+    base_price_usd: Price
+    cpu_price_per_ms: Price | None = None
+    network_price_per_mb: Price | None = None
+    api_call_price: Price | None = None
+    tool_execution_price: Price | None = None
+    data_retrieval_price: Price | None = None
+    egress_scan_price: Price | None = None
+    policy_check_price: Price | None = None
+    violation_price: Price | None = None
+    risk_multiplier: Price = Decimal(1)
+    quota_mode: Literal["reported", "included"] = "reported"
+    quotas: Quotas = Field(default_factory=Quotas)
+    prices: Prices = Field(default_factory=Prices)
+    minimum_commitment_usd: Money = Decimal(0)
+
+    @model_validator(mode="after")
+    def _one_price_per_counter(self) -> TierSpec:
+        for code, field in PRICE_FIELDS.items():
+            unit, form = getattr(self, field), getattr(self.prices, code)
+            if unit is None and form is None:
+                raise PydanticCustomError(
+                    "price_missing",
+                    "Field required (or a prices.{code} table)",
+                    {"key": field, "code": code},
+                )
+            if unit is not None and form is not None:
+                raise PydanticCustomError(
+                    "price_twice",
+                    "prices.{code} prices it too: keep one of the two",
+                    {"key": field, "code": code},
+                )
+        return self
+
+
+class Tier(TierSpec):
+    """A tier with its name; ``pricing(code)`` gives how a usage line is priced."""
+
+    name: TierName
+    display_name: str
+
+    def pricing(self, code: str) -> UnitPrice | GraduatedPrice | VolumePrice | PackagePrice:
+        form = getattr(self.prices, code)
+        return form if form is not None else UnitPrice(price=getattr(self, PRICE_FIELDS[code]))
+
+    def quota_of(self, quota: str) -> int | None:
+        value = getattr(self.quotas, quota)
+        return None if value is None else int(value)
+
+
+def price_form_json(
+    form: UnitPrice | GraduatedPrice | VolumePrice | PackagePrice,
+) -> dict[str, Any]:
+    """A price form as plain JSON (decimal strings, ranges with ``from`` filled in)."""
+    if isinstance(form, UnitPrice):
+        return {"kind": "unit", "price": plain(form.price, 2)}
+    if isinstance(form, PackagePrice):
+        return {"kind": "package", "size": form.size, "price": plain(form.price, 2)}
+    ranges = [
+        {"from": start, "up_to": up_to, "price": plain(price, 2)}
+        for start, up_to, price in form.spans()
+    ]
+    return {"kind": form.kind, "ranges": ranges}
+
+
+def price_form_text(form: UnitPrice | GraduatedPrice | VolumePrice | PackagePrice) -> str:
+    """A price form in one line, e.g. ``graduated: 0-10,000 at 0.001; 10,000+ at 0.0005``."""
+    if isinstance(form, UnitPrice):
+        return f"{plain(form.price, 2)} per unit"
+    if isinstance(form, PackagePrice):
+        return f"{plain(form.price, 2)} per package of {form.size:,} (each started package)"
+    ranges = "; ".join(
+        f"{start:,}+ at {plain(price, 2)}"
+        if up_to is None
+        else f"{start:,}-{up_to:,} at {plain(price, 2)}"
+        for start, up_to, price in form.spans()
+    )
+    return f"{form.kind}: {ranges}"
+
+
 def tier_terms(tier: Tier) -> dict[str, Any]:
-    """The tier's prices (decimal strings), risk multiplier, quota mode and quotas as plain
-    JSON, in the order ``tiers -f json`` and an invoice's ``computed_from.tier`` show them."""
-    return {
-        "base_price_usd": plain(tier.base_price_usd, 2),
-        **{field: plain(tier.price_of(code), 2) for code, field in PRICE_FIELDS.items()},
-        "risk_multiplier": plain(tier.risk_multiplier, 1),
-        "quota_mode": tier.quota_mode,
-        "quotas": tier.quotas.model_dump(exclude_none=True),
+    """The tier's prices (decimal strings; null for a counter priced under ``prices``), risk
+    multiplier, quota mode and quotas as plain JSON, then ``prices`` and
+    ``minimum_commitment_usd`` when the tier sets them, in the order ``tiers -f json`` and an
+    invoice's ``computed_from.tier`` show them."""
+    terms: dict[str, Any] = {"base_price_usd": plain(tier.base_price_usd, 2)}
+    for field in PRICE_FIELDS.values():
+        unit = getattr(tier, field)
+        terms[field] = None if unit is None else plain(unit, 2)
+    terms.update(
+        risk_multiplier=plain(tier.risk_multiplier, 1),
+        quota_mode=tier.quota_mode,
+        quotas=tier.quotas.model_dump(exclude_none=True),
+    )
+    forms = {
+        code: price_form_json(form)
+        for code in PRICE_FIELDS
+        if (form := getattr(tier.prices, code)) is not None
     }
+    if forms:
+        terms["prices"] = forms
+    if tier.minimum_commitment_usd > 0:
+        terms["minimum_commitment_usd"] = plain(tier.minimum_commitment_usd, 2)
+    return terms
 
 
 class TiersFile(BaseModel):
@@ -239,8 +432,10 @@ def parse_tiers_file(path: Path) -> dict[str, Tier]:
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         first = errors[0]
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        key = first.get("ctx", {}).get("key")  # a tier-wide check names its key
+        loc = (*first["loc"], key) if key else first["loc"]
         raise TierFileError(
-            f"invalid tiers file {path}: {_where(first['loc'])}: {first['msg']}{more}"
+            f"invalid tiers file {path}: {_where(loc)}: {first['msg']}{more}"
         ) from exc
     tiers: dict[str, Tier] = {}
     for name, spec in parsed.tiers.items():
@@ -248,8 +443,10 @@ def parse_tiers_file(path: Path) -> dict[str, Tier]:
             raise TierFileError(
                 f"invalid tiers file {path}: tiers.{name}: built-in tier, cannot be redefined"
             )
-        fields = spec.model_dump(exclude={"display_name"})
-        tiers[name] = Tier(name=name, display_name=spec.display_name or name, **fields)
+        fields = spec.model_dump(exclude={"display_name"}, by_alias=True)
+        tiers[name] = Tier.model_validate(
+            {**fields, "name": name, "display_name": spec.display_name or name}
+        )
     return tiers
 
 

@@ -8,10 +8,12 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from billing.tiers import Tier, load_tiers, tier_terms
+from billing.tiers import PRICE_FIELDS, Tier, load_tiers, price_form_text, tier_terms
 from pf_metering.commands.books import TABLE_JSON_OPTION, TableOrJson, table_or_json
 from pf_metering.commands.common import OUTPUT_OPTION, output_path, settings_of
 from pf_metering.output import render
+
+PRICE_CODES = {field: code for code, field in PRICE_FIELDS.items()}
 
 
 def tier_json(tier: Tier) -> dict[str, Any]:
@@ -19,14 +21,24 @@ def tier_json(tier: Tier) -> dict[str, Any]:
     return {**head, **tier_terms(tier)}
 
 
-def _tiers_table(data: list[dict[str, Any]]) -> Table:
+def _cell(tier: Tier, data: dict[str, Any], field: str) -> str:
+    """A price field's cell; a counter priced under ``prices`` shows its form instead."""
+    code = PRICE_CODES.get(field)
+    if code is not None and data[field] is None:
+        return price_form_text(tier.pricing(code))
+    return str(data.get(field, "-"))
+
+
+def _tiers_table(tiers: list[Tier], data: list[dict[str, Any]]) -> Table:
     table = Table(title="Billing tiers (usd; network per MiB, cpu per ms)")
     table.add_column("field")
     for tier in data:
-        table.add_column(tier["name"], justify="right")
+        table.add_column(tier["name"], justify="right", overflow="fold")
     fields = [k for k in data[0] if k not in ("name", "quotas")]
+    if any(t.minimum_commitment_usd > 0 for t in tiers):
+        fields.append("minimum_commitment_usd")
     for field in fields:
-        table.add_row(field, *(str(t[field]) for t in data))
+        table.add_row(field, *(_cell(t, d, field) for t, d in zip(tiers, data, strict=True)))
     quota_keys = sorted({k for t in data for k in t["quotas"]})
     for key in quota_keys:
         limits = (t["quotas"].get(key) for t in data)
@@ -38,12 +50,13 @@ def tiers_cmd(
     ctx: typer.Context, fmt: TableOrJson | None = TABLE_JSON_OPTION, output: Path = OUTPUT_OPTION
 ) -> None:
     """List billing tiers with every price and quota (built in, plus METERING_TIERS_FILE)."""
-    data = [tier_json(t) for t in load_tiers(settings_of(ctx).metering_tiers_file).values()]
+    tiers = list(load_tiers(settings_of(ctx).metering_tiers_file).values())
+    data = [tier_json(t) for t in tiers]
     render(
         table_or_json(fmt, output),
         output_path(output),
         json_data=data,
-        table=lambda: _tiers_table(data),
+        table=lambda: _tiers_table(tiers, data),
     )
 
 

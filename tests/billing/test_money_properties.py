@@ -1,7 +1,8 @@
-"""Properties over the whole range of an Avro long, for every counter and every tier
-(hypothesis): sums never wrap, totals are never negative, lines add up to the total, amounts
-agree with an independent recomputation in exact fractions, and the cents Stripe gets are
-integers equal to our lines (or the invoice is refused, that one alone, naming the limit)."""
+"""Properties over the whole range of an Avro long, for every counter and every tier, any
+price form and minimum commitment included (hypothesis): sums never wrap, totals are never
+negative, lines add up to the total, amounts agree with an independent recomputation in exact
+fractions, and the cents Stripe gets are integers equal to our lines (or the invoice is
+refused, that one alone, naming the limit)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from billing.invoicing import InvoiceRefused, LateUsage, build_invoice
 from billing.model import MAX_MONEY, Invoice, InvoiceStatus
 from billing.rating import METERS, MIB, Usage, rate
 from billing.stripe.push import STRIPE_MAX_AMOUNT, PushRefused, check_stripe_limits, planned_items
-from billing.tiers import BUILTIN_TIERS, MAX_PRICE, PRICE_FIELDS, Quotas, Tier
+from billing.tiers import BUILTIN_TIERS, MAX_PRICE, PRICE_FIELDS, Prices, Quotas, Tier
 from schemas.codec import COUNTERS
 from schemas.periods import Period
+from tests.support.price_forms import COMMITMENT, PRICES, form_amount
 
 AVRO_LONG = st.integers(min_value=0, max_value=2**63 - 1)  # a negative one is dead-lettered
 # One partition's total can reach the ceiling; a view sums at most 2**31 partitions.
@@ -34,8 +36,17 @@ TOTAL = AVRO_LONG | st.integers(min_value=0, max_value=COUNTER_CEILING * 2**31)
 
 
 def _custom(name: str, price: st.SearchStrategy[Decimal]) -> st.SearchStrategy[Tier]:
+    """Any tier: unit prices from ``price`` or, per counter, any price form; a minimum
+    commitment or none."""
+
     @st.composite
     def build(draw: st.DrawFn) -> Tier:
+        prices = draw(st.just(Prices()) | PRICES)
+        units = {
+            field: draw(price)
+            for code, field in PRICE_FIELDS.items()
+            if getattr(prices, code) is None
+        }
         return Tier(
             name=name,
             display_name=name,
@@ -43,7 +54,9 @@ def _custom(name: str, price: st.SearchStrategy[Decimal]) -> st.SearchStrategy[T
             risk_multiplier=draw(st.decimals(min_value=0, max_value=3, places=2)),
             quota_mode=draw(st.sampled_from(["reported", "included"])),
             quotas=Quotas(**{q: draw(st.none() | AVRO_LONG) for q in Quotas.model_fields}),
-            **{field: draw(price) for field in PRICE_FIELDS.values()},
+            prices=prices,
+            minimum_commitment_usd=draw(COMMITMENT),
+            **units,
         )
 
     return build()
@@ -69,16 +82,20 @@ def _cents(amount: Fraction) -> Fraction:
 
 
 def _expected_lines(tier: Tier, usage: Usage) -> list[Fraction]:
-    """Base, one line per meter, and the risk adjustment (if any), recomputed in fractions."""
+    """Base, one line per meter, the risk adjustment (if any) and the minimum commitment's
+    true-up (if any), recomputed in fractions."""
     lines = [_cents(Fraction(tier.base_price_usd))]
     for meter in METERS:
         quantity = Fraction(getattr(usage, meter.counter), MIB if meter.code == "network" else 1)
         limit = tier.quota_of(meter.quota)
         if tier.quota_mode == "included" and limit is not None:
             quantity = max(quantity - limit, Fraction(0))
-        lines.append(_cents(quantity * Fraction(tier.price_of(meter.code))))
+        lines.append(_cents(form_amount(tier.pricing(meter.code), quantity)))
     if tier.risk_multiplier != 1:
         lines.append(_cents(sum(lines, Fraction(0)) * (Fraction(tier.risk_multiplier) - 1)))
+    if tier.minimum_commitment_usd > 0:
+        rated = sum(lines, Fraction(0))
+        lines.append(max(Fraction(tier.minimum_commitment_usd) - rated, Fraction(0)))
     return lines
 
 

@@ -208,6 +208,13 @@ def test_other_bad_options(books: Books) -> None:
     books.refused(["generate-invoice", "acme", "2024-12"], "starts in 2025-01")
 
 
+def _api_calls(kind: str, ranges: str, rest: str = "") -> str:
+    """CUSTOM with API calls priced by ``kind`` over ``ranges`` (or ``rest``) instead."""
+    table = f'[tiers.startup.prices.api_calls]\nkind = "{kind}"\n'
+    table += rest or f"ranges = [{ranges}]"
+    return CUSTOM.replace("api_call_price = 0.001\n", "") + f"\n{table}\n"
+
+
 BROKEN_TIERS = {
     "missing": (None, "cannot read tiers file"),
     "a folder": ("", "cannot read tiers file"),
@@ -218,6 +225,22 @@ BROKEN_TIERS = {
                     "tiers.startup.bogus"),
     "price as text": (CUSTOM.replace("api_call_price = 0.001", 'api_call_price = "cheap"'),
                       "tiers.startup.api_call_price"),
+    "overlapping ranges": (_api_calls("graduated", "{up_to = 9, price = 1}, {from = 5, price = 1}"),
+                           "prices.api_calls.graduated: ranges.1 starts at 5, overlapping"),
+    "unsorted ranges": (_api_calls("volume", "{ from = 0, up_to = 9, price = 1 }, { from = 20, "
+                                   "price = 1 }, { from = 9, up_to = 20, price = 1 }"),
+                        "tiers.startup.prices.api_calls.volume: ranges are not sorted"),
+    "a gap in ranges": (_api_calls("graduated", "{ up_to = 9, price = 1 }, {from = 10, price = 1}"),
+                        "tiers.startup.prices.api_calls.graduated: gap: no price from 9 to 10"),
+    "negative range price": (_api_calls("graduated", "{ up_to = 9, price = -1 }, { price = 1 }"),
+                             "tiers.startup.prices.api_calls.graduated.ranges.0.price"),
+    "package of 0": (_api_calls("package", "", "size = 0\nprice = 1"),
+                     "tiers.startup.prices.api_calls.package.size"),
+    "unknown price kind": (_api_calls("tiered", "{ price = 1 }"),
+                           "tiers.startup.prices.api_calls: Input tag 'tiered'"),
+    "negative commitment": (CUSTOM.replace("[tiers.startup]\n",
+                                           "[tiers.startup]\nminimum_commitment_usd = -1\n"),
+                            "tiers.startup.minimum_commitment_usd"),
 }  # fmt: skip
 TIER_COMMANDS = [
     ["tiers"],
