@@ -66,6 +66,12 @@ DDL = [
         topic VARCHAR NOT NULL, partition INTEGER NOT NULL, "offset" BIGINT NOT NULL,
         tenant_id VARCHAR NOT NULL, event_id VARCHAR NOT NULL, to_partition INTEGER NOT NULL,
         forwarded_at TIMESTAMPTZ NOT NULL)""",
+    # the corrections applied (the refused ones are dead letters): who asked for what, why
+    f"""CREATE TABLE IF NOT EXISTS {{a}}.corrections (
+        tenant_id VARCHAR NOT NULL, period VARCHAR NOT NULL, event_id VARCHAR NOT NULL,
+        "offset" BIGINT NOT NULL, corrects_event_id VARCHAR, reason VARCHAR NOT NULL,
+        {", ".join(f"{c} BIGINT NOT NULL" for c in COUNTERS)},
+        applied_at TIMESTAMPTZ NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS {a}.replays (
         request_id VARCHAR NOT NULL PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL,
         counted BIGINT NOT NULL, duplicates BIGINT NOT NULL, still_failing BIGINT NOT NULL,
@@ -275,7 +281,9 @@ class PartitionLedger:
         DuckDB error rolls it all back.
 
         Fresh: first sighting of their id (the 128-bit hash, computed once, anti-joined with
-        ``seen_events``; only offset, hash and time are materialised). They are folded into
+        ``seen_events``; only offset, hash and time are materialised); every unseen copy of a
+        correction is handed to the fold, which takes at most one (a refused copy leaves the
+        next to be judged) and names the others ``repeated``. They are folded into
         sessions and aggregates (``aggregator.fold``, which refuses events that would take a
         counter past its ceiling: those become dead letters and their ids stay unseen). When
         every event is fresh the Arrow batch itself is the fresh set.
@@ -290,7 +298,7 @@ class PartitionLedger:
                 f"""CREATE OR REPLACE TEMP TABLE fresh_ids AS
                     SELECT b.* FROM (
                       SELECT "offset", {EVENT_HASH} AS h, occurred_at
-                      FROM batch_events WHERE first_in_batch) b
+                      FROM batch_events WHERE first_in_batch OR correction) b
                     ANTI JOIN {a}.seen_events s ON s.h = b.h"""
             )
             first_seen = _scalar(con, "SELECT count(*) FROM fresh_ids")
@@ -298,7 +306,11 @@ class PartitionLedger:
             if first_seen < events.num_rows:
                 offsets = con.execute('SELECT "offset" FROM fresh_ids').to_arrow_table()
                 fresh = events.filter(pc.is_in(events.column("offset"), offsets.column(0)))
-            folded = fold_fresh(con, a, fresh, self.partition, self.bound)
+            folded = fold_fresh(con, a, fresh, self.partition, self.bound, batch.corrections)
+            if folded.repeated:  # copies of a correction applied in this batch: duplicates
+                with registered(con, "repeated", pa.table({"offset": folded.repeated})):
+                    con.execute('DELETE FROM fresh_ids WHERE "offset" IN (SELECT * FROM repeated)')
+                first_seen -= len(folded.repeated)
             remember = f"INSERT INTO {a}.seen_events SELECT h, ?, occurred_at FROM fresh_ids"
             if folded.refused:  # refused ids stay unseen: a redelivery is refused again
                 with registered(con, "refused_rows", self._dead_table(folded.refused)):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from aggregator.fold import CEILING_REASON
+from aggregator.fold import FOLD_REASONS
 from schemas.validation import REASONS
 
 
@@ -31,7 +31,7 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
-        for reason in (*REASONS, CEILING_REASON):  # validation's reasons, then the fold's
+        for reason in (*REASONS, *FOLD_REASONS):  # validation's reasons, then the fold's
             self.dead.labels(reason=reason)
         self.forwarded = Counter(
             "pf_events_forwarded",

@@ -48,6 +48,7 @@ CHUNK_ROWS = 50_000
 _POLARS_TYPES = {
     "int": pl.Int64, "long": pl.Int64, "string": pl.String, "bytes": pl.Binary,
     "float": pl.Float64, "double": pl.Float64, "boolean": pl.Boolean, "null": pl.Null,
+    "enum": pl.String,
 }  # fmt: skip
 
 PRODUCER_DEFAULTS: dict[str, Any] = {

@@ -18,7 +18,13 @@ import logging
 import polars as pl
 
 from schemas.codec import COUNTERS
-from schemas.validation import MAX_FUTURE_MICROS, MAX_ID_LEN, MIN_OCCURRED_MICROS, validate
+from schemas.validation import (
+    MAX_FUTURE_MICROS,
+    MAX_ID_LEN,
+    MIN_OCCURRED_MICROS,
+    USAGE,
+    validate,
+)
 
 # The logger's name is pinned: operators filter on it; it predates the module's move.
 log = logging.getLogger("schemas.bulk_validation")
@@ -52,9 +58,12 @@ def _tenant_ok(events: pl.DataFrame) -> pl.Expr:
 
 def surely_valid(events: pl.DataFrame, now_micros: int) -> pl.Expr:
     """True where ``validate(event, now_micros)`` surely returns None (key not checked),
-    for rows of ``events``."""
+    for rows of ``events``; only usage events (a ``kind`` column, if any, says which)."""
     risk = pl.col("risk_score")
+    # only usage events: a correction's rules are validate's alone (corrections are rare)
+    kind = [pl.col("kind") == USAGE] if "kind" in events.columns else []
     rules = [
+        *kind,
         _id_ok("event_id"),
         _tenant_ok(events),
         _id_ok("session_id"),

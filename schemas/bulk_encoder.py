@@ -145,6 +145,11 @@ def _field_pieces(field: FlatField, column: pa.Array) -> list[pa.Array]:
     if field.kind in ("int", "long"):
         zz = zigzag(pc.fill_null(column.cast(pa.int64()), _I0))
         pieces.append(_masked(varint_bytes(zz), present))
+    elif field.symbols is not None:  # enum: the symbol's index
+        index = pc.index_in(column.cast(pa.string()), pa.array(field.symbols, pa.string()))
+        if index.null_count:
+            raise ValueError(f"{field.name} holds a value that is none of {field.symbols}")
+        pieces.append(varint_bytes(zigzag(index.cast(pa.int64()))))
     elif field.kind in ("string", "bytes"):
         raw = pc.fill_null(column.cast(pa.binary()), _EMPTY)
         size = pc.binary_length(raw).cast(pa.uint64())
@@ -169,8 +174,9 @@ def encode(columns: pa.Table, schema: FlatSchema, header: bytes) -> pa.Array:
     """``header`` + the Avro body of each row, as a binary array (fastavro's exact bytes).
 
     ``columns`` holds one column per schema field, already valid for it: int64 for
-    int/long, string for string, binary for bytes, float64 for float/double, bool for
-    boolean; nulls only in union fields. Only where ``ENCODES`` (little-endian hosts).
+    int/long, string for string and for an enum (one of its symbols), binary for bytes,
+    float64 for float/double, bool for boolean; nulls only in union fields. Only where
+    ``ENCODES`` (little-endian hosts).
     """
     if not ENCODES:
         raise NotImplementedError("bulk Avro encoding needs a little-endian host")

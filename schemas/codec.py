@@ -108,7 +108,9 @@ class Codec:
     (default: the newest version)."""
 
     def __init__(self, schemas: list[PublishedSchema], reader: PublishedSchema | None = None):
-        self.versions = {s.version: s for s in schemas}
+        self.versions: dict[int, PublishedSchema] = {}
+        for s in schemas:  # a number taken twice (published before it was built in): the first
+            self.versions.setdefault(s.version, s)
         self.by_fingerprint = {s.fingerprint: s for s in schemas}
         self.reader = reader or max(schemas, key=lambda s: s.version)
 

@@ -9,6 +9,8 @@ by construction:
 2. ``schemas.native_decoder`` decodes the candidates natively and keeps only bodies that
    are exactly one valid record of that writer schema.
 3. ``schemas.batch_validation`` vouches for rows that ``validate`` surely accepts.
+4. Only usage events: a writer with ``kind`` (v3 on) has it decoded, and corrections
+   (rare, with their own rules) take the per-record path.
 
 Anything else (no header match, a body the decoder does not prove, a row the vectorised
 rules do not vouch for) is returned as an index for the per-record path, which decides
@@ -32,11 +34,13 @@ from schemas.codec import COUNTERS, MAX_VALUE_BYTES, Codec, PublishedSchema
 from schemas.flat_schema import FlatField, FlatSchema
 from schemas.native_decoder import ROW, DecodePlan, decode_columns
 from schemas.record_batch import Record, columns_of
+from schemas.validation import USAGE
 
 # What the ledger needs of an event, in EVENT_SCHEMA order (offset and period aside).
 NEEDED = ("tenant_id", "event_id", "session_id", "occurred_at", *COUNTERS, "risk_score")
 # Validation also reads ``source``.
 DECODED = (*NEEDED, "source")
+KIND = "kind"  # decoded too where the writer has it: only usage events stay columnar
 STRINGS = frozenset({"tenant_id", "event_id", "session_id", "source"})
 # The polars schema of the decoded events (``FastDecoded.events``).
 FRAME_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
@@ -71,9 +75,27 @@ def fast_schema(writer: PublishedSchema, reader: PublishedSchema) -> DecodePlan 
         if mine is None:
             if spec["name"] in DECODED or "default" not in spec:
                 return None
-        elif theirs is None or (mine.kind, mine.nullable) != (theirs.kind, theirs.nullable):
+        elif theirs is None or (mine.kind, mine.nullable, mine.symbols) != (
+            theirs.kind,
+            theirs.nullable,
+            theirs.symbols,
+        ):
             return None
-    return DecodePlan.of(flat, writer.header, DECODED)
+    kind = flat.field(KIND)
+    if kind is not None and (kind.symbols is None or USAGE not in kind.symbols):
+        return None
+    return DecodePlan.of(flat, writer.header, (*DECODED, KIND) if kind else DECODED)
+
+
+def _usage_only(frame: pl.DataFrame, plan: DecodePlan) -> pl.DataFrame:
+    """The decoded rows that are usage events, without the ``kind`` column."""
+    kind = next((f for f in plan.wanted if f.name == KIND), None)
+    if kind is None or kind.symbols is None:
+        return frame
+    usage = pl.col(KIND) == kind.symbols.index(USAGE)
+    if not frame.select(usage.all()).item():
+        frame = frame.filter(usage)
+    return frame.drop(KIND)
 
 
 @cache
@@ -89,8 +111,9 @@ def decode_fast(
     """Decode and validate what the columnar path can vouch for; see the module doc."""
     n = len(records)
     offsets, keys, values = columns_of(records)
-    decoded = (decode_columns(values, plan, MAX_VALUE_BYTES) for plan in plans(codec))
-    frames = [f for f in decoded if f is not None and f.height]
+    decoded = ((decode_columns(values, p, MAX_VALUE_BYTES), p) for p in plans(codec))
+    frames = [_usage_only(f, p) for f, p in decoded if f is not None and f.height]
+    frames = [f for f in frames if f.height]
     if not frames:
         return FastDecoded(_EMPTY, list(range(n)))
     joined = pl.concat(frames) if len(frames) > 1 else frames[0]

@@ -1,4 +1,5 @@
-"""Flat Avro schemas: records whose fields are primitives or ["null", primitive] unions.
+"""Flat Avro schemas: records whose fields are primitives, ["null", primitive] unions or
+enums (decoded as their symbol's index).
 
 ``FlatSchema.of`` says whether a schema is one the columnar paths (``schemas.native_decoder``
 and ``schemas.bulk_encoder``) handle; it returns None for anything else, and callers fall
@@ -15,11 +16,13 @@ PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "st
 
 @dataclass(frozen=True)
 class FlatField:
-    """One field: its primitive type, and where "null" sits if it is a union."""
+    """One field: its primitive type (or ``enum``, with its symbols), and where "null" sits
+    if it is a union."""
 
     name: str
     kind: str
     null_branch: int | None  # None: not a union; else the union index of "null" (0 or 1)
+    symbols: tuple[str, ...] | None = None  # an enum's symbols, in index order
 
     @property
     def nullable(self) -> bool:
@@ -33,7 +36,7 @@ class FlatField:
 
 @dataclass(frozen=True)
 class FlatSchema:
-    """A record schema made only of primitives and ["null", primitive] unions."""
+    """A record schema made only of primitives, ["null", primitive] unions and enums."""
 
     name: str
     fields: tuple[FlatField, ...]
@@ -62,6 +65,9 @@ def _flat_field(spec: Any) -> FlatField | None:
     kind = _primitive(spec.get("type"))
     if kind is not None:
         return FlatField(spec["name"], kind, None)
+    symbols = _enum_symbols(spec.get("type"))
+    if symbols is not None:
+        return FlatField(spec["name"], "enum", None, symbols)
     branches = spec.get("type")
     if isinstance(branches, list) and len(branches) == 2:
         kinds = [_primitive(b) for b in branches]
@@ -79,3 +85,12 @@ def _primitive(node: Any) -> str | None:
     if isinstance(node, dict) and set(node) <= {"type", "logicalType"}:
         return _primitive(node.get("type"))
     return None
+
+
+def _enum_symbols(node: Any) -> tuple[str, ...] | None:
+    if not isinstance(node, dict) or node.get("type") != "enum":
+        return None
+    symbols = node.get("symbols")
+    if not isinstance(symbols, list) or not symbols or not all(isinstance(x, str) for x in symbols):
+        return None
+    return tuple(symbols)

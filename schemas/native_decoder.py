@@ -4,7 +4,8 @@ The C loop behind ``decode_columns`` proves and decodes a batch's values in one 
 the GIL released, straight into Arrow buffers (what it saves: docs/performance.md). It is
 exact by construction: a value counts only if its body is exactly one
 record of the writer schema (the walk ends on its last byte), every varint fits its type,
-every union index is 0 or 1 and every string is valid UTF-8. Everything else is left to
+every union index is 0 or 1, every enum index names a symbol (an enum decodes as that
+index, an int64) and every string is valid UTF-8. Everything else is left to
 the caller's per-record path, which decides it and names the reason.
 
 The extension is built by ``make install`` (``pyproject.toml``: an optional extension).
@@ -38,6 +39,7 @@ _KINDS: dict[str, tuple[int, pa.DataType]] = {
     "double": (5, pa.float64()),
     "string": (6, pa.string_view()),
     "bytes": (7, pa.binary_view()),
+    "enum": (2, pa.int64()),  # an Avro int on the wire; its range is checked here
 }
 _NOT_A_UNION = 2
 # Body bytes one native call takes at most (string views hold int32 offsets).
@@ -114,4 +116,7 @@ def _frame(
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     proven = pl.Series(pa.Array.from_buffers(pa.uint8(), count, [None, ok])).cast(pl.Boolean)
+    for field in plan.wanted:
+        if field.symbols is not None:
+            proven = proven & frame.get_column(field.name).is_between(0, len(field.symbols) - 1)
     return frame if proven.all() else frame.filter(proven)

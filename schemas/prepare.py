@@ -3,9 +3,10 @@
 ``prepare_batch`` decodes and validates every record: valid events become one Arrow table
 (with the in-batch duplicate flag already set), invalid ones become dead letters with
 their reason, and valid ones that belong to another partition (or came without a key)
-are set aside to be forwarded there (``schemas.partitioning``). The columnar fast path
-(``schemas.fast_path``) takes what it can vouch for; ``decode_record``, the per-record
-path, takes the rest and names every reason.
+are set aside to be forwarded there (``schemas.partitioning``). Corrections are events
+too (``correction`` True; their reason and target in ``PreparedBatch.corrections``). The
+columnar fast path (``schemas.fast_path``) takes what it can vouch for; ``decode_record``,
+the per-record path, takes the rest and names every reason.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from schemas.fast_path import FRAME_SCHEMA, decode_fast
 from schemas.partitioning import partition_for
 from schemas.periods import Period, period_of
 from schemas.record_batch import Record, RecordBatch, columns_of
-from schemas.validation import reason_code, validate
+from schemas.validation import CORRECTION, reason_code, validate
 
 __all__ = [
     "EVENT_SCHEMA",
+    "Correction",
     "DeadLetter",
     "Forward",
     "PreparedBatch",
@@ -46,6 +48,16 @@ class DeadLetter:
     @property
     def reason_code(self) -> str:
         return reason_code(self.reason)
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What a correction event says beyond its deltas (the events table has those): why,
+    which event it corrects, and its raw value (kept if the fold refuses it)."""
+
+    reason: str
+    corrects_event_id: str | None
+    value: bytes | None
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,7 @@ EVENT_SCHEMA = pa.schema(
         ("period", pa.string()),
         *[(name, pa.int64()) for name in COUNTERS],
         ("risk_score", pa.float64()),
+        ("correction", pa.bool_()),  # a correction (signed deltas) rather than usage
         ("first_in_batch", pa.bool_()),
     ]
 )
@@ -85,6 +98,7 @@ class PreparedBatch:
     consumed: int = 0
     max_occurred_at: int | None = None
     forward: list[Forward] = field(default_factory=list)
+    corrections: dict[int, Correction] = field(default_factory=dict)  # by offset
 
 
 # 0001-01-01T00:00:00Z: the first instant a period can be named for (datetime's range).
@@ -118,7 +132,8 @@ def decode_record(
         )
     if reason is not None:
         return DeadLetter(rec.offset, rec.key, rec.value, reason)
-    return {**event, "offset": rec.offset, "period": period_of(occurred)}
+    correction = event.get("kind") == CORRECTION
+    return {**event, "offset": rec.offset, "period": period_of(occurred), "correction": correction}
 
 
 def prepare_batch(
@@ -141,17 +156,22 @@ def prepare_batch(
     """
     if columnar:
         fast = decode_fast(records, codec, now_micros, oldest_allowed_micros)
-        frame, slow = _with_periods(fast.events), fast.slow
+        frame = _with_periods(fast.events).with_columns(pl.lit(False).alias("correction"))
+        slow = fast.slow
     else:
         frame, slow = _EMPTY_FRAME, list(range(len(records)))
     rows: list[dict[str, Any]] = []
     dead: list[DeadLetter] = []
+    notes: dict[int, Correction] = {}
     for i in slow:
         out = decode_record(records[i], codec, now_micros, oldest_allowed_micros)
         if isinstance(out, DeadLetter):
             dead.append(out)
-        else:
-            rows.append(out)
+            continue
+        rows.append(out)
+        if out["correction"]:
+            value = records[i].value
+            notes[out["offset"]] = Correction(out["reason"], out["corrects_event_id"], value)
     if rows:
         extra = pl.DataFrame(rows, schema=_FRAME_SCHEMA)
         frame = pl.concat([frame, extra]).sort("offset") if frame.height else extra
@@ -169,7 +189,7 @@ def prepare_batch(
     max_at = frame.get_column("occurred_at").max() if frame.height else None
     next_offset = records[-1].offset + 1 if records else 0
     assert max_at is None or isinstance(max_at, int)
-    return PreparedBatch(partition, next_offset, events, dead, len(records), max_at, forward)
+    return PreparedBatch(partition, next_offset, events, dead, len(records), max_at, forward, notes)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -200,7 +220,7 @@ def _set_aside_foreign(
     return frame.filter(~away), forward
 
 
-_FRAME_SCHEMA = {**FRAME_SCHEMA, "period": pl.String}
+_FRAME_SCHEMA = {**FRAME_SCHEMA, "period": pl.String, "correction": pl.Boolean}
 _EMPTY_FRAME = pl.DataFrame(schema=_FRAME_SCHEMA)
 
 

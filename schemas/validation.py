@@ -1,5 +1,10 @@
 """Validation rules (docs/spec.md, "The usage event" and "Invalid events") as pure functions
-returning a named reason."""
+returning a named reason.
+
+A ``usage`` event's counters are >= 0. A ``correction`` (schema v3) carries signed deltas,
+at least one of them non-zero, a ``reason`` and no ``risk_score``. Whether a correction
+keeps its tenant's totals >= 0 needs the stored totals: the fold decides that
+(``aggregator.fold``, ``negative_total``)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 MAX_FUTURE_MICROS = 5 * 60 * 1_000_000
 MIN_OCCURRED_MICROS = 0  # 1970-01-01: billing periods start there
 MAX_ID_LEN = 128
+MAX_REASON_LEN = 1000  # a correction's ``reason``
+USAGE, CORRECTION = "usage", "correction"  # the event kinds (v3's ``kind``; before: usage)
 # Every reason code a dead letter can carry (metrics label values).
 REASONS = (
     "not_single_object",
@@ -30,6 +37,7 @@ REASONS = (
     "timestamp_before_1970",
     "key_mismatch",
     "past_late_usage_horizon",
+    "invalid_correction",
 )
 
 
@@ -49,9 +57,17 @@ def validate(event: dict[str, Any], now_micros: int, key: bytes | None = None) -
     source = event.get("source")
     if not isinstance(source, str) or not source or len(source) > MAX_ID_LEN:
         return "invalid_source: must be 1-128 characters"
-    for name in COUNTERS:
-        if event.get(name, 0) < 0:
-            return f"negative_counter: {name}={event[name]}"
+    kind = event.get("kind", USAGE)
+    if kind == CORRECTION:
+        why = _bad_correction(event)
+        if why is not None:
+            return f"invalid_correction: {why}"
+    elif kind != USAGE:
+        return f"invalid_correction: kind {str(kind)[:32]!r} is neither usage nor correction"
+    else:
+        for name in COUNTERS:
+            if event.get(name, 0) < 0:
+                return f"negative_counter: {name}={event[name]}"
     risk = event.get("risk_score")
     if risk is not None and not (math.isfinite(risk) and 0.0 <= risk <= 1.0):
         return f"invalid_risk_score: {risk!r} is not within [0, 1]"
@@ -61,6 +77,21 @@ def validate(event: dict[str, Any], now_micros: int, key: bytes | None = None) -
         return "future_timestamp: occurred_at is more than 5 minutes in the future"
     if key is not None and key != tenant.encode():
         return "key_mismatch: Kafka key is not the tenant_id"
+    return None
+
+
+def _bad_correction(event: dict[str, Any]) -> str | None:
+    """Why a correction is malformed (its counters are signed deltas), or None."""
+    if not any(event.get(name, 0) for name in COUNTERS):
+        return "it corrects no counter (every delta is 0)"
+    reason = event.get("reason")
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_LEN:
+        return f"reason must be 1-{MAX_REASON_LEN} characters, not blank"
+    corrects = event.get("corrects_event_id")
+    if corrects is not None and _bad_id(corrects):
+        return "corrects_event_id must be 1-128 characters"
+    if event.get("risk_score") is not None:
+        return "a correction carries no risk_score (it adjusts counters only)"
     return None
 
 

@@ -12,6 +12,7 @@ from typing import NoReturn
 import typer
 
 from aggregator.adhoc import QueryLimits, lock_down, read_only_statement, run_query, spill_folder
+from aggregator.fold import FOLD_REASONS
 from aggregator.ledger import ledger_path
 from aggregator.views import open_usage
 from billing.db import copy_queryable_tables
@@ -152,8 +153,9 @@ def dead_letters_replay(
 ) -> None:
     """Re-process open and still-failing dead letters through the same decode, validation
     and dedup as live events, exactly once, by the workers holding their partitions."""
-    if reason is not None and reason not in REASONS:
-        raise UserError(f"unknown --reason {reason[:64]!r}: one of {', '.join(REASONS)}")
+    known = (*REASONS, *FOLD_REASONS)
+    if reason is not None and reason not in known:
+        raise UserError(f"unknown --reason {reason[:64]!r}: one of {', '.join(known)}")
     cfg = settings_of(ctx)
     folder = ledger_path(cfg.ledger_dir, cfg.metering_topic, 0).parent
     stored = sorted(int(p.stem.split("-")[1]) for p in folder.glob("p-*.duckdb"))

@@ -33,17 +33,35 @@ def test_published_versions_and_contract_fields() -> None:
     assert len({s.fingerprint for s in versions}) == len(versions)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+# What the reader (v3) fills in for an event written with an older version.
+V3_DEFAULTS = {"region": None, "kind": "usage", "corrects_event_id": None, "reason": None}
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_round_trip_each_version(version: int) -> None:
     codec = default_codec()
     event = make_event()
-    if version == 2:
+    if version >= 2:
         event["region"] = "eu-west-1"
+    if version == 3:
+        event.update(kind="correction", corrects_event_id="e-1", reason="double-counted")
     value = codec.encode(event, version)
     assert value[:2] == b"\xc3\x01"
     assert value[2:HEADER_LEN] == codec.versions[version].fingerprint
     decoded = codec.decode(value)
-    assert decoded == {**event, "region": event.get("region")}
+    assert decoded == {**V3_DEFAULTS, **event}
+
+
+def test_v3_adds_the_event_kind_with_defaults() -> None:
+    """v3 only adds fields, each with a default: usage, no target, no reason."""
+    v2, v3 = (default_codec().versions[v] for v in (2, 3))
+    assert v3.field_names[: len(v2.field_names)] == v2.field_names
+    added = {f["name"]: f for f in v3.raw["fields"][len(v2.field_names) :]}
+    assert list(added) == ["kind", "corrects_event_id", "reason"]
+    assert added["kind"]["type"]["symbols"] == ["usage", "correction"]
+    assert {name: f["default"] for name, f in added.items()} == {
+        "kind": "usage", "corrects_event_id": None, "reason": None
+    }  # fmt: skip
 
 
 def test_body_is_plain_avro_binary() -> None:
@@ -57,7 +75,7 @@ def test_body_is_plain_avro_binary() -> None:
 def test_old_writer_new_reader_fills_default() -> None:
     codec = default_codec()
     decoded = codec.decode(codec.encode(make_event(), 1))
-    assert decoded["region"] is None
+    assert {k: decoded[k] for k in V3_DEFAULTS} == V3_DEFAULTS
 
 
 def test_new_writer_old_reader_drops_added_field() -> None:
@@ -107,10 +125,10 @@ def test_truncated_and_trailing_bodies() -> None:
 
 def test_new_schema_file_is_discovered(tmp_path) -> None:  # type: ignore[no-untyped-def]
     base = discover()[0]
-    v3 = copy.deepcopy(base.raw)
-    v3["fields"].append({"name": "gpu_ms", "type": "long", "default": 0})
+    v9 = copy.deepcopy(base.raw)
+    v9["fields"].append({"name": "gpu_ms", "type": "long", "default": 0})
     (tmp_path / "usage_event.avsc").write_text(json.dumps(base.raw))
-    (tmp_path / "usage_event.v3.avsc").write_text(json.dumps(v3))
+    (tmp_path / "usage_event.v9.avsc").write_text(json.dumps(v9))
     codec = Codec(discover(tmp_path))
-    assert isinstance(codec.reader, PublishedSchema) and codec.reader.version == 3
+    assert isinstance(codec.reader, PublishedSchema) and codec.reader.version == 9
     assert codec.decode(codec.encode(make_event(), 1))["gpu_ms"] == 0

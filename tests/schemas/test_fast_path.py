@@ -32,7 +32,7 @@ from schemas.fast_path import decode_fast, plans
 from schemas.flat_schema import FlatSchema
 from schemas.prepare import DeadLetter, PreparedBatch, Record, RecordBatch, prepare_batch
 from schemas.validation import REASONS
-from tests.support.events import make_event
+from tests.support.events import make_correction, make_event
 from tests.support.worker_harness import random_events, with_duplicates
 
 CODEC = default_codec()
@@ -98,6 +98,41 @@ def test_versions_interleaved_duplicates_and_keys() -> None:
     assert flags.count(False) == len(events) - len(
         {(e["tenant_id"], e["event_id"]) for e in events}
     )
+
+
+def test_v3_usage_stays_columnar_and_corrections_take_the_per_record_path() -> None:
+    rnd = random.Random(8)
+    events: list[dict[str, Any]] = []
+    for i, e in enumerate(random_events(600, tenants=4, seed=23)):
+        if i % 50 == 7:
+            e = make_correction(e["tenant_id"], occurred_at=e["occurred_at"], cpu_ms=-i)
+        events.append(e)
+    versions = [3 if e.get("kind") else rnd.choice([1, 2, 3]) for e in events]
+    records = records_of(
+        [
+            (e["tenant_id"].encode(), CODEC.encode(e, v))
+            for e, v in zip(events, versions, strict=True)
+        ]
+    )
+    corrections = [i for i, e in enumerate(events) if e.get("kind") == "correction"]
+    assert len(plans(CODEC)) == 3 and decode_fast(records, CODEC, NOW, None).slow == corrections
+    batch = both(records)
+    flags = batch.events.column("correction").to_pylist()
+    assert [i for i, f in enumerate(flags) if f] == corrections
+    assert sorted(batch.corrections) == [records[i].offset for i in corrections]
+    note = batch.corrections[records[corrections[0]].offset]
+    assert (note.reason, note.corrects_event_id) == ("test correction", None)
+    assert note.value == records[corrections[0]].value
+
+
+def test_an_enum_index_naming_no_symbol_is_undecodable_on_both_paths() -> None:
+    good = CODEC.encode(make_event(tenant="acme"), 3)
+    tail = 3  # kind, corrects_event_id and reason: one byte each when usage with nulls
+    assert good[-tail:] == b"\x00\x00\x00"
+    bad = good[:-tail] + b"\x04\x00\x00"  # index 2 of a two-symbol enum
+    batch = both(records_of([(b"acme", good), (b"acme", bad)]))
+    assert batch.events.num_rows == 1
+    assert [d.reason_code for d in batch.dead] == ["undecodable_body"]
 
 
 def test_every_invalid_class_gets_the_per_record_reason() -> None:
@@ -333,11 +368,14 @@ _longs = st.integers(*INT64)
                 **{c: _longs for c in COUNTERS},
                 "risk_score": st.none() | st.floats(allow_nan=True, allow_infinity=True),
                 "region": st.none() | _strings,
+                "kind": st.sampled_from(["usage", "correction"]),
+                "corrects_event_id": st.none() | _strings,
+                "reason": st.none() | _strings,
             }
         ),
         min_size=1, max_size=40,
     ),
-    version=st.sampled_from([1, 2]),
+    version=st.sampled_from([1, 2, 3]),
 )  # fmt: skip
 def test_bulk_encode_is_fastavro_byte_for_byte(rows: list[dict[str, Any]], version: int) -> None:
     writer = CODEC.versions[version]
@@ -348,7 +386,8 @@ def test_bulk_encode_is_fastavro_byte_for_byte(rows: list[dict[str, Any]], versi
         schema={
             **{n: pl.String for n in ("event_id", "tenant_id", "session_id", "source")},
             "occurred_at": pl.Int64, **dict.fromkeys(COUNTERS, pl.Int64),
-            "risk_score": pl.Float64, "region": pl.String,
+            "risk_score": pl.Float64, "region": pl.String, "kind": pl.String,
+            "corrects_event_id": pl.String, "reason": pl.String,
         },
     ).to_arrow()  # fmt: skip
     got = encode(table, flat, writer.header).to_pylist()

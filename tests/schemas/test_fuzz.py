@@ -344,6 +344,7 @@ def test_every_reason_is_reachable_through_prepare_batch() -> None:
         "timestamp_before_1970": (b"acme", enc(occurred_at=-1)),
         "key_mismatch": (b"someone-else", enc()),
         "past_late_usage_horizon": (b"acme", enc(occurred_at=now - 40 * 24 * HOUR)),
+        "invalid_correction": (b"acme", enc(kind="correction", cpu_ms=-5, risk_score=None)),
     }
     assert set(cases) == set(REASONS)
     records = [Record(i, k, v) for i, (k, v) in enumerate(cases.values())]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from schemas.validation import REASONS, reason_code, validate
-from tests.support.events import make_event
+from tests.support.events import make_correction, make_event
 
 NOW = int(time.time() * 1_000_000)
 
@@ -67,3 +67,38 @@ def test_key_must_be_tenant() -> None:
     assert validate(event, NOW, key=b"acme") is None
     got = validate(event, NOW, key=b"other")
     assert got is not None and reason_code(got) == "key_mismatch"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"cpu_ms": -3_600_000},
+        {"cpu_ms": -1, "network_bytes": 5, "violations": -2},
+        {"api_calls": 7, "corrects_event_id": "e-1"},
+        {"cpu_ms": -(2**63), "reason": "r" * 1000},
+    ],
+)
+def test_corrections_carry_signed_deltas(overrides: dict[str, Any]) -> None:
+    assert validate(make_correction(**overrides), NOW) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "detail"),
+    [
+        ({}, "corrects no counter"),
+        ({"cpu_ms": -1, "reason": None}, "reason must be"),
+        ({"cpu_ms": -1, "reason": "  "}, "reason must be"),
+        ({"cpu_ms": -1, "reason": "r" * 1001}, "reason must be"),
+        ({"cpu_ms": -1, "corrects_event_id": ""}, "corrects_event_id"),
+        ({"cpu_ms": -1, "risk_score": 0.5}, "no risk_score"),
+        ({"cpu_ms": -1, "kind": "refund"}, "neither usage nor correction"),
+    ],
+)
+def test_malformed_corrections_are_refused(overrides: dict[str, Any], detail: str) -> None:
+    got = validate(make_correction(**overrides), NOW)
+    assert got is not None and reason_code(got) == "invalid_correction" and detail in got
+
+
+def test_a_negative_counter_is_refused_on_usage_even_in_v3() -> None:
+    got = validate(make_event(kind="usage", cpu_ms=-1, reason="because"), NOW)
+    assert got == "negative_counter: cpu_ms=-1"

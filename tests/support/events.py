@@ -6,6 +6,8 @@ import time
 import uuid
 from typing import Any
 
+from schemas.codec import COUNTERS
+
 
 def make_event(tenant: str = "acme-corp", **overrides: Any) -> dict[str, Any]:
     event: dict[str, Any] = {
@@ -24,6 +26,15 @@ def make_event(tenant: str = "acme-corp", **overrides: Any) -> dict[str, Any]:
         "violations": 0,
         "risk_score": 0.25,
     }
+    event.update(overrides)
+    return event
+
+
+def make_correction(tenant: str = "acme-corp", **overrides: Any) -> dict[str, Any]:
+    """A correction event (schema v3): every delta 0 unless given, a reason, no risk score."""
+    event = make_event(tenant, session_id="correction", source="pf-metering", risk_score=None)
+    event.update(dict.fromkeys(COUNTERS, 0), kind="correction", reason="test correction")
+    event.update(corrects_event_id=None)
     event.update(overrides)
     return event
 

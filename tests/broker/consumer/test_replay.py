@@ -27,7 +27,7 @@ from tests.support.worker_harness import (
 )
 
 
-def v3_schema() -> dict[str, Any]:
+def v4_schema() -> dict[str, Any]:
     schema: dict[str, Any] = json.loads(Path(discover()[-1].path).read_text())
     schema["fields"].append({"name": "zone", "type": "string", "default": ""})
     return schema
@@ -46,25 +46,25 @@ def test_new_version_dead_lettered_published_replayed_twice(
     env: dict[str, str], tmp_path: Path
 ) -> None:
     bootstrap, topic = env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"]
-    schema = v3_schema()
-    v3 = schema_of_raw(schema, 3, tmp_path / "v3.avsc")
-    writer = Codec([*discover(), v3])
+    schema = v4_schema()
+    v4 = schema_of_raw(schema, 4, tmp_path / "v4.avsc")
+    writer = Codec([*discover(), v4])
     known = random_events(400, tenants=8, seed=41)
     new = random_events(200, tenants=8, seed=42)
-    again = known[:20]  # already counted as v2; re-sent as v3: duplicates once replayed
+    again = known[:20]  # already counted (built-in version); re-sent as v4: duplicates once replayed
 
-    def as_v3(e: dict[str, Any]) -> tuple[bytes | None, bytes | None]:
-        return e["tenant_id"].encode(), writer.encode({**e, "region": None, "zone": "z"}, 3)
+    def as_v4(e: dict[str, Any]) -> tuple[bytes | None, bytes | None]:
+        return e["tenant_id"].encode(), writer.encode({**e, "region": None, "zone": "z"}, 4)
 
     codec = default_codec()
     negative = {**random_events(1, tenants=1, seed=43)[0], "api_calls": -1}
     poison: list[tuple[bytes | None, bytes | None]] = [
         (b"tenant_0.x", b"not avro"),
         (b"tenant_0.x", codec.encode(negative)),
-        (b"tenant_0.x", writer.encode({**negative, "region": None, "zone": "z"}, 3)),
+        (b"tenant_0.x", writer.encode({**negative, "region": None, "zone": "z"}, 4)),
     ]
     produce(bootstrap, topic, known)
-    produce_raw(bootstrap, topic, [as_v3(e) for e in new + again] + poison)
+    produce_raw(bootstrap, topic, [as_v4(e) for e in new + again] + poison)
 
     port = free_port()
     proc = start_worker({**env, **SMALL_BATCHES}, "--metrics-port", str(port))
@@ -74,7 +74,7 @@ def test_new_version_dead_lettered_published_replayed_twice(
             lambda: read_while_running(lambda: states(env))
             == {("open", "unknown_fingerprint"): unknown, ("open", "not_single_object"): 1,
                 ("open", "negative_counter"): 1},
-            "the v3 events dead-lettered",
+            "the v4 events dead-lettered",
         )  # fmt: skip
         assert ledger_totals(env) == expected_totals(known)
         metrics = scrape(port)
@@ -93,13 +93,13 @@ def test_new_version_dead_lettered_published_replayed_twice(
         assert "0 counted" in proc1.stdout and f"{unknown} still failing" in proc1.stdout
         assert ledger_totals(env) == expected_totals(known)
 
-        (tmp_path / "v3.avsc").write_text(json.dumps(schema))
-        run_cli("schemas", "add", str(tmp_path / "v3.avsc"), env=env, check=True)
+        (tmp_path / "v4.avsc").write_text(json.dumps(schema))
+        run_cli("schemas", "add", str(tmp_path / "v4.avsc"), env=env, check=True)
         # live events of the new version are counted from now on, without a replay
         live = random_events(50, tenants=8, seed=44)
-        produce_raw(bootstrap, topic, [as_v3(e) for e in live])
+        produce_raw(bootstrap, topic, [as_v4(e) for e in live])
         expected = expected_totals(known + live)
-        wait_for(lambda: read_while_running(lambda: ledger_totals(env)) == expected, "live v3")
+        wait_for(lambda: read_while_running(lambda: ledger_totals(env)) == expected, "live v4")
 
         replay = run_cli("dead-letters", "replay", env=env)
         assert replay.returncode == 0, replay.stderr
@@ -112,7 +112,7 @@ def test_new_version_dead_lettered_published_replayed_twice(
             ("replayed_counted", "unknown_fingerprint"): len(new),
             ("replayed_duplicate", "unknown_fingerprint"): len(again),
             ("still_failing", "not_single_object"): 1,
-            ("still_failing", "negative_counter"): 2,  # the v3 one now says why
+            ("still_failing", "negative_counter"): 2,  # the v4 one now says why
         }
         wait_for(lambda: read_while_running(lambda: states(env)) == want, "replay states")
         before = {(d["partition"], d["offset"]): d for d in dead_letters(env)}
