@@ -51,7 +51,7 @@ def test_new_version_dead_lettered_published_replayed_twice(
     writer = Codec([*discover(), v4])
     known = random_events(400, tenants=8, seed=41)
     new = random_events(200, tenants=8, seed=42)
-    again = known[:20]  # already counted (built-in version); re-sent as v4: duplicates once replayed
+    again = known[:20]  # counted already; re-sent as v4: duplicates once replayed
 
     def as_v4(e: dict[str, Any]) -> tuple[bytes | None, bytes | None]:
         return e["tenant_id"].encode(), writer.encode({**e, "region": None, "zone": "z"}, 4)
