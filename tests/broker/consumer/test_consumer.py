@@ -12,7 +12,7 @@ from schemas.codec import default_codec
 from schemas.validation import REASONS
 from tests.support import worker_harness as harness
 from tests.support.cli_runner import run_cli
-from tests.support.events import make_event
+from tests.support.events import make_correction, make_event
 
 
 def test_drain_counts_every_event_once(env: dict[str, str]) -> None:
@@ -48,6 +48,7 @@ def test_every_invalid_class_is_dead_lettered_and_nothing_else(env: dict[str, st
         "invalid_risk_score": make_event(tenant="bad", risk_score=float("nan")),
         "future_timestamp": make_event(tenant="bad", occurred_at=now + 3_600_000_000),
         "timestamp_before_1970": make_event(tenant="bad", occurred_at=-86_400_000_000),
+        "invalid_correction": make_correction(tenant="bad"),  # corrects nothing
     }
     raw: list[tuple[bytes | None, bytes | None, str]] = [
         (b"bad", codec.encode(e), reason) for reason, e in bad_events.items()

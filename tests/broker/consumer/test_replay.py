@@ -134,4 +134,4 @@ def test_new_version_dead_lettered_published_replayed_twice(
     assert proc.returncode == 0, err
     assert ledger_totals(env) == expected
     listed = json.loads(run_cli("schemas", "list", "-f", "json", env=env, check=True).stdout)
-    assert [v["version"] for v in listed] == [1, 2, 3]
+    assert [v["version"] for v in listed] == [1, 2, 3, 4]
