@@ -1,7 +1,8 @@
 """The nightly ``bill`` job: finalize every closed period not yet invoiced (``invoicing.bill``),
-then push the finalized, unsent invoices to Stripe; what the run did is written as job metrics
-however it ends (``recorded``). A tenant that cannot be billed is left out (``failures``); the
-run finalizes and pushes everything else, then fails (``raise_if_not_billed``)."""
+then push the finalized, unsent invoices to Stripe, then (cluster mode) maintain the lake;
+what the run did is written as job metrics however it ends (``recorded``). A tenant that
+cannot be billed is left out (``failures``); the run finalizes and pushes everything else,
+then fails (``raise_if_not_billed``)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aggregator import lake_maintenance
+from aggregator.lake_maintenance import Maintenance
 from billing import invoice_store, invoicing
 from billing.db import Connect
 from billing.invoicing import BillFailure, BillResult, Rules, UsageData
 from billing.model import Invoice, add_up, money
 from common.errors import OperationError
+from common.settings import Settings
 from schemas.periods import Period
 
 if TYPE_CHECKING:  # stripe-python takes seconds to import: only a push loads it
@@ -106,3 +110,8 @@ def summary(result: BillResult) -> str:
         f"for {result.tenants} tenant(s), {result.late_lines} late-usage line(s), "
         f"total {money(total)} usd"
     )
+
+
+def maintain_lake(settings: Settings, now: datetime) -> Maintenance:
+    """Cluster mode's lake maintenance, the job's last step (``lake maintain`` alone)."""
+    return lake_maintenance.maintain_lake(settings, now)

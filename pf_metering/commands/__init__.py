@@ -24,6 +24,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "bill_cmds": ("bill",),
     "report_cmds": ("report",),
     "schema_cmds": ("schemas",),
+    "lake_cmds": ("lake",),
 }
 
 

@@ -53,7 +53,8 @@ def bill(
     ),
 ) -> None:
     """The nightly job: finalize every closed, not yet invoiced period of every tenant (from its
-    first period, base fee even without usage), with late-usage corrections; then push."""
+    first period, base fee even without usage), with late-usage corrections; then push; in
+    cluster mode, then maintain the lake (``lake maintain``)."""
     cfg = settings_of(ctx)
     now = utc_now()
     moment = _parse_as_of(as_of, now)
@@ -73,6 +74,11 @@ def bill(
             print(nightly.summary(result), file=sys.stderr)
         if stripe_requested(cfg, stripe):
             run.pushes = push_invoices(cfg, nightly.unsent(connect), quiet=quiet)
+    if cfg.cluster_mode:
+        with status("maintaining the lake", quiet):
+            maintained = nightly.maintain_lake(cfg, now)
+        if not quiet:
+            print(maintained.summary(), file=sys.stderr)
     nightly.raise_if_not_billed(run.failures)
     raise_if_failed(run.pushes)
 

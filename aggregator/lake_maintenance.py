@@ -1,0 +1,199 @@
+"""Lake maintenance (cluster mode): merge small data files, expire old snapshots, delete the
+files nothing needs any more. Totals never change: merging rewrites rows into fewer files in
+a snapshot of its own, and expiring drops only history.
+
+What it leaves alone, so running workers are not disturbed: it never flushes inlined rows
+(``ducklake_flush_inlined_data`` deletes rows a worker may be updating in the same moment:
+measured, it made their commits fail) and never rewrites files with deletions
+(``ducklake_rewrite_data_files``, the same conflict); ``ducklake_merge_adjacent_files`` merges
+only files without deletions, which a worker's inserts and updates do not conflict with.
+
+Snapshots listed in ``lake.kept_snapshots`` (``keep_snapshot``: an invoice's, say) are never
+expired, so time travel to them keeps working past the retention. One maintainer runs at a
+time across hosts (a PostgreSQL advisory lock on the catalog); another finds it taken and
+skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import duckdb
+import psycopg
+
+from aggregator.lake import LAKE, open_lake
+from common.errors import CatalogError
+from common.settings import Settings
+
+KEPT = "kept_snapshots"
+LOCK_KEY = 0x7066_6D61_696E  # "pfmain": the advisory lock of lake maintenance
+
+
+@dataclass(frozen=True)
+class Maintenance:
+    """What one run did; file counts and bytes are the lake's live data files."""
+
+    skipped: bool
+    files_before: int
+    files_after: int
+    bytes_before: int
+    bytes_after: int
+    files_merged: int
+    snapshots_expired: int
+    snapshots_kept: int
+    files_deleted: int
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        if self.skipped:
+            return "lake maintenance: skipped, another host is maintaining the lake"
+        return (
+            f"lake maintenance: {self.files_before} -> {self.files_after} data files "
+            f"({self.bytes_before:,} -> {self.bytes_after:,} bytes), "
+            f"{self.snapshots_expired} snapshot(s) expired ({self.snapshots_kept} kept), "
+            f"{self.files_deleted} unneeded file(s) deleted"
+        )
+
+
+SKIPPED = Maintenance(True, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def ensure_kept_table(con: duckdb.DuckDBPyConnection, alias: str = LAKE) -> None:
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {alias}.{KEPT} ("
+        "snapshot_id BIGINT NOT NULL, reason VARCHAR NOT NULL, kept_at TIMESTAMPTZ NOT NULL)"
+    )
+
+
+def keep_snapshot(
+    con: duckdb.DuckDBPyConnection, snapshot_id: int, reason: str, alias: str = LAKE
+) -> None:
+    """Never expire snapshot ``snapshot_id`` (``reason`` says who needs it)."""
+    ensure_kept_table(con, alias)
+    con.execute(
+        f"INSERT INTO {alias}.{KEPT} VALUES (?, ?, now())", [snapshot_id, reason]
+    ).fetchall()
+
+
+@contextmanager
+def _maintainer(settings: Settings) -> Iterator[bool]:
+    """True while this process holds the lake's maintenance lock, False if another does."""
+    assert settings.metering_catalog is not None
+    try:
+        conn = psycopg.connect(
+            settings.metering_catalog.get_secret_value(), autocommit=True, connect_timeout=10
+        )
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        password = settings.catalog_password()
+        reason = reason.replace(password, "[redacted]") if password else reason
+        raise CatalogError(
+            f"cannot reach METERING_CATALOG ({settings.catalog_shown()}): {reason}"
+        ) from exc
+    with conn:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", [LOCK_KEY]).fetchone()
+        yield bool(row and row[0])
+
+
+def _live_files(con: duckdb.DuckDBPyConnection, alias: str) -> tuple[int, int]:
+    row = con.execute(
+        f"SELECT count(*), coalesce(sum(file_size_bytes), 0) FROM "
+        f"__ducklake_metadata_{alias}.ducklake_data_file WHERE end_snapshot IS NULL"
+    ).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def _kept(con: duckdb.DuckDBPyConnection, alias: str) -> set[int]:
+    tables = con.execute(
+        "SELECT 1 FROM duckdb_tables() WHERE database_name = ? AND table_name = ?", [alias, KEPT]
+    ).fetchall()
+    if not tables:
+        return set()
+    return {int(r[0]) for r in con.execute(f"SELECT snapshot_id FROM {alias}.{KEPT}").fetchall()}
+
+
+def maintain(
+    con: duckdb.DuckDBPyConnection,
+    settings: Settings,
+    *,
+    now: datetime,
+    alias: str = LAKE,
+) -> Maintenance:
+    """Merge, expire (older than ``METERING_LAKE_RETENTION``, except kept snapshots and the
+    newest) and delete files unneeded for ``METERING_LAKE_FILE_GRACE``, on ``con``'s lake."""
+    with _maintainer(settings) as mine:
+        if not mine:
+            return SKIPPED
+        try:
+            return _maintain(
+                con,
+                alias,
+                now=now,
+                expire_before=now - settings.metering_lake_retention,
+                delete_before=now - settings.metering_lake_file_grace,
+            )
+        except duckdb.Error as exc:
+            raise CatalogError(f"lake maintenance failed: {str(exc).splitlines()[0]}") from exc
+
+
+def _maintain(
+    con: duckdb.DuckDBPyConnection,
+    alias: str,
+    *,
+    now: datetime,
+    expire_before: datetime,
+    delete_before: datetime,
+) -> Maintenance:
+    files_before, bytes_before = _live_files(con, alias)
+    merged = con.execute(f"CALL ducklake_merge_adjacent_files('{alias}')").fetchall()
+    kept = _kept(con, alias)
+    old = [
+        int(r[0])
+        for r in con.execute(
+            f"SELECT snapshot_id FROM ducklake_snapshots('{alias}') WHERE snapshot_time < ? "
+            f"AND snapshot_id < (SELECT max(snapshot_id) FROM ducklake_snapshots('{alias}'))",
+            [expire_before],
+        ).fetchall()
+    ]
+    expire = sorted(set(old) - kept)
+    if expire:
+        con.execute(
+            f"CALL ducklake_expire_snapshots('{alias}', versions => ?)", [expire]
+        ).fetchall()
+    deleted = con.execute(
+        f"CALL ducklake_cleanup_old_files('{alias}', older_than => ?)", [delete_before]
+    ).fetchall()
+    if delete_before >= now:  # no grace: what this run unscheduled goes at once too
+        deleted += con.execute(
+            f"CALL ducklake_cleanup_old_files('{alias}', cleanup_all => true)"
+        ).fetchall()
+    orphans = con.execute(
+        f"CALL ducklake_delete_orphaned_files('{alias}', older_than => ?)", [delete_before]
+    ).fetchall()
+    files_after, bytes_after = _live_files(con, alias)
+    return Maintenance(
+        skipped=False,
+        files_before=files_before,
+        files_after=files_after,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        files_merged=sum(int(r[2]) for r in merged),
+        snapshots_expired=len(expire),
+        snapshots_kept=len(kept & set(old)),
+        files_deleted=len(deleted) + len(orphans),
+    )
+
+
+def maintain_lake(settings: Settings, now: datetime) -> Maintenance:
+    """Open the lake of ``settings`` and maintain it."""
+    con = open_lake(settings)
+    try:
+        return maintain(con, settings, now=now)
+    finally:
+        con.close()
