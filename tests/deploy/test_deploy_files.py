@@ -4,6 +4,7 @@ break this test, not a deployment."""
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 import typer
 import yaml
 
-from common.settings import Settings
+from common.settings import Settings, load_settings
 from pf_metering.cli import build_app
 from tests.support import REPO
 
@@ -64,8 +65,8 @@ def test_the_checker_rejects_what_does_not_exist() -> None:
 # --- docker compose ---------------------------------------------------------------------
 
 
-def _compose() -> dict[str, Any]:
-    data = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+def _compose(name: str = "docker-compose.yml") -> dict[str, Any]:
+    data = yaml.safe_load((DEPLOY / name).read_text())
     assert isinstance(data, dict)
     return data
 
@@ -110,9 +111,9 @@ def test_compose_sets_only_real_settings() -> None:
 # --- Kubernetes -------------------------------------------------------------------------
 
 
-def _k8s() -> list[dict[str, Any]]:
+def _k8s(folder: str = "k8s") -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+    for path in sorted((DEPLOY / folder).glob("*.yaml")):
         docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d is not None)
     return docs
 
@@ -267,3 +268,81 @@ def test_systemd_environment_is_real_settings() -> None:
         for assignment in _values(unit["Service"], "Environment"):
             for pair in shlex.split(assignment):
                 assert pair.split("=", 1)[0] in SETTINGS_VARS, pair
+
+
+# --- cluster mode: compose and Kubernetes without a shared volume ------------------------
+
+_SUBSTITUTION = re.compile(r"\$\{([A-Z_]+)(?::?-([^}]*))?\}")
+
+
+def _as_settings(env: dict[str, str]) -> Settings:
+    """``env`` (compose's ``${VAR:-default}`` taken as its default) read by the real settings:
+    a bad value fails here as it would at start."""
+    values = {
+        k.lower(): _SUBSTITUTION.sub(lambda m: m.group(2) or "x", str(v)) for k, v in env.items()
+    }
+    return load_settings(**values)
+
+
+def test_cluster_compose_runs_three_brokers_postgres_minio_and_shares_no_volume() -> None:
+    compose = _compose("docker-compose.cluster.yml")
+    services = compose["services"]
+    brokers = [s for s in services.values() if "KAFKA_PROCESS_ROLES" in s.get("environment", {})]
+    assert len(brokers) == 3
+    for broker in brokers:
+        env = broker["environment"]
+        assert len(env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")) == 3
+        assert (
+            env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == 3 and env["KAFKA_MIN_INSYNC_REPLICAS"] == 2
+        )
+        assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == 3
+    pf = _pf_services(compose)
+    roles = [check_invocation(svc["command"]) for svc in pf.values()]
+    assert roles.count(("consume",)) == 3 and set(roles) >= ROLES
+    assert check_invocation(["lake", "maintain"]) == ("lake", "maintain")
+    for name, svc in pf.items():
+        assert "volumes" not in svc, f"{name} must share no volume: caches go to its tmpfs"
+        assert svc["environment"]["METERING_DATA_DIR"] in svc["tmpfs"]
+        unknown = set(svc["environment"]) - SETTINGS_VARS
+        assert not unknown, f"{name}: {unknown} are not pf-metering settings"
+        settings = _as_settings(svc["environment"])
+        assert settings.cluster_mode and str(settings.metering_lake_path).startswith("s3://")
+        host = settings.catalog_shown().split("@", 1)[1].split(":", 1)[0]
+        assert host in services and services[host]["image"].startswith("postgres:15")
+        assert settings.metering_s3_endpoint == "http://minio:9000" and "minio" in services
+        assert "${" in svc["environment"]["METERING_CATALOG"]  # the password is never literal
+        assert "${" in svc["environment"]["AWS_SECRET_ACCESS_KEY"]
+        for dep in svc["depends_on"]:
+            assert dep in services
+
+
+def test_cluster_k8s_has_no_shared_volume_and_only_real_settings() -> None:
+    docs = _k8s("k8s-cluster")
+    kustomization = yaml.safe_load((DEPLOY / "k8s-cluster" / "kustomization.yaml").read_text())
+    files = {p.name for p in (DEPLOY / "k8s-cluster").glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+    assert not _named(docs, "PersistentVolumeClaim")
+    for stateful in _named(docs, "StatefulSet").values():
+        for claim in stateful["spec"].get("volumeClaimTemplates", []):
+            assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    (config,) = _named(docs, "ConfigMap").values()
+    assert set(config["data"]) <= SETTINGS_VARS, set(config["data"]) - SETTINGS_VARS
+    assert "METERING_CATALOG" not in config["data"]
+    roles = set()
+    for spec, container in _containers(docs):
+        assert container["command"] == [BINARY]
+        roles.add(check_invocation(container["args"]))
+        assert all("emptyDir" in v for v in spec["volumes"]), "pods keep only caches"
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert config["data"]["METERING_DATA_DIR"] in mounts
+        env = {var["name"]: var for var in container.get("env", [])}
+        assert set(env) <= SETTINGS_VARS, set(env) - SETTINGS_VARS
+        for secret in ("METERING_CATALOG", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[secret]["valueFrom"]["secretKeyRef"]["key"] == secret
+        given = {"METERING_CATALOG": "postgresql://pfmeter:pw@pf-postgres:5432/metering"}
+        settings = _as_settings({**config["data"], **given})
+        assert settings.cluster_mode and str(settings.metering_lake_path).startswith("s3://")
+    assert roles == ROLES
+    services = _named(docs, "Service")
+    assert "pf-postgres" in services and "pf-minio" in services
+    assert config["data"]["METERING_S3_ENDPOINT"] == "http://pf-minio:9000"
