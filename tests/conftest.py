@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.cli",
     "tests.fixtures.webhooks",
     "tests.fixtures.postgres",
+    "tests.fixtures.s3",
 ]

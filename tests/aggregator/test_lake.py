@@ -4,11 +4,13 @@ errors naming the setting when the catalog cannot be reached or the lake path is
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from aggregator.lake import RETRY, open_lake
+from aggregator.lake_maintenance import maintain
 from common.errors import CatalogError
 from common.settings import load_settings
 from tests.support.waiting import free_port
@@ -80,3 +82,26 @@ def test_another_lake_path_for_the_same_catalog_is_refused(
     open_lake(load_settings()).execute("CREATE TABLE lake.t AS SELECT 1 AS x")
     with pytest.raises(CatalogError, match=r"^METERING_LAKE_PATH .* is not where this lake"):
         open_lake(load_settings(metering_lake_path=str(tmp_path / "elsewhere")))
+
+
+def test_an_s3_lake_on_s3_compatible_storage(s3_lake_env: dict[str, str], tmp_path: Path) -> None:
+    lake = s3_lake_env["METERING_LAKE_PATH"]
+    writer = open_lake(load_settings())
+    writer.execute("CREATE TABLE lake.usage (tenant VARCHAR, events BIGINT)")
+    for _ in range(4):
+        writer.execute("INSERT INTO lake.usage SELECT 't' || (i % 7), 1 FROM range(100) t(i)")
+    reader = open_lake(load_settings(METERING_DATA_DIR=tmp_path / "other-host"))
+    assert reader.execute("SELECT sum(events) FROM lake.usage").fetchone() == (400,)
+    files = writer.execute(f"SELECT count(*) FROM glob('{lake}/**/*.parquet')").fetchone()
+    assert files == (4,)  # the data files are objects in the bucket, under the prefix
+    assert "s3-Secret-Value" not in repr(
+        writer.execute("SELECT * FROM duckdb_secrets()").fetchall()
+    )
+    done = maintain(
+        writer,
+        load_settings(METERING_LAKE_RETENTION="0s", METERING_LAKE_FILE_GRACE="0s"),
+        now=datetime.now(UTC),
+    )
+    assert done.files_after == 1 and done.files_deleted >= 4
+    assert writer.execute(f"SELECT count(*) FROM glob('{lake}/**/*.parquet')").fetchone() == (1,)
+    assert reader.execute("SELECT sum(events) FROM lake.usage").fetchone() == (400,)
