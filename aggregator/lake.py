@@ -171,6 +171,13 @@ def attach_lake(con: duckdb.DuckDBPyConnection, settings: Settings, alias: str =
         ) from cause
 
 
+def catalog_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (from a statement on an open lake) means PostgreSQL could not be
+    reached: worth waiting and retrying, since the connection reconnects by itself once the
+    server answers again (a restart included)."""
+    return isinstance(exc, duckdb.IOException) and "Unable to connect to Postgres" in str(exc)
+
+
 def open_lake(settings: Settings, alias: str = LAKE) -> duckdb.DuckDBPyConnection:
     """A new in-memory DuckDB connection with the lake ATTACHed as ``alias``."""
     extensions = settings.metering_data_dir / "duckdb-extensions"

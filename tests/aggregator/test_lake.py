@@ -7,12 +7,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import duckdb
 import pytest
 
-from aggregator.lake import RETRY, open_lake
+from aggregator.lake import RETRY, catalog_unreachable, open_lake
 from aggregator.lake_maintenance import maintain
 from common.errors import CatalogError
 from common.settings import load_settings
+from tests.support.postgres import create_database, local_postgres, running_postgres
 from tests.support.waiting import free_port
 
 
@@ -105,3 +107,20 @@ def test_an_s3_lake_on_s3_compatible_storage(s3_lake_env: dict[str, str], tmp_pa
     assert done.files_after == 1 and done.files_deleted >= 4
     assert writer.execute(f"SELECT count(*) FROM glob('{lake}/**/*.parquet')").fetchone() == (1,)
     assert reader.execute("SELECT sum(events) FROM lake.usage").fetchone() == (400,)
+
+
+def test_an_open_lake_outlives_a_postgres_restart(data_env: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    with running_postgres(port) as server:
+        settings = load_settings(
+            metering_catalog=create_database(server), metering_lake_path=str(tmp_path / "lake")
+        )
+        con = open_lake(settings)
+        con.execute("CREATE TABLE lake.t AS SELECT 1 AS x")
+        assert local_postgres("stop", port).returncode == 0
+        with pytest.raises(duckdb.Error) as down:
+            con.execute("INSERT INTO lake.t VALUES (2)")
+        assert catalog_unreachable(down.value)
+        assert local_postgres("start", port).returncode == 0
+        con.execute("INSERT INTO lake.t VALUES (3)")  # the same connection, reconnected
+        assert con.execute("SELECT sum(x) FROM lake.t").fetchone() == (4,)

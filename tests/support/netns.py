@@ -11,11 +11,12 @@ whether they can be made here. Everything made is removed on exit, even after a 
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -128,11 +129,38 @@ def _free_prefix() -> str:
     raise AssertionError("no free 10.x/24 subnet for the test network")
 
 
+_NAME = re.compile(r"^pf([0-9a-z]{5})([0-9a-z])-h\d+$")
+_made = itertools.count()
+
+
+def _tag() -> str:
+    """Five base-36 digits of this process's id, then a counter digit (names stay within the
+    15 characters a link name may have)."""
+    pid, digits = os.getpid(), ""
+    for _ in range(5):
+        pid, d = divmod(pid, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[d] + digits
+    return digits + "0123456789abcdefghijklmnopqrstuvwxyz"[next(_made) % 36]
+
+
+def remove_stale() -> None:
+    """Remove the namespaces and bridges of test processes that died without cleaning up
+    (SIGKILL): their names carry the creator's process id."""
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = _NAME.match(name)
+        if m is None or Path(f"/proc/{int(m.group(1), 36)}").exists():
+            continue
+        _ip("netns", "del", name, check=False)
+        _ip("link", "del", f"pfbr{m.group(1)}{m.group(2)}", check=False)
+
+
 @contextmanager
 def network(count: int, root: Path) -> Iterator[Network]:
     """``count`` hosts on a new bridge; host i's data folder is ``root/host-i``. Removes the
-    namespaces and the bridge on exit."""
-    tag = uuid.uuid4().hex[:6]
+    namespaces and the bridge on exit (and first those a killed test run left behind)."""
+    remove_stale()
+    tag = _tag()
     net = Network(bridge=f"pfbr{tag}", prefix=_free_prefix())
     with ExitStack() as undo:
         _ip("link", "add", net.bridge, "type", "bridge")
@@ -141,7 +169,7 @@ def network(count: int, root: Path) -> Iterator[Network]:
             _ip("addr", "add", f"{net.prefix}.{last}/24", "dev", net.bridge)
         _ip("link", "set", net.bridge, "up")
         for i in range(1, count + 1):
-            name, veth = f"pf{tag}-h{i}", f"pf{tag}h{i}"
+            name, veth = f"pf{tag}-h{i}", f"pf{tag}h{i}"  # veth + "p" <= 15 chars
             _ip("netns", "add", name)
             undo.callback(_ip, "netns", "del", name, check=False)
             _ip("link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
