@@ -57,6 +57,7 @@ register_schema(
         lines VARCHAR NOT NULL,
         quotas VARCHAR NOT NULL,
         computed_from VARCHAR NOT NULL,
+        credit_balance {MONEY_SQL} NOT NULL DEFAULT 0,
         UNIQUE (tenant_id, period)
     )
     """
@@ -84,9 +85,12 @@ register_schema(
 
 
 def _migrate(con: duckdb.DuckDBPyConnection) -> None:
-    """Files from before: money DECIMAL(18, 2) and BIGINT billed counters are widened, and
-    billed usage without its prices gets those its period's invoice recorded."""
+    """Files from before: money DECIMAL(18, 2) and BIGINT billed counters are widened,
+    invoices from before credit balances get a balance of 0, and billed usage without its
+    prices gets those its period's invoice recorded."""
     widen(con, "invoices", {"subtotal": MONEY_SQL, "total": MONEY_SQL})
+    if "credit_balance" not in column_types(con, "invoices"):
+        con.execute(f"ALTER TABLE invoices ADD COLUMN credit_balance {MONEY_SQL} DEFAULT 0")
     widen(con, "billed_usage", dict.fromkeys(COUNTERS, COUNTER_SQL))
     if "prices" in column_types(con, "billed_usage"):
         return
@@ -103,7 +107,7 @@ register_migration(_migrate)
 _COLUMNS = (
     "invoice_id, tenant_id, period, period_start, period_end, tier, currency, status, "
     "subtotal, total, due_date, created_at, finalized_at, stripe_invoice_id, lines, quotas, "
-    "computed_from"
+    "computed_from, credit_balance"
 )
 _LINES = TypeAdapter(list[InvoiceLine])
 _QUOTAS = TypeAdapter(list[QuotaUsage])
@@ -123,7 +127,7 @@ def _utc(value: datetime | None) -> datetime | None:
 
 def _from_row(row: tuple[Any, ...]) -> Invoice:
     (iid, tenant, period, start, end, tier, currency, status, subtotal, total, due, created,
-     finalized, stripe_id, lines, quotas, computed) = row  # fmt: skip
+     finalized, stripe_id, lines, quotas, computed, credit) = row  # fmt: skip
     return Invoice(
         invoice_id=iid,
         tenant_id=tenant,
@@ -142,6 +146,7 @@ def _from_row(row: tuple[Any, ...]) -> Invoice:
         stripe_invoice_id=stripe_id,
         computed_from=json.loads(computed),
         quotas=_QUOTAS.validate_json(quotas),
+        credit_balance=credit,
     )
 
 
@@ -261,6 +266,7 @@ def _invoice_table(invoices: Sequence[Invoice]) -> pa.Table:
             "lines": pa.array([_LINES.dump_json(inv.lines).decode() for inv in invoices]),
             "quotas": pa.array([_QUOTAS.dump_json(inv.quotas).decode() for inv in invoices]),
             "computed_from": pa.array([to_json_text(c) for c in col("computed_from")], pa.string()),
+            "credit_balance": pa.array(col("credit_balance"), _MONEY),
         }
     )
 

@@ -32,11 +32,21 @@ import duckdb
 import pyarrow as pa
 
 from aggregator.views import UsageReader
-from billing import invoice_store
+from billing import credit_store, invoice_store
+from billing.corrections import correction_lines
+from billing.credits import CreditLot, CreditMovement, Settlement, settle
 from billing.db import transaction
 from billing.invoice_store import Billed, InvoiceKey, to_json_text
-from billing.model import MAX_MONEY, Invoice, InvoiceLine, InvoiceStatus, add_up, money
-from billing.rating import Usage, late_usage_line, rate
+from billing.model import (
+    EARLIER_PERIODS,
+    MAX_MONEY,
+    Invoice,
+    InvoiceLine,
+    InvoiceStatus,
+    add_up,
+    money,
+)
+from billing.rating import Usage, rate
 from billing.tenants import Tenant, load_tenants, record_starts
 from billing.tiers import Tier, get_tier, load_tiers, price_facts, tier_from_facts
 from common.errors import UserError
@@ -155,6 +165,7 @@ def _usage_facts(row: Mapping[str, Any] | None) -> dict[str, Any]:
 def check_amounts(invoice: Invoice) -> None:
     """Refuse an invoice with an amount beyond ``MAX_MONEY`` (what DECIMAL(38, 2) holds)."""
     amounts = [("total", invoice.total), ("subtotal", invoice.subtotal)]
+    amounts.append(("credit balance", invoice.credit_balance))
     amounts += [(f"line {ln.code}", ln.amount) for ln in invoice.lines]
     for what, amount in amounts:
         if abs(amount) > MAX_MONEY:
@@ -177,8 +188,46 @@ def build_invoice(
     finalized_at: datetime | None,
     due_days: int,
     issued_at: datetime | None = None,
+    credit: Sequence[CreditLot] = (),
 ) -> Invoice:
-    """One invoice, with the aggregate values it was computed from (pure).
+    """One invoice, with the aggregate values it was computed from (pure); see
+    ``settled_invoice``."""
+    return settled_invoice(
+        invoice_id=invoice_id,
+        tenant_id=tenant_id,
+        period=period,
+        tier=tier,
+        usage_row=usage_row,
+        late=late,
+        status=status,
+        created_at=created_at,
+        finalized_at=finalized_at,
+        due_days=due_days,
+        issued_at=issued_at,
+        credit=credit,
+    )[0]
+
+
+def settled_invoice(
+    *,
+    invoice_id: str,
+    tenant_id: str,
+    period: Period,
+    tier: Tier,
+    usage_row: Mapping[str, Any] | None,
+    late: Sequence[LateUsage],
+    status: InvoiceStatus,
+    created_at: datetime,
+    finalized_at: datetime | None,
+    due_days: int,
+    issued_at: datetime | None = None,
+    credit: Sequence[CreditLot] = (),
+) -> tuple[Invoice, Settlement]:
+    """One invoice and how it meets the tenant's credit ``credit`` (pure).
+
+    Lines: the period's rating, then per earlier period in ``late`` its correction
+    (``billing.corrections``), then the credit line (``billing.credits``): the total is
+    never negative, and ``credit_balance`` is the balance left afterwards.
 
     Due ``due_days`` after the period's end; one issued after that date (a backfill, a
     late first bill) is due ``due_days`` after its issue instead, and says so
@@ -186,9 +235,14 @@ def build_invoice(
     the invoice counts as issued (``bill --as-of``'s moment; default ``finalized_at``)."""
     rating = rate(tier, Usage.from_mapping(usage_row or {}))
     late_lines: list[InvoiceLine] = [
-        late_usage_line(item.billed.period, item.tier, item.billed.usage, item.now) for item in late
+        line
+        for item in late
+        for line in correction_lines(item.billed.period, item.tier, item.billed.usage, item.now)
     ]
     lines = [*rating.lines, *late_lines]
+    settlement = settle(tenant_id, invoice_id, add_up(ln.amount for ln in lines), credit)
+    if settlement.line is not None:
+        lines.append(settlement.line)
     computed_from: dict[str, Any] = {
         "tier": dict(price_facts(tier)),
         "usage": _usage_facts(usage_row),
@@ -210,6 +264,15 @@ def build_invoice(
             }
             for item in late
         ]
+    if settlement.line is not None:
+        computed_from["credit"] = {
+            "balance_before": money(add_up(lot.remaining for lot in credit)),
+            "movements": [
+                {"source_invoice_id": m.source_invoice_id, "amount": money(m.amount)}
+                for m in settlement.movements
+            ],
+            "balance_after": money(settlement.balance),
+        }
     invoice = Invoice(
         invoice_id=invoice_id,
         tenant_id=tenant_id,
@@ -226,9 +289,10 @@ def build_invoice(
         finalized_at=finalized_at,
         computed_from=computed_from,
         quotas=list(rating.quotas),
+        credit_balance=settlement.balance,
     )
     check_amounts(invoice)
-    return invoice
+    return invoice, settlement
 
 
 # --- units of work --------------------------------------------------------------------------
@@ -315,8 +379,9 @@ class _Session:
         existing: InvoiceKey | None,
         late: Sequence[LateUsage],
         status: InvoiceStatus,
-    ) -> Invoice:
-        return build_invoice(
+        credit: Sequence[CreditLot],
+    ) -> tuple[Invoice, Settlement]:
+        return settled_invoice(
             invoice_id=existing.invoice_id if existing else new_invoice_id(self.now),
             tenant_id=tenant.tenant_id,
             period=period,
@@ -328,6 +393,7 @@ class _Session:
             finalized_at=self.now if status is InvoiceStatus.finalized else None,
             due_days=self.rules.due_days,
             issued_at=self.as_of,
+            credit=credit,
         )
 
     def finalize(
@@ -341,8 +407,10 @@ class _Session:
         A tenant whose invoice for a period cannot be made keeps the invoices of its earlier
         periods and gets none from that period on; it is reported, the others go on."""
         pending, broken = self.pending_late(tenants)
+        lots = credit_store.credit_lots(self.con)
         invoices: list[Invoice] = []
         billed: list[Billed] = []
+        movements: list[CreditMovement] = []
         failures: list[BillFailure] = []
         starts: dict[str, Period] = {}
         for tenant_id, periods in targets.items():
@@ -351,20 +419,24 @@ class _Session:
                 continue
             tenant = tenants[tenant_id]
             waiting = pending.get(tenant_id, [])
+            credit = lots.get(tenant_id, ())
             for period in sorted(periods):
                 carried = [x for x in waiting if Period.parse(x.billed.period) < period]
                 try:
-                    invoice = self.build(
+                    invoice, settlement = self.build(
                         tenant,
                         period,
                         index.get((tenant_id, str(period))),
                         carried,
                         InvoiceStatus.finalized,
+                        credit,
                     )
                 except UserError as exc:
                     failures.append(BillFailure(tenant_id, str(period), str(exc)))
                     break
                 waiting = [x for x in waiting if x not in carried]
+                credit = settlement.lots
+                movements.extend(settlement.movements)
                 invoices.append(invoice)
                 starts.setdefault(tenant_id, tenant.billed_from or tenant.first_period)
                 usage = Usage.from_mapping(self.usage.row(tenant_id, period) or {})
@@ -392,6 +464,7 @@ class _Session:
                 )
         invoice_store.write_invoices(self.con, invoices)
         invoice_store.record_billed(self.con, billed, self.now)
+        credit_store.record_movements(self.con, movements, self.now)
         record_starts(self.con, starts)
         return invoices, failures
 
@@ -409,7 +482,8 @@ class BillResult:
 
     @property
     def late_lines(self) -> int:
-        return sum(ln.code == "late_usage" for inv in self.invoices for ln in inv.lines)
+        """Lines for earlier periods (late usage and corrections)."""
+        return sum(ln.code in EARLIER_PERIODS for inv in self.invoices for ln in inv.lines)
 
 
 def bill(
@@ -490,8 +564,11 @@ def generate(
                     raise InvoiceRefused(str(broken[tenant_id]))
                 waiting = pending.get(tenant_id, [])
                 late = [x for x in waiting if Period.parse(x.billed.period) < period]
+                credit = credit_store.credit_lots(con, tenant_id).get(tenant_id, ())
                 try:
-                    draft = session.build(tenant, period, existing, late, InvoiceStatus.draft)
+                    draft, _ = session.build(
+                        tenant, period, existing, late, InvoiceStatus.draft, credit
+                    )
                 except UserError as exc:
                     failure = BillFailure(tenant_id, str(period), str(exc))
                     raise InvoiceRefused(str(failure)) from exc

@@ -38,6 +38,18 @@ class InvoiceStatus(StrEnum):
     void = "void"
 
 
+LATE_USAGE = "late_usage"
+"""An earlier period's usage grew after it was finalized: the net difference, one line."""
+USAGE_CORRECTION = "usage_correction"
+"""An earlier period was corrected down: one signed line per line code it changes."""
+CREDIT_CARRIED = "credit_carried"
+"""What this invoice's negative lines leave beyond its charges, moved to the credit balance."""
+CREDIT_APPLIED = "credit_applied"
+"""Credit balance used on this invoice (negative)."""
+EARLIER_PERIODS = frozenset({LATE_USAGE, USAGE_CORRECTION})
+CREDIT_LINES = frozenset({CREDIT_CARRIED, CREDIT_APPLIED})
+
+
 class LinePart(BaseModel):
     """One range of a graduated or volume line, or the packages of a package line:
     ``quantity`` x ``unit_price`` = ``amount``, exact (the line rounds once, their sum)."""
@@ -51,7 +63,8 @@ class LinePart(BaseModel):
 
 
 class InvoiceLine(BaseModel):
-    """One line: amount = quantity x unit_price rounded to the cent (risk/late lines derive).
+    """One line: amount = quantity x unit_price rounded to the cent (risk, late, correction
+    and credit lines derive: quantity 1, unit price = amount).
     A line with ``parts`` (graduated, volume, package prices) is the sum of its parts' amounts
     rounded to the cent; its quantity is the billable usage and its unit_price the price of
     its last part."""
@@ -61,7 +74,8 @@ class InvoiceLine(BaseModel):
     quantity: Decimal
     unit_price: Decimal
     amount: Decimal
-    period: str | None = None  # for late_usage: the period the usage belongs to
+    period: str | None = None  # late_usage, usage_correction: the period it is for
+    corrects: str | None = None  # usage_correction: the code of the line it corrects
     parts: list[LinePart] | None = None
 
 
@@ -104,6 +118,8 @@ class Invoice(BaseModel):
     stripe_invoice_id: str | None = None
     computed_from: dict[str, Any] = Field(default_factory=dict)
     quotas: list[QuotaUsage] = Field(default_factory=list)
+    credit_balance: Decimal = Decimal(0)
+    """The tenant's credit balance once this invoice is settled (never negative)."""
 
     def status_on(self, now: datetime) -> InvoiceStatus:
         """The status to show at ``now``: an unpaid invoice past its due date is overdue."""

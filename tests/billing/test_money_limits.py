@@ -14,7 +14,6 @@ import duckdb
 import pytest
 
 from aggregator.fold import COUNTER_CEILING
-from aggregator.ledger import LedgerSet
 from billing.db import billing_db
 from billing.invoicing import InvoiceRefused
 from billing.model import MAX_MONEY, MONEY_SQL, InvoiceStatus
@@ -26,7 +25,7 @@ from tests.fixtures.seeds import event
 from tests.fixtures.stripe import make_invoice
 from tests.support.books import Books, at
 from tests.support.cli_runner import assert_user_error, run_cli
-from tests.support.ledgers import set_total
+from tests.support.ledgers import set_published_total
 
 INT64_MAX = 2**63 - 1
 
@@ -51,15 +50,6 @@ def _use_tiers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **tiers: dict[st
     path = _tiers_file(tmp_path / "tiers.toml", **tiers)
     monkeypatch.setenv("METERING_TIERS_FILE", str(path))
     return path
-
-
-def _set_ledger_total(partition: int, tenant: str, counter: str, value: int) -> None:
-    """Set a stored total (as if very many events had come), then publish the snapshot."""
-    cfg = config.load_settings()
-    set_total(cfg, partition, tenant, counter, value)
-    ledgers = LedgerSet(cfg.ledger_dir, cfg.metering_topic, lock_timeout=10)
-    ledgers.acquire(partition)
-    ledgers.close(cfg.snapshot_dir)
 
 
 # --- usage past 2**63 is billed positive and exact ---------------------------------------
@@ -92,7 +82,7 @@ def test_an_amount_no_invoice_can_hold_is_refused_for_that_tenant_alone(
 ) -> None:
     _use_tiers(monkeypatch, tmp_path, dear={"violation_price": "1000000000"})
     books.publish(event("dear-co", "2025-01", violations=1), event("cheap", "2025-01"))
-    _set_ledger_total(0, "dear-co", "violations", COUNTER_CEILING)  # 1e37 usd
+    set_published_total(config.load_settings(), 0, "dear-co", "violations", COUNTER_CEILING)
     books.set_tier("dear-co", "dear", "2025-01")
     result = books.bill(at(2025, 2, 2))
     assert [i.tenant_id for i in result.invoices] == ["cheap"]

@@ -1,0 +1,91 @@
+"""The per-tenant credit balance (pure: no I/O, Decimal only).
+
+An invoice total never goes below zero. When an invoice's lines (its own period plus the
+corrections it carries) sum to less than zero, a ``credit_carried`` line brings it to zero and
+that amount becomes a credit lot of the tenant, named by the invoice that created it. A later
+invoice with a positive sum uses the oldest lots first, as one negative ``credit_applied``
+line. Every movement names the invoice it is on and the invoice whose lot it creates or
+consumes, so the balance (the sum of the movements) can be audited lot by lot, and the sum
+of all totals plus the balance equals the sum of all lines before settling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from billing.model import CREDIT_APPLIED, CREDIT_CARRIED, EXACT, InvoiceLine, add_up, money
+
+
+@dataclass(frozen=True)
+class CreditLot:
+    """What is left of the credit one invoice created."""
+
+    source_invoice_id: str
+    remaining: Decimal
+
+
+@dataclass(frozen=True)
+class CreditMovement:
+    """One change of a tenant's balance: + when ``invoice_id`` carries credit (then
+    ``source_invoice_id`` is itself), - when it uses ``source_invoice_id``'s lot."""
+
+    tenant_id: str
+    invoice_id: str
+    source_invoice_id: str
+    amount: Decimal
+
+
+def balance(lots: Sequence[CreditLot]) -> Decimal:
+    return add_up(lot.remaining for lot in lots)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """How one invoice meets the tenant's balance."""
+
+    line: InvoiceLine | None
+    movements: tuple[CreditMovement, ...]
+    lots: tuple[CreditLot, ...]  # the balance afterwards, oldest lot first
+
+    @property
+    def balance(self) -> Decimal:
+        return balance(self.lots)
+
+
+def settle(
+    tenant_id: str, invoice_id: str, charges: Decimal, lots: Sequence[CreditLot]
+) -> Settlement:
+    """Settle an invoice whose lines sum to ``charges`` against ``lots`` (oldest first)."""
+    if charges < 0:
+        carried = -charges
+        line = InvoiceLine(
+            code=CREDIT_CARRIED,
+            description=f"credit of {money(carried)} carried to the next invoices",
+            quantity=Decimal(1),
+            unit_price=carried,
+            amount=carried,
+        )
+        movement = CreditMovement(tenant_id, invoice_id, invoice_id, carried)
+        return Settlement(line, (movement,), (*lots, CreditLot(invoice_id, carried)))
+    due, left, movements = charges, [], []
+    for lot in lots:
+        used = min(due, lot.remaining)
+        if used > 0:
+            movements.append(CreditMovement(tenant_id, invoice_id, lot.source_invoice_id, -used))
+            due = EXACT.subtract(due, used)
+        if lot.remaining > used:
+            left.append(CreditLot(lot.source_invoice_id, EXACT.subtract(lot.remaining, used)))
+    if not movements:
+        return Settlement(None, (), tuple(lots))
+    applied = EXACT.subtract(charges, due)
+    sources = ", ".join(m.source_invoice_id for m in movements)
+    line = InvoiceLine(
+        code=CREDIT_APPLIED,
+        description=f"credit balance applied (from {sources})",
+        quantity=Decimal(1),
+        unit_price=-applied,
+        amount=-applied,
+    )
+    return Settlement(line, tuple(movements), tuple(left))
