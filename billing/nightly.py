@@ -107,7 +107,8 @@ def summary(result: BillResult) -> str:
     total = add_up(inv.total for inv in result.invoices)
     return (
         f"billed through {result.last_closed}: {len(result.invoices)} invoice(s) finalized "
-        f"for {result.tenants} tenant(s), {result.late_lines} late-usage line(s), "
+        f"for {result.tenants} tenant(s), {result.late_lines} late-usage or correction "
+        "line(s), "
         f"total {money(total)} usd"
     )
 

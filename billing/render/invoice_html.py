@@ -13,7 +13,20 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from billing.model import EXACT, Invoice, InvoiceLine, InvoiceStatus, QuotaUsage, add_up, plain
+from billing.model import (
+    CREDIT_APPLIED,
+    CREDIT_CARRIED,
+    CREDIT_LINES,
+    EARLIER_PERIODS,
+    EXACT,
+    LATE_USAGE,
+    Invoice,
+    InvoiceLine,
+    InvoiceStatus,
+    QuotaUsage,
+    add_up,
+    plain,
+)
 from billing.rating import METERS
 
 CENT = Decimal("0.01")
@@ -69,6 +82,8 @@ INVOICE_CSS = """
 .bar i { display: block; height: 100%; background: #3d7bd9; }
 .bar i.over { background: #c0392b; }
 .exceeded { color: #c0392b; font-weight: bold; }
+.credit { color: #23864a; }
+.totals tr.balance td { color: #23864a; font-weight: bold; }
 """
 
 
@@ -148,9 +163,20 @@ def _usage_rows(lines: Sequence[InvoiceLine]) -> list[list[str]]:
     ]
 
 
-def _late_rows(lines: Sequence[InvoiceLine]) -> list[list[str]]:
+def _signed(amount: Decimal) -> str:
+    """An amount, a credit (negative) marked as one."""
+    text = esc(amount_text(amount))
+    return f'<span class="credit">{text}</span>' if amount < 0 else text
+
+
+def _earlier_rows(lines: Sequence[InvoiceLine]) -> list[list[str]]:
     return [
-        [esc(ln.period or ""), esc(ln.description), esc(amount_text(ln.amount))] for ln in lines
+        [
+            esc(ln.period or ""),
+            f"{esc(ln.description)}<br><code>{esc(ln.code)}</code>",
+            _signed(ln.amount),
+        ]
+        for ln in lines
     ]
 
 
@@ -185,24 +211,43 @@ QUOTA_HEADERS = (
 )
 
 
+_CREDIT_LABELS = {
+    CREDIT_CARRIED: "Credit carried to your balance",
+    CREDIT_APPLIED: "Credit balance applied",
+}
+
+
 def _totals(
     invoice: Invoice,
     status: InvoiceStatus,
-    late: Sequence[InvoiceLine],
+    earlier: Sequence[InvoiceLine],
     risk: Sequence[InvoiceLine],
 ) -> str:
     cur = esc(invoice.currency.upper())
     label = "Total so far" if status is InvoiceStatus.draft else "Total due"
     rows = [("Subtotal (base and usage)", invoice.subtotal)]
     rows += [("Risk adjustment", add_up(ln.amount for ln in risk))] if risk else []
-    rows += [("Late usage", add_up(ln.amount for ln in late))] if late else []
+    if earlier:
+        late = all(ln.code == LATE_USAGE for ln in earlier)
+        rows.append(
+            ("Late usage" if late else "Earlier periods", add_up(ln.amount for ln in earlier))
+        )
+    rows += [
+        (_CREDIT_LABELS[ln.code], ln.amount) for ln in invoice.lines if ln.code in CREDIT_LINES
+    ]
     body = "".join(
         f'<tr><td>{esc(label)}</td><td class="num">{esc(amount_text(value))}</td></tr>'
         for label, value in rows
     )
+    balance = ""
+    if invoice.credit_balance or any(ln.code in CREDIT_LINES for ln in invoice.lines):
+        balance = (
+            '<tr class="balance"><td>Credit balance remaining</td>'
+            f'<td class="num">{esc(amount_text(invoice.credit_balance))}</td></tr>'
+        )
     return (
         f'<table class="totals">{body}<tr class="grand"><td>{label} ({cur})</td>'
-        f'<td class="num">{esc(amount_text(invoice.total))}</td></tr>'
+        f'<td class="num">{esc(amount_text(invoice.total))}</td></tr>{balance}'
         f'<tr><td colspan="2" class="sub">Due by {esc(day(invoice.due_date))}</td></tr></table>'
     )
 
@@ -229,8 +274,9 @@ def render_invoice_html(
     and the status shown is the one at ``now`` (an unpaid invoice past due is overdue)."""
     status = invoice.status_on(now or datetime.now(UTC))
     quotas = invoice.quotas if quotas is None else quotas
-    usage = [ln for ln in invoice.lines if ln.code != "late_usage"]
-    late = [ln for ln in invoice.lines if ln.code == "late_usage"]
+    own = EARLIER_PERIODS | CREDIT_LINES
+    usage = [ln for ln in invoice.lines if ln.code not in own]
+    earlier = [ln for ln in invoice.lines if ln.code in EARLIER_PERIODS]
     risk = [ln for ln in usage if ln.code == "risk_adjustment"]
     parts = [
         '<header class="head"><div><h1>Invoice</h1>'
@@ -246,14 +292,17 @@ def render_invoice_html(
         )
     headers = (("Description", False), ("Quantity", True), ("Unit price", True), ("Amount", True))
     parts += ["<h2>Charges</h2>", table(headers, _usage_rows(usage))]
-    if late:
+    if earlier:
         parts += [
-            "<h2>Late usage from earlier periods</h2>",
-            '<p class="sub">Usage that arrived after an earlier invoice was final, rated with '
-            "that period's tier.</p>",
-            table((("Period", False), ("Details", False), ("Amount", True)), _late_rows(late)),
+            "<h2>Late usage and corrections from earlier periods</h2>",
+            '<p class="sub">Usage of an earlier period that changed after its invoice was '
+            "final, rated with that period's tier: late usage adds, a correction can credit "
+            "(a negative amount).</p>",
+            table(
+                (("Period", False), ("Details", False), ("Amount", True)), _earlier_rows(earlier)
+            ),
         ]
-    parts.append(_totals(invoice, status, late, risk))
+    parts.append(_totals(invoice, status, earlier, risk))
     if quotas:
         parts += ["<h2>Quota utilisation</h2>", table(QUOTA_HEADERS, quota_rows(quotas))]
     parts.append(

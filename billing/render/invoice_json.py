@@ -34,6 +34,8 @@ def invoice_json(invoice: Invoice, now: datetime) -> dict[str, Any]:
         }
         if ln.period is not None:
             line["period"] = ln.period
+        if ln.corrects is not None:
+            line["corrects"] = ln.corrects
         lines.append(line)
     return {
         "invoice_id": invoice.invoice_id,
@@ -47,6 +49,7 @@ def invoice_json(invoice: Invoice, now: datetime) -> dict[str, Any]:
         "lines": lines,
         "subtotal": money(invoice.subtotal),
         "total": money(invoice.total),
+        "credit_balance": money(invoice.credit_balance),
         "due_date": invoice.due_date,
         "issued_late": invoice.issued_late,
         "created_at": invoice.created_at,

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from billing.model import Invoice, add_up
+from billing.model import CREDIT_LINES, EARLIER_PERIODS, Invoice, add_up
 from billing.rating import METERS, Usage
 from billing.render.invoice_html import (
     DASH,
@@ -203,8 +203,10 @@ def _charts(periods: Sequence[PeriodUsage]) -> str:
 # --- the page ---------------------------------------------------------------------------
 
 
-def _late_total(invoice: Invoice) -> Decimal:
-    return add_up(ln.amount for ln in invoice.lines if ln.code == "late_usage")
+def _sum_of(invoice: Invoice, codes: frozenset[str]) -> str:
+    """The amount of ``invoice``'s lines with one of ``codes``, or a dash if it has none."""
+    lines = [ln.amount for ln in invoice.lines if ln.code in codes]
+    return esc(amount_text(add_up(lines))) if lines else DASH
 
 
 def _invoice_rows(report: UsageReport) -> list[list[str]]:
@@ -213,7 +215,7 @@ def _invoice_rows(report: UsageReport) -> list[list[str]]:
     for p in report.periods:
         inv = by_period.get(str(p.period))
         if inv is None:
-            rows.append([esc(p.period), esc(p.tier), "not invoiced yet", "", "", "", "", ""])
+            rows.append([esc(p.period), esc(p.tier), "not invoiced yet", *[""] * 7])
             continue
         status = inv.status_on(report.generated_at)
         rows.append(
@@ -223,8 +225,10 @@ def _invoice_rows(report: UsageReport) -> list[list[str]]:
                 f"<code>{esc(inv.invoice_id)}</code>",
                 status_badge(status),
                 esc(amount_text(inv.subtotal)),
-                esc(amount_text(_late_total(inv))) if _late_total(inv) else DASH,
+                _sum_of(inv, EARLIER_PERIODS),
+                _sum_of(inv, CREDIT_LINES),
                 f"<b>{esc(amount_text(inv.total))}</b>",
+                esc(amount_text(inv.credit_balance)),
                 esc(day(inv.due_date)),
             ]
         )
@@ -237,8 +241,10 @@ INVOICE_HEADERS = (
     ("Invoice", False),
     ("Status", False),
     ("Subtotal", True),
-    ("Late usage", True),
+    ("Earlier periods", True),
+    ("Credit", True),
     ("Total", True),
+    ("Credit balance", True),
     ("Due", False),
 )
 
@@ -251,6 +257,9 @@ def _cards(report: UsageReport) -> str:
         ("Invoices", str(len(report.invoices))),
         ("Invoiced (USD)", amount_text(invoiced)),
     ]
+    if report.invoices:
+        latest = max(report.invoices, key=lambda inv: inv.period)
+        cards.append(("Credit balance (USD)", amount_text(latest.credit_balance)))
     cells = "".join(
         f'<div class="card"><span>{esc(k)}</span><b>{esc(v)}</b></div>' for k, v in cards
     )

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from billing import invoice_store, invoicing
-from billing.model import Invoice, InvoiceStatus, money, plain
+from billing.model import (
+    CREDIT_LINES,
+    EARLIER_PERIODS,
+    Invoice,
+    InvoiceStatus,
+    add_up,
+    money,
+    plain,
+)
 from billing.render.invoice_json import invoice_json
 from pf_metering.commands.books import (
     STRIPE_OPTION,
@@ -56,6 +65,9 @@ def _invoice_table(invoice: Invoice, now: datetime) -> Table:
     lines.add_section()
     lines.add_row("subtotal", "base + usage", "", "", money(invoice.subtotal))
     lines.add_row("total", "", "", "", money(invoice.total))
+    if invoice.credit_balance or any(ln.code in CREDIT_LINES for ln in invoice.lines):
+        balance = money(invoice.credit_balance)
+        lines.add_row("credit balance", "remaining after this invoice", "", "", balance)
     grid = Table.grid(padding=(1, 0))
     grid.add_row(lines)
     if invoice.quotas:
@@ -116,10 +128,18 @@ def _due(invoice: Invoice) -> str:
     return f"{invoice.due_date.date()}" + (" (issued late)" if invoice.issued_late else "")
 
 
-def _late_summary(invoice: Invoice) -> str:
-    return ", ".join(
-        f"{ln.period}: {money(ln.amount)}" for ln in invoice.lines if ln.code == "late_usage"
-    )
+def _earlier_summary(invoice: Invoice) -> str:
+    """Per earlier period, what this invoice carries for it (late usage and corrections)."""
+    per: dict[str, list[Decimal]] = {}
+    for ln in invoice.lines:
+        if ln.code in EARLIER_PERIODS:
+            per.setdefault(ln.period or "", []).append(ln.amount)
+    return ", ".join(f"{period}: {money(add_up(amounts))}" for period, amounts in per.items())
+
+
+def _credit(invoice: Invoice) -> str:
+    amounts = [ln.amount for ln in invoice.lines if ln.code in CREDIT_LINES]
+    return money(add_up(amounts)) if amounts else ""
 
 
 def invoices_cmd(
@@ -128,7 +148,8 @@ def invoices_cmd(
     output: Path = OUTPUT_OPTION,
     fmt: TableOrJson | None = TABLE_JSON_OPTION,
 ) -> None:
-    """All invoices of a tenant, oldest first (late-usage corrections included)."""
+    """All invoices of a tenant, oldest first, with what each carries for earlier periods
+    (late usage, corrections), its credit line and the credit balance left after it."""
     cfg = settings_of(ctx)
     check_tenant(tenant_id)
     out = output_path(output)
@@ -142,13 +163,16 @@ def invoices_cmd(
         table = Table(title=f"{len(found)} invoices of {tenant_id}")
         for name in ("invoice_id", "period", "tier", "status"):
             table.add_column(name)
-        right(table, "subtotal", "total")
-        for name in ("late usage (period: amount)", "due", "stripe_invoice_id"):
+        right(table, "subtotal")
+        table.add_column("earlier periods (period: amount)")
+        right(table, "credit", "total", "credit balance")
+        for name in ("due", "stripe_invoice_id"):
             table.add_column(name)
         for inv in found:
             table.add_row(inv.invoice_id, inv.period, inv.tier, inv.status_on(now).value,
-                          money(inv.subtotal), money(inv.total), _late_summary(inv),
-                          _due(inv), inv.stripe_invoice_id or "")  # fmt: skip
+                          money(inv.subtotal), _earlier_summary(inv), _credit(inv),
+                          money(inv.total), money(inv.credit_balance), _due(inv),
+                          inv.stripe_invoice_id or "")  # fmt: skip
         return table
 
     render(
