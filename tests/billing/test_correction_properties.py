@@ -1,8 +1,9 @@
 """Properties of corrections and the credit balance over a tenant's life (hypothesis): usage of
 finalized periods moved up and down between bills, each period on its own tier. Money is
 conserved (the totals of every invoice, less the credit balance still owed to the tenant,
-equal the rating of every period's final usage), no total or balance is ever negative, every invoice's lines sum to its
-total, and each earlier period's lines sum to its rating now minus what was billed."""
+equal the rating of every period's final usage), no total or balance is ever negative, every
+invoice's lines sum to its total, and each earlier period's lines sum to its rating now
+minus what was billed."""
 
 from __future__ import annotations
 
@@ -51,7 +52,17 @@ USAGES = st.builds(Usage, **{c: COUNT for c in COUNTERS})
 CHANGES = st.lists(st.tuples(st.integers(0, 5), st.sampled_from(COUNTERS), COUNT), max_size=4)
 
 
-def _invoice(period: int, tier: Tier, usage: Usage, late: list[LateUsage], credit: tuple[CreditLot, ...]) -> tuple[Invoice, tuple[CreditLot, ...]]:  # fmt: skip
+def _name(index: int) -> str:
+    return str(Period(2025, index + 1))
+
+
+def _invoice(
+    period: int,
+    tier: Tier,
+    usage: Usage,
+    late: list[LateUsage],
+    credit: tuple[CreditLot, ...],
+) -> tuple[Invoice, tuple[CreditLot, ...]]:
     moment = datetime(2025, period + 2, 1, 2, tzinfo=UTC)
     invoice, settlement = settled_invoice(
         invoice_id=f"INV-{period}",
@@ -86,11 +97,7 @@ def test_money_is_conserved_and_no_total_or_balance_is_ever_negative(
             if target < len(now):
                 now[target] = Usage.from_mapping({**now[target].as_dict(), counter: value})
         late = [
-            LateUsage(
-                Billed("t", str(Period(2025, p + 1)), tiers[p].name, billed[p], "", None),
-                tiers[p],
-                now[p],
-            )  # fmt: skip
+            LateUsage(Billed("t", _name(p), tiers[p].name, billed[p], "", None), tiers[p], now[p])
             for p in range(k)
             if now[p] != billed[p]
         ]

@@ -158,6 +158,10 @@ class FakeStripe:
             c for c in self.state.customers.values() if c["metadata"].get("tenant_id") == tenant_id
         ]
 
+    def total_of(self, stripe_invoice_id: str) -> int:
+        """The invoice's total as Stripe computes it (the sum of its lines, in cents)."""
+        return int(self._invoice_view(self.state.invoices[stripe_invoice_id])["total"])
+
     def items_of(self, stripe_invoice_id: str) -> list[Obj]:
         return [i for i in self.state.items.values() if i["invoice"] == stripe_invoice_id]
 
@@ -397,7 +401,9 @@ class FakeStripe:
                 "This invoice is already finalized, you can't re-finalize a non-draft invoice.",
                 code="invoice_not_editable",
             )
-        invoice["status"] = "open"
+        # As Stripe does: an invoice with nothing to pay is paid as it is finalized.
+        nothing_due = self._invoice_view(invoice)["amount_due"] == 0
+        invoice["status"] = "paid" if nothing_due else "open"
         if "auto_advance" in q:
             invoice["auto_advance"] = q["auto_advance"] == "true"
         return self._invoice_view(invoice)

@@ -18,14 +18,20 @@ from typing import Any
 import pytest
 import stripe
 
+from billing.model import CREDIT_APPLIED, CREDIT_CARRIED, USAGE_CORRECTION, InvoiceStatus
 from billing.stripe.gateway import StripeGateway
 from billing.stripe.push import finalize_key, invoice_create_args, planned_items
+from common import settings as config
+from tests.fixtures.cli import Cli
+from tests.fixtures.seeds import SEED, event
 from tests.fixtures.stripe import (
     API_KEY,
     LocalBilling,
     make_gateway,
     sample_invoices,
 )
+from tests.support.books import Books
+from tests.support.ledgers import set_published_total
 from tests.support.stripe_server import Call, FakeStripe, running
 
 OPERATIONS = {
@@ -146,6 +152,39 @@ def test_every_request_of_a_resumed_push_is_valid_for_stripe_mock(
         assert all(r.ok for r in billing.pusher(make_gateway(fake.url)).push_all(rerun))
     assert {operation(c) for c in fake.calls} == OPERATIONS
     assert all("stripe-version" in c.headers for c in fake.calls)
+    for call in fake.calls:
+        status, body = replay(stripe_mock_url, call)
+        assert status == 200, (call.method, call.path, call.params, body[:500])
+
+
+def test_corrections_and_credits_reach_stripe_to_the_cent_and_every_request_is_valid(
+    stripe_mock_url: str, pfm: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bill --stripe`` with a period credited after it was pushed: negative items (the
+    correction, the credit applied), a 0.00 invoice (paid as it is finalized, as Stripe
+    does), each Stripe total equal to ours, and every request valid for stripe-mock."""
+    fake = FakeStripe(api_key=API_KEY)
+    with running(fake):
+        monkeypatch.setenv("STRIPE_SECRET_KEY", API_KEY)
+        monkeypatch.setenv("STRIPE_API_BASE", fake.url)
+        pfm.publish(event("acme", "2025-01", **{**SEED, "violations": 122}))
+        assert pfm("bill", "--as-of", "2025-02-01T02:00:00Z", "--stripe").code == 0
+        set_published_total(config.load_settings(), 0, "acme", "violations", 2, "2025-01")
+        assert pfm("bill", "--as-of", "2025-05-01T02:00:00Z", "--stripe").code == 0
+        invoices = Books().invoices("acme")
+        assert [str(i.total) for i in invoices] == ["173.66", "0.00", "0.00", "30.00"]
+        codes = set()
+        for invoice in invoices:
+            assert invoice.status is InvoiceStatus.sent
+            (remote,) = fake.invoices_for(invoice.invoice_id)
+            items = fake.items_of(remote["id"])
+            assert sum(item["amount"] for item in items) == invoice.total_cents
+            assert fake.total_of(remote["id"]) == invoice.total_cents
+            assert remote["status"] == ("paid" if invoice.total == 0 else "open")
+            assert [i["amount"] for i in items] == [i.amount_cents for i in planned_items(invoice)]
+            codes |= {i["metadata"]["code"] for i in items if i["amount"] < 0}
+        assert codes == {USAGE_CORRECTION, CREDIT_APPLIED}
+        assert CREDIT_CARRIED in {ln.code for ln in invoices[1].lines}
     for call in fake.calls:
         status, body = replay(stripe_mock_url, call)
         assert status == 200, (call.method, call.path, call.params, body[:500])
