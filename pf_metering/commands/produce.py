@@ -1,4 +1,5 @@
-"""``simulate-usage``: realistic events for one tenant, sent through the Emitter."""
+"""``simulate-usage``: realistic events for one tenant, sent through the Emitter; and the
+emitter set-up and flush every command that produces events shares."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 import typer
 
 from common.errors import OperationError, UserError
+from common.settings import Settings
 from emitter.emitter import DeliveryFailed, Emitter
 from emitter.simulate import simulate_sessions
 from pf_metering.broker import require_broker
@@ -23,6 +25,28 @@ from pf_metering.commands.common import (
 from pf_metering.progress import progress_bar
 from schemas.codec import COUNTERS
 from schemas.periods import Period
+
+
+def emitter_for(cfg: Settings) -> Emitter:
+    """An emitter to the usage topic, once the broker answers (``require_broker``)."""
+    require_broker(cfg)
+    config = {**cfg.kafka_common(), "logger": logging.getLogger("rdkafka")}  # (repeats dropped)
+    return Emitter(cfg.kafka_bootstrap_servers, cfg.metering_topic, config=config)
+
+
+def flush(emitter: Emitter, cfg: Settings) -> None:
+    """Wait for every event ``emitter`` queued; a broker that did not take them all is one
+    OperationError (naming the settings when it refused the client)."""
+    try:
+        emitter.flush()
+    except DeliveryFailed as exc:
+        if exc.refused:
+            raise OperationError(
+                f"Kafka at KAFKA_BOOTSTRAP_SERVERS {cfg.kafka_bootstrap_servers} refused "
+                "the client (see KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*): "
+                f"{exc.refused}"
+            ) from exc
+        raise OperationError(str(exc)) from exc
 
 
 def simulate_usage(
@@ -40,11 +64,9 @@ def simulate_usage(
     now = datetime.now(UTC)
     target = parse_period(period, "--period", now=now) if period is not None else Period.of(now)
     cfg = settings_of(ctx)
-    require_broker(cfg)
+    emitter = emitter_for(cfg)
     totals: Counter[str] = Counter()
     events = 0
-    config = {**cfg.kafka_common(), "logger": logging.getLogger("rdkafka")}  # (repeats dropped)
-    emitter = Emitter(cfg.kafka_bootstrap_servers, cfg.metering_topic, config=config)
     with progress_bar(quiet) as bar:
         task = bar.add_task(f"simulating {tenant_id}", total=sessions)
         last_session = None
@@ -55,16 +77,7 @@ def simulate_usage(
             if event["session_id"] != last_session:
                 last_session = event["session_id"]
                 bar.advance(task)
-        try:
-            emitter.flush()
-        except DeliveryFailed as exc:
-            if exc.refused:
-                raise OperationError(
-                    f"Kafka at KAFKA_BOOTSTRAP_SERVERS {cfg.kafka_bootstrap_servers} refused "
-                    "the client (see KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*): "
-                    f"{exc.refused}"
-                ) from exc
-            raise OperationError(str(exc)) from exc
+        flush(emitter, cfg)
     summary = ", ".join(f"{k}={totals[k]}" for k in COUNTERS)
     print(
         f"sent {events} events for {sessions} sessions of {tenant_id} in {target} "
