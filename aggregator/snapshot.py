@@ -24,7 +24,7 @@ from schemas.codec import COUNTERS
 
 log = logging.getLogger(__name__)
 
-TABLES = ("aggregates", "dead_letters")
+TABLES = ("aggregates", "dead_letters", "corrections")
 WIDE_COLUMNS = {"aggregates": COUNTERS}
 """Columns written as DECIMAL(38, 0): Parquet has no 128-bit integer (DuckDB would write a
 HUGEINT as DOUBLE, exact only to 2**53), and every counter total fits 38 digits."""

@@ -6,6 +6,9 @@ Views (all read-only):
   last_occurred_at.
 - ``dead_letters``: every invalid event with topic, partition, offset, key, value, reason,
   and its replay state (``aggregator.ledger.DEAD_LETTER_STATES``) and when it was replayed.
+- ``corrections``: every correction applied: tenant_id, period, event_id, offset,
+  corrects_event_id, reason, the eight signed deltas, applied_at (refused ones are dead
+  letters).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import duckdb
 
-from aggregator.snapshot import Freshness, freshness, snapshot_files, topic_dir
+from aggregator.snapshot import TABLES, Freshness, freshness, snapshot_files, topic_dir
 from common.errors import StorageError
 from common.sqltext import sql_string
 from schemas.codec import COUNTERS
@@ -36,6 +39,13 @@ _EMPTY_DEAD = (
     "NULL::VARCHAR AS reason_code, NULL::TIMESTAMPTZ AS dead_lettered_at, "
     "NULL::VARCHAR AS state, NULL::TIMESTAMPTZ AS replayed_at WHERE false"
 )
+_EMPTY_CORRECTIONS = (
+    "SELECT NULL::VARCHAR AS tenant_id, NULL::VARCHAR AS period, NULL::VARCHAR AS event_id, "
+    'NULL::BIGINT AS "offset", NULL::VARCHAR AS corrects_event_id, NULL::VARCHAR AS reason, '
+    + ", ".join(f"NULL::BIGINT AS {c}" for c in COUNTERS)
+    + ", NULL::TIMESTAMPTZ AS applied_at WHERE false"
+)
+VIEWS = ("usage", "dead_letters", "corrections")
 # 128-bit sums of 128-bit values: DuckDB's sum never checks for overflow (a HUGEINT sum
 # wraps, a DECIMAL one runs past its digits), so exactness rests on each snapshot row
 # staying under aggregator.fold.COUNTER_CEILING; then no sum over partitions nears 2**127.
@@ -67,22 +77,25 @@ def define_views(
     con: duckdb.DuckDBPyConnection,
     aggregates: list[Path] | str,
     dead_letters: list[Path] | str,
+    corrections: list[Path] | str,
 ) -> None:
     con.execute(
         f"CREATE OR REPLACE VIEW raw_aggregates AS {_source(aggregates, _EMPTY_AGGREGATES)}"
     )
     con.execute(f"CREATE OR REPLACE VIEW usage AS {USAGE_SQL}")
     con.execute(f"CREATE OR REPLACE VIEW dead_letters AS {_source(dead_letters, _EMPTY_DEAD)}")
+    # a partition not republished since corrections exist has no file: the others are read
+    con.execute(f"CREATE OR REPLACE VIEW corrections AS {_source(corrections, _EMPTY_CORRECTIONS)}")
 
 
 def materialize(con: duckdb.DuckDBPyConnection) -> None:
     """Copy the views into memory: readers then see one consistent snapshot, never a file
     being replaced under them, and ad-hoc SQL can run with file access switched off."""
-    for name in ("usage", "dead_letters"):
+    for name in VIEWS:
         con.execute(f"CREATE TABLE _m_{name} AS SELECT * FROM {name}")
-    for name in ("usage", "dead_letters", "raw_aggregates"):
+    for name in (*VIEWS, "raw_aggregates"):
         con.execute(f"DROP VIEW {name}")
-    for name in ("usage", "dead_letters"):
+    for name in VIEWS:
         con.execute(f"ALTER TABLE _m_{name} RENAME TO {name}")
 
 
@@ -116,8 +129,7 @@ def open_usage(snapshot_dir: Path, topic: str) -> UsageReader:
         try:
             define_views(
                 con,
-                snapshot_files(snapshot_dir, topic, "aggregates"),
-                snapshot_files(snapshot_dir, topic, "dead_letters"),
+                *(snapshot_files(snapshot_dir, topic, table) for table in TABLES),
             )
             materialize(con)
             return UsageReader(con, freshness(snapshot_dir, topic))
@@ -144,7 +156,7 @@ def write_query_db(data_dir: Path, snapshot_dir: Path, topic: str) -> Path:
         return str(folder / f"p-*.{table}.parquet") if found else []
 
     try:
-        define_views(con, pattern("aggregates"), pattern("dead_letters"))
+        define_views(con, *(pattern(table) for table in TABLES))
     finally:
         con.close()
     os.replace(tmp, target)

@@ -191,8 +191,8 @@ def sql(
     fmt: Format = FORMAT_OPTION,
     output: Path = OUTPUT_OPTION,
 ) -> None:
-    """Read-only ad-hoc query over usage, dead_letters, tenants, tenant_tiers, invoices and
-    billed_usage (bounded by METERING_SQL_TIMEOUT and METERING_SQL_MEMORY_LIMIT)."""
+    """Read-only ad-hoc query over usage, dead_letters, corrections, tenants, tenant_tiers,
+    invoices and billed_usage (bounded by METERING_SQL_TIMEOUT and METERING_SQL_MEMORY_LIMIT)."""
     cfg = settings_of(ctx)
     limits = QueryLimits(
         cfg.metering_sql_timeout,

@@ -119,7 +119,8 @@ def test_a_correction_adjusts_counters_only_and_one_below_zero_is_refused_whole(
 def test_the_readers_see_corrected_totals_and_the_refusal(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     ledger.commit([usage(cpu_ms=3_600_000, risk_score=0.25)])
-    ledger.commit([correction(cpu_ms=-3_600_000), correction(cpu_ms=-1, reason="again")])
+    down = correction(cpu_ms=-3_600_000, reason="free hour")
+    ledger.commit([down, correction(cpu_ms=-1, reason="again")])
     ledger.close()
     with open_usage(ledger.cfg.snapshot_dir, ledger.cfg.metering_topic) as reader:
         row = reader.con.execute(
@@ -127,8 +128,12 @@ def test_the_readers_see_corrected_totals_and_the_refusal(tmp_path: Path) -> Non
             "first_occurred_at IS NOT NULL FROM usage"
         ).fetchall()
         dead = reader.con.execute("SELECT reason_code FROM dead_letters").fetchall()
+        applied = reader.con.execute(
+            "SELECT tenant_id, period, event_id, reason, cpu_ms, api_calls FROM corrections"
+        ).fetchall()
     assert row == [(1, 1, 0, 0.25, 0.25, True)]
     assert dead == [("negative_total",)]
+    assert applied == [("acme", "2025-01", down["event_id"], "free hour", -3_600_000, 0)]
 
 
 def test_a_correction_without_usage_may_only_add(tmp_path: Path) -> None:
