@@ -1,11 +1,16 @@
-"""The ledger: one DuckDB file per (topic, partition), owned by whichever worker holds the
+"""The ledger: one set of tables per (topic, partition), owned by whichever worker holds the
 partition. A batch's offsets, dedup ids, aggregates, sessions, duplicates and dead letters
 commit in one transaction, so a worker killed at any instruction either applied the
 batch whole or not at all, and restarts from the offset stored beside the data.
 
-All partition files of a worker are ATTACHed to one in-memory DuckDB connection so they
-share one buffer pool (bounded by ``memory_limit``). DuckDB's file lock keeps a second
-worker out of a partition file until the first has detached it.
+``LedgerStore`` is the seam the worker's commit step and its housekeeping use; it has two
+implementations sharing ``PartitionLedger`` (the dedup, fold and dead-letter SQL):
+- embedded (``LedgerSet``, the default): one DuckDB file per partition, all ATTACHed to one
+  in-memory DuckDB connection so they share one buffer pool (bounded by ``memory_limit``).
+  DuckDB's file lock keeps a second worker out of a partition file until the first has
+  detached it.
+- cluster mode (``aggregator.lake_ledger``): one schema per partition in the DuckLake,
+  where an owner epoch fences a worker that lost the partition (``OwnershipLost``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 import pyarrow as pa
@@ -37,16 +42,25 @@ log = logging.getLogger(__name__)
 # Counters are 128-bit: an Avro long each, summed without a ceiling they could pass 2**63
 # (the ceiling, ``aggregator.fold.COUNTER_CEILING``, keeps them far below 2**127).
 COUNTER_TYPE = "HUGEINT"
-_COUNTER_COLS = ", ".join(f"{c} {COUNTER_TYPE} NOT NULL DEFAULT 0" for c in COUNTERS)
-DDL = [
+HASH_TYPE = "UHUGEINT"
+
+
+def ledger_ddl(counter_type: str = COUNTER_TYPE, hash_type: str = HASH_TYPE) -> list[str]:
+    """The ledger's tables (``{a}``: where they live), counters and dedup hashes of these
+    types."""
+    counter_cols = ", ".join(f"{c} {counter_type} NOT NULL DEFAULT 0" for c in COUNTERS)
+    return [d.replace("{counters}", counter_cols).replace("{hash}", hash_type) for d in _DDL]
+
+
+_DDL = [
     """CREATE TABLE IF NOT EXISTS {a}.offsets (
         topic VARCHAR NOT NULL, partition INTEGER NOT NULL, next_offset BIGINT NOT NULL,
         max_occurred_at BIGINT, updated_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (topic, partition))""",
     """CREATE TABLE IF NOT EXISTS {a}.seen_events (
-        h UHUGEINT NOT NULL, partition INTEGER NOT NULL, occurred_at BIGINT NOT NULL)""",
-    f"""CREATE TABLE IF NOT EXISTS {{a}}.aggregates (
+        h {hash} NOT NULL, partition INTEGER NOT NULL, occurred_at BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS {a}.aggregates (
         tenant_id VARCHAR NOT NULL, period VARCHAR NOT NULL, partition INTEGER NOT NULL,
-        events BIGINT NOT NULL, sessions BIGINT NOT NULL, {_COUNTER_COLS},
+        events BIGINT NOT NULL, sessions BIGINT NOT NULL, {counters},
         risk_score_sum DOUBLE NOT NULL DEFAULT 0, risk_score_count BIGINT NOT NULL DEFAULT 0,
         risk_score_max DOUBLE, first_occurred_at BIGINT, last_occurred_at BIGINT,
         PRIMARY KEY (tenant_id, period))""",
@@ -84,6 +98,7 @@ DEAD_LETTER_STATES = (
     "open", "replayed_counted", "replayed_duplicate", "replayed_forwarded", "still_failing"
 )  # fmt: skip
 REPLAYABLE = ("open", "still_failing")
+DDL = ledger_ddl()
 
 # 128-bit hash of the idempotency key (collision odds ~1e-25 at 10M ids): 16 bytes a row.
 EVENT_HASH = "md5_number(tenant_id || chr(0) || event_id)"
@@ -115,29 +130,47 @@ class ReplayRequest:
     partition: int | None = None
 
 
+class OwnershipLost(LedgerError):
+    """A commit refused because this worker no longer owns the partition (cluster mode:
+    another worker claimed it with a newer epoch). Nothing of the batch was stored."""
+
+
 class PartitionLedger:
-    """The ledger of one partition, attached to the worker's shared connection."""
+    """The ledger of one partition, reached as ``alias`` (an attached file, or a schema of
+    the lake) on the worker's shared connection."""
+
+    event_hash = EVENT_HASH  # the dedup id's SQL, of type HASH_TYPE
 
     def __init__(self, con: duckdb.DuckDBPyConnection, alias: str, topic: str, partition: int):
         self.con = con
         self.alias = alias
         self.topic = topic
         self.partition = partition
-        for ddl in DDL:
-            con.execute(ddl.format(a=alias))
-        widen_counters(con, alias)
+        self._create_tables()
         self.bound = stored_maximum(con, alias)  # upper bound of every counter total
-        row = con.execute(
-            f"SELECT next_offset, max_occurred_at FROM {alias}.offsets "
-            "WHERE topic = ? AND partition = ?",
-            [topic, partition],
-        ).fetchone()
-        self.next_offset: int | None = row[0] if row else None
-        self.max_occurred_at: int | None = row[1] if row else None
+        self.next_offset, self.max_occurred_at = self._stored_offset()
         self.last_publish = 0.0
         self.last_commit = 0.0
         self.committed_at: float | None = None  # wall clock of this process's last commit
         self.log_end: int | None = None  # the partition's end as its owner last saw it
+
+    def _create_tables(self) -> None:
+        for ddl in DDL:
+            self.con.execute(ddl.format(a=self.alias))
+        widen_counters(self.con, self.alias)
+
+    def _stored_offset(self) -> tuple[int | None, int | None]:
+        """(next offset, newest occurred_at) stored for the partition (None: none yet)."""
+        row = self.con.execute(
+            f"SELECT next_offset, max_occurred_at FROM {self.alias}.offsets "
+            "WHERE topic = ? AND partition = ?",
+            [self.topic, self.partition],
+        ).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    def _hold(self) -> None:
+        """Inside a transaction: make sure this worker still owns the partition, else raise
+        ``OwnershipLost`` (embedded mode: DuckDB's file lock already does)."""
 
     def commit(self, batch: PreparedBatch) -> CommitResult:
         """Apply one prepared batch atomically; returns what it counted.
@@ -219,6 +252,7 @@ class PartitionLedger:
                 )
 
         def apply(first_seen: int, folded: Folded) -> None:
+            self._hold()
             fresh = con.execute('SELECT "offset" FROM fresh_ids').to_arrow_table().column(0)
             offsets = batch.events.column("offset")
             refused = pa.array([d.offset for d in folded.refused], pa.int64())
@@ -297,7 +331,7 @@ class PartitionLedger:
             con.execute(
                 f"""CREATE OR REPLACE TEMP TABLE fresh_ids AS
                     SELECT b.* FROM (
-                      SELECT "offset", {EVENT_HASH} AS h, occurred_at
+                      SELECT "offset", {self.event_hash} AS h, occurred_at
                       FROM batch_events WHERE first_in_batch OR correction) b
                     ANTI JOIN {a}.seen_events s ON s.h = b.h"""
             )
@@ -327,6 +361,10 @@ class PartitionLedger:
             raise LedgerError(
                 f"ledger commit failed for {self.topic}[{self.partition}]: {exc}"
             ) from exc
+        except BaseException:  # OwnershipLost, or an interrupt: nothing of it is stored
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
         finally:
             with contextlib.suppress(duckdb.Error):
                 con.unregister("batch_events")
@@ -407,8 +445,35 @@ class PartitionLedger:
 RELEASE_THREADS = 2  # ledgers published and checkpointed at once when several are released
 
 
+class LedgerStore(Protocol):
+    """Where a worker's partition ledgers live: what the commit step (``held``), the
+    rebalance callbacks (``acquire``, ``release``, ``forget``) and the readers rely on."""
+
+    held: dict[int, PartitionLedger]
+    publishes_snapshots: bool  # True: readers read the Parquet snapshots ledgers publish
+
+    def acquire(self, partition: int) -> PartitionLedger:
+        """The partition's ledger, now owned by this worker (waiting for its last owner)."""
+        ...
+
+    def release(self, partitions: Iterable[int], snapshot_dir: Path | None) -> None:
+        """Let go of these ledgers (publishing their snapshots unless ``snapshot_dir`` is
+        None); partitions not held are skipped."""
+        ...
+
+    def forget(self, partition: int) -> None:
+        """Drop a ledger whose ownership was lost, storing nothing more of it."""
+        ...
+
+    def close(self, snapshot_dir: Path | None) -> None:
+        """Release every ledger and the connection."""
+        ...
+
+
 class LedgerSet:
     """The partition ledgers a worker holds, on one shared DuckDB connection."""
+
+    publishes_snapshots = True
 
     def __init__(
         self,
@@ -507,6 +572,11 @@ class LedgerSet:
         finally:
             con.execute(f"DETACH {ledger.alias}")
 
+    def forget(self, partition: int) -> None:
+        ledger = self.held.pop(partition, None)
+        if ledger is not None:
+            self.con.execute(f"DETACH {ledger.alias}")
+
     def close(self, snapshot_dir: Path | None) -> None:
         try:
             self.release(list(self.held), snapshot_dir)
@@ -561,9 +631,12 @@ def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None =
 
 
 __all__ = [
+    "DDL",
     "DEAD_LETTER_STATES",
     "CommitResult",
     "LedgerSet",
+    "LedgerStore",
+    "OwnershipLost",
     "PartitionLedger",
     "ReplayRequest",
     "later_of",

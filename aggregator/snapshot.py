@@ -103,6 +103,7 @@ class Freshness:
     newest_published_at: float | None
     newest_committed_at: float | None = None
     behind: int | None = None  # records short of the log end (None: an end not known)
+    lake_snapshot: int | None = None  # cluster mode: the DuckLake snapshot read
 
     def describe(self, now: float | None = None) -> str:
         if self.newest_published_at is None:
@@ -117,9 +118,10 @@ class Freshness:
             end = "caught up with the log end"
         else:
             end = f"{self.behind:,} record(s) behind the log end"
+        where = "" if self.lake_snapshot is None else f" at lake snapshot {self.lake_snapshot}"
         return (
             f"usage data as of {stamp} ({age:.0f} s old, newest commit; {end}; snapshot of "
-            f"{self.partitions} partition(s))"
+            f"{self.partitions} partition(s){where})"
         )
 
 

@@ -1,4 +1,6 @@
-"""The documented read views over the published snapshot (for ``usage``, ``sql``, billing).
+"""The documented read views over the published snapshot (for ``usage``, ``sql``, billing),
+or, in cluster mode, over the lake's partition ledgers at one DuckLake snapshot
+(``aggregator.lake_ledger.open_lake_usage``); ``usage_reader`` picks by the settings.
 
 Views (all read-only):
 - ``usage``: one row per tenant and period: events, sessions, the eight counters (all
@@ -22,10 +24,11 @@ import duckdb
 
 from aggregator.snapshot import TABLES, Freshness, freshness, snapshot_files, topic_dir
 from common.errors import StorageError
+from common.settings import Settings
 from common.sqltext import sql_string
 from schemas.codec import COUNTERS
 
-_EMPTY_AGGREGATES = (
+EMPTY_AGGREGATES = (
     "SELECT NULL::VARCHAR AS tenant_id, NULL::VARCHAR AS period, NULL::INTEGER AS partition, "
     "NULL::BIGINT AS events, NULL::BIGINT AS sessions, "
     + ", ".join(f"NULL::DECIMAL(38, 0) AS {c}" for c in COUNTERS)
@@ -33,13 +36,13 @@ _EMPTY_AGGREGATES = (
     "NULL::DOUBLE AS risk_score_max, NULL::BIGINT AS first_occurred_at, "
     "NULL::BIGINT AS last_occurred_at WHERE false"
 )
-_EMPTY_DEAD = (
+EMPTY_DEAD_LETTERS = (
     'SELECT NULL::VARCHAR AS topic, NULL::INTEGER AS partition, NULL::BIGINT AS "offset", '
     "NULL::BLOB AS key, NULL::BLOB AS value, NULL::VARCHAR AS reason, "
     "NULL::VARCHAR AS reason_code, NULL::TIMESTAMPTZ AS dead_lettered_at, "
     "NULL::VARCHAR AS state, NULL::TIMESTAMPTZ AS replayed_at WHERE false"
 )
-_EMPTY_CORRECTIONS = (
+EMPTY_CORRECTIONS = (
     "SELECT NULL::VARCHAR AS tenant_id, NULL::VARCHAR AS period, NULL::VARCHAR AS event_id, "
     'NULL::BIGINT AS "offset", NULL::VARCHAR AS corrects_event_id, NULL::VARCHAR AS reason, '
     + ", ".join(f"NULL::BIGINT AS {c}" for c in COUNTERS)
@@ -79,13 +82,31 @@ def define_views(
     dead_letters: list[Path] | str,
     corrections: list[Path] | str,
 ) -> None:
-    con.execute(
-        f"CREATE OR REPLACE VIEW raw_aggregates AS {_source(aggregates, _EMPTY_AGGREGATES)}"
-    )
-    con.execute(f"CREATE OR REPLACE VIEW usage AS {USAGE_SQL}")
-    con.execute(f"CREATE OR REPLACE VIEW dead_letters AS {_source(dead_letters, _EMPTY_DEAD)}")
     # a partition not republished since corrections exist has no file: the others are read
-    con.execute(f"CREATE OR REPLACE VIEW corrections AS {_source(corrections, _EMPTY_CORRECTIONS)}")
+    define_views_over(
+        con,
+        _source(aggregates, EMPTY_AGGREGATES),
+        _source(dead_letters, EMPTY_DEAD_LETTERS),
+        _source(corrections, EMPTY_CORRECTIONS),
+    )
+
+
+def define_views_over(
+    con: duckdb.DuckDBPyConnection, aggregates: str, dead_letters: str, corrections: str
+) -> None:
+    """The views over three queries: every partition's aggregates rows, dead letters and
+    corrections."""
+    con.execute(f"CREATE OR REPLACE VIEW raw_aggregates AS {aggregates}")
+    con.execute(f"CREATE OR REPLACE VIEW usage AS {USAGE_SQL}")
+    con.execute(f"CREATE OR REPLACE VIEW dead_letters AS {dead_letters}")
+    con.execute(f"CREATE OR REPLACE VIEW corrections AS {corrections}")
+
+
+def union_of(tables: list[str], empty: str) -> str:
+    """One query over these tables (by column name), or ``empty`` if there are none."""
+    if not tables:
+        return empty
+    return " UNION ALL BY NAME ".join(f"SELECT * FROM {t}" for t in tables)
 
 
 def materialize(con: duckdb.DuckDBPyConnection) -> None:
@@ -102,10 +123,12 @@ def materialize(con: duckdb.DuckDBPyConnection) -> None:
 @dataclass
 class UsageReader:
     """An in-memory DuckDB connection holding a copy of the current snapshot; closed by
-    ``close`` or at the end of a ``with`` block."""
+    ``close`` or at the end of a ``with`` block. ``lake_snapshot``: in cluster mode, the
+    DuckLake snapshot id the copy was read at (None in embedded mode)."""
 
     con: duckdb.DuckDBPyConnection
     freshness: Freshness
+    lake_snapshot: int | None = None
 
     def close(self) -> None:
         self.con.close()
@@ -139,6 +162,17 @@ def open_usage(snapshot_dir: Path, topic: str) -> UsageReader:
                 raise StorageError(f"cannot read the usage snapshot: {exc}") from exc
             time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def usage_reader(settings: Settings) -> UsageReader:
+    """The current usage: the published snapshot (embedded mode) or the lake (cluster mode,
+    ``METERING_CATALOG`` set), copied into memory."""
+    if settings.cluster_mode:
+        from aggregator.lake import open_lake  # (cluster mode only: the extensions load)
+        from aggregator.lake_ledger import open_lake_usage
+
+        return open_lake_usage(open_lake(settings), settings.metering_topic)
+    return open_usage(settings.snapshot_dir, settings.metering_topic)
 
 
 def write_query_db(data_dir: Path, snapshot_dir: Path, topic: str) -> Path:

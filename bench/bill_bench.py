@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=3, help="events per tenant")
     args = parser.parse_args()
 
-    from aggregator.views import open_usage
+    from aggregator.views import usage_reader
     from bench.ledger_load import publish_usage
     from billing import invoicing
     from billing.db import billing_db
@@ -99,7 +99,7 @@ def main() -> None:
         assert count == args.tenants, count
 
         start = time.perf_counter()
-        reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
+        reader = usage_reader(cfg)
         usage = invoicing.UsageData.read(reader)
         reader.close()
         read = time.perf_counter() - start

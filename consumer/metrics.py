@@ -72,6 +72,13 @@ class WorkerMetrics:
             "1 while the worker reaches the Kafka cluster, 0 while it cannot",
             registry=r,
         )
+        self.commits_refused = Counter(
+            "pf_commits_refused",
+            "Batches whose ledger commit was refused because another worker had taken the "
+            "partition over (cluster mode's fence): dropped, never counted",
+            ["partition"],
+            registry=r,
+        )
         self.rebalances = Counter(
             "pf_rebalances", "Partition assignments and revocations seen", ["kind"], registry=r
         )

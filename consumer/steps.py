@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
-from aggregator.ledger import CommitResult, LedgerSet
+from aggregator.ledger import CommitResult, LedgerStore, OwnershipLost
 from consumer.forwarding import Forwarder
 from consumer.metrics import WorkerMetrics
 from consumer.types import END_OF_POLL, Batch, Decoded, EndOfPoll, Head, Polled, Step, WorkerStats
@@ -124,13 +124,18 @@ class Forward:
 
 
 class CommitToLedger:
-    """Commit a batch to its partition's ledger in one DuckDB transaction (aggregates,
-    dedup ids, duplicates, dead letters and the batch's next offset), then count it in
-    the worker's stats and metrics."""
+    """Commit a batch to its partition's ledger in one transaction (aggregates, dedup ids,
+    duplicates, dead letters and the batch's next offset), then count it in the worker's
+    stats and metrics.
+
+    A commit refused because the partition is no longer ours (``OwnershipLost``, cluster
+    mode) stores nothing: the batch is dropped, not counted nor acknowledged, the partition
+    goes into ``lost`` (the worker then drops it; its later batches are dropped here), and
+    it says so in one line and ``pf_commits_refused_total``."""
 
     def __init__(
         self,
-        ledgers: LedgerSet,
+        ledgers: LedgerStore,
         stats: WorkerStats,
         metrics: WorkerMetrics,
         next_step: Step[AcknowledgeInput],
@@ -139,6 +144,7 @@ class CommitToLedger:
         self.stats = stats
         self.metrics = metrics
         self.next_step = next_step
+        self.lost: set[int] = set()  # partitions whose commit was refused (until reassigned)
 
     def submit(self, item: CommitInput) -> None:
         if isinstance(item, EndOfPoll):
@@ -146,9 +152,25 @@ class CommitToLedger:
             self.next_step.submit(item)
             return
         partition, prepared = item.partition, item.payload.prepared
+        if partition in self.lost:
+            first, end = item.first_offset, item.next_offset
+            log.debug("dropped p%d [%d, %d): not ours", partition, first, end)
+            return
         began = time.perf_counter()
         log.debug("committing p%d [%d, %d)", partition, item.first_offset, item.next_offset)
-        result = self.ledgers.held[partition].commit(prepared)
+        try:
+            result = self.ledgers.held[partition].commit(prepared)
+        except OwnershipLost as exc:
+            self.lost.add(partition)
+            self.metrics.commits_refused.labels(partition=str(partition)).inc()
+            log.warning(
+                "p%d: batch [%d, %d) dropped, not counted: %s",
+                partition,
+                item.first_offset,
+                item.next_offset,
+                exc,
+            )
+            return
         log.debug(
             "committed p%d [%d, %d): %d counted, %d duplicates, %d dead",
             partition,

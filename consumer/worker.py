@@ -11,7 +11,9 @@ Commit contract (why exactly-once holds), one clause per step (``consumer.steps`
    broker before the commit that records them as forwarded (never counted here).
 3. ``CommitToLedger``: one DuckDB transaction per batch holds its aggregates, dedup ids,
    duplicates (ids already in the dedup table: recorded, not counted), dead letters and
-   the partition's next offset.
+   the partition's next offset. In cluster mode the offset is stored only if the partition's
+   owner epoch is still the one this worker claimed on assignment (``aggregator.lake_ledger``);
+   otherwise the transaction stores nothing and the partition is dropped.
 4. ``Acknowledge``: after the DuckDB commit, the offsets go to Kafka's commit, for lag
    monitoring only.
 A worker killed between 3 and 4 (or anywhere) redoes the batch from the ledger's offset:
@@ -39,7 +41,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
-from aggregator.ledger import LedgerSet, PartitionLedger, ReplayRequest
+from aggregator.ledger import LedgerSet, LedgerStore, OwnershipLost, PartitionLedger, ReplayRequest
 from aggregator.views import write_query_db
 from common.errors import OperationError
 from common.logs import Repeats
@@ -91,7 +93,8 @@ class Worker:
 
     ``consumer_factory`` makes the Kafka client from its librdkafka configuration
     (default: confluent-kafka's ``Consumer``); ``clock`` (monotonic seconds) paces the lag
-    refresh and the broker watch.
+    refresh and the broker watch; ``ledgers`` is where the partition ledgers live (default:
+    embedded files under ``config.ledger_dir``; cluster mode: ``LakeLedgerSet``).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class Worker:
         progress: Callable[[int, int], None] | None = None,
         consumer_factory: ConsumerFactory = kafka_consumer,
         clock: Callable[[], float] = time.monotonic,
+        ledgers: LedgerStore | None = None,
     ) -> None:
         self.config = config
         self.topic = config.topic
@@ -121,7 +125,7 @@ class Worker:
         self.assigned_once = False
         self.closing = False
         self.failed = False
-        self.ledgers = LedgerSet(
+        self.ledgers: LedgerStore = ledgers or LedgerSet(
             config.ledger_dir, self.topic, config.lock_timeout, snapshot_dir=config.snapshot_dir
         )
         conf = consumer_config(dict(config.kafka), config.group, strategy, extra_config)
@@ -151,6 +155,7 @@ class Worker:
         # them in that order finishes everything handed over.
         self.acknowledge = Acknowledge(self._commit_to_kafka)
         commit = CommitToLedger(self.ledgers, self.stats, self.metrics, self.acknowledge)
+        self.lost = commit.lost  # partitions whose commit was refused: no longer ours
         forward = Forward(self.forwarder, commit)
         self.committer = Stage("ledger-commit", forward.submit)
         decode = Decode(self._prepare, self.committer)
@@ -173,6 +178,7 @@ class Worker:
             self.partition_count = len(self._topic_partitions(fresh=True))
             for tp in partitions:
                 ledger = self.ledgers.acquire(tp.partition)
+                self.lost.discard(tp.partition)
                 tp.offset = (
                     ledger.next_offset if ledger.next_offset is not None else OFFSET_BEGINNING
                 )
@@ -184,7 +190,8 @@ class Worker:
             else:
                 self.consumer.assign(partitions)
             self.assigned_once = True
-            write_query_db(self.config.data_dir, self.config.snapshot_dir, self.topic)
+            if self.ledgers.publishes_snapshots:
+                write_query_db(self.config.data_dir, self.config.snapshot_dir, self.topic)
             self.metrics.rebalances.labels(kind="assign").inc()
             self.metrics.partitions_held.set(len(self.ledgers.held))
             log.info("assigned %s", sorted(tp.partition for tp in partitions))
@@ -254,6 +261,8 @@ class Worker:
                     raise OperationError(f"partition assignment failed: {failed}") from failed
                 self._watch_broker()
                 self.acknowledge.poll()
+                if self.lost:
+                    self._drop_lost()
                 if messages:
                     self.accumulate.submit(split_by_partition(messages))
                 if len(messages) < size:
@@ -312,8 +321,11 @@ class Worker:
         if prune:
             months = self.config.late_usage_months
             oldest = oldest_billable_start(int(time.time() * 1_000_000), months)
-            for ledger in self.ledgers.held.values():
-                ledger.prune(oldest)
+            for ledger in list(self.ledgers.held.values()):
+                try:
+                    ledger.prune(oldest)
+                except OwnershipLost as exc:
+                    self._lose(ledger.partition, exc)
             self._last_prune = now
         if idle or self.clock() - self._lag_updated >= LAG_EVERY_SECONDS:
             self._lag_updated = self.clock()
@@ -380,12 +392,18 @@ class Worker:
             self._replays_done.add((request.request_id, ledger.partition))
 
     def _replay(self, request: ReplayRequest, ledger: PartitionLedger) -> None:
+        if ledger.partition in self.lost:
+            return
         records = ledger.replayable(request)
         if records is None:
             return  # applied before (by this worker or an earlier owner)
         batch = self._prepare(ledger.partition, records, int(time.time() * 1_000_000))
         self.forwarder.send(ledger.partition, batch.forward)
-        result = ledger.replay(request, batch)
+        try:
+            result = ledger.replay(request, batch)
+        except OwnershipLost as exc:
+            self._lose(ledger.partition, exc)
+            return
         write_result(self.config.data_dir, request, ledger.partition, result)
         log.info(
             "replay %s on p%d: %d dead letters, %d counted, %d duplicates, %d forwarded, "
@@ -402,6 +420,29 @@ class Worker:
         if result.forwarded:
             self.metrics.forwarded.labels(partition=str(ledger.partition)).inc(result.forwarded)
         self._publish(ledger)
+
+    def _lose(self, partition: int, exc: OwnershipLost) -> None:
+        """A replay or prune of ``partition`` was refused: it is no longer ours."""
+        log.warning("p%d: refused: %s", partition, exc)
+        self.metrics.commits_refused.labels(partition=str(partition)).inc()
+        self.lost.add(partition)
+        self._drop_lost()
+
+    def _drop_lost(self) -> None:
+        """Stop working on the partitions whose commit was refused (another worker owns them
+        now): their records are no longer accumulated, their ledgers are dropped without
+        storing anything. The group's next rebalance takes them away (or gives them back,
+        claimed anew)."""
+        dropped = [p for p in list(self.lost) if p in self.ledgers.held or p in self.heads]
+        if not dropped:
+            return
+        self._settle()
+        for partition in dropped:
+            self.heads.pop(partition, None)
+            self._open_dead.pop(partition, None)
+            self.ledgers.forget(partition)
+        self.metrics.partitions_held.set(len(self.ledgers.held))
+        log.warning("dropped %s: taken over by another worker", sorted(dropped))
 
     def _settle(self) -> None:
         """Wait until every record handed over has gone through every step."""

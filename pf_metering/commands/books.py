@@ -17,7 +17,7 @@ import duckdb
 import typer
 from rich.table import Table
 
-from aggregator.views import open_usage
+from aggregator.views import usage_reader
 from billing.invoicing import Rules, UsageData
 from billing.model import QuotaUsage
 from billing.render.invoice_json import quota_json
@@ -64,7 +64,7 @@ def billing(cfg: Settings) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
 
 def read_usage(cfg: Settings, tenant_id: str | None = None, *, quiet: bool = False) -> UsageData:
     """The snapshot's usage (all tenants, or one), saying how fresh it is on stderr."""
-    reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
+    reader = usage_reader(cfg)
     try:
         if not quiet:
             print(reader.freshness.describe(), file=sys.stderr)

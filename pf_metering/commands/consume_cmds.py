@@ -6,15 +6,16 @@ import logging
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
 from aggregator.adhoc import QueryLimits, lock_down, read_only_statement, run_query, spill_folder
 from aggregator.fold import FOLD_REASONS
 from aggregator.ledger import ledger_path
-from aggregator.views import open_usage
+from aggregator.views import usage_reader
 from billing.db import copy_queryable_tables
 from common.errors import OperationError, UserError
 from common.settings import Settings
@@ -33,6 +34,9 @@ from pf_metering.commands.common import (
 from pf_metering.output import Format, printable, render, render_rows, rows_table
 from pf_metering.progress import DrainProgress, progress_bar
 from schemas.validation import REASONS
+
+if TYPE_CHECKING:
+    from aggregator.lake_ledger import LakeLedgerSet
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,14 @@ def consume(
     with progress_bar(quiet or not drain) as bar:
         show = DrainProgress(bar)
         config = worker_config(cfg)
-        worker = Worker(config, drain=drain, metrics=metrics, strategy=strategy, progress=show)
+        worker = Worker(
+            config,
+            drain=drain,
+            metrics=metrics,
+            strategy=strategy,
+            progress=show,
+            ledgers=lake_ledgers(cfg),
+        )
         worker.install_signal_handlers()
         stats = worker.run()
     if not quiet:
@@ -95,6 +106,16 @@ def worker_config(cfg: Settings) -> WorkerConfig:
     )
 
 
+def lake_ledgers(cfg: Settings) -> LakeLedgerSet | None:
+    """Cluster mode's ledgers in the lake (None in embedded mode: the worker's own files)."""
+    if not cfg.cluster_mode:
+        return None
+    from aggregator.lake import open_lake  # (cluster mode only: the extensions load)
+    from aggregator.lake_ledger import LakeLedgerSet
+
+    return LakeLedgerSet(partial(open_lake, cfg), cfg.metering_topic)
+
+
 def exit_without_teardown() -> NoReturn:
     """Exit 0 at once, without unwinding the interpreter: call it only after the worker has
     closed Kafka and DuckDB and said what it did (nothing is left to save)."""
@@ -118,7 +139,7 @@ def dead_letters(
     if ctx.invoked_subcommand is not None:
         return
     cfg = settings_of(ctx)
-    reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
+    reader = usage_reader(cfg)
     print(reader.freshness.describe(), file=sys.stderr)
     rel = reader.con.sql(
         'SELECT topic, partition, "offset", key, value, reason_code, reason, dead_lettered_at, '
@@ -200,7 +221,7 @@ def sql(
         cfg.metering_sql_spill_limit,
         cfg.metering_sql_max_rows,
     )
-    reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
+    reader = usage_reader(cfg)
     try:
         statement = read_only_statement(reader.con, query)
         con = reader.con

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from aggregator.views import open_usage
+from aggregator.views import usage_reader
 from billing import invoice_store, invoicing
 from billing.db import billing_db
 from billing.invoicing import Rules, UsageData
@@ -66,7 +66,7 @@ def report(
     periods = _range(start, end, now)
     out = output_path(output)
     cfg = settings_of(ctx)
-    reader = open_usage(cfg.snapshot_dir, cfg.metering_topic)
+    reader = usage_reader(cfg)
     try:
         freshness = reader.freshness.describe()
         usage = UsageData.read(reader, tenant_id)
