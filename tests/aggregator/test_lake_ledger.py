@@ -100,9 +100,7 @@ def test_the_lake_folds_exactly_as_the_embedded_ledger(
     assert sum(t[0] for t in totals(cfg).values()) == 40
 
 
-def test_a_new_owner_fences_the_old_one_out(
-    cfg: Settings, lake_sets: list[LakeLedgerSet]
-) -> None:
+def test_a_new_owner_fences_the_old_one_out(cfg: Settings, lake_sets: list[LakeLedgerSet]) -> None:
     old = new_set(cfg, lake_sets, "old").acquire(2)
     old.commit(batch(2, 0, events(10)))
     new = new_set(cfg, lake_sets, "new").acquire(2)
