@@ -24,6 +24,7 @@ LOGGERS = {
     "aggregator.recovery": "consumer.worker",
     "consumer.kafka": "consumer.kafka",
     "aggregator.ledger": "aggregator.ledger",
+    "aggregator.lake_ledger": "aggregator.lake_ledger",
     "billing.stripe.push": "billing.stripe_push",
     "billing.stripe.gateway": "billing.stripe_gateway",
     "billing.stripe.webhook_server": "billing.webhook_server",

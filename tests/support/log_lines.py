@@ -12,6 +12,10 @@ BATCH_DONE = f"{WORKER}: batch done"  # DEBUG, every partition of that poll comm
 COMMITTED = f"{WORKER}: committed p"  # DEBUG, one partition's ledger commit
 # DEBUG, one partition's ledger transaction begun / committed: step, partition, [from, to)
 SPAN = re.compile(r"(committing|committed) p(\d+) \[(\d+), (\d+)\)")
+# WARNING, a commit refused by cluster mode's fence (the partition was taken over)
+REFUSED = re.compile(r"p(\d+): batch \[(\d+), (\d+)\) dropped, not counted")
+# INFO, cluster mode: a partition claimed with a new owner epoch (logger aggregator.lake_ledger)
+CLAIMED = re.compile(r"aggregator\.lake_ledger: p(\d+): claimed with epoch (\d+)")
 DRAIN_WAITING = "drain: end offsets unknown for now"  # WARNING, a drain waiting for the broker
 # WARNING, once a minute while a worker cannot reach the cluster (logger consumer.worker)
 UNREACHABLE = "cannot reach the Kafka broker at"

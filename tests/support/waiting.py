@@ -29,9 +29,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def scrape(port: int) -> dict[str, float]:
-    """A worker's /metrics on ``port``: each sample's name with labels -> value."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """A worker's /metrics on ``host:port``: each sample's name with labels -> value."""
+    body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read()
     out = {}
     for line in body.decode().splitlines():
         if line and not line.startswith("#"):
