@@ -238,22 +238,35 @@ def test_two_workers_share_one_lake_and_a_third_host_reads_it(lake: Lake, tmp_pa
     assert len(dead) == len(bad) and {d["state"] for d in dead} == {"open"}
 
 
-def test_a_worker_killed_inside_a_commit_loses_and_doubles_nothing(
-    lake: Lake, tmp_path: Path
-) -> None:
+def inside_a_commit(
+    lake: Lake, first: Path, second: Path, metrics_port: int
+) -> subprocess.Popen[str]:
+    """Start a worker on host one (logging to ``first``), then one on host two; return the
+    first once both hold partitions and it is inside a ledger transaction."""
     one, two, _ = lake.cluster.net.hosts
-    unique, resent = produce(lake, 12_000, seed=21)
-    first, second = tmp_path / "one.log", tmp_path / "two.log"
-    victim = lake.worker(one, first, free_port())
+    worker = lake.worker(one, first, metrics_port)
     lake.worker(two, second, free_port())
-    wait_for(lambda: second.read_text().count(ASSIGNED) >= 1, "the second worker's assignment")
-    # both hold partitions: kill the first one inside a ledger transaction
+    wait_for(
+        lambda: second.read_text().count(ASSIGNED) >= 1,
+        "the second worker's assignment",
+        timeout=600,
+    )
     wait_for(
         lambda: len(spans(first, "committing")) > len(spans(first, "committed")),
         "the first worker inside a commit",
         timeout=600,
         every=0.01,
     )
+    return worker
+
+
+def test_a_worker_killed_inside_a_commit_loses_and_doubles_nothing(
+    lake: Lake, tmp_path: Path
+) -> None:
+    one = lake.cluster.net.hosts[0]
+    unique, resent = produce(lake, 12_000, seed=21)
+    first, second = tmp_path / "one.log", tmp_path / "two.log"
+    victim = inside_a_commit(lake, first, second, free_port())
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     lake.worker(one, tmp_path / "one-again.log", free_port())  # restarted on its host
@@ -261,19 +274,11 @@ def test_a_worker_killed_inside_a_commit_loses_and_doubles_nothing(
 
 
 def test_a_zombie_woken_with_a_batch_in_hand_is_refused(lake: Lake, tmp_path: Path) -> None:
-    one, two, _ = lake.cluster.net.hosts
+    one = lake.cluster.net.hosts[0]
     unique, resent = produce(lake, 16_000, seed=31)
     first, second = tmp_path / "zombie.log", tmp_path / "other.log"
     zombie_metrics = free_port()
-    zombie = lake.worker(one, first, zombie_metrics)
-    lake.worker(two, second, free_port())
-    wait_for(lambda: second.read_text().count(ASSIGNED) >= 1, "the second worker's assignment")
-    wait_for(
-        lambda: len(spans(first, "committing")) > len(spans(first, "committed")),
-        "the zombie inside a commit",
-        timeout=600,
-        every=0.01,
-    )
+    zombie = inside_a_commit(lake, first, second, zombie_metrics)
     zombie.send_signal(signal.SIGSTOP)
     in_hand = spans(first, "committing")[-1]
     finished = in_hand in spans(first, "committed")  # (the stop came after its COMMIT)
