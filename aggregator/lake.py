@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,6 +38,8 @@ RETRY = {
     "ducklake_retry_backoff": 1.5,
 }
 """Commit retries on a snapshot conflict: 15 attempts from 50 ms, 1.5x apart (~44 s in all)."""
+INIT_ATTEMPTS = 5
+"""ATTACHes tried while another host is creating a new lake's catalog tables."""
 CONNECT_TIMEOUT_S = 10
 """libpq's connect_timeout unless the URI sets one: an unreachable catalog fails, not hangs."""
 _LIBPQ_REASON = re.compile(r"failed: (.+)")
@@ -150,11 +153,21 @@ def attach_lake(con: duckdb.DuckDBPyConnection, settings: Settings, alias: str =
         raise CatalogError(
             f"cannot prepare METERING_LAKE_PATH {path}: {_scrub(str(exc), settings)}"
         ) from type(exc)(_scrub(str(exc), settings))
+    attach = (
+        f"ATTACH {sql_string('ducklake:postgres:' + conninfo)} AS {alias} "
+        f"(DATA_PATH {sql_string(path)})"
+    )
     try:
-        con.execute(
-            f"ATTACH {sql_string('ducklake:postgres:' + conninfo)} AS {alias} "
-            f"(DATA_PATH {sql_string(path)})"
-        )
+        for attempt in range(INIT_ATTEMPTS):
+            try:
+                con.execute(attach)
+                break
+            except duckdb.Error as exc:
+                # two hosts attaching a new catalog at once both create DuckLake's tables:
+                # the loser's CREATE fails on PostgreSQL's unique index; the lake then exists
+                if "duplicate key value" not in str(exc) or attempt == INIT_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     except duckdb.Error as exc:
         text = _scrub(str(exc), settings)
         cause = type(exc)(text)
@@ -193,6 +206,7 @@ def open_lake(settings: Settings, alias: str = LAKE) -> duckdb.DuckDBPyConnectio
         }
     )
     try:
+        con.execute("SET enable_progress_bar = false")  # (it would print into `sql -f json`)
         attach_lake(con, settings, alias)
     except BaseException:
         con.close()
