@@ -34,6 +34,14 @@ open-ended. ``minimum_commitment_usd`` sets a floor on a period's rated total::
     kind = "graduated"
     ranges = [{ up_to = 10_000, price = 0.001 }, { from = 10_000, price = 0.0005 }]
 
+Usage alert thresholds per tier (built-in or custom) go under ``alerts`` (see
+``billing.alerts.model``)::
+
+    [[alerts.startup]]
+    quota_percent = 80          # of every quota; counter = "cpu_ms" for one
+    [[alerts.basic]]
+    amount_usd = 100.00         # the open period's amount
+
 TOML floats are read as ``Decimal`` (``parse_float=Decimal``), so ``0.0000001`` stays exact.
 Built-in tiers cannot be redefined: invoices already rated with them must stay explainable.
 """
@@ -51,6 +59,7 @@ from typing import Annotated, Any, Literal, NoReturn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from billing.alerts.model import Threshold, quota_problem
 from billing.model import plain
 from common.errors import TierFileError, UserError
 
@@ -254,6 +263,7 @@ class Tier(TierSpec):
 
     name: TierName
     display_name: str
+    alerts: tuple[Threshold, ...] = ()
 
     def pricing(self, code: str) -> UnitPrice | GraduatedPrice | VolumePrice | PackagePrice:
         form = getattr(self.prices, code)
@@ -323,7 +333,8 @@ def tier_terms(tier: Tier) -> dict[str, Any]:
 class TiersFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tiers: dict[TierName, TierSpec]
+    tiers: dict[TierName, TierSpec] = Field(default_factory=dict)
+    alerts: dict[TierName, tuple[Threshold, ...]] = Field(default_factory=dict)
 
 
 def _builtin(name: str, display: str, values: dict[str, str], quotas: Quotas) -> Tier:
@@ -413,7 +424,8 @@ def _where(loc: tuple[int | str, ...]) -> str:
 
 
 def parse_tiers_file(path: Path) -> dict[str, Tier]:
-    """The custom tiers of ``path``; any problem is one TierFileError naming the file and key."""
+    """The custom tiers of ``path`` (and the built-in ones it gives alerts); any problem is
+    one TierFileError naming the file and key."""
     try:
         with path.open("rb") as fh:
             raw = tomllib.load(fh, parse_float=Decimal)
@@ -447,6 +459,15 @@ def parse_tiers_file(path: Path) -> dict[str, Tier]:
         tiers[name] = Tier.model_validate(
             {**fields, "name": name, "display_name": spec.display_name or name}
         )
+    for name, thresholds in parsed.alerts.items():
+        tier = tiers.get(name) or BUILTIN_TIERS.get(name)
+        if tier is None:
+            raise TierFileError(f"invalid tiers file {path}: alerts.{name}: no such tier")
+        for n, threshold in enumerate(thresholds):
+            problem = quota_problem(threshold, tier.quotas.model_dump())
+            if problem is not None:
+                raise TierFileError(f"invalid tiers file {path}: alerts.{name}[{n}]: {problem}")
+        tiers[name] = tier.model_copy(update={"alerts": thresholds})
     return tiers
 
 

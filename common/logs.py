@@ -25,6 +25,7 @@ def secrets_of(settings: Settings) -> list[str]:
         settings.kafka_ssl_key_password,
         settings.aws_secret_access_key,
         settings.aws_session_token,
+        settings.metering_alert_secret,
     ]
     found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
     return found + [p for p in [settings.catalog_password()] if p]

@@ -63,6 +63,26 @@ def _one_of(value: str | None, accepted: tuple[str, ...]) -> str | None:
     return value
 
 
+def check_webhook_url(value: str | None) -> str | None:
+    """``value`` if it is an absolute http(s) URL with a host and no credentials in it (they
+    would show wherever the URL does), else a ValueError saying what is accepted."""
+    if value is None or value == "":
+        return None
+    accepted = "expected an http:// or https:// URL with a host, e.g. https://alerts.example.com/pf"
+    try:
+        parts = urlsplit(value)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError as exc:
+        raise ValueError(accepted) from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(accepted)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry a user or password (sign with METERING_ALERT_SECRET)")
+    if any(ch.isspace() or ord(ch) < 32 for ch in value):
+        raise ValueError(accepted)
+    return value
+
+
 class Settings(BaseSettings):
     """Every setting pf-metering reads; field names map to upper-case environment variables."""
 
@@ -112,6 +132,9 @@ class Settings(BaseSettings):
     aws_region: str | None = None
     metering_lake_retention: timedelta = timedelta(days=7)
     metering_lake_file_grace: timedelta = timedelta(hours=1)
+    metering_alert_url: str | None = None
+    metering_alert_secret: SecretStr | None = None
+    metering_alert_timeout: float = Field(default=10.0, gt=0, le=300)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"] = (
         "INFO"
@@ -176,6 +199,11 @@ class Settings(BaseSettings):
                 "METERING_LAKE_PATH is set but METERING_CATALOG is not (cluster mode needs both)"
             )
         return self
+
+    @field_validator("metering_alert_url")
+    @classmethod
+    def _alert_url(cls, value: str | None) -> str | None:
+        return check_webhook_url(value)
 
     @field_validator("kafka_security_protocol")
     @classmethod

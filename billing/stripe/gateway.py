@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import stripe
 
+from billing.backoff import RetryPolicy
 from common.errors import UserError
 from common.settings import Settings
 
@@ -28,19 +29,6 @@ T = TypeVar("T")
 S = TypeVar("S", bound=stripe.StripeObject)
 
 RETRYABLE_STATUSES = frozenset({409, 429})
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter: attempt n waits base x 2^(n-1), capped, x [0.5, 1)."""
-
-    max_attempts: int = 5
-    base_delay: float = 0.5
-    max_delay: float = 8.0
-
-    def delay(self, failed_attempts: int, rng: random.Random) -> float:
-        ceiling = min(self.max_delay, self.base_delay * 2.0 ** (failed_attempts - 1))
-        return ceiling * (0.5 + rng.random() / 2)
 
 
 class StripeCallError(Exception):

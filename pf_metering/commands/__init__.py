@@ -25,6 +25,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "report_cmds": ("report",),
     "schema_cmds": ("schemas",),
     "lake_cmds": ("lake",),
+    "alerts_cmds": ("alerts",),
 }
 
 

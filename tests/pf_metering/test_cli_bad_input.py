@@ -12,14 +12,12 @@ tests/broker/pf_metering/test_cli_escapes.py.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import duckdb
 import pytest
 import typer
 
@@ -31,6 +29,7 @@ from pf_metering.commands import AREAS
 from tests.fixtures.cli import Cli
 from tests.fixtures.seeds import CUSTOM, SEED, event
 from tests.fixtures.stripe import API_KEY, WEBHOOK_SECRET
+from tests.support.books import stored
 from tests.support.cli_runner import run_cli
 from tests.support.events import make_event
 
@@ -91,23 +90,6 @@ def books(stored_books: Path, pfm: Cli, monkeypatch: pytest.MonkeyPatch) -> Book
     ):
         monkeypatch.setenv(name, value)
     return Books(stored_books, pfm, stored(stored_books))
-
-
-def stored(data_dir: Path) -> dict[str, str]:
-    """What is stored: every file's bytes, and the billing file's tables row by row (opening
-    it rewrites headers, so its bytes are not a fair measure)."""
-    out: dict[str, str] = {}
-    for path in sorted(data_dir.rglob("*")):
-        if path.is_file() and not path.name.startswith("billing.duckdb"):
-            out[str(path.relative_to(data_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    con = duckdb.connect(str(data_dir / "billing.duckdb"), read_only=True)
-    try:
-        for (table,) in con.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall():
-            rows = con.execute(f'SELECT * FROM "{table}" ORDER BY ALL').fetchall()
-            out[f"billing.duckdb:{table}"] = hashlib.sha256(repr(rows).encode()).hexdigest()
-    finally:
-        con.close()
-    return out
 
 
 BAD_PERIODS = [

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+
+import duckdb
 
 from aggregator.views import open_usage
 from bench.ledger_load import publish_usage
@@ -65,3 +69,20 @@ class Books:
     def set_tier(self, tenant: str, tier: str, start: str) -> None:
         with self.con() as con:
             tenants.set_tier(con, tenant, tier, Period.parse(start), at(2025, 1))
+
+
+def stored(data_dir: Path) -> dict[str, str]:
+    """What is stored: every file's bytes, and the billing file's tables row by row (opening
+    it rewrites headers, so its bytes are not a fair measure)."""
+    out: dict[str, str] = {}
+    for path in sorted(data_dir.rglob("*")):
+        if path.is_file() and not path.name.startswith("billing.duckdb"):
+            out[str(path.relative_to(data_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    con = duckdb.connect(str(data_dir / "billing.duckdb"), read_only=True)
+    try:
+        for (table,) in con.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall():
+            rows = con.execute(f'SELECT * FROM "{table}" ORDER BY ALL').fetchall()
+            out[f"billing.duckdb:{table}"] = hashlib.sha256(repr(rows).encode()).hexdigest()
+    finally:
+        con.close()
+    return out

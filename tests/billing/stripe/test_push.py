@@ -12,7 +12,8 @@ import pytest
 import stripe
 
 from billing.model import Invoice, InvoiceStatus
-from billing.stripe.gateway import RetryPolicy, StripeCallError, StripeGateway, is_retryable
+from billing.backoff import RetryPolicy
+from billing.stripe.gateway import StripeCallError, StripeGateway, is_retryable
 from billing.stripe.push import PushOutcome, PushResult, days_until_due, planned_items
 from common import settings as config
 from common.errors import OperationError, UserError
