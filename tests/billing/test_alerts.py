@@ -19,7 +19,7 @@ from bench.ledger_load import publish_usage
 from billing.alerts import store
 from billing.alerts.delivery import Endpoint
 from billing.alerts.evaluate import applicable, crossings
-from billing.alerts.model import Threshold, event_id
+from billing.alerts.model import AlertRecord, Threshold, event_id
 from billing.alerts.watch import Watcher
 from billing.backoff import RetryPolicy
 from billing.db import billing_db, transaction
@@ -70,10 +70,12 @@ def test_a_percentage_without_counter_stands_for_every_quota_and_keys_are_one_ea
     quotas = BASIC.quotas.model_dump(exclude_none=True)
     assert keys == [f"quota_percent:{q}:50" for q in quotas]
     tier = BASIC.model_copy(update={"alerts": (Threshold(quota_percent=Decimal(50)),)})
-    sources = {s for _, s in applicable(tier, [Threshold(quota_percent=50, counter="cpu_ms")])}
+    sources = {
+        s for _, s in applicable(tier, [Threshold(quota_percent=Decimal(50), counter="cpu_ms")])
+    }
     assert sources == {"tier"}  # the same threshold from the tenant is the same alert
     # no egress_scans quota on basic: such a threshold can never apply
-    assert applicable(BASIC, [Threshold(quota_percent=50, counter="egress_scans")]) == []
+    assert applicable(BASIC, [Threshold(quota_percent=Decimal(50), counter="egress_scans")]) == []
 
 
 def test_event_ids_are_stable_and_distinct() -> None:
@@ -166,7 +168,9 @@ def _watcher(cfg: Settings, receiver: Receiver | None, url: str | None = None) -
     target = url or (receiver.url if receiver else "http://127.0.0.1:9/")
     endpoint = Endpoint(target, SecretStr(SECRET), 5.0, retry=fast)
     connect = partial(billing_db, cfg.billing_db, 10.0)
-    return Watcher(connect, cfg.snapshot_dir, cfg.metering_topic, Rules.from_settings(cfg), endpoint)
+    return Watcher(
+        connect, cfg.snapshot_dir, cfg.metering_topic, Rules.from_settings(cfg), endpoint
+    )
 
 
 def _set(cfg: Settings, tenant: str, *thresholds: Threshold) -> None:
@@ -175,7 +179,7 @@ def _set(cfg: Settings, tenant: str, *thresholds: Threshold) -> None:
             store.set_threshold(con, tenant, threshold, datetime.now(UTC))
 
 
-def _log(cfg: Settings) -> list[store.AlertRecord]:
+def _log(cfg: Settings) -> list[AlertRecord]:
     with billing_db(cfg.billing_db, 10.0) as con:
         return store.list_alerts(con)
 
@@ -183,7 +187,7 @@ def _log(cfg: Settings) -> list[store.AlertRecord]:
 def _until_delivered(watcher: Watcher, cfg: Settings, count: int) -> None:
     def done() -> bool:
         watcher.deliver()
-        return sum(r.status == "delivered" for r in _log(cfg)) >= count
+        return bool(sum(r.status == "delivered" for r in _log(cfg)) >= count)
 
     wait_for(done, f"{count} alerts delivered", timeout=60, every=0.05)
 
@@ -191,7 +195,10 @@ def _until_delivered(watcher: Watcher, cfg: Settings, count: int) -> None:
 def test_two_thresholds_in_one_batch_give_two_signed_alerts_once_each(tmp_path: Path) -> None:
     cfg = _settings(tmp_path)
     publish_usage(cfg, [now_event("acme", api_calls=1), now_event("quiet", api_calls=1)])
-    both = (Threshold(quota_percent=Decimal(80), counter="cpu_ms"), Threshold(amount_usd=60))
+    both = (
+        Threshold(quota_percent=Decimal(80), counter="cpu_ms"),
+        Threshold(amount_usd=Decimal(60)),
+    )
     _set(cfg, "acme", *both)
     _set(cfg, "quiet", *both)
     with alert_receiver(500) as receiver:
@@ -199,9 +206,7 @@ def test_two_thresholds_in_one_batch_give_two_signed_alerts_once_each(tmp_path: 
         assert watcher.detect() == []  # below both thresholds: nothing recorded, nothing sent
         # one batch crossing both for acme (cpu 80% and 10 violations: 60.00 + cpu), and
         # still below both for quiet
-        publish_usage(
-            cfg, [now_event("acme", cpu_ms=2_880_000, violations=10), now_event("quiet")]
-        )
+        publish_usage(cfg, [now_event("acme", cpu_ms=2_880_000, violations=10), now_event("quiet")])
         new = watcher.detect()
         assert len(new) == 2
         _until_delivered(watcher, cfg, 2)
@@ -238,7 +243,7 @@ def test_an_alert_recorded_while_the_receiver_is_down_is_delivered_after_a_resta
 ) -> None:
     cfg = _settings(tmp_path)
     publish_usage(cfg, [now_event("acme", violations=60)])
-    _set(cfg, "acme", Threshold(amount_usd=100))
+    _set(cfg, "acme", Threshold(amount_usd=Decimal(100)))
     down = _watcher(cfg, None)  # nobody listens on port 9
     [alert] = down.detect()
     assert down.deliver() == 0
@@ -257,7 +262,7 @@ def test_an_alert_recorded_while_the_receiver_is_down_is_delivered_after_a_resta
 def test_a_lease_keeps_a_second_watcher_from_posting_the_same_alert(tmp_path: Path) -> None:
     cfg = _settings(tmp_path)
     publish_usage(cfg, [now_event("acme", violations=60)])
-    _set(cfg, "acme", Threshold(amount_usd=100))
+    _set(cfg, "acme", Threshold(amount_usd=Decimal(100)))
     _watcher(cfg, None).detect()
     connect: Callable[[], Any] = partial(billing_db, cfg.billing_db, 10.0)
     now = datetime.now(UTC)

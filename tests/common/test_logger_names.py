@@ -28,6 +28,7 @@ LOGGERS = {
     "billing.stripe.push": "billing.stripe_push",
     "billing.stripe.gateway": "billing.stripe_gateway",
     "billing.stripe.webhook_server": "billing.webhook_server",
+    "billing.alerts.watch": "billing.alerts",
     "schemas.batch_validation": "schemas.bulk_validation",
     "pf_metering.commands.consume_cmds": "pf_metering.commands.consume_cmds",
 }

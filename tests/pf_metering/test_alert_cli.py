@@ -128,7 +128,8 @@ def test_a_tier_without_quotas_takes_no_percentage(
 
 
 @pytest.mark.parametrize(
-    "url", ["ftp://hooks.internal/x", "hooks.internal", "https://u:pw@h.internal/", "http://:8080/x"]
+    "url",
+    ["ftp://hooks.internal/x", "hooks.internal", "https://u:pw@h.internal/", "http://:8080/x"],
 )
 def test_a_bad_alert_url_is_refused_by_name(
     pfm: Cli, books: Path, monkeypatch: pytest.MonkeyPatch, url: str

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import stripe
 
-from billing.model import Invoice, InvoiceStatus
 from billing.backoff import RetryPolicy
+from billing.model import Invoice, InvoiceStatus
 from billing.stripe.gateway import StripeCallError, StripeGateway, is_retryable
 from billing.stripe.push import PushOutcome, PushResult, days_until_due, planned_items
 from common import settings as config
