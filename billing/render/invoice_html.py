@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from billing.alerts.model import AlertRecord
 from billing.model import (
     CREDIT_APPLIED,
     CREDIT_CARRIED,
@@ -57,6 +58,9 @@ code { font: 12px "DejaVu Sans Mono", Menlo, monospace; color: var(--muted); }
 .st-sent { background: #5b3fb0; } .st-paid { background: #23864a; }
 .st-overdue { background: #c0392b; }
 .st-void { background: #9aa3ad; text-decoration: line-through; }
+.al { display: inline-block; padding: 1px 8px; border-radius: 4px; font-size: 12px;
+  font-weight: bold; color: #fff; }
+.al-sent { background: #1f7a8c; } .al-pending { background: #e0a100; }
 .note { background: var(--soft); border-left: 4px solid var(--accent); padding: 10px 14px;
   margin: 18px 0; }
 footer { margin-top: 36px; padding-top: 12px; border-top: 1px solid var(--line);
@@ -201,6 +205,32 @@ def quota_rows(quotas: Sequence[QuotaUsage]) -> list[list[str]]:
     return rows
 
 
+def moment_text(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%d %b %Y %H:%M UTC")
+
+
+def alert_rows(alerts: Sequence[AlertRecord], *, with_period: bool = False) -> list[list[str]]:
+    """The usage alerts of a tenant: what was crossed, when, at what, and the delivery
+    (shared with the report, which adds the period)."""
+    rows = []
+    for a in alerts:
+        if a.status == "delivered" and a.delivered_at is not None:
+            state = f'<span class="al al-sent">sent</span> {esc(moment_text(a.delivered_at))}'
+        else:
+            error = f": {a.last_error}" if a.last_error else ""
+            state = (
+                f'<span class="al al-pending">pending</span> {a.attempts} attempt(s){esc(error)}'
+            )
+        value = Decimal(a.observed)
+        is_amount = a.threshold.startswith("amount_usd")
+        observed = f"{amount_text(value)} usd" if is_amount else quantity_text(value)
+        row = [esc(a.describe()), esc(moment_text(a.crossed_at)), esc(observed), state]
+        rows.append(([esc(a.period)] if with_period else []) + row)
+    return rows
+
+
+ALERT_HEADERS = (("Threshold", False), ("Crossed", False), ("Reached", True), ("Delivery", False))
+
 QUOTA_HEADERS = (
     ("Quota", False),
     ("Used", True),
@@ -268,10 +298,15 @@ def _facts(invoice: Invoice) -> str:
 
 
 def render_invoice_html(
-    invoice: Invoice, quotas: Sequence[QuotaUsage] | None = None, *, now: datetime | None = None
+    invoice: Invoice,
+    quotas: Sequence[QuotaUsage] | None = None,
+    *,
+    now: datetime | None = None,
+    alerts: Sequence[AlertRecord] = (),
 ) -> str:
     """The invoice as one HTML page; ``quotas`` defaults to the invoice's own quota report,
-    and the status shown is the one at ``now`` (an unpaid invoice past due is overdue)."""
+    and the status shown is the one at ``now`` (an unpaid invoice past due is overdue);
+    ``alerts``: the usage alerts of its tenant and period."""
     status = invoice.status_on(now or datetime.now(UTC))
     quotas = invoice.quotas if quotas is None else quotas
     own = EARLIER_PERIODS | CREDIT_LINES
@@ -305,6 +340,12 @@ def render_invoice_html(
     parts.append(_totals(invoice, status, earlier, risk))
     if quotas:
         parts += ["<h2>Quota utilisation</h2>", table(QUOTA_HEADERS, quota_rows(quotas))]
+    mine = [a for a in alerts if (a.tenant_id, a.period) == (invoice.tenant_id, invoice.period)]
+    if mine:
+        parts += [
+            "<h2>Usage alerts sent</h2>",
+            table(ALERT_HEADERS, alert_rows(mine), "alerts"),
+        ]
     parts.append(
         f"<footer>Amounts in {esc(invoice.currency.upper())}; each line is quantity &times; "
         "unit price rounded to the cent (half away from zero); network is billed per MiB. "

@@ -4,9 +4,11 @@ See docs/spec.md, "Invoices"."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from billing.alerts.model import AlertRecord
 from billing.model import Invoice, QuotaUsage, money, plain
 
 
@@ -21,8 +23,12 @@ def quota_json(q: QuotaUsage) -> dict[str, Any]:
     }
 
 
-def invoice_json(invoice: Invoice, now: datetime) -> dict[str, Any]:
-    """The invoice document with its status at ``now`` (unpaid past due: ``overdue``)."""
+def invoice_json(
+    invoice: Invoice, now: datetime, alerts: Sequence[AlertRecord] = ()
+) -> dict[str, Any]:
+    """The invoice document with its status at ``now`` (unpaid past due: ``overdue``) and the
+    usage alerts of its tenant and period (``alerts``, as ``alerts list -f json`` shows them)."""
+    key = (invoice.tenant_id, invoice.period)
     lines = []
     for ln in invoice.lines:
         line: dict[str, Any] = {
@@ -57,4 +63,5 @@ def invoice_json(invoice: Invoice, now: datetime) -> dict[str, Any]:
         "stripe_invoice_id": invoice.stripe_invoice_id,
         "quotas": [quota_json(q) for q in invoice.quotas],
         "computed_from": invoice.computed_from,
+        "alerts": [a.as_json() for a in alerts if (a.tenant_id, a.period) == key],
     }

@@ -12,10 +12,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from billing.alerts.model import AlertRecord
 from billing.model import CREDIT_LINES, EARLIER_PERIODS, Invoice, add_up
 from billing.rating import METERS, Usage
 from billing.render.invoice_html import (
+    ALERT_HEADERS,
     DASH,
+    alert_rows,
     amount_text,
     day,
     esc,
@@ -94,6 +97,7 @@ class UsageReport:
     invoices: Sequence[Invoice]
     freshness: str
     generated_at: datetime
+    alerts: Sequence[AlertRecord] = ()
 
 
 # --- charts -----------------------------------------------------------------------------
@@ -282,6 +286,10 @@ def render_report_html(report: UsageReport) -> str:
         _charts(report.periods),
         "<h2>Invoices</h2>",
         table(INVOICE_HEADERS, _invoice_rows(report), "invoices"),
+        "<h2>Usage alerts</h2>",
+        table((("Period", False), *ALERT_HEADERS), alert_rows(report.alerts, with_period=True))
+        if report.alerts
+        else '<p class="sub">No usage alert was crossed in these periods.</p>',
         "<footer>Usage from the published snapshot of the usage view; invoices from the billing "
         "database. Network in MiB; quotas as set by each period's tier.</footer>",
     ]

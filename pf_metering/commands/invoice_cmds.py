@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -12,6 +12,8 @@ import typer
 from rich.table import Table
 
 from billing import invoice_store, invoicing
+from billing.alerts import store as alert_store
+from billing.alerts.model import AlertRecord
 from billing.model import (
     CREDIT_LINES,
     EARLIER_PERIODS,
@@ -47,7 +49,17 @@ from pf_metering.commands.stripe_cmds import push_to_stripe, stripe_requested
 from pf_metering.output import readable, render, write
 
 
-def _invoice_table(invoice: Invoice, now: datetime) -> Table:
+def _alerts_table(alerts: list[AlertRecord]) -> Table:
+    table = Table(title="Usage alerts")
+    for name in ("threshold", "crossed at", "at", "status", "attempts"):
+        table.add_column(name)
+    for a in alerts:
+        crossed = f"{a.crossed_at.astimezone(UTC):%Y-%m-%d %H:%M}Z"
+        table.add_row(a.describe(), crossed, a.observed, a.status, str(a.attempts))
+    return table
+
+
+def _invoice_table(invoice: Invoice, now: datetime, alerts: list[AlertRecord]) -> Table:
     status = invoice.status_on(now).value
     head = (
         f"Invoice {invoice.invoice_id}: {invoice.tenant_id}, {invoice.period}, tier "
@@ -72,6 +84,8 @@ def _invoice_table(invoice: Invoice, now: datetime) -> Table:
     grid.add_row(lines)
     if invoice.quotas:
         grid.add_row(quotas_table(invoice.quotas, "Quotas"))
+    if alerts:
+        grid.add_row(_alerts_table(alerts))
     return grid
 
 
@@ -103,6 +117,7 @@ def generate_invoice(
     target, out = asked.period, output
     with billing(cfg) as con:
         invoice = invoicing.generate(con, asked.usage, asked.rules, tenant_id, target)
+        alerts = alert_store.list_alerts(con, tenant_id, [str(target)])
     if stripe_requested(cfg, stripe):
         if invoice.status is InvoiceStatus.finalized and invoice.stripe_invoice_id is None:
             push_to_stripe(cfg, [invoice])
@@ -114,13 +129,13 @@ def generate_invoice(
     if fmt is InvoiceFormat.html:
         from billing.render.invoice_html import render_invoice_html
 
-        write(render_invoice_html(invoice, now=now), out)
+        write(render_invoice_html(invoice, now=now, alerts=alerts), out)
         return
     render(
         table_or_json(fmt, output),
         out,
-        json_data=invoice_json(invoice, now),
-        table=lambda: _invoice_table(invoice, now),
+        json_data=invoice_json(invoice, now, alerts),
+        table=lambda: _invoice_table(invoice, now, alerts),
     )
 
 
@@ -157,6 +172,7 @@ def invoices_cmd(
     with billing(cfg) as con:
         invoicing.known_tenant(con, usage, tenant_id)
         found = invoice_store.list_invoices(con, tenant_id)
+        alerts = alert_store.list_alerts(con, tenant_id)
     now = utc_now()
 
     def table() -> Table:
@@ -178,7 +194,7 @@ def invoices_cmd(
     render(
         table_or_json(fmt, output),
         out,
-        json_data=[invoice_json(inv, now) for inv in found],
+        json_data=[invoice_json(inv, now, alerts) for inv in found],
         table=table,
     )
 

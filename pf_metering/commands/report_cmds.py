@@ -14,6 +14,7 @@ import typer
 
 from aggregator.views import usage_reader
 from billing import invoice_store, invoicing
+from billing.alerts import store as alert_store
 from billing.db import billing_db
 from billing.invoicing import Rules, UsageData
 from billing.render.report_html import PeriodUsage, UsageReport, render_report_html
@@ -79,11 +80,12 @@ def report(
     with billing_db(cfg.billing_db, cfg.metering_lock_timeout) as con:
         tenant = invoicing.known_tenant(con, usage, tenant_id)
         invoices = [i for i in invoice_store.list_invoices(con, tenant_id) if i.period in wanted]
+        alerts = alert_store.list_alerts(con, tenant_id, sorted(wanted))
     rows = [
         PeriodUsage.of(p, get_tier(rules.tiers, tenant.tier_for(p)), usage.row(tenant_id, p))
         for p in periods
     ]
-    page = render_report_html(UsageReport(tenant_id, rows, invoices, freshness, now))
+    page = render_report_html(UsageReport(tenant_id, rows, invoices, freshness, now, alerts))
     write(page, out)
 
 

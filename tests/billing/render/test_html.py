@@ -10,6 +10,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 import pytest
 
 from bench.ledger_load import publish_usage
+from billing.alerts import store as alert_store
+from billing.alerts.model import AlertRecord, Crossing, Threshold
+from billing.db import billing_db, transaction
 from billing.invoice_store import Billed
 from billing.invoicing import LateUsage, build_invoice
 from billing.model import Invoice, InvoiceStatus
@@ -91,7 +95,7 @@ def chromium() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def screenshot(chromium: str, page: Path, png: Path) -> None:
+def screenshot(chromium: str, page: Path, png: Path, height: int = 1400) -> None:
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.run(
             [
@@ -107,7 +111,7 @@ def screenshot(chromium: str, page: Path, png: Path) -> None:
                 "--hide-scrollbars",
                 f"--user-data-dir={profile}",
                 f"--screenshot={png}",
-                "--window-size=1000,1400",
+                f"--window-size=1000,{height}",
                 page.resolve().as_uri(),
             ],
             capture_output=True,
@@ -214,9 +218,38 @@ def _invoice(status: InvoiceStatus = InvoiceStatus.finalized) -> Invoice:
     )
 
 
+def _alerts(tenant: str, period: str) -> list[AlertRecord]:
+    """Two alerts of the invoice's tenant and period (one sent, one still retried) and one of
+    another period, which the invoice must not show."""
+    crossed = datetime(2025, 2, 20, 9, 15, tzinfo=UTC)
+
+    def record(key: str, observed: str, period: str = period, sent: bool = True) -> AlertRecord:
+        return AlertRecord(
+            event_id=f"alert_{key[:6]}{period}",
+            tenant_id=tenant,
+            period=period,
+            threshold=key,
+            source="tenant",
+            observed=observed,
+            crossed_at=crossed,
+            attempts=2 if sent else 4,
+            status="delivered" if sent else "pending",
+            last_error=None if sent else "HTTP 503 from <hooks>:443",
+            last_attempt_at=crossed,
+            delivered_at=crossed + timedelta(seconds=3) if sent else None,
+        )
+
+    return [
+        record("quota_percent:cpu_ms:80", "3000000"),
+        record("amount_usd:300.00", "312.40", sent=False),
+        record("amount_usd:999.00", "999.99", period="2024-12"),
+    ]
+
+
 def test_invoice_page_shows_every_fact_escaped() -> None:
     invoice = _invoice()
-    page = render_invoice_html(invoice, now=invoice.created_at)
+    alerts = _alerts(invoice.tenant_id, invoice.period)
+    page = render_invoice_html(invoice, now=invoice.created_at, alerts=alerts)
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert_self_contained(page)
     text = visible_text(page)
@@ -230,6 +263,12 @@ def test_invoice_page_shows_every_fact_escaped() -> None:
     assert "1,234.5" not in text and "≈ 1,177.3757" in text  # MiB, rounded and saying so
     for quota in invoice.quotas:
         assert f"{quota.utilisation_pct} %" in text
+    assert "Usage alerts sent" in text and "80% of the cpu_ms quota" in text
+    assert "sent  20 Feb 2025 09:15 UTC" in text and "3,000,000" in text
+    assert "300.00 usd for the period" in text and "312.40 usd" in text
+    assert "pending  4 attempt(s): HTTP 503 from <hooks>:443" in text
+    assert "999.00" not in text  # another period's alert
+    assert "Usage alerts" not in visible_text(render_invoice_html(invoice, now=invoice.created_at))
 
 
 def test_invoice_page_status_is_the_one_in_force() -> None:
@@ -245,9 +284,20 @@ def test_invoice_page_status_is_the_one_in_force() -> None:
 def test_invoice_renders_in_chromium(chromium: str, tmp_path: Path) -> None:
     invoice = _invoice()
     page = tmp_path / "invoice.html"
-    page.write_text(render_invoice_html(invoice, now=invoice.created_at))
-    screenshot(chromium, page, tmp_path / "invoice.png")
+    alerts = _alerts(invoice.tenant_id, invoice.period)
+    page.write_text(render_invoice_html(invoice, now=invoice.created_at, alerts=alerts))
+    screenshot(chromium, page, tmp_path / "invoice.png", height=2000)
     assert_not_blank(tmp_path / "invoice.png")
+    # the alerts' delivery labels (amber: still retried; teal: sent), drawn by their CSS
+    _, rows = png_rows(tmp_path / "invoice.png")
+    for colour in ((0xE0, 0xA1, 0x00), (0x1F, 0x7A, 0x8C)):
+        near = sum(
+            1
+            for row in rows
+            for px in row
+            if max(abs(a - b) for a, b in zip(px, colour, strict=True)) < 12
+        )
+        assert near > 200, f"{near} pixels of {colour}: the alerts section is not drawn"
 
 
 # --- the usage report ---------------------------------------------------------------------
@@ -271,9 +321,16 @@ def _usage_history(data_env: dict[str, str]) -> None:
             )
             for i in range(n)
         ]
-    publish_usage(load_settings(), events)
+    cfg = load_settings()
+    publish_usage(cfg, events)
     run_cli("tenants", "set-tier", "acme-corp", "professional", "--from", "2025-06", check=True)
     run_cli("bill", "--quiet", check=True)
+    # an alert crossed in 2025-05 (the watcher records only open periods; this one was then)
+    eighty = Threshold(quota_percent=Decimal(80), counter="api_calls")
+    crossing = Crossing("acme-corp", "2025-05", "basic", eighty, "tier", Decimal(9), Decimal(10))
+    with billing_db(cfg.billing_db, 10) as con, transaction(con):
+        [sent] = alert_store.record_crossings(con, [crossing], datetime(2025, 5, 20, tzinfo=UTC))
+        alert_store.mark_delivered(con, sent, datetime(2025, 5, 20, 0, 0, 2, tzinfo=UTC))
 
 
 def test_report_charts_usage_and_lists_invoices(
@@ -302,6 +359,8 @@ def test_report_charts_usage_and_lists_invoices(
     assert "not invoiced yet" in text  # 2025-02, before the tenant's first usage
     assert "professional" in text and "basic" in text
     assert "Mar 25" in text and "Aug 25" in text
+    assert "Usage alerts" in text and "80% of the api_calls quota" in text
+    assert "sent  20 May 2025 00:00 UTC" in text
     png = tmp_path / "report.png"
     screenshot(chromium, out, png)
     assert_not_blank(png)
