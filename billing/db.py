@@ -96,7 +96,15 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
 
 # Billing tables the read-only ``sql`` command offers beside the usage views; ``invoices``
 # with the status people see (``stored_status``: the one stored).
-QUERYABLE_TABLES = ("tenants", "tenant_tiers", "invoices", "billed_usage", "credit_movements")
+QUERYABLE_TABLES = (
+    "tenants",
+    "tenant_tiers",
+    "invoices",
+    "billed_usage",
+    "credit_movements",
+    "tenant_alerts",
+    "alert_outbox",
+)
 
 
 def copy_queryable_tables(target: duckdb.DuckDBPyConnection, path: Path, timeout: float) -> None:

@@ -132,6 +132,7 @@ class Settings(BaseSettings):
     aws_region: str | None = None
     metering_lake_retention: timedelta = timedelta(days=7)
     metering_lake_file_grace: timedelta = timedelta(hours=1)
+
     metering_alert_url: str | None = None
     metering_alert_secret: SecretStr | None = None
     metering_alert_timeout: float = Field(default=10.0, gt=0, le=300)

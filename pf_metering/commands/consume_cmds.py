@@ -213,7 +213,8 @@ def sql(
     output: Path = OUTPUT_OPTION,
 ) -> None:
     """Read-only ad-hoc query over usage, dead_letters, corrections, tenants, tenant_tiers,
-    invoices and billed_usage (bounded by METERING_SQL_TIMEOUT and METERING_SQL_MEMORY_LIMIT)."""
+    invoices, billed_usage, credit_movements, tenant_alerts and alert_outbox (bounded by
+    METERING_SQL_TIMEOUT and METERING_SQL_MEMORY_LIMIT)."""
     cfg = settings_of(ctx)
     limits = QueryLimits(
         cfg.metering_sql_timeout,

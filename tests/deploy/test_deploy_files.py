@@ -22,7 +22,7 @@ DEPLOY = REPO / "deploy"
 SETTINGS_VARS = frozenset(name.upper() for name in Settings.model_fields)
 BINARY = "pf-metering"
 # The long-running and nightly parts every deployment must run.
-ROLES = {("consume",), ("webhooks", "serve"), ("bill",)}
+ROLES = {("consume",), ("webhooks", "serve"), ("alerts", "watch"), ("bill",)}
 
 
 def check_invocation(args: list[str]) -> tuple[str, ...]:
@@ -170,7 +170,7 @@ def test_k8s_manifests_hang_together() -> None:
         ports = {p["name"] for _, c in _containers(backends) for p in c.get("ports", [])}
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports
-    assert {"worker", "bill", "webhooks"} <= {c["name"] for _, c in _containers(docs)}
+    assert {"worker", "bill", "webhooks", "alerts"} <= {c["name"] for _, c in _containers(docs)}
     assert any(d["kind"] == "CronJob" for d in docs)
 
 
@@ -186,8 +186,8 @@ def test_k8s_sets_only_real_settings() -> None:
             ref = var.get("valueFrom", {}).get("secretKeyRef")
             if ref:
                 secrets.add(ref["name"])
-    assert "pf-metering-stripe" in secrets  # Stripe keys come from a Secret, never the ConfigMap
-    assert not {"STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"} & {
+    assert {"pf-metering-stripe", "pf-metering-alerts"} <= secrets  # never the ConfigMap
+    assert not {"STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "METERING_ALERT_SECRET"} & {
         k for cm in _named(docs, "ConfigMap").values() for k in cm["data"]
     }
 
@@ -259,7 +259,7 @@ def test_systemd_environment_is_real_settings() -> None:
         if line.strip() and not line.lstrip().startswith("#")
     ]
     assert keys and set(keys) <= SETTINGS_VARS, set(keys) - SETTINGS_VARS
-    assert not {"STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"} & set(keys)
+    assert not {"STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "METERING_ALERT_SECRET"} & set(keys)
     for name, unit in _units().items():
         if not name.endswith(".service"):
             continue
