@@ -140,21 +140,25 @@ class Claimed:
 
 
 def claim_due(
-    con: duckdb.DuckDBPyConnection, now: datetime, lease: timedelta, limit: int = 100
+    con: duckdb.DuckDBPyConnection,
+    now: datetime,
+    lease: timedelta,
+    limit: int = 100,
+    due_by: datetime | None = None,
 ) -> list[Claimed]:
-    """Pending alerts due for an attempt and not leased by another watcher, oldest first,
-    leased to this one until ``now + lease`` (their attempt counted now: a crash mid-post
-    still counts)."""
+    """Pending alerts due for an attempt by ``due_by`` (default ``now``) and not leased by
+    another watcher, oldest first, leased to this one until ``now + lease`` (their attempt
+    counted now: a crash mid-post still counts)."""
     rows = con.execute(
         """UPDATE alert_outbox SET lease_until = $until, attempts = attempts + 1,
                   last_attempt_at = $now
            WHERE event_id IN (
                SELECT event_id FROM alert_outbox
-               WHERE status = 'pending' AND next_attempt_at <= $now
+               WHERE status = 'pending' AND next_attempt_at <= $due
                  AND (lease_until IS NULL OR lease_until <= $now)
                ORDER BY crossed_at, event_id LIMIT $limit)
            RETURNING event_id, payload, attempts""",
-        {"now": now, "until": now + lease, "limit": limit},
+        {"now": now, "until": now + lease, "limit": limit, "due": due_by or now},
     ).fetchall()
     return [Claimed(eid, payload.encode(), attempts) for eid, payload, attempts in rows]
 

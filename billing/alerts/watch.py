@@ -124,38 +124,47 @@ class Watcher:
         self.metrics.pending.set(pending)
         return new
 
-    def deliver(self) -> int:
-        """Post every alert due now; returns how many were delivered."""
+    def deliver(self, most: int = 100) -> int:
+        """Post the alerts due now, one claim at a time (a lease covers one post, so it never
+        runs out while earlier ones are posted), each at most once, at most ``most``;
+        returns how many were delivered."""
         if self.endpoint is None:
             return 0
-        now = self.clock()
-        with self.connect() as con, transaction(con):
-            due = store.claim_due(con, now, timedelta(seconds=self.endpoint.timeout) + LEASE_MARGIN)
+        lease = timedelta(seconds=self.endpoint.timeout) + LEASE_MARGIN
+        started = self.clock()  # one that fails now is due again later: not in this pass
         delivered = 0
-        for claimed in due:
-            outcome = self.endpoint.post(claimed.event_id, claimed.payload, self.clock())
-            moment = self.clock()
+        for _ in range(most):
             with self.connect() as con, transaction(con):
-                if outcome.delivered:
-                    store.mark_delivered(con, claimed.event_id, moment)
-                else:
-                    retry_at = self.endpoint.retry_at(claimed.attempt, moment)
-                    store.mark_failed(con, claimed.event_id, outcome.error or "", retry_at)
-                pending = store.pending_count(con)
-            if outcome.delivered:
-                delivered += 1
-                self.metrics.deliveries.inc()
-                log.info("alert %s delivered (attempt %d)", claimed.event_id, claimed.attempt)
-            else:
-                self.metrics.failures.inc()
-                log.warning(
-                    "alert %s: attempt %d failed: %s; retrying",
-                    claimed.event_id,
-                    claimed.attempt,
-                    outcome.error,
-                )
-            self.metrics.pending.set(pending)
+                due = store.claim_due(con, self.clock(), lease, limit=1, due_by=started)
+            if not due:
+                break
+            delivered += self._post(due[0])
         return delivered
+
+    def _post(self, claimed: store.Claimed) -> int:
+        """One attempt at ``claimed``, its outcome recorded; 1 if it was delivered."""
+        assert self.endpoint is not None
+        outcome = self.endpoint.post(claimed.event_id, claimed.payload, self.clock())
+        moment = self.clock()
+        with self.connect() as con, transaction(con):
+            if outcome.delivered:
+                store.mark_delivered(con, claimed.event_id, moment)
+            else:
+                retry_at = self.endpoint.retry_at(claimed.attempt, moment)
+                store.mark_failed(con, claimed.event_id, outcome.error or "", retry_at)
+            self.metrics.pending.set(store.pending_count(con))
+        if outcome.delivered:
+            self.metrics.deliveries.inc()
+            log.info("alert %s delivered (attempt %d)", claimed.event_id, claimed.attempt)
+            return 1
+        self.metrics.failures.inc()
+        log.warning(
+            "alert %s: attempt %d failed: %s; retrying",
+            claimed.event_id,
+            claimed.attempt,
+            outcome.error,
+        )
+        return 0
 
     def seconds_to_next_due(self, interval: float) -> float:
         """How long to wait before the next pass: ``interval``, or less if a retry is due."""

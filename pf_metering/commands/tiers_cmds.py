@@ -1,4 +1,4 @@
-"""``tiers``: every billing tier with its prices and quotas."""
+"""``tiers``: every billing tier with its prices, quotas and usage-alert thresholds."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ PRICE_CODES = {field: code for code, field in PRICE_FIELDS.items()}
 
 def tier_json(tier: Tier) -> dict[str, Any]:
     head = {"name": tier.name, "display_name": tier.display_name, "currency": "usd"}
-    return {**head, **tier_terms(tier)}
+    return {**head, **tier_terms(tier), "alerts": [t.as_json() for t in tier.alerts]}
 
 
 def _cell(tier: Tier, data: dict[str, Any], field: str) -> str:
@@ -34,7 +34,7 @@ def _tiers_table(tiers: list[Tier], data: list[dict[str, Any]]) -> Table:
     table.add_column("field")
     for tier in data:
         table.add_column(tier["name"], justify="right", overflow="fold")
-    fields = [k for k in data[0] if k not in ("name", "quotas")]
+    fields = [k for k in data[0] if k not in ("name", "quotas", "alerts")]
     if any(t.minimum_commitment_usd > 0 for t in tiers):
         fields.append("minimum_commitment_usd")
     for field in fields:
@@ -43,6 +43,8 @@ def _tiers_table(tiers: list[Tier], data: list[dict[str, Any]]) -> Table:
     for key in quota_keys:
         limits = (t["quotas"].get(key) for t in data)
         table.add_row(f"quota {key}", *("-" if v is None else f"{v:,}" for v in limits))
+    if any(t.alerts for t in tiers):
+        table.add_row("alerts", *(", ".join(a.describe() for a in t.alerts) or "-" for t in tiers))
     return table
 
 

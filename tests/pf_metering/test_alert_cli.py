@@ -6,6 +6,8 @@ a quota the tier does not have, zero or negative values, an unknown tenant, a ba
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,9 @@ from schemas.codec import COUNTERS
 from tests.fixtures.cli import Cli
 from tests.support.alert_receiver import alert_receiver
 from tests.support.books import stored
+from tests.support.cli_runner import BIN
 from tests.support.events import make_event
+from tests.support.waiting import wait_for
 
 SECRET = "whsec_cli_alerts_SECRET_42"
 
@@ -24,6 +28,18 @@ SECRET = "whsec_cli_alerts_SECRET_42"
 def now_event(tenant: str, **counters: int) -> dict[str, Any]:
     values = {c: counters.get(c, 0) for c in COUNTERS}
     return make_event(tenant, occurred_at=int(time.time() * 1_000_000) - 1_000_000, **values)
+
+
+def start_watch(env: dict[str, str], log: Path) -> subprocess.Popen[str]:
+    """``alerts watch`` as a process (every 0.2 s), its output appended to ``log``."""
+    with log.open("a") as out:
+        return subprocess.Popen(
+            [str(BIN), "alerts", "watch", "--interval", "0.2"],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
 
 @pytest.fixture
@@ -154,3 +170,56 @@ def test_alerts_list_refuses_bad_filters(pfm: Cli, books: Path) -> None:
     pfm("alerts", "list", "--period", "2025-13").error("invalid period '2025-13' for --period")
     pfm("alerts", "list", "--tenant", "a b").error("invalid tenant id")
     assert json.loads(pfm("alerts", "list", "-f", "json").out) == []
+
+
+def test_a_watcher_killed_while_retrying_neither_loses_nor_repeats_the_alert(
+    pfm: Cli, books: Path, data_env: dict[str, str], tmp_path: Path
+) -> None:
+    assert pfm("tenants", "set-alert", "acme", "--quota-percent", "50").code == 0
+    with alert_receiver(*[503] * 1000) as receiver:
+        env = {
+            **data_env,
+            "METERING_ALERT_URL": receiver.url,
+            "METERING_ALERT_SECRET": SECRET,
+            "METERING_ALERT_TIMEOUT": "2",
+        }
+        log = tmp_path / "watcher.log"
+        watcher = start_watch(env, log)
+        wait_for(lambda: len(receiver.received) >= 2, "two failed attempts")
+        watcher.kill()  # SIGKILL: no clean stop, maybe mid-post
+        watcher.wait(timeout=60)
+        [pending] = pfm("alerts", "list", "-f", "json").json()
+        assert pending["status"] == "pending" and "HTTP 503" in (pending["last_error"] or "")
+        receiver.script.clear()  # from now on: 200
+        watcher = start_watch(env, log)
+        try:
+            wait_for(lambda: receiver.delivered(), "the alert delivered after the restart")
+            wait_for(
+                lambda: pfm("alerts", "list", "-f", "json").json()[0]["status"] == "delivered",
+                "the delivery recorded",
+            )
+        finally:
+            watcher.terminate()
+            assert watcher.wait(timeout=60) == 0
+    assert len(receiver.delivered()) == 1
+    assert {r.event["id"] for r in receiver.received} == {pending["event_id"]}  # one alert
+    [done] = pfm("alerts", "list", "-f", "json").json()
+    assert done["attempts"] >= len(receiver.received)  # a claim killed before its post counts
+    assert SECRET not in log.read_text()
+
+
+def test_tiers_show_their_thresholds_and_tenants_get_them(
+    pfm: Cli, books: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiers = tmp_path / "tiers.toml"
+    tiers.write_text('[[alerts.basic]]\nquota_percent = 80\ncounter = "cpu_ms"\n')
+    monkeypatch.setenv("METERING_TIERS_FILE", str(tiers))
+    shown = {t["name"]: t["alerts"] for t in pfm("tiers", "-f", "json").json()}
+    assert shown["basic"] == [{"kind": "quota_percent", "quota_percent": "80", "counter": "cpu_ms"}]
+    assert shown["professional"] == []
+    assert "80% of the cpu_ms quota" in pfm("tiers").out
+    monkeypatch.setenv("METERING_ALERT_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("METERING_ALERT_SECRET", SECRET)
+    assert "1 new alert(s)" in pfm("alerts", "watch", "--once").err  # acme: 3,000,000 ms
+    [row] = pfm("alerts", "list", "-f", "json").json()
+    assert row["tenant_id"] == "acme" and row["source"] == "tier"
