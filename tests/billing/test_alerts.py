@@ -134,7 +134,7 @@ def test_the_tiers_file_gives_thresholds_to_custom_and_built_in_tiers(tmp_path: 
     assert [t.key for t in tiers["startup"].alerts] == ["quota_percent:*:80"]
     assert [t.key for t in tiers["basic"].alerts] == ["amount_usd:100.00"]
     assert tiers["professional"].alerts == ()
-    assert tiers["basic"].price_of("cpu") == BASIC.price_of("cpu")
+    assert tiers["basic"].pricing("cpu") == BASIC.pricing("cpu")
 
 
 @pytest.mark.parametrize(

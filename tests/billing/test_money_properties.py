@@ -56,7 +56,7 @@ def _custom(name: str, price: st.SearchStrategy[Decimal]) -> st.SearchStrategy[T
             quotas=Quotas(**{q: draw(st.none() | AVRO_LONG) for q in Quotas.model_fields}),
             prices=prices,
             minimum_commitment_usd=draw(COMMITMENT),
-            **units,
+            **units,  # type: ignore[arg-type]
         )
 
     return build()
