@@ -18,7 +18,7 @@ from aggregator.lake import open_lake
 from aggregator.lake_maintenance import LOCK_KEY, keep_snapshot, maintain
 from common.settings import load_settings
 from tests.support import REPO
-from tests.support.lake_writer import ROWS, create, write
+from tests.support.lake_writer import KEYS, ROWS, create, write
 
 
 def _totals(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
@@ -48,9 +48,10 @@ def test_maintenance_merges_expires_and_keeps_totals(
 
     assert not done.skipped
     assert done.files_after < done.files_before and done.files_merged >= 24
+    assert done.tables_skipped == 2  # aggregates and offsets: updated in place
     assert done.snapshots_expired > 0 and done.snapshots_kept == 1 and done.files_deleted > 0
     assert _totals(con) == before == (24 * ROWS, 24 * ROWS)
-    assert con.execute("SELECT units FROM lake.progress WHERE slot = 0").fetchone() == (24 * ROWS,)
+    assert con.execute("SELECT units FROM lake.offsets WHERE slot = 0").fetchone() == (24 * ROWS,)
     at_pin = con.execute(f"SELECT count(*) FROM lake.events AT (VERSION => {pinned[0]})")
     assert at_pin.fetchone() == (12 * ROWS,)  # time travel to a kept snapshot still works
     assert len(list(lake.rglob("*.parquet"))) < files_on_disk
@@ -84,7 +85,9 @@ def test_a_running_writer_is_not_disturbed(
     assert "failed commits: 0" in out
     assert merged > 0, "maintenance merged files while the writer ran"
     assert _totals(con) == (batches * ROWS, batches * ROWS)
-    assert con.execute("SELECT units FROM lake.progress WHERE slot = 0").fetchone() == (
+    aggregates = con.execute("SELECT count(*), sum(units) FROM lake.aggregates").fetchone()
+    assert aggregates == (batches * KEYS, batches * KEYS + (batches - 1) * (KEYS // 2))
+    assert con.execute("SELECT units FROM lake.offsets WHERE slot = 0").fetchone() == (
         batches * ROWS,
     )
 

@@ -31,6 +31,7 @@ LOGGERS = {
     "billing.alerts.watch": "billing.alerts",
     "schemas.batch_validation": "schemas.bulk_validation",
     "pf_metering.commands.consume_cmds": "pf_metering.commands.consume_cmds",
+    "aggregator.lake_maintenance": "aggregator.lake_maintenance",
 }
 
 
