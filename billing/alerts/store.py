@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import duckdb
@@ -71,8 +72,14 @@ def tenant_thresholds(
     ).fetchall()
     found: dict[str, list[Threshold]] = {}
     for tid, key in rows:
-        found.setdefault(tid, []).append(Threshold.from_key(key))
+        found.setdefault(tid, []).append(_parsed(key))
     return found
+
+
+@lru_cache(maxsize=4096)
+def _parsed(key: str) -> Threshold:
+    """The threshold ``key`` names (once per key: a watcher pass reads every tenant's)."""
+    return Threshold.from_key(key)
 
 
 def set_threshold(
@@ -128,6 +135,18 @@ def record_crossings(
     finally:
         con.unregister("_crossings")
     return [row[0] for row in added]
+
+
+def recorded(con: duckdb.DuckDBPyConnection, periods: Iterable[str]) -> set[str]:
+    """Event ids already in the outbox for ``periods``."""
+    wanted = sorted(set(periods))
+    if not wanted:
+        return set()
+    rows = con.execute(
+        f"SELECT event_id FROM alert_outbox WHERE period IN ({', '.join('?' for _ in wanted)})",
+        wanted,
+    ).fetchall()
+    return {row[0] for row in rows}
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The alert watcher (``pf-metering alerts watch``): every few seconds it reads the committed
-usage (the published snapshot every reader uses), records each threshold an open period has
-crossed in the outbox (once per tenant, period and threshold), and delivers what is due.
+usage (what every reader sees: the published snapshot, or the lake in cluster mode), records
+each threshold an open period has crossed in the outbox (once per tenant, period and
+threshold), and delivers what is due.
 
 Open periods are those not closed yet (end + ``METERING_GRACE``), from the tenant's first
 period on: the month in progress, and the one before during its grace. A tenant on a tier
@@ -15,11 +16,10 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from aggregator.views import open_usage
+from aggregator.views import UsageReader
 from billing.alerts import store
 from billing.alerts.delivery import Endpoint
 from billing.alerts.evaluate import crossings
@@ -81,22 +81,26 @@ class Watcher:
     """Detection and delivery; ``endpoint`` None records alerts without posting them."""
 
     connect: Connect
-    snapshot_dir: Path
-    topic: str
+    read_usage: Callable[[], UsageReader]
     rules: Rules
     endpoint: Endpoint | None
     metrics: AlertMetrics = field(default_factory=AlertMetrics)
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    _evaluated: dict[tuple[str, str], object] = field(default_factory=dict, init=False)
 
     def detect(self) -> list[str]:
-        """One pass over the committed usage; returns the event ids recorded by it."""
+        """One pass over the committed usage; returns the event ids recorded by it. A tenant's
+        period whose usage, tier and thresholds are what this watcher evaluated last time is
+        not rated again (after a restart, every one is)."""
         now = self.clock()
-        with open_usage(self.snapshot_dir, self.topic) as reader:
+        with self.read_usage() as reader:
             usage = UsageData.read(reader)
         with self.connect() as con, transaction(con):
             tenants = load_tenants(con, usage.first_periods())
             own = store.tenant_thresholds(con)
             found: list[Crossing] = []
+            periods: set[str] = set()
+            seen: dict[tuple[str, str], object] = {}
             for tenant in tenants.values():
                 for period in open_periods(tenant, now, self.rules.grace):
                     tier = self.rules.tiers.get(tenant.tier_for(period))
@@ -104,9 +108,17 @@ class Watcher:
                     if tier is None or not (tier.alerts or mine):
                         continue
                     use = usage.usage(tenant.tenant_id, period)
+                    key = (tenant.tenant_id, str(period))
+                    seen[key] = state = (tier.name, tuple(mine), use)
+                    if self._evaluated.get(key) == state:
+                        continue
+                    periods.add(str(period))
                     found += crossings(tenant.tenant_id, str(period), tier, use, mine)
+            done = store.recorded(con, periods)
+            found = [c for c in found if c.event_id not in done]
             new = store.record_crossings(con, found, now)
             pending = store.pending_count(con)
+        self._evaluated = seen
         by_id = {c.event_id: c for c in found}
         for event_id in new:
             c = by_id[event_id]

@@ -7,11 +7,13 @@ import sys
 import threading
 from datetime import UTC
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from aggregator.views import usage_reader
 from billing.alerts import store
 from billing.alerts.delivery import Endpoint
 from billing.alerts.model import AlertRecord
@@ -78,8 +80,7 @@ def watch(
             raise UserError(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from exc
     watcher = Watcher(
         billing_connect(cfg),
-        cfg.snapshot_dir,
-        cfg.metering_topic,
+        partial(usage_reader, cfg),
         Rules.from_settings(cfg),
         endpoint,
         metrics,

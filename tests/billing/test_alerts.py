@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from aggregator.views import usage_reader
 from bench.ledger_load import publish_usage
 from billing.alerts import store
 from billing.alerts.delivery import Endpoint
@@ -168,9 +169,7 @@ def _watcher(cfg: Settings, receiver: Receiver | None, url: str | None = None) -
     target = url or (receiver.url if receiver else "http://127.0.0.1:9/")
     endpoint = Endpoint(target, SecretStr(SECRET), 5.0, retry=fast)
     connect = partial(billing_db, cfg.billing_db, 10.0)
-    return Watcher(
-        connect, cfg.snapshot_dir, cfg.metering_topic, Rules.from_settings(cfg), endpoint
-    )
+    return Watcher(connect, partial(usage_reader, cfg), Rules.from_settings(cfg), endpoint)
 
 
 def _set(cfg: Settings, tenant: str, *thresholds: Threshold) -> None:
