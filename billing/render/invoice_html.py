@@ -24,6 +24,7 @@ from billing.model import (
     Invoice,
     InvoiceLine,
     InvoiceStatus,
+    LinePart,
     QuotaUsage,
     add_up,
     plain,
@@ -88,6 +89,8 @@ INVOICE_CSS = """
 .exceeded { color: #c0392b; font-weight: bold; }
 .credit { color: #23864a; }
 .totals tr.balance td { color: #23864a; font-weight: bold; }
+.part { color: var(--muted); font-size: 12px; }
+td:first-child .part { padding-left: 18px; }
 """
 
 
@@ -155,16 +158,40 @@ def page(title: str, body: str, css: str = "") -> str:
     )
 
 
+def part_label(part: LinePart) -> str:
+    """What a line's part covers: ``units 1,000 - 10,000`` (an en dash), ``units 10,000 and
+    above`` or ``packages of 100``."""
+    if part.package_size is not None:
+        return f"packages of {part.package_size:,}"
+    start = grouped(part.start or Decimal(0), 0)
+    if part.up_to is None:
+        return f"units {start} and above"
+    return f"units {start} {DASH} {grouped(part.up_to, 0)}"
+
+
 def _usage_rows(lines: Sequence[InvoiceLine]) -> list[list[str]]:
-    return [
-        [
-            f"{esc(ln.description)}<br><code>{esc(ln.code)}</code>",
-            esc(quantity_text(ln.quantity)),
-            esc(grouped(ln.unit_price, 2)),
-            esc(amount_text(ln.amount)),
+    """A row per line; a graduated, volume or package line's parts under it, each with its
+    quantity, price and exact amount."""
+    rows = []
+    for ln in lines:
+        rows.append(
+            [
+                f"{esc(ln.description)}<br><code>{esc(ln.code)}</code>",
+                esc(quantity_text(ln.quantity)),
+                esc(DASH if ln.parts else grouped(ln.unit_price, 2)),
+                esc(amount_text(ln.amount)),
+            ]
+        )
+        rows += [
+            [
+                f'<span class="part">{esc(part_label(p))}</span>',
+                f'<span class="part">{esc(quantity_text(p.quantity))}</span>',
+                f'<span class="part">{esc(grouped(p.unit_price, 2))}</span>',
+                f'<span class="part">{esc(grouped(p.amount, 2))}</span>',
+            ]
+            for p in ln.parts or []
         ]
-        for ln in lines
-    ]
+    return rows
 
 
 def _signed(amount: Decimal) -> str:
@@ -252,11 +279,13 @@ def _totals(
     status: InvoiceStatus,
     earlier: Sequence[InvoiceLine],
     risk: Sequence[InvoiceLine],
+    true_up: Sequence[InvoiceLine],
 ) -> str:
     cur = esc(invoice.currency.upper())
     label = "Total so far" if status is InvoiceStatus.draft else "Total due"
     rows = [("Subtotal (base and usage)", invoice.subtotal)]
     rows += [("Risk adjustment", add_up(ln.amount for ln in risk))] if risk else []
+    rows += [("Minimum commitment true-up", add_up(ln.amount for ln in true_up))] if true_up else []
     if earlier:
         late = all(ln.code == LATE_USAGE for ln in earlier)
         rows.append(
@@ -313,6 +342,7 @@ def render_invoice_html(
     usage = [ln for ln in invoice.lines if ln.code not in own]
     earlier = [ln for ln in invoice.lines if ln.code in EARLIER_PERIODS]
     risk = [ln for ln in usage if ln.code == "risk_adjustment"]
+    true_up = [ln for ln in usage if ln.code == "minimum_commitment"]
     parts = [
         '<header class="head"><div><h1>Invoice</h1>'
         f'<div class="sub"><code>{esc(invoice.invoice_id)}</code></div></div>'
@@ -337,7 +367,7 @@ def render_invoice_html(
                 (("Period", False), ("Details", False), ("Amount", True)), _earlier_rows(earlier)
             ),
         ]
-    parts.append(_totals(invoice, status, earlier, risk))
+    parts.append(_totals(invoice, status, earlier, risk, true_up))
     if quotas:
         parts += ["<h2>Quota utilisation</h2>", table(QUOTA_HEADERS, quota_rows(quotas))]
     mine = [a for a in alerts if (a.tenant_id, a.period) == (invoice.tenant_id, invoice.period)]
@@ -348,7 +378,8 @@ def render_invoice_html(
         ]
     parts.append(
         f"<footer>Amounts in {esc(invoice.currency.upper())}; each line is quantity &times; "
-        "unit price rounded to the cent (half away from zero); network is billed per MiB. "
+        "unit price rounded to the cent (half away from zero), a line priced in ranges or "
+        "packages the exact sum of its parts rounded once; network is billed per MiB. "
         f"Invoice {esc(invoice.invoice_id)}, created {esc(day(invoice.created_at))}.</footer>"
     )
     title = f"Invoice {invoice.invoice_id} {DASH} {invoice.tenant_id} {invoice.period}"

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from billing.alerts.model import AlertRecord
-from billing.model import Invoice, QuotaUsage, money, plain
+from billing.model import Invoice, LinePart, QuotaUsage, money, plain
 
 
 def quota_json(q: QuotaUsage) -> dict[str, Any]:
@@ -20,6 +21,23 @@ def quota_json(q: QuotaUsage) -> dict[str, Any]:
         "limit": plain(q.limit),
         "utilisation_pct": plain(q.utilisation_pct, 2) if q.utilisation_pct is not None else None,
         "exceeded": q.exceeded,
+    }
+
+
+def part_json(part: LinePart) -> dict[str, Any]:
+    """One part of a graduated, volume or package line: its range (``from``, ``up_to``; null:
+    no end) or ``package_size``, then quantity x unit_price = amount, all exact."""
+    where: dict[str, Any]
+    if part.package_size is not None:
+        where = {"package_size": part.package_size}
+    else:
+        up_to = None if part.up_to is None else plain(part.up_to)
+        where = {"from": plain(part.start or Decimal(0)), "up_to": up_to}
+    return {
+        **where,
+        "quantity": plain(part.quantity),
+        "unit_price": plain(part.unit_price, 2),
+        "amount": plain(part.amount, 2),
     }
 
 
@@ -42,6 +60,8 @@ def invoice_json(
             line["period"] = ln.period
         if ln.corrects is not None:
             line["corrects"] = ln.corrects
+        if ln.parts is not None:
+            line["parts"] = [part_json(p) for p in ln.parts]
         lines.append(line)
     return {
         "invoice_id": invoice.invoice_id,

@@ -60,6 +60,8 @@ def _alerts_table(alerts: list[AlertRecord]) -> Table:
 
 
 def _invoice_table(invoice: Invoice, now: datetime, alerts: list[AlertRecord]) -> Table:
+    from billing.render.invoice_html import part_label
+
     status = invoice.status_on(now).value
     head = (
         f"Invoice {invoice.invoice_id}: {invoice.tenant_id}, {invoice.period}, tier "
@@ -71,9 +73,16 @@ def _invoice_table(invoice: Invoice, now: datetime, alerts: list[AlertRecord]) -
     right(lines, "quantity", "unit price", f"amount ({invoice.currency})")
     for ln in invoice.lines:
         amount = money(ln.amount)
-        lines.add_row(
-            ln.code, ln.description, readable(ln.quantity), plain(ln.unit_price, 2), amount
-        )
+        price = "-" if ln.parts else plain(ln.unit_price, 2)
+        lines.add_row(ln.code, ln.description, readable(ln.quantity), price, amount)
+        for part in ln.parts or []:
+            lines.add_row(
+                "",
+                f"  {part_label(part)}",
+                readable(part.quantity),
+                plain(part.unit_price, 2),
+                plain(part.amount, 2),
+            )
     lines.add_section()
     lines.add_row("subtotal", "base + usage", "", "", money(invoice.subtotal))
     lines.add_row("total", "", "", "", money(invoice.total))

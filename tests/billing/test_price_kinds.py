@@ -5,6 +5,7 @@ tiers file refused when it is loaded, naming the file, tier, counter and what is
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -31,7 +32,9 @@ from billing.tiers import (
 )
 from common.errors import TierFileError
 from schemas.codec import COUNTERS as USAGE_COUNTERS
-from tests.fixtures.seeds import CUSTOM, PRICED, SEED
+from tests.fixtures.cli import Cli
+from tests.fixtures.seeds import CUSTOM, PRICED, SEED, event
+from tests.support.books import Books
 from tests.support.price_forms import (
     COMMITMENT,
     forms,
@@ -231,6 +234,38 @@ def test_a_tiers_file_with_every_form_loads_rates_and_is_recorded_exactly(tmp_pa
     recorded = tier_from_facts(prices_text(tier))
     assert prices_text(recorded) == prices_text(tier)
     assert rate(recorded, Usage(**SEED)) == rating
+
+
+def test_the_invoice_json_and_table_show_each_range_and_the_true_up(
+    data_env: dict[str, str], pfm: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METERING_TIERS_FILE", str(write(tmp_path, PRICED)))
+    Books().publish(event("scale-co", "2025-01", **{**SEED, "api_calls": 12_345}))
+    assert pfm("tenants", "add", "scale-co", "--tier", "scale").code == 0
+    run = pfm("generate-invoice", "scale-co", "2025-01", "-f", "json")
+    assert run.code == 0, run.err
+    doc = json.loads(run.out)
+    lines = {ln["code"]: ln for ln in doc["lines"]}
+    assert lines["api_calls"]["amount"] == "57.35" and lines["api_calls"]["quantity"] == "12345"
+    assert lines["api_calls"]["parts"] == [
+        {"from": "0", "up_to": "1000", "quantity": "1000", "unit_price": "0.01", "amount": "10.00"},
+        {"from": "1000", "up_to": "10000", "quantity": "9000", "unit_price": "0.005",
+         "amount": "45.00"},
+        {"from": "10000", "up_to": None, "quantity": "2345", "unit_price": "0.001",
+         "amount": "2.345"},
+    ]  # fmt: skip
+    assert lines["tool_executions"]["parts"] == [
+        {"package_size": 100, "quantity": "1", "unit_price": "0.50", "amount": "0.50"}
+    ]
+    assert "parts" not in lines["cpu"]
+    # 10.00 + 0.36 + 0.05 + 57.35 + 0.50 + 0.13 + 0.02 + 0.50 + 2.00 = 70.91
+    assert lines["minimum_commitment"]["amount"] == "29.09" and doc["total"] == "100.00"
+    assert sum(Decimal(ln["amount"]) for ln in doc["lines"]) == Decimal(doc["total"])
+    assert doc["computed_from"]["tier"]["minimum_commitment_usd"] == "100.00"
+    assert doc["computed_from"]["tier"]["prices"]["api_calls"]["kind"] == "graduated"
+    table = pfm("generate-invoice", "scale-co", "2025-01")
+    assert table.code == 0 and "units 10,000 and above" in table.out, table.out
+    assert "minimum_commitment" in table.out
 
 
 UNIT_API = "api_call_price = 0.001\n"

@@ -25,10 +25,11 @@ from billing.invoice_store import Billed
 from billing.invoicing import LateUsage, build_invoice
 from billing.model import Invoice, InvoiceStatus
 from billing.rating import Usage
-from billing.render.invoice_html import amount_text, day, render_invoice_html
+from billing.render.invoice_html import DASH, amount_text, day, render_invoice_html
 from billing.tiers import load_tiers
 from common.settings import load_settings
 from schemas.periods import Period
+from tests.fixtures.seeds import priced_tier, rated_invoice
 from tests.support import REPO
 from tests.support.cli_runner import assert_user_error, run_cli
 from tests.support.events import make_event
@@ -298,6 +299,39 @@ def test_invoice_renders_in_chromium(chromium: str, tmp_path: Path) -> None:
             if max(abs(a - b) for a, b in zip(px, colour, strict=True)) < 12
         )
         assert near > 200, f"{near} pixels of {colour}: the alerts section is not drawn"
+
+
+def _priced_invoice() -> Invoice:
+    """A month on graduated API calls, packaged tool executions and a 100 usd minimum
+    commitment the usage does not reach."""
+    usage = {"cpu_ms": 3_600_000, "api_calls": 12_345, "tool_executions": 250}
+    return rated_invoice(
+        "INV-1740796200000-5c0ffee5", "scale-co", Period(2025, 2), priced_tier(), usage
+    )
+
+
+def test_invoice_page_shows_price_ranges_packages_and_the_true_up(
+    chromium: str, tmp_path: Path
+) -> None:
+    invoice = _priced_invoice()
+    html_page = render_invoice_html(invoice, now=invoice.created_at)
+    assert_self_contained(html_page)
+    text = visible_text(html_page)
+    for label, units, price, amount in (
+        (f"units 0 {DASH} 1,000", "1,000", "0.01", "10.00"),
+        (f"units 1,000 {DASH} 10,000", "9,000", "0.005", "45.00"),
+        ("units 10,000 and above", "2,345", "0.001", "2.345"),  # exact: the line rounds once
+        ("packages of 100", "3", "0.50", "1.50"),
+    ):
+        assert f"{label} {units} {price} {amount}" in text, text
+    assert "API calls, graduated" in text and "57.35" in text  # 57.345 rounded once
+    assert "Minimum commitment true-up 30.79" in text  # 100.00 - 69.21 rated
+    assert "minimum commitment 100.00 per period (rated 69.21)" in text
+    assert amount_text(invoice.total) == "100.00" and "Total due (USD) 100.00" in text
+    page = tmp_path / "priced.html"
+    page.write_text(html_page)
+    screenshot(chromium, page, tmp_path / "priced.png")
+    assert_not_blank(tmp_path / "priced.png")
 
 
 # --- the usage report ---------------------------------------------------------------------

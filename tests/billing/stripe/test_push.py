@@ -24,6 +24,7 @@ from tests.fixtures.stripe import (
     Sleeps,
     make_gateway,
     make_invoice,
+    priced_invoices,
     sample_invoices,
 )
 from tests.support.stripe_server import FakeStripe, FaultKind, running
@@ -106,6 +107,29 @@ def test_push_makes_one_customer_per_tenant_and_one_item_per_nonzero_line(
     assert [r.stripe_invoice_id for r in results] == [
         fake_stripe.invoices_for(i.invoice_id)[0]["id"] for i in invoices
     ]
+
+
+def test_graduated_package_and_true_up_lines_reach_stripe_to_the_cent(
+    fake_stripe: FakeStripe, local_billing: LocalBilling
+) -> None:
+    """Lines priced in ranges (parts in fractions of a cent), per package, the risk adjustment
+    and the minimum commitment's true-up: one item per non-zero line, the sum Stripe keeps
+    equal to our total to the cent."""
+    invoices = priced_invoices()
+    assert any(ln.parts and len(ln.parts) == 3 for ln in invoices[1].lines)
+    assert [ln.amount for ln in invoices[0].lines if ln.code == "minimum_commitment"] == [
+        Decimal("86.90")
+    ]
+    local_billing.add(*invoices)
+    results = push(fake_stripe, local_billing, invoices)
+    assert [r.outcome for r in results] == [PushOutcome.sent] * 2
+    assert_consistent(fake_stripe, local_billing, invoices)
+    gateway = make_gateway(fake_stripe.url)
+    for invoice in invoices:
+        remote = fake_stripe.invoices_for(invoice.invoice_id)[0]
+        assert gateway.retrieve_invoice(remote["id"]).total == invoice.total_cents  # 10000, 25329
+        codes = {i["metadata"]["code"] for i in fake_stripe.items_of(remote["id"])}
+        assert ("minimum_commitment" in codes) == (invoice.period == "2025-01")  # 0.00: no item
 
 
 def test_every_create_carries_its_deterministic_idempotency_key(

@@ -28,6 +28,7 @@ from tests.fixtures.stripe import (
     API_KEY,
     LocalBilling,
     make_gateway,
+    priced_invoices,
     sample_invoices,
 )
 from tests.support.books import Books
@@ -142,7 +143,7 @@ def test_every_request_of_a_resumed_push_is_valid_for_stripe_mock(
     stripe_mock_url: str, tmp_path: Path
 ) -> None:
     fake = FakeStripe(api_key=API_KEY)
-    invoices = sample_invoices()
+    invoices = sample_invoices() + priced_invoices()  # graduated, package and true-up lines too
     with running(fake), LocalBilling(tmp_path / "billing.duckdb").warm() as billing:
         billing.add(*invoices)
         fake.inject("drop", when=lambda c: c.path.endswith("/finalize"))
