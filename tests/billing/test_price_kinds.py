@@ -331,3 +331,24 @@ def test_a_malformed_price_is_refused_naming_file_tier_counter_and_why(
     assert why in message and "\n" not in message, message
     if "commitment" not in kind:
         assert "api_call" in message, message
+
+
+def test_tiers_shows_each_price_form_in_a_line_and_as_json(
+    pfm: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METERING_TIERS_FILE", str(write(tmp_path, PRICED)))
+    table = pfm("tiers")
+    assert table.code == 0, table.err
+    text = " ".join(table.out.split())
+    assert "graduated: 0-1,000 at 0.01; 1,000-10,000 at 0.005; 10,000+ at 0.001" in text, text
+    assert "0.50 per package of 100 (each started package)" in text and "100.00" in text
+    out = tmp_path / "tiers.json"
+    assert pfm("tiers", "-f", "json", "-o", str(out)).code == 0
+    scale = next(t for t in json.loads(out.read_text()) if t["name"] == "scale")
+    assert scale["api_call_price"] is None and scale["minimum_commitment_usd"] == "100.00"
+    assert scale["prices"]["tool_executions"] == {"kind": "package", "size": 100, "price": "0.50"}
+    assert scale["prices"]["api_calls"]["ranges"][2] == {
+        "from": 10000,
+        "up_to": None,
+        "price": "0.001",
+    }
