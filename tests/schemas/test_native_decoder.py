@@ -313,3 +313,30 @@ def test_arrow_buffers_are_valid() -> None:
     arrow = table.to_arrow()
     arrow.validate(full=True)
     assert arrow.column("s").cast(pa.string()).to_pylist() == ["x" * i for i in range(30)]
+
+
+def test_an_enum_decodes_as_its_index_and_one_naming_no_symbol_is_left_out() -> None:
+    raw = {
+        "type": "record", "name": "WithEnum",
+        "fields": [
+            {"name": "k", "type": {"type": "enum", "name": "K", "symbols": ["a", "b", "c"]}},
+            {"name": "l", "type": "long"},
+        ],
+    }  # fmt: skip
+    flat = FlatSchema.of(raw)
+    assert flat is not None and flat.fields[0].symbols == ("a", "b", "c")
+    parsed = fastavro.parse_schema(raw)
+
+    def value(symbol: str, number: int) -> bytes:
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, parsed, {"k": symbol, "l": number})
+        return HEADER + out.getvalue()
+
+    good = [value(s, i) for i, s in enumerate("abcab")]
+    beyond = HEADER + b"\x06\x02"  # index 3 of three symbols, then l = 1
+    negative = HEADER + b"\x01\x02"  # index -1
+    table = decode_columns([*good, beyond, negative], DecodePlan.of(flat, HEADER, ["k", "l"]), MAX)
+    assert table is not None
+    assert table.to_dicts() == [
+        {"k": "abc".index(s), "l": i, ROW: i} for i, s in enumerate("abcab")
+    ]
