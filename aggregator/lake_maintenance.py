@@ -24,7 +24,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import duckdb
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 KEPT = "kept_snapshots"
 UPDATED_IN_PLACE = frozenset({"offsets", "aggregates", "dead_letters"})
 """Tables (in any schema of the lake) whose rows a writer's commits update or delete."""
+ORPHAN_AGE = timedelta(days=1)
+"""A file no snapshot names is deleted only this old at least: a writer's transaction writes
+its files before it commits them, so a younger one may be about to be committed (measured:
+with a 1 s age, a file of a commit in flight was deleted)."""
 LOCK_KEY = 0x7066_6D61_696E  # "pfmain": the advisory lock of lake maintenance
 
 
@@ -215,7 +219,8 @@ def _maintain(
             f"CALL ducklake_cleanup_old_files('{alias}', cleanup_all => true)"
         ).fetchall()
     orphans = con.execute(
-        f"CALL ducklake_delete_orphaned_files('{alias}', older_than => ?)", [delete_before]
+        f"CALL ducklake_delete_orphaned_files('{alias}', older_than => ?)",
+        [min(delete_before, now - ORPHAN_AGE)],
     ).fetchall()
     files_after, bytes_after = _live_files(con, alias)
     return Maintenance(
