@@ -89,6 +89,29 @@ def with_duplicates(
     return out
 
 
+def with_corrections(
+    events: list[dict[str, Any]], ratio: float, seed: int = 3
+) -> list[dict[str, Any]]:
+    """Interleave corrections of earlier events' tenants and periods: signed deltas of one
+    to three counters, mostly down, large enough that some would go below zero."""
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    for e in events:
+        out.append(e)
+        if rng.random() < ratio:
+            deltas = dict.fromkeys(COUNTERS, 0)
+            for name in rng.sample(COUNTERS, rng.randint(1, 3)):
+                deltas[name] = rng.randint(-3000, 500) or -1
+            out.append(
+                {
+                    **e, **deltas, "event_id": str(uuid.UUID(int=rng.getrandbits(128))),
+                    "session_id": "correction", "risk_score": None, "kind": "correction",
+                    "corrects_event_id": e["event_id"], "reason": "fault-test correction",
+                }
+            )  # fmt: skip
+    return out
+
+
 def start_worker(env: dict[str, str], *args: str, log: Path | None = None) -> subprocess.Popen[str]:
     """A ``consume`` process; with ``log``, its stdout and stderr go to that file (a pipe
     nobody reads would block a chatty worker)."""

@@ -1,7 +1,8 @@
-"""SIGKILL at random points of a long run with duplicates interleaved: afterwards events,
-sessions and the eight counters of every tenant and period reconcile exactly with an
-independent count of what was produced (docs/spec.md, "Guarantees": nothing lost, nothing
-counted twice).
+"""SIGKILL at random points of a long run with duplicates and corrections interleaved:
+afterwards events, sessions and the eight counters of every tenant and period reconcile
+exactly with an independent count of what was produced (docs/spec.md, "Guarantees": nothing
+lost, nothing counted twice), and the corrections refused (below zero) are exactly the
+reference fold's.
 
 Kill points are drawn against progress, not wall time, so they land inside the run on any
 machine: each worker life is killed once it has committed a random number of events, after a
@@ -21,6 +22,7 @@ the previous life's group and does wait the session out.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -33,7 +35,9 @@ from pathlib import Path
 import pytest
 
 from tests.support import worker_harness as harness
+from tests.support.cli_runner import run_cli
 from tests.support.log_lines import ASSIGNED, BATCH, BATCH_DONE, SPAN
+from tests.support.oracle import fold_log
 
 SOAK = os.environ.get("PF_SOAK") == "1"
 EVENTS = 200_000 if SOAK else 60_000
@@ -171,7 +175,8 @@ def kill_at_random_points(
 
 @pytest.mark.soak
 def test_sigkill_at_random_points_of_a_long_run(env: dict[str, str], tmp_path: Path) -> None:
-    events = harness.with_duplicates(harness.random_events(EVENTS, tenants=60, seed=101), ratio=0.1)
+    usage = harness.random_events(EVENTS, tenants=60, seed=101)
+    events = harness.with_duplicates(harness.with_corrections(usage, ratio=0.01), ratio=0.1)
     harness.produce(env["KAFKA_BOOTSTRAP_SERVERS"], env["METERING_TOPIC"], events)
     report = kill_at_random_points(env, len(events), KILLS, random.Random(7), tmp_path)
     print(f"\n{len(events)} records ({EVENTS} distinct events): {report.summary()}")
@@ -179,6 +184,13 @@ def test_sigkill_at_random_points_of_a_long_run(env: dict[str, str], tmp_path: P
     assert report.mid_batch >= KILLS // 2, report.summary()
     harness.drain(env)
     assert harness.ledger_totals(env) == harness.expected_totals(events)
+    # corrections: each refused copy one negative_total dead letter, as the reference says
+    letters = json.loads(run_cli("dead-letters", "-f", "json", env=env, check=True).stdout)
+    refused = fold_log(events).refused
+    assert refused and len(refused) < sum(e.get("kind") == "correction" for e in events)
+    assert sorted(d["reason"].rsplit("(event ", 1)[1] for d in letters) == sorted(
+        f"{e['event_id']})" for e in refused
+    )
     # the stored ledgers agree with the published snapshot, partition by partition
     stored: dict[tuple[str, str], dict[str, int]] = {}
     for _offset, totals in harness.ledger_state(env).values():
