@@ -101,7 +101,7 @@ def with_corrections(
         if rng.random() < ratio:
             deltas = dict.fromkeys(COUNTERS, 0)
             for name in rng.sample(COUNTERS, rng.randint(1, 3)):
-                deltas[name] = rng.randint(-3000, 500) or -1
+                deltas[name] = rng.randint(-600_000, 500) or -1
             out.append(
                 {
                     **e, **deltas, "event_id": str(uuid.UUID(int=rng.getrandbits(128))),
