@@ -16,9 +16,10 @@ import typer
 from aggregator.views import usage_reader
 from billing.alerts import store
 from billing.alerts.delivery import Endpoint
-from billing.alerts.model import AlertRecord
+from billing.alerts.model import AlertRecord, Threshold
 from billing.alerts.watch import AlertMetrics, Watcher
 from billing.invoicing import Rules
+from billing.tiers import load_tiers
 from common.errors import UserError
 from common.settings import Settings
 from common.stopping import on_stop
@@ -137,6 +138,41 @@ def list_cmd(
         csv_rows=lambda: [{k: printable(v) for k, v in d.items()} for d in data],
         table=lambda: rows_table(shown, title=f"{len(found)} alerts"),
     )
+
+
+@alerts_app.command("thresholds")
+def thresholds_cmd(
+    ctx: typer.Context,
+    tenant_id: str = typer.Option(None, "--tenant", help="only this tenant's own thresholds"),
+    fmt: Format = FORMAT_OPTION,
+    output: Path = OUTPUT_OPTION,
+) -> None:
+    """The thresholds set: each tier's (tiers file) and each tenant's own (set-alert); a
+    tenant is watched for its tier's and its own."""
+    if tenant_id is not None:
+        check_tenant(tenant_id)
+    out = output_path(output)
+    cfg = settings_of(ctx)
+    rows: list[dict[str, Any]] = []
+    if tenant_id is None:
+        for tier in load_tiers(cfg.metering_tiers_file).values():
+            rows += [_threshold_row("tier", tier.name, t) for t in tier.alerts]
+    with billing(cfg) as con:
+        own = store.tenant_thresholds(con, tenant_id)
+    for tenant in sorted(own):
+        rows += [_threshold_row("tenant", tenant, t) for t in own[tenant]]
+    shown = [{k: printable(v) for k, v in r.items()} for r in rows]
+    render(
+        fmt,
+        out,
+        json_data=rows,
+        csv_rows=lambda: shown,
+        table=lambda: rows_table(shown, title=f"{len(rows)} alert thresholds"),
+    )
+
+
+def _threshold_row(scope: str, name: str, threshold: Threshold) -> dict[str, Any]:
+    return {"scope": scope, "name": name, "threshold": threshold.key, "text": threshold.describe()}
 
 
 def register(app: typer.Typer) -> None:

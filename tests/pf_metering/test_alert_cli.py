@@ -223,3 +223,13 @@ def test_tiers_show_their_thresholds_and_tenants_get_them(
     assert "1 new alert(s)" in pfm("alerts", "watch", "--once").err  # acme: 3,000,000 ms
     [row] = pfm("alerts", "list", "-f", "json").json()
     assert row["tenant_id"] == "acme" and row["source"] == "tier"
+    assert pfm("tenants", "set-alert", "beta", "--amount", "250").code == 0
+    listed = pfm("alerts", "thresholds", "-f", "json").json()
+    assert [(r["scope"], r["name"], r["threshold"]) for r in listed] == [
+        ("tier", "basic", "quota_percent:cpu_ms:80"),
+        ("tenant", "beta", "amount_usd:250.00"),
+    ]
+    assert pfm("alerts", "thresholds", "--tenant", "beta", "-f", "json").json()[0]["text"] == (
+        "250.00 usd for the period"
+    )
+    assert "80% of the cpu_ms quota" in pfm("alerts", "thresholds").out
