@@ -89,3 +89,11 @@ def movements_of(con: duckdb.DuckDBPyConnection, tenant_id: str) -> list[CreditM
         [tenant_id],
     ).fetchall()
     return [CreditMovement(t, iid, src, Decimal(amount)) for t, iid, src, amount in rows]
+
+
+def moved_by(con: duckdb.DuckDBPyConnection, invoice_id: str) -> bool:
+    """Whether ``invoice_id`` carries or applies credit (has a movement on it)."""
+    row = con.execute(
+        "SELECT 1 FROM credit_movements WHERE invoice_id = ? LIMIT 1", [invoice_id]
+    ).fetchone()
+    return row is not None

@@ -50,10 +50,11 @@ def column_types(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
 
 
 def widen(con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, str]) -> None:
-    """ALTER each of ``columns`` (name -> type) of ``table`` whose type differs (values kept)."""
-    present = column_types(con, table)
+    """ALTER each of ``columns`` (name -> type) of ``table`` whose type differs (values kept;
+    DuckDB spells ``DECIMAL(38, 2)`` as ``DECIMAL(38,2)``: spaces do not count)."""
+    present = {name: kind.replace(" ", "") for name, kind in column_types(con, table).items()}
     for name, kind in columns.items():
-        if present.get(name, kind) != kind:
+        if present.get(name, kind.replace(" ", "")) != kind.replace(" ", ""):
             con.execute(f"ALTER TABLE {table} ALTER {name} TYPE {kind}")
 
 

@@ -1,10 +1,13 @@
 """Invoices and what each period has been billed for, in the billing DuckDB file.
 
-``invoices`` holds one row per tenant and period (UNIQUE(tenant_id, period)); a draft row is
-replaced when it is recomputed or finalized (same invoice_id), a finalized row is never
-rewritten: only its status and Stripe id move. ``billed_usage`` holds, per finalized
-(tenant, period), the counters its invoices have charged so far, so usage that arrives later is
-charged exactly once, as a late_usage line on a later invoice.
+``invoices`` holds one invoice per tenant and period that is not void, and any number of void
+ones: ``live_key`` is ``"<tenant_id> <period>"`` while an invoice is not void and NULL once it
+is, and is UNIQUE (DuckDB has no partial unique index; NULLs never collide), so two writers
+racing to make a period's live invoice cannot both commit. A draft row is replaced when it is
+recomputed or finalized (same invoice_id), a finalized row is never rewritten: only its status,
+Stripe id and void facts (reason, who, when, ``replaced_by``) move. ``billed_usage`` holds, per
+finalized (tenant, period), the counters its invoices have charged so far, so usage that
+arrives later is charged exactly once, as a late_usage line on a later invoice.
 
 Rows are written in bulk from Arrow tables: the nightly job writes thousands at once.
 The Stripe push and the webhook server call ``mark_sent``, ``set_status_by_invoice_id`` and
@@ -37,8 +40,7 @@ from billing.rating import Usage
 from common.jsonfmt import json_default
 from schemas.codec import COUNTERS
 
-register_schema(
-    f"""
+_INVOICES_DDL = f"""
     CREATE TABLE IF NOT EXISTS invoices (
         invoice_id VARCHAR PRIMARY KEY,
         tenant_id VARCHAR NOT NULL,
@@ -58,10 +60,17 @@ register_schema(
         quotas VARCHAR NOT NULL,
         computed_from VARCHAR NOT NULL,
         credit_balance {MONEY_SQL} NOT NULL DEFAULT 0,
-        UNIQUE (tenant_id, period)
+        void_reason VARCHAR,
+        voided_at TIMESTAMPTZ,
+        voided_by VARCHAR,
+        replaces VARCHAR,
+        replaced_by VARCHAR,
+        live_key VARCHAR UNIQUE
     )
     """
-)
+register_schema(_INVOICES_DDL)
+LIVE_KEY_SQL = "CASE WHEN status = 'void' THEN NULL ELSE tenant_id || ' ' || period END"
+"""``live_key`` of a row: set while the invoice is not void."""
 # The invoices with the status people see (``overdue`` once an unpaid one is past due) and
 # the stored one beside it: what ``sql`` offers as ``invoices``, and what the plain duckdb
 # CLI reads from this file.
@@ -84,10 +93,26 @@ register_schema(
 )
 
 
+def _rebuild_for_voids(con: duckdb.DuckDBPyConnection) -> None:
+    """A file from before voids had UNIQUE(tenant_id, period), which DuckDB cannot drop: the
+    table is rebuilt with the void columns and ``live_key`` (rows and values kept)."""
+    if "live_key" in column_types(con, "invoices"):
+        return
+    con.execute("ALTER TABLE invoices RENAME TO invoices_before_voids")
+    con.execute(_INVOICES_DDL)
+    con.execute(
+        f"INSERT INTO invoices BY NAME SELECT *, {LIVE_KEY_SQL} AS live_key "
+        "FROM invoices_before_voids"
+    )
+    con.execute("DROP TABLE invoices_before_voids")
+    con.execute(f"CREATE OR REPLACE VIEW invoices_shown AS {INVOICES_SHOWN_SQL}")
+
+
 def _migrate(con: duckdb.DuckDBPyConnection) -> None:
-    """Files from before: money DECIMAL(18, 2) and BIGINT billed counters are widened,
-    invoices from before credit balances get a balance of 0, and billed usage without its
-    prices gets those its period's invoice recorded."""
+    """Files from before: the invoices table gets its void columns, money DECIMAL(18, 2) and
+    BIGINT billed counters are widened, invoices from before credit balances get a balance
+    of 0, and billed usage without its prices gets those its period's invoice recorded."""
+    _rebuild_for_voids(con)
     widen(con, "invoices", {"subtotal": MONEY_SQL, "total": MONEY_SQL})
     if "credit_balance" not in column_types(con, "invoices"):
         con.execute(f"ALTER TABLE invoices ADD COLUMN credit_balance {MONEY_SQL} DEFAULT 0")
@@ -107,7 +132,7 @@ register_migration(_migrate)
 _COLUMNS = (
     "invoice_id, tenant_id, period, period_start, period_end, tier, currency, status, "
     "subtotal, total, due_date, created_at, finalized_at, stripe_invoice_id, lines, quotas, "
-    "computed_from, credit_balance"
+    "computed_from, credit_balance, void_reason, voided_at, voided_by, replaces, replaced_by"
 )
 _LINES = TypeAdapter(list[InvoiceLine])
 _QUOTAS = TypeAdapter(list[QuotaUsage])
@@ -127,7 +152,8 @@ def _utc(value: datetime | None) -> datetime | None:
 
 def _from_row(row: tuple[Any, ...]) -> Invoice:
     (iid, tenant, period, start, end, tier, currency, status, subtotal, total, due, created,
-     finalized, stripe_id, lines, quotas, computed, credit) = row  # fmt: skip
+     finalized, stripe_id, lines, quotas, computed, credit, reason, voided, by, replaces,
+     replaced_by) = row  # fmt: skip
     return Invoice(
         invoice_id=iid,
         tenant_id=tenant,
@@ -147,6 +173,11 @@ def _from_row(row: tuple[Any, ...]) -> Invoice:
         computed_from=json.loads(computed),
         quotas=_QUOTAS.validate_json(quotas),
         credit_balance=credit,
+        void_reason=reason,
+        voided_at=_utc(voided),
+        voided_by=by,
+        replaces=replaces,
+        replaced_by=replaced_by,
     )
 
 
@@ -173,10 +204,26 @@ def mark_sent(con: duckdb.DuckDBPyConnection, invoice_id: str, stripe_invoice_id
     )
 
 
+STRIPE_VOIDER = "stripe"
+"""``voided_by`` of an invoice voided in Stripe (an ``invoice.voided`` webhook)."""
+
+
 def set_status_by_invoice_id(
     con: duckdb.DuckDBPyConnection, invoice_id: str, status: InvoiceStatus
 ) -> bool:
-    """Move an invoice's status (never its lines or amounts); False if there is no such one."""
+    """Move an invoice's status (never its lines or amounts); False if there is no such one.
+
+    Void (a webhook: voided in Stripe) records who and when, and frees the period for a
+    reissue."""
+    if InvoiceStatus(status) is InvoiceStatus.void:
+        row = con.execute(
+            "UPDATE invoices SET status = 'void', live_key = NULL, "
+            "voided_at = coalesce(voided_at, now()), voided_by = coalesce(voided_by, ?), "
+            "void_reason = coalesce(void_reason, 'voided in Stripe') "
+            "WHERE invoice_id = ? RETURNING invoice_id",
+            [STRIPE_VOIDER, invoice_id],
+        ).fetchone()
+        return row is not None
     row = con.execute(
         "UPDATE invoices SET status = ? WHERE invoice_id = ? RETURNING invoice_id",
         [InvoiceStatus(status).value, invoice_id],
@@ -193,16 +240,31 @@ def finalized_unsent(con: duckdb.DuckDBPyConnection) -> list[Invoice]:
     )
 
 
+def void_invoices(con: duckdb.DuckDBPyConnection) -> list[Invoice]:
+    """Every void invoice, oldest void first (``bill --stripe`` resumes voiding them there)."""
+    return _select(con, "WHERE status = 'void' ORDER BY voided_at, invoice_id", [])
+
+
 # --- reading ----------------------------------------------------------------------------
 
 
+# Of a period's invoices, the one that stands for it: the live one, else the latest void one.
+_STANDING_FIRST = "(status = 'void'), created_at DESC, invoice_id"
+
+
 def list_invoices(con: duckdb.DuckDBPyConnection, tenant_id: str) -> list[Invoice]:
-    """Every invoice of a tenant, oldest period first."""
-    return _select(con, "WHERE tenant_id = ? ORDER BY period", [tenant_id])
+    """Every invoice of a tenant (void ones too), oldest period first; within a period in
+    the order they were made (a void invoice before its replacement)."""
+    return _select(con, "WHERE tenant_id = ? ORDER BY period, created_at, invoice_id", [tenant_id])
 
 
 def invoice_for(con: duckdb.DuckDBPyConnection, tenant_id: str, period: str) -> Invoice | None:
-    found = _select(con, "WHERE tenant_id = ? AND period = ?", [tenant_id, period])
+    """The period's invoice that is not void, else its latest void one."""
+    found = _select(
+        con,
+        f"WHERE tenant_id = ? AND period = ? ORDER BY {_STANDING_FIRST} LIMIT 1",
+        [tenant_id, period],
+    )
     return found[0] if found else None
 
 
@@ -222,10 +284,15 @@ class InvoiceKey:
 def invoice_index(
     con: duckdb.DuckDBPyConnection, tenant_id: str | None = None
 ) -> dict[tuple[str, str], InvoiceKey]:
-    """(tenant_id, period) -> its invoice, for every invoice (or one tenant's)."""
+    """(tenant_id, period) -> its invoice (the live one, else the latest void one), for every
+    invoiced period (or one tenant's). A period whose only invoices are void is in it: it is
+    invoiced, not to be billed again until reissued."""
     where, params = ("WHERE tenant_id = ?", [tenant_id]) if tenant_id else ("", [])
     rows = con.execute(
-        f"SELECT tenant_id, period, invoice_id, status, created_at FROM invoices {where}", params
+        f"SELECT tenant_id, period, invoice_id, status, created_at FROM invoices {where} "
+        f"QUALIFY row_number() OVER (PARTITION BY tenant_id, period "
+        f"ORDER BY {_STANDING_FIRST}) = 1",
+        params,
     ).fetchall()
     return {
         (t, p): InvoiceKey(iid, InvoiceStatus(s), created.astimezone(UTC))
@@ -267,6 +334,11 @@ def _invoice_table(invoices: Sequence[Invoice]) -> pa.Table:
             "quotas": pa.array([_QUOTAS.dump_json(inv.quotas).decode() for inv in invoices]),
             "computed_from": pa.array([to_json_text(c) for c in col("computed_from")], pa.string()),
             "credit_balance": pa.array(col("credit_balance"), _MONEY),
+            "void_reason": pa.array(col("void_reason"), pa.string()),
+            "voided_at": pa.array(col("voided_at"), _TS),
+            "voided_by": pa.array(col("voided_by"), pa.string()),
+            "replaces": pa.array(col("replaces"), pa.string()),
+            "replaced_by": pa.array(col("replaced_by"), pa.string()),
         }
     )
 
@@ -284,9 +356,50 @@ def write_invoices(con: duckdb.DuckDBPyConnection, invoices: Sequence[Invoice]) 
             "DELETE FROM invoices WHERE status = 'draft' "
             "AND invoice_id IN (SELECT invoice_id FROM _new_invoices)"
         )
-        con.execute(f"INSERT INTO invoices ({_COLUMNS}) SELECT {_COLUMNS} FROM _new_invoices")
+        con.execute(
+            f"INSERT INTO invoices ({_COLUMNS}, live_key) "
+            f"SELECT {_COLUMNS}, {LIVE_KEY_SQL} FROM _new_invoices"
+        )
     finally:
         con.unregister("_new_invoices")
+
+
+def void_invoice(
+    con: duckdb.DuckDBPyConnection, invoice_id: str, reason: str, by: str, now: datetime
+) -> bool:
+    """Mark a finalized (sent, paid) invoice void, keeping everything else; False when it is
+    missing, a draft or void already (the caller checked and explains)."""
+    row = con.execute(
+        "UPDATE invoices SET status = 'void', live_key = NULL, void_reason = ?, voided_by = ?, "
+        "voided_at = ? WHERE invoice_id = ? AND status NOT IN ('draft', 'void') "
+        "RETURNING invoice_id",
+        [reason, by, now, invoice_id],
+    ).fetchone()
+    return row is not None
+
+
+def link_replacement(con: duckdb.DuckDBPyConnection, void_id: str, new_id: str) -> bool:
+    """Name ``new_id`` as the replacement of void ``void_id``; False if it has one already."""
+    row = con.execute(
+        "UPDATE invoices SET replaced_by = ? WHERE invoice_id = ? AND status = 'void' "
+        "AND replaced_by IS NULL RETURNING invoice_id",
+        [new_id, void_id],
+    ).fetchone()
+    return row is not None
+
+
+def get_billed(con: duckdb.DuckDBPyConnection, tenant_id: str, period: str) -> Billed | None:
+    """What the invoices of ``period`` have charged so far, if any has."""
+    cols = ", ".join(COUNTERS)
+    row = con.execute(
+        f"SELECT tier, invoice_id, prices, {cols} FROM billed_usage "
+        "WHERE tenant_id = ? AND period = ?",
+        [tenant_id, period],
+    ).fetchone()
+    if row is None:
+        return None
+    tier, iid, prices, *counts = row
+    return Billed(tenant_id, period, tier, Usage(*(int(c) for c in counts)), iid, prices)
 
 
 @dataclass(frozen=True)

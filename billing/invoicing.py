@@ -25,6 +25,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
@@ -49,7 +50,7 @@ from billing.model import (
 from billing.rating import Usage, rate
 from billing.tenants import Tenant, load_tenants, record_starts
 from billing.tiers import Tier, get_tier, load_tiers, price_facts, tier_from_facts
-from common.errors import UserError
+from common.errors import OperationError, UserError
 from common.settings import Settings
 from schemas.codec import COUNTERS
 from schemas.periods import Period
@@ -140,6 +141,39 @@ class LateUsage:
     now: Usage
 
 
+@dataclass(frozen=True)
+class ChargedElsewhere:
+    """A correction line (``late_usage``, ``usage_correction``) of a reissued period on
+    another invoice that is not void: the reissue charges the period whole, so it gives that
+    line back (same code, the opposite amount)."""
+
+    period: str
+    invoice_id: str
+    code: str
+    amount: Decimal
+
+    def line(self) -> InvoiceLine:
+        return InvoiceLine(
+            code=self.code,
+            description=(
+                f"{self.code} for {self.period} already charged on {self.invoice_id}, "
+                f"given back: this invoice charges {self.period} whole"
+            ),
+            quantity=Decimal(1),
+            unit_price=-self.amount,
+            amount=-self.amount,
+            period=self.period,
+        )
+
+    def facts(self) -> dict[str, str]:
+        return {
+            "period": self.period,
+            "invoice_id": self.invoice_id,
+            "code": self.code,
+            "amount": money(self.amount),
+        }
+
+
 @lru_cache(maxsize=256)
 def prices_text(tier: Tier) -> str:
     """The prices ``tier`` rates with, as recorded in ``billed_usage.prices`` (once per tier:
@@ -222,6 +256,8 @@ def settled_invoice(
     due_days: int,
     issued_at: datetime | None = None,
     credit: Sequence[CreditLot] = (),
+    charged_elsewhere: Sequence[ChargedElsewhere] = (),
+    replaces: str | None = None,
 ) -> tuple[Invoice, Settlement]:
     """One invoice and how it meets the tenant's credit ``credit`` (pure).
 
@@ -232,14 +268,16 @@ def settled_invoice(
     Due ``due_days`` after the period's end; one issued after that date (a backfill, a
     late first bill) is due ``due_days`` after its issue instead, and says so
     (``computed_from["issued_late"]`` holds the regular due date). ``issued_at``: when
-    the invoice counts as issued (``bill --as-of``'s moment; default ``finalized_at``)."""
+    the invoice counts as issued (``bill --as-of``'s moment; default ``finalized_at``).
+    ``charged_elsewhere`` and ``replaces``: a reissue's (see ``reissue``), given back before
+    the credit line."""
     rating = rate(tier, Usage.from_mapping(usage_row or {}))
     late_lines: list[InvoiceLine] = [
         line
         for item in late
         for line in correction_lines(item.billed.period, item.tier, item.billed.usage, item.now)
     ]
-    lines = [*rating.lines, *late_lines]
+    lines = [*rating.lines, *late_lines, *(c.line() for c in charged_elsewhere)]
     settlement = settle(tenant_id, invoice_id, add_up(ln.amount for ln in lines), credit)
     if settlement.line is not None:
         lines.append(settlement.line)
@@ -273,6 +311,10 @@ def settled_invoice(
             ],
             "balance_after": money(settlement.balance),
         }
+    if replaces is not None:
+        computed_from["replaces"] = replaces
+    if charged_elsewhere:
+        computed_from["late_usage_credited"] = [c.facts() for c in charged_elsewhere]
     invoice = Invoice(
         invoice_id=invoice_id,
         tenant_id=tenant_id,
@@ -290,6 +332,7 @@ def settled_invoice(
         computed_from=computed_from,
         quotas=list(rating.quotas),
         credit_balance=settlement.balance,
+        replaces=replaces,
     )
     check_amounts(invoice)
     return invoice, settlement
@@ -469,6 +512,65 @@ class _Session:
         return invoices, failures
 
 
+def _reissue_of(
+    session: _Session, tenant: Tenant, old: Invoice
+) -> tuple[Invoice, list[Billed], Settlement]:
+    """The replacement of void ``old``, the billed usage it moves and how it meets the
+    tenant's credit balance (see ``reissue``)."""
+    period = Period.parse(old.period)
+    tenant_id = tenant.tenant_id
+    replacement = new_invoice_id(session.now)
+    billed: list[Billed] = []
+    carried: list[LateUsage] = []
+    for entry in old.computed_from.get("late_usage", []):
+        prices = to_json_text(entry["prices"])
+        base = Billed(
+            tenant_id,
+            entry["period"],
+            entry["tier"],
+            Usage.from_mapping(entry["billed"]),
+            entry.get("billed_by") or "",
+            prices,
+        )
+        last = invoice_store.get_billed(session.con, tenant_id, entry["period"])
+        if last is not None and last.invoice_id == old.invoice_id:
+            now = session.usage.usage(tenant_id, Period.parse(entry["period"]))
+            billed.append(Billed(tenant_id, base.period, base.tier, now, replacement, prices))
+        else:  # a later invoice charged more of it since: carry again what ``old`` did
+            now = Usage.from_mapping(entry["now"])
+        carried.append(LateUsage(base, tier_from_facts(prices), now))
+    elsewhere = [
+        ChargedElsewhere(old.period, other.invoice_id, line.code, line.amount)
+        for other in invoice_store.list_invoices(session.con, tenant_id)
+        if other.status not in (InvoiceStatus.void, InvoiceStatus.draft)
+        for line in other.lines
+        if line.code in EARLIER_PERIODS and line.period == old.period and line.amount != 0
+    ]
+    tier = session.tier_of(tenant, period)
+    lots = credit_store.credit_lots(session.con, tenant_id).get(tenant_id, ())
+    try:
+        invoice, settlement = settled_invoice(
+            invoice_id=replacement,
+            tenant_id=tenant_id,
+            period=period,
+            tier=tier,
+            usage_row=session.usage.row(tenant_id, period),
+            late=carried,
+            status=InvoiceStatus.finalized,
+            created_at=session.now,
+            finalized_at=session.now,
+            due_days=session.rules.due_days,
+            credit=lots,
+            charged_elsewhere=elsewhere,
+            replaces=old.invoice_id,
+        )
+    except UserError as exc:
+        raise InvoiceRefused(str(BillFailure(tenant_id, old.period, str(exc)))) from exc
+    own = session.usage.usage(tenant_id, period)
+    billed.append(Billed(tenant_id, old.period, tier.name, own, replacement, prices_text(tier)))
+    return invoice, billed, settlement
+
+
 def _late_failure(billed: Billed, exc: UserError) -> BillFailure:
     return BillFailure(billed.tenant_id, billed.period, f"late usage cannot be rated: {exc}")
 
@@ -575,4 +677,123 @@ def generate(
                 invoice_store.write_invoices(con, [draft])
         invoice = invoice_store.invoice_for(con, tenant_id, str(period))
     assert invoice is not None
+    return invoice
+
+
+# --- void and reissue --------------------------------------------------------------------
+
+MAX_REASON = 500
+
+
+class VoidRefused(UserError):
+    """A void or reissue that bad input or the invoice's state rules out (nothing changed)."""
+
+
+class AlreadyVoid(VoidRefused):
+    """The invoice is void already (its Stripe side may still be resumed)."""
+
+    def __init__(self, message: str, invoice: Invoice) -> None:
+        super().__init__(message)
+        self.invoice = invoice
+
+
+class ReissueRaced(OperationError):
+    """Another run reissued the same invoice at the same moment and committed first."""
+
+
+def check_reason(reason: str) -> str:
+    """The void reason, stripped: some text, at most ``MAX_REASON`` characters, one line."""
+    text = reason.strip()
+    if not text:
+        raise VoidRefused("--reason is empty: say why the invoice is void (any text)")
+    if len(text) > MAX_REASON:
+        raise VoidRefused(f"--reason is {len(text)} characters; at most {MAX_REASON}")
+    if any(not ch.isprintable() for ch in text):
+        raise VoidRefused("--reason holds a control character (a newline?): one line of text")
+    return text
+
+
+def existing_invoice(con: duckdb.DuckDBPyConnection, invoice_id: str) -> Invoice:
+    """The invoice, or ``VoidRefused`` naming the unknown id."""
+    invoice = invoice_store.get_invoice(con, invoice_id)
+    if invoice is None:
+        raise VoidRefused(f"unknown invoice {invoice_id[:64]!r} (`invoices TENANT` lists ids)")
+    return invoice
+
+
+def void(
+    con: duckdb.DuckDBPyConnection, invoice_id: str, reason: str, by: str, now: datetime
+) -> Invoice:
+    """Void a finalized invoice (sent, paid, overdue too): it stays readable with its reason,
+    who (``by``) and when; its period is then unbilled until ``reissue``. A draft or a void
+    invoice is refused, and so is an empty reason, with nothing changed."""
+    text = check_reason(reason)
+    with transaction(con):
+        invoice = existing_invoice(con, invoice_id)
+        if invoice.status is InvoiceStatus.draft:
+            raise VoidRefused(
+                f"invoice {invoice_id} is a draft ({invoice.period} is still open): only a "
+                "finalized invoice can be voided; a draft is recomputed until its period closes"
+            )
+        if invoice.status is InvoiceStatus.void:
+            raise AlreadyVoid(
+                f"invoice {invoice_id} is void already (since "
+                f"{invoice.voided_at:%Y-%m-%d %H:%M}Z, by {invoice.voided_by}: "
+                f"{invoice.void_reason})",
+                invoice,
+            )
+        if credit_store.moved_by(con, invoice_id):
+            raise VoidRefused(
+                f"invoice {invoice_id} moved the tenant's credit balance (a credit_applied or "
+                "credit_carried line): voiding it would need those movements undone, which "
+                "this version does not do"
+            )
+        invoice_store.void_invoice(con, invoice_id, text, by, now)
+        voided = invoice_store.get_invoice(con, invoice_id)
+    assert voided is not None
+    return voided
+
+
+def reissue(
+    con: duckdb.DuckDBPyConnection,
+    usage: UsageData,
+    rules: Rules,
+    invoice_id: str,
+    *,
+    now: datetime | None = None,
+) -> Invoice:
+    """A new finalized invoice for the period of void ``invoice_id``, from the usage as it is
+    now, naming the one it replaces (which gains ``replaced_by``); one transaction.
+
+    Nothing is charged twice or lost (billed usage): the period's own lines rate all its
+    usage now; a correction line (late usage, usage correction) of that period on another
+    invoice that is not void is given back (``ChargedElsewhere``); the late usage the void
+    invoice carried for earlier periods is carried again, with any of it still pending where
+    the void invoice was the last to charge that period; then the credit balance settles it
+    as any invoice. ``usage`` must hold the tenant's rows."""
+    session = _Session(con, usage, rules, now or datetime.now(UTC))
+    try:
+        with transaction(con):
+            old = existing_invoice(con, invoice_id)
+            if old.status is not InvoiceStatus.void:
+                raise VoidRefused(
+                    f"invoice {invoice_id} is {old.status.value}, not void: only a void invoice "
+                    f"is reissued (`invoices void {invoice_id} --reason TEXT` first)"
+                )
+            if old.replaced_by is not None:
+                raise VoidRefused(
+                    f"invoice {invoice_id} was reissued already, as {old.replaced_by}"
+                )
+            tenant = known_tenant(con, usage, old.tenant_id)
+            invoice, billed, settlement = _reissue_of(session, tenant, old)
+            if not invoice_store.link_replacement(con, invoice_id, invoice.invoice_id):
+                raise ReissueRaced(f"invoice {invoice_id} was reissued by another run")
+            invoice_store.write_invoices(con, [invoice])
+            invoice_store.record_billed(con, billed, session.now)
+            credit_store.record_movements(con, settlement.movements, session.now)
+    except (duckdb.TransactionException, duckdb.ConstraintException) as exc:
+        raise ReissueRaced(
+            f"invoice {invoice_id} was reissued by another run at the same moment; "
+            "`invoices TENANT` shows its replacement"
+        ) from exc
     return invoice

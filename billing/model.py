@@ -120,6 +120,12 @@ class Invoice(BaseModel):
     quotas: list[QuotaUsage] = Field(default_factory=list)
     credit_balance: Decimal = Decimal(0)
     """The tenant's credit balance once this invoice is settled (never negative)."""
+    # A void invoice stays readable: why, who and when; reissue links the two both ways.
+    void_reason: str | None = None
+    voided_at: datetime | None = None
+    voided_by: str | None = None
+    replaces: str | None = None  # the void invoice this one was reissued for
+    replaced_by: str | None = None  # the invoice reissued for this void one
 
     def status_on(self, now: datetime) -> InvoiceStatus:
         """The status to show at ``now``: an unpaid invoice past its due date is overdue."""

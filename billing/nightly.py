@@ -1,8 +1,8 @@
 """The nightly ``bill`` job: finalize every closed period not yet invoiced (``invoicing.bill``),
-then push the finalized, unsent invoices to Stripe, then (cluster mode) maintain the lake;
-what the run did is written as job metrics however it ends (``recorded``). A tenant that
-cannot be billed is left out (``failures``); the run finalizes and pushes everything else,
-then fails (``raise_if_not_billed``)."""
+then push the finalized, unsent invoices to Stripe (and finish voiding there what a void left
+undone), then (cluster mode) maintain the lake; what the run did is written as job metrics
+however it ends (``recorded``). A tenant that cannot be billed is left out (``failures``); the
+run finalizes and pushes everything else, then fails (``raise_if_not_billed``)."""
 
 from __future__ import annotations
 
@@ -100,6 +100,19 @@ def unsent(connect: Connect) -> list[Invoice]:
     """Every finalized invoice not yet in Stripe (a rerun resumes an interrupted push)."""
     with connect() as con:
         return invoice_store.finalized_unsent(con)
+
+
+def unvoided(connect: Connect) -> list[Invoice]:
+    """Void invoices known in Stripe whose void there is not done (a rerun resumes it)."""
+    from billing.stripe import state as stripe_state
+
+    with connect() as con:
+        return [
+            invoice
+            for invoice in invoice_store.void_invoices(con)
+            if (push := stripe_state.get_push(con, invoice.invoice_id)) is not None
+            and push.void_action is None
+        ]
 
 
 def summary(result: BillResult) -> str:

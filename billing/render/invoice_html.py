@@ -91,6 +91,11 @@ INVOICE_CSS = """
 .totals tr.balance td { color: #23864a; font-weight: bold; }
 .part { color: var(--muted); font-size: 12px; }
 td:first-child .part { padding-left: 18px; }
+main { position: relative; }
+.voidmark { position: absolute; top: 210px; left: 0; right: 0; text-align: center;
+  font-size: 150px; font-weight: bold; letter-spacing: .12em; color: rgba(192, 57, 43, .16);
+  transform: rotate(-16deg); pointer-events: none; user-select: none; }
+.note.void { border-left-color: #c0392b; background: #fbeeec; }
 """
 
 
@@ -282,7 +287,14 @@ def _totals(
     true_up: Sequence[InvoiceLine],
 ) -> str:
     cur = esc(invoice.currency.upper())
-    label = "Total so far" if status is InvoiceStatus.draft else "Total due"
+    label = {InvoiceStatus.draft: "Total so far", InvoiceStatus.void: "Total (void)"}.get(
+        status, "Total due"
+    )
+    due = (
+        "Void: nothing is due"
+        if status is InvoiceStatus.void
+        else f"Due by {day(invoice.due_date)}"
+    )
     rows = [("Subtotal (base and usage)", invoice.subtotal)]
     rows += [("Risk adjustment", add_up(ln.amount for ln in risk))] if risk else []
     rows += [("Minimum commitment true-up", add_up(ln.amount for ln in true_up))] if true_up else []
@@ -307,7 +319,7 @@ def _totals(
     return (
         f'<table class="totals">{body}<tr class="grand"><td>{label} ({cur})</td>'
         f'<td class="num">{esc(amount_text(invoice.total))}</td></tr>{balance}'
-        f'<tr><td colspan="2" class="sub">Due by {esc(day(invoice.due_date))}</td></tr></table>'
+        f'<tr><td colspan="2" class="sub">{esc(due)}</td></tr></table>'
     )
 
 
@@ -326,6 +338,31 @@ def _facts(invoice: Invoice) -> str:
     return f'<section class="facts">{cells}</section>'
 
 
+def _void_notes(invoice: Invoice) -> list[str]:
+    """The VOID mark and note (reason, who, when, its replacement), and on a replacement
+    the invoice it replaces."""
+    parts = []
+    if invoice.status is InvoiceStatus.void:
+        when = day(invoice.voided_at) if invoice.voided_at else "?"
+        replaced = (
+            f" Replaced by invoice <code>{esc(invoice.replaced_by)}</code>."
+            if invoice.replaced_by
+            else " Not reissued yet: its period is unbilled until it is."
+        )
+        parts += [
+            '<div class="voidmark" aria-hidden="true">VOID</div>',
+            f'<p class="note void"><b>Void</b> since {esc(when)}, by '
+            f"{esc(invoice.voided_by or '?')}: {esc(invoice.void_reason or '')}.{replaced} "
+            "Nothing on it is due.</p>",
+        ]
+    if invoice.replaces:
+        parts.append(
+            f'<p class="note">Reissued: replaces void invoice <code>{esc(invoice.replaces)}'
+            "</code>, recomputed from the period's usage as it was when reissued.</p>"
+        )
+    return parts
+
+
 def render_invoice_html(
     invoice: Invoice,
     quotas: Sequence[QuotaUsage] | None = None,
@@ -340,7 +377,10 @@ def render_invoice_html(
     quotas = invoice.quotas if quotas is None else quotas
     own = EARLIER_PERIODS | CREDIT_LINES
     usage = [ln for ln in invoice.lines if ln.code not in own]
-    earlier = [ln for ln in invoice.lines if ln.code in EARLIER_PERIODS]
+    given_back = [
+        ln for ln in invoice.lines if ln.code in EARLIER_PERIODS and ln.period == invoice.period
+    ]
+    earlier = [ln for ln in invoice.lines if ln.code in EARLIER_PERIODS and ln not in given_back]
     risk = [ln for ln in usage if ln.code == "risk_adjustment"]
     true_up = [ln for ln in usage if ln.code == "minimum_commitment"]
     parts = [
@@ -355,6 +395,7 @@ def render_invoice_html(
             '<p class="note">Draft: the period is still open, so this preview is recomputed '
             "until the period closes and the invoice is finalized.</p>"
         )
+    parts += _void_notes(invoice)
     headers = (("Description", False), ("Quantity", True), ("Unit price", True), ("Amount", True))
     parts += ["<h2>Charges</h2>", table(headers, _usage_rows(usage))]
     if earlier:
@@ -365,6 +406,16 @@ def render_invoice_html(
             "(a negative amount).</p>",
             table(
                 (("Period", False), ("Details", False), ("Amount", True)), _earlier_rows(earlier)
+            ),
+        ]
+    if given_back:
+        parts += [
+            "<h2>Corrections given back</h2>",
+            '<p class="sub">This invoice charges its period whole, so what another invoice '
+            "already charged for it (late usage, corrections) is given back.</p>",
+            table(
+                (("Period", False), ("Details", False), ("Amount", True)),
+                _earlier_rows(given_back),
             ),
         ]
     parts.append(_totals(invoice, status, earlier, risk, true_up))

@@ -84,4 +84,9 @@ def invoice_json(
         "quotas": [quota_json(q) for q in invoice.quotas],
         "computed_from": invoice.computed_from,
         "alerts": [a.as_json() for a in alerts if (a.tenant_id, a.period) == key],
+        "void_reason": invoice.void_reason,
+        "voided_at": invoice.voided_at,
+        "voided_by": invoice.voided_by,
+        "replaces": invoice.replaces,
+        "replaced_by": invoice.replaced_by,
     }

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from billing.alerts.model import AlertRecord
-from billing.model import CREDIT_LINES, EARLIER_PERIODS, Invoice, add_up
+from billing.model import CREDIT_LINES, EARLIER_PERIODS, Invoice, InvoiceStatus, add_up
 from billing.rating import METERS, Usage
 from billing.render.invoice_html import (
     ALERT_HEADERS,
@@ -48,6 +48,8 @@ svg text { font: 11px "DejaVu Sans", Arial, sans-serif; fill: #5f6b7a; }
 .invoices td { white-space: nowrap; font-size: 13px; padding: 6px 5px; }
 .invoices th { padding: 6px 5px; }
 .invoices code { font-size: 11px; }
+.invoices .voided { color: #c0392b; font-size: 11px; white-space: normal; max-width: 260px; }
+.invoices .sub { font-size: 11px; }
 .legend i { display: inline-block; width: 18px; height: 0; border-top: 2px dashed #c0392b;
   vertical-align: middle; margin: 0 4px 0 12px; }
 .legend b { display: inline-block; width: 12px; height: 12px; vertical-align: middle;
@@ -213,30 +215,46 @@ def _sum_of(invoice: Invoice, codes: frozenset[str]) -> str:
     return esc(amount_text(add_up(lines))) if lines else DASH
 
 
+def _invoice_cell(inv: Invoice) -> str:
+    """The invoice's id, with what a void one says and the invoice each one links to."""
+    cell = f"<code>{esc(inv.invoice_id)}</code>"
+    if inv.status is InvoiceStatus.void:
+        cell += f'<div class="voided">void: {esc(inv.void_reason or "")}'
+        if inv.replaced_by:
+            cell += f"; replaced by <code>{esc(inv.replaced_by)}</code>"
+        cell += "</div>"
+    elif inv.replaces:
+        cell += f'<div class="sub">replaces void <code>{esc(inv.replaces)}</code></div>'
+    return cell
+
+
 def _invoice_rows(report: UsageReport) -> list[list[str]]:
-    by_period = {inv.period: inv for inv in report.invoices}
+    by_period: dict[str, list[Invoice]] = {}
+    for inv in report.invoices:  # a period's void invoices first, then what replaced them
+        by_period.setdefault(inv.period, []).append(inv)
     rows = []
     for p in report.periods:
-        inv = by_period.get(str(p.period))
-        if inv is None:
+        found = by_period.get(str(p.period), [])
+        if not found:
             rows.append([esc(p.period), esc(p.tier), "not invoiced yet", *[""] * 7])
-            continue
-        status = inv.status_on(report.generated_at)
-        rows.append(
-            [
-                esc(inv.period),
-                esc(inv.tier),
-                f"<code>{esc(inv.invoice_id)}</code>",
-                status_badge(status),
-                esc(amount_text(inv.subtotal)),
-                _sum_of(inv, EARLIER_PERIODS),
-                _sum_of(inv, CREDIT_LINES),
-                f"<b>{esc(amount_text(inv.total))}</b>",
-                esc(amount_text(inv.credit_balance)),
-                esc(day(inv.due_date)),
-            ]
-        )
+        rows.extend(_invoice_row(report, inv) for inv in found)
     return rows
+
+
+def _invoice_row(report: UsageReport, inv: Invoice) -> list[str]:
+    status = inv.status_on(report.generated_at)
+    return [
+        esc(inv.period),
+        esc(inv.tier),
+        _invoice_cell(inv),
+        status_badge(status),
+        esc(amount_text(inv.subtotal)),
+        _sum_of(inv, EARLIER_PERIODS),
+        _sum_of(inv, CREDIT_LINES),
+        f"<b>{esc(amount_text(inv.total))}</b>",
+        esc(amount_text(inv.credit_balance)),
+        esc(day(inv.due_date)) if status is not InvoiceStatus.void else DASH,
+    ]
 
 
 INVOICE_HEADERS = (
@@ -254,11 +272,13 @@ INVOICE_HEADERS = (
 
 
 def _cards(report: UsageReport) -> str:
-    invoiced = add_up(inv.total for inv in report.invoices)
+    standing = [inv for inv in report.invoices if inv.status is not InvoiceStatus.void]
+    invoiced = add_up(inv.total for inv in standing)
+    voids = len(report.invoices) - len(standing)
     cards = [
         ("Events", grouped(Decimal(sum(p.events for p in report.periods)), 0)),
         ("Sessions", grouped(Decimal(sum(p.sessions for p in report.periods)), 0)),
-        ("Invoices", str(len(report.invoices))),
+        ("Invoices", f"{len(standing)}" + (f" (+{voids} void)" if voids else "")),
         ("Invoiced (USD)", amount_text(invoiced)),
     ]
     if report.invoices:

@@ -262,6 +262,54 @@ class StripeGateway:
             ),
         )
 
+    def void_invoice(self, stripe_invoice_id: str, idempotency_key: str) -> stripe.Invoice:
+        """Void an open (or uncollectible) Stripe invoice."""
+        return self.call(
+            f"void invoice {stripe_invoice_id}",
+            lambda: self.client.v1.invoices.void_invoice(
+                stripe_invoice_id, options={"idempotency_key": idempotency_key}
+            ),
+        )
+
+    def delete_invoice(self, stripe_invoice_id: str) -> None:
+        """Delete a Stripe draft (what never was finalized cannot be voided)."""
+        self.call(
+            f"delete draft invoice {stripe_invoice_id}",
+            lambda: self.client.v1.invoices.delete(stripe_invoice_id),
+        )
+
+    def list_credit_notes(self, stripe_invoice_id: str) -> list[stripe.CreditNote]:
+        def fetch() -> list[stripe.CreditNote]:
+            page = self.client.v1.credit_notes.list(
+                params={"invoice": stripe_invoice_id, "limit": 100}
+            )
+            return list(page.auto_paging_iter())
+
+        return self.call(f"list credit notes of {stripe_invoice_id}", fetch)
+
+    def create_credit_note(
+        self,
+        *,
+        stripe_invoice_id: str,
+        amount_cents: int,
+        memo: str,
+        metadata: Mapping[str, str],
+        idempotency_key: str,
+    ) -> stripe.CreditNote:
+        """A credit note for a paid invoice, credited to the customer's balance (Stripe
+        applies it to their next invoice; refunding money stays a decision made in Stripe)."""
+        params = {
+            "invoice": stripe_invoice_id,
+            "amount": amount_cents,
+            "credit_amount": amount_cents,
+            "memo": memo,
+            "metadata": dict(metadata),
+        }
+        create = self.client.v1.credit_notes.create
+        return self._create(
+            f"create credit note for {stripe_invoice_id}", create, params, idempotency_key
+        )
+
 
 def metadata_query(key: str, value: str) -> str:
     """A Stripe search clause matching one metadata value exactly (quotes escaped)."""

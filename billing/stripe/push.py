@@ -152,7 +152,7 @@ def days_until_due(invoice: Invoice) -> int:
     return max(1, days)
 
 
-def _metadata_value(obj: stripe.StripeObject, key: str) -> str | None:
+def metadata_value(obj: stripe.StripeObject, key: str) -> str | None:
     """One metadata value; item access works the same on every stripe-python release."""
     data = getattr(obj, "metadata", None)
     return str(data[key]) if data is not None and key in data else None
@@ -266,7 +266,7 @@ class StripePusher:
         present: dict[str, int] = {}
         foreign = 0
         for line in self.gateway.list_lines(stripe_invoice_id):
-            ref = _metadata_value(line, "pf_line")
+            ref = metadata_value(line, "pf_line")
             if ref is None:
                 foreign += line.amount
             else:

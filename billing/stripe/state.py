@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import duckdb
 
-from billing.db import Connect, register_schema
+from billing.db import Connect, register_migration, register_schema
 
 __all__ = ["Connect"]  # (defined with the billing file, used here by every caller)
 
@@ -33,10 +33,27 @@ register_schema(
         customer_id VARCHAR NOT NULL,
         finalized_at TIMESTAMPTZ,
         stripe_total_cents BIGINT,
-        updated_at TIMESTAMPTZ NOT NULL
+        updated_at TIMESTAMPTZ NOT NULL,
+        void_action VARCHAR,
+        credit_note_id VARCHAR,
+        void_done_at TIMESTAMPTZ
     )
     """
 )
+_VOID_COLUMNS = {
+    "void_action": "VARCHAR",
+    "credit_note_id": "VARCHAR",
+    "void_done_at": "TIMESTAMPTZ",
+}
+
+
+def _add_void_columns(con: duckdb.DuckDBPyConnection) -> None:
+    """A file from before voids: the push rows gain the void step's columns."""
+    for name, kind in _VOID_COLUMNS.items():
+        con.execute(f"ALTER TABLE stripe_pushes ADD COLUMN IF NOT EXISTS {name} {kind}")
+
+
+register_migration(_add_void_columns)
 register_schema(
     """
     CREATE TABLE IF NOT EXISTS webhook_events (
@@ -52,11 +69,16 @@ register_schema(
 
 @dataclass(frozen=True)
 class PushState:
+    """One local invoice's Stripe invoice, how far the push got, and (once it is void) how
+    far voiding it in Stripe got: ``void_action`` is set when that is done."""
+
     invoice_id: str
     stripe_invoice_id: str
     customer_id: str
     finalized: bool
     stripe_total_cents: int | None
+    void_action: str | None = None
+    credit_note_id: str | None = None
 
 
 def _now() -> datetime:
@@ -82,13 +104,13 @@ def put_customer(con: duckdb.DuckDBPyConnection, tenant_id: str, customer_id: st
 def get_push(con: duckdb.DuckDBPyConnection, invoice_id: str) -> PushState | None:
     row = con.execute(
         "SELECT invoice_id, stripe_invoice_id, customer_id, finalized_at IS NOT NULL, "
-        "stripe_total_cents "
+        "stripe_total_cents, void_action, credit_note_id "
         "FROM stripe_pushes WHERE invoice_id = ?",
         [invoice_id],
     ).fetchone()
     if row is None:
         return None
-    return PushState(str(row[0]), str(row[1]), str(row[2]), bool(row[3]), row[4])
+    return PushState(str(row[0]), str(row[1]), str(row[2]), bool(row[3]), row[4], row[5], row[6])
 
 
 def put_push(
@@ -96,7 +118,8 @@ def put_push(
 ) -> None:
     """Record the Stripe invoice of a local invoice (as soon as it exists, still a draft)."""
     con.execute(
-        "INSERT INTO stripe_pushes VALUES (?, ?, ?, NULL, NULL, ?) "
+        "INSERT INTO stripe_pushes (invoice_id, stripe_invoice_id, customer_id, updated_at) "
+        "VALUES (?, ?, ?, ?) "
         "ON CONFLICT (invoice_id) DO UPDATE SET stripe_invoice_id = excluded.stripe_invoice_id, "
         "customer_id = excluded.customer_id, updated_at = excluded.updated_at",
         [invoice_id, stripe_invoice_id, customer_id, _now()],
@@ -108,6 +131,17 @@ def mark_finalized(con: duckdb.DuckDBPyConnection, invoice_id: str, total_cents:
         "UPDATE stripe_pushes SET finalized_at = coalesce(finalized_at, ?), "
         "stripe_total_cents = ?, updated_at = ? WHERE invoice_id = ?",
         [_now(), total_cents, _now(), invoice_id],
+    )
+
+
+def mark_void_done(
+    con: duckdb.DuckDBPyConnection, invoice_id: str, action: str, credit_note_id: str | None
+) -> None:
+    """Voiding the invoice in Stripe is done (``action``: voided, credited or deleted)."""
+    con.execute(
+        "UPDATE stripe_pushes SET void_action = ?, credit_note_id = ?, void_done_at = ?, "
+        "updated_at = ? WHERE invoice_id = ?",
+        [action, credit_note_id, _now(), _now(), invoice_id],
     )
 
 

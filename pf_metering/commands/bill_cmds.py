@@ -14,7 +14,13 @@ from billing.invoicing import Rules
 from common.errors import UserError
 from pf_metering.commands.books import STRIPE_OPTION, read_usage, utc_now
 from pf_metering.commands.common import QUIET_OPTION, billing_connect, output_path, settings_of
-from pf_metering.commands.stripe_cmds import push_invoices, raise_if_failed, stripe_requested
+from pf_metering.commands.stripe_cmds import (
+    PushFailed,
+    push_invoices,
+    raise_if_failed,
+    stripe_requested,
+    void_in_stripe,
+)
 from pf_metering.progress import status
 from schemas.periods import Period
 
@@ -53,13 +59,15 @@ def bill(
     ),
 ) -> None:
     """The nightly job: finalize every closed, not yet invoiced period of every tenant (from its
-    first period, base fee even without usage), with late-usage corrections; then push; in
-    cluster mode, then maintain the lake (``lake maintain``)."""
+    first period, base fee even without usage), with late-usage corrections; then push (and
+    finish voiding in Stripe what an interrupted `invoices void` left undone); in cluster
+    mode, then maintain the lake (``lake maintain``)."""
     cfg = settings_of(ctx)
     now = utc_now()
     moment = _parse_as_of(as_of, now)
     connect = billing_connect(cfg)
     metrics_path = output_path(metrics_file, "--metrics-file")  # before billing, not after
+    unvoided: list[str] = []
     with nightly.recorded(metrics_path) as run:
         usage = read_usage(cfg, quiet=quiet)
         rules = Rules.from_settings(cfg)
@@ -74,6 +82,11 @@ def bill(
             print(nightly.summary(result), file=sys.stderr)
         if stripe_requested(cfg, stripe):
             run.pushes = push_invoices(cfg, nightly.unsent(connect), quiet=quiet)
+            for invoice in nightly.unvoided(connect):
+                try:
+                    void_in_stripe(cfg, invoice, pending=True)
+                except PushFailed:
+                    unvoided.append(invoice.invoice_id)
     if cfg.cluster_mode:
         with status("maintaining the lake", quiet):
             maintained = nightly.maintain_lake(cfg, now)
@@ -81,6 +94,8 @@ def bill(
             print(maintained.summary(), file=sys.stderr)
     nightly.raise_if_not_billed(run.failures)
     raise_if_failed(run.pushes)
+    if unvoided:
+        raise PushFailed(f"voiding in Stripe failed for {', '.join(unvoided)} (rerun to resume)")
 
 
 def register(app: typer.Typer) -> None:

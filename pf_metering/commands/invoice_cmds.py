@@ -1,15 +1,21 @@
 """``generate-invoice`` (one tenant's invoice for a period: table, JSON or HTML) and
-``invoices`` (all of a tenant's invoices)."""
+``invoices`` (all of a tenant's invoices; ``invoices void`` and ``invoices reissue``).
+
+``invoices T`` lists T's invoices (``invoices list T`` is the same): the group runs ``list``
+when its first word names none of its commands, so the listing keeps its old command line."""
 
 from __future__ import annotations
 
+import getpass
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
+import click
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
 from billing import invoice_store, invoicing
 from billing.alerts import store as alert_store
@@ -24,6 +30,7 @@ from billing.model import (
     plain,
 )
 from billing.render.invoice_json import invoice_json
+from common.errors import UserError
 from pf_metering.commands.books import (
     STRIPE_OPTION,
     TABLE_JSON_OPTION,
@@ -40,12 +47,13 @@ from pf_metering.commands.books import (
 from pf_metering.commands.common import (
     OUTPUT_OPTION,
     PERIOD_ARGUMENT,
+    QUIET_OPTION,
     TENANT_ARGUMENT,
     check_tenant,
     output_path,
     settings_of,
 )
-from pf_metering.commands.stripe_cmds import push_to_stripe, stripe_requested
+from pf_metering.commands.stripe_cmds import push_to_stripe, stripe_requested, void_in_stripe
 from pf_metering.output import readable, render, write
 
 
@@ -106,7 +114,17 @@ def _invoice_caption(invoice: Invoice) -> str:
         parts.append(f"stripe {invoice.stripe_invoice_id}")
     if invoice.status is InvoiceStatus.draft:
         parts.append("draft: recomputed until the period closes")
+    if invoice.status is InvoiceStatus.void:
+        parts.append(_void_note(invoice))
+    if invoice.replaces:
+        parts.append(f"replaces void {invoice.replaces}")
     return ", ".join(parts)
+
+
+def _void_note(invoice: Invoice) -> str:
+    when = f"{invoice.voided_at:%Y-%m-%d %H:%M}Z" if invoice.voided_at else "?"
+    note = f"VOID since {when} by {invoice.voided_by or '?'}: {invoice.void_reason or ''}"
+    return note + (f"; replaced by {invoice.replaced_by}" if invoice.replaced_by else "")
 
 
 def generate_invoice(
@@ -166,6 +184,31 @@ def _credit(invoice: Invoice) -> str:
     return money(add_up(amounts)) if amounts else ""
 
 
+def _links(invoice: Invoice) -> str:
+    if invoice.replaced_by:
+        return f"replaced by {invoice.replaced_by}"
+    if invoice.status is InvoiceStatus.void:
+        return "not reissued"
+    return f"replaces {invoice.replaces}" if invoice.replaces else ""
+
+
+class _ListByDefault(TyperGroup):
+    """``invoices T ...`` runs ``invoices list T ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+invoices_app = typer.Typer(
+    cls=_ListByDefault,
+    help="A tenant's invoices (`invoices T`), and voiding and reissuing one.",
+    no_args_is_help=True,
+)
+
+
+@invoices_app.command("list")
 def invoices_cmd(
     ctx: typer.Context,
     tenant_id: str = TENANT_ARGUMENT,
@@ -173,7 +216,8 @@ def invoices_cmd(
     fmt: TableOrJson | None = TABLE_JSON_OPTION,
 ) -> None:
     """All invoices of a tenant, oldest first, with what each carries for earlier periods
-    (late usage, corrections), its credit line and the credit balance left after it."""
+    (late usage, corrections), its credit line and the credit balance left after it; void
+    invoices too, with their replacement (``invoices T`` is the same)."""
     cfg = settings_of(ctx)
     check_tenant(tenant_id)
     out = output_path(output)
@@ -191,13 +235,13 @@ def invoices_cmd(
         right(table, "subtotal")
         table.add_column("earlier periods (period: amount)")
         right(table, "credit", "total", "credit balance")
-        for name in ("due", "stripe_invoice_id"):
+        for name in ("due", "stripe_invoice_id", "void / reissue"):
             table.add_column(name)
         for inv in found:
             table.add_row(inv.invoice_id, inv.period, inv.tier, inv.status_on(now).value,
                           money(inv.subtotal), _earlier_summary(inv), _credit(inv),
                           money(inv.total), money(inv.credit_balance), _due(inv),
-                          inv.stripe_invoice_id or "")  # fmt: skip
+                          inv.stripe_invoice_id or "", _links(inv))  # fmt: skip
         return table
 
     render(
@@ -208,6 +252,95 @@ def invoices_cmd(
     )
 
 
+INVOICE_ID_ARGUMENT = typer.Argument(..., help="the invoice's id (`invoices T` lists them)")
+
+
+def _show(invoice: Invoice, fmt: TableOrJson | None, output: Path | None) -> None:
+    now = utc_now()
+    render(
+        table_or_json(fmt, output),
+        output,
+        json_data=invoice_json(invoice, now),
+        table=lambda: _invoice_table(invoice, now),
+    )
+
+
+def who(by: str | None) -> str:
+    """``--by``, else the OS user running the command (``getpass.getuser``)."""
+    if by is None:
+        try:
+            return getpass.getuser()
+        except (KeyError, OSError):  # no user name in the environment or the password file
+            return "unknown"
+    text = by.strip()
+    if not text or len(text) > 128 or not text.isprintable():
+        raise UserError(f"invalid --by {by[:40]!r}: a name, 1 to 128 printable characters")
+    return text
+
+
+@invoices_app.command("void")
+def void_cmd(
+    ctx: typer.Context,
+    invoice_id: str = INVOICE_ID_ARGUMENT,
+    reason: str = typer.Option(..., "--reason", help="why it is void (kept with the invoice)"),
+    by: str = typer.Option(
+        None, "--by", help="who voids it (default: the OS user running the command)"
+    ),
+    stripe: bool = typer.Option(
+        False, "--stripe", help="void it in Stripe too (also: STRIPE_ENABLED=true)"
+    ),
+    output: Path = OUTPUT_OPTION,
+    fmt: TableOrJson | None = TABLE_JSON_OPTION,
+) -> None:
+    """Void a finalized invoice: it stays readable (status void, reason, who, when) and its
+    period is unbilled until `invoices reissue`. With Stripe, an open Stripe invoice is
+    voided, a paid one gets a credit note for its total; a rerun resumes that."""
+    cfg = settings_of(ctx)
+    out = output_path(output)
+    voider = who(by)
+    try:
+        with billing(cfg) as con:
+            invoice = invoicing.void(con, invoice_id, reason, voider, utc_now())
+    except invoicing.AlreadyVoid as exc:
+        if not (stripe_requested(cfg, stripe) and void_in_stripe(cfg, exc.invoice, pending=True)):
+            raise
+        invoice = exc.invoice
+    else:
+        print(
+            f"voided {invoice.invoice_id} ({invoice.tenant_id}, {invoice.period})", file=sys.stderr
+        )
+        if stripe_requested(cfg, stripe):
+            void_in_stripe(cfg, invoice)
+    _show(invoice, fmt, out)
+
+
+@invoices_app.command("reissue")
+def reissue_cmd(
+    ctx: typer.Context,
+    invoice_id: str = INVOICE_ID_ARGUMENT,
+    stripe: bool = STRIPE_OPTION,
+    output: Path = OUTPUT_OPTION,
+    fmt: TableOrJson | None = TABLE_JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+) -> None:
+    """Recompute the period of a void invoice from the usage as it is now into a new
+    finalized invoice that names the one it replaces (see the README for what it charges)."""
+    cfg = settings_of(ctx)
+    out = output_path(output)
+    with billing(cfg) as con:
+        old = invoicing.existing_invoice(con, invoice_id)
+    usage = read_usage(cfg, old.tenant_id, quiet=quiet)
+    with billing(cfg) as con:
+        invoice = invoicing.reissue(con, usage, invoicing.Rules.from_settings(cfg), invoice_id)
+    if not quiet:
+        print(f"reissued {invoice_id} as {invoice.invoice_id}", file=sys.stderr)
+    if stripe_requested(cfg, stripe):
+        push_to_stripe(cfg, [invoice])
+        with billing(cfg) as con:
+            invoice = invoice_store.get_invoice(con, invoice.invoice_id) or invoice
+    _show(invoice, fmt, out)
+
+
 def register(app: typer.Typer) -> None:
     app.command("generate-invoice")(generate_invoice)
-    app.command("invoices")(invoices_cmd)
+    app.add_typer(invoices_app, name="invoices")

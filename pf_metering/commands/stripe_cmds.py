@@ -92,6 +92,35 @@ def push_invoices(
     return results
 
 
+def void_in_stripe(cfg: Settings, invoice: Invoice, *, pending: bool = False) -> bool:
+    """Void (void locally) ``invoice`` in Stripe, printing the outcome on stderr; ``PushFailed``
+    if that failed (a rerun resumes). ``pending``: only if an earlier void left it undone
+    (False when there was nothing to resume)."""
+    from billing.stripe.gateway import StripeGateway
+    from billing.stripe.voiding import StripeVoider
+
+    voider = StripeVoider(StripeGateway.from_settings(cfg), billing_connect(cfg))
+    if pending and not voider.pending(invoice):
+        return False
+    result = voider.void(invoice)
+    head = f"stripe: {invoice.invoice_id} ({invoice.tenant_id})"
+    if result.action is None:
+        print(f"{head} failed: {result.error}", file=sys.stderr)
+        raise PushFailed(
+            f"invoice {invoice.invoice_id} is void, but voiding it in Stripe failed; rerun "
+            f"`invoices void {invoice.invoice_id} --reason TEXT --stripe` (or `bill --stripe`) "
+            "to resume"
+        )
+    done = {
+        "voided": f"voided in Stripe as {result.stripe_invoice_id}",
+        "credited": f"paid in Stripe: credit note {result.credit_note_id} for its total",
+        "deleted": "its Stripe draft deleted",
+        "absent": "never reached Stripe: nothing to void there",
+    }
+    print(f"{head} {done[result.action.value]}", file=sys.stderr)
+    return True
+
+
 def raise_if_failed(results: Sequence[PushResult]) -> None:
     """``PushFailed`` naming every invoice that failed to push, if any did."""
     failed = [r.invoice_id for r in results if not r.ok]

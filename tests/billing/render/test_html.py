@@ -22,10 +22,11 @@ from billing.alerts import store as alert_store
 from billing.alerts.model import AlertRecord, Crossing, Threshold
 from billing.db import billing_db, transaction
 from billing.invoice_store import Billed
-from billing.invoicing import LateUsage, build_invoice
+from billing.invoicing import ChargedElsewhere, LateUsage, build_invoice
 from billing.model import Invoice, InvoiceStatus
 from billing.rating import Usage
 from billing.render.invoice_html import DASH, amount_text, day, render_invoice_html
+from billing.render.report_html import PeriodUsage, UsageReport, render_report_html
 from billing.tiers import load_tiers
 from common.settings import load_settings
 from schemas.periods import Period
@@ -332,6 +333,92 @@ def test_invoice_page_shows_price_ranges_packages_and_the_true_up(
     page.write_text(html_page)
     screenshot(chromium, page, tmp_path / "priced.png")
     assert_not_blank(tmp_path / "priced.png")
+
+
+def _void_and_replacement() -> tuple[Invoice, Invoice]:
+    """``_invoice()`` voided (a reason to escape) and the reissue that replaced it, which
+    credits a late line of its period charged elsewhere."""
+    old = _invoice()
+    new_id = "INV-1748736000000-0a1b2c3d"
+    voided = old.model_copy(
+        update={
+            "status": InvoiceStatus.void,
+            "void_reason": "tier was wrong <b>not bold</b>",
+            "voided_by": "carol",
+            "voided_at": datetime(2025, 6, 1, 9, tzinfo=UTC),
+            "replaced_by": new_id,
+        }
+    )
+    credit = ChargedElsewhere(
+        old.period, "INV-1743465600000-77aa88bb", "late_usage", Decimal("4.20")
+    ).line()
+    replacement = old.model_copy(
+        update={
+            "invoice_id": new_id,
+            "replaces": old.invoice_id,
+            "lines": [*old.lines, credit],
+            "total": old.total - Decimal("4.20"),
+            "created_at": datetime(2025, 6, 1, 9, 5, tzinfo=UTC),
+        }
+    )
+    return voided, replacement
+
+
+def _void_tint(png: Path) -> int:
+    """Pixels of the faint red the VOID mark is drawn in (over white or the soft grey)."""
+    _, rows = png_rows(png)
+    return sum(
+        1 for row in rows for r, g, b in row if r >= 228 and 12 <= r - g <= 45 and abs(g - b) <= 10
+    )
+
+
+def test_void_invoice_and_its_replacement_show_the_mark_and_the_links(
+    chromium: str, tmp_path: Path
+) -> None:
+    voided, replacement = _void_and_replacement()
+    now = datetime(2025, 6, 2, tzinfo=UTC)
+    void_page = render_invoice_html(voided, now=now)
+    assert "<b>not bold</b>" not in void_page and "&lt;b&gt;not bold&lt;/b&gt;" in void_page
+    assert_self_contained(void_page)
+    text = " ".join(visible_text(void_page).split())
+    assert "VOID" in text and "void" in text
+    assert "by carol: tier was wrong <b>not bold</b>." in text and "01 Jun 2025" in text
+    assert f"Replaced by invoice {replacement.invoice_id} ." in text
+    assert "Total (void)" in text and "Void: nothing is due" in text
+    assert "Due by" not in text
+    new_text = " ".join(visible_text(render_invoice_html(replacement, now=now)).split())
+    assert f"replaces void invoice {voided.invoice_id}" in new_text and "VOID" not in new_text
+    assert "Corrections given back" in new_text and "-4.20" in new_text
+    assert "INV-1743465600000-77aa88bb" in new_text
+    pngs = {}
+    for name, invoice in (("plain", _invoice()), ("void", voided), ("new", replacement)):
+        page = tmp_path / f"{name}.html"
+        page.write_text(render_invoice_html(invoice, now=now))
+        pngs[name] = tmp_path / f"{name}.png"
+        screenshot(chromium, page, pngs[name])
+        assert_not_blank(pngs[name])
+    plain, void, new = (_void_tint(pngs[n]) for n in ("plain", "void", "new"))
+    assert void > plain + 5_000 and new < void // 4, (plain, void, new)
+
+
+def test_report_lists_a_void_invoice_with_its_replacement() -> None:
+    voided, replacement = _void_and_replacement()
+    tier = load_tiers(None)["professional"]
+    period = Period.parse(voided.period)
+    report = UsageReport(
+        NASTY,
+        [PeriodUsage.of(period, tier, None)],
+        [voided, replacement],
+        "usage data as of now",
+        datetime(2025, 6, 2, tzinfo=UTC),
+    )
+    text = " ".join(visible_text(render_report_html(report)).split())
+    assert f"void: tier was wrong <b>not bold</b>; replaced by {replacement.invoice_id}" in text
+    assert f"replaces void {voided.invoice_id}" in text
+    assert "1 (+1 void)" in text  # the void one is not counted as invoiced
+    assert amount_text(replacement.total) in text and amount_text(voided.total) in text
+    invoiced = text.split("Invoiced (USD)")[1].split()[0]
+    assert invoiced == amount_text(replacement.total)
 
 
 # --- the usage report ---------------------------------------------------------------------
