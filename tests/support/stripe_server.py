@@ -1,7 +1,11 @@
 """A small stateful Stripe over HTTP for flow and fault tests (stripe-mock keeps no state).
 
-It serves the calls the push makes (customers create/search/retrieve, invoices
-create/search/retrieve/finalize, invoice lines, invoice items) and honours ``Idempotency-Key``
+It serves the calls the push and the void make (customers create/search/retrieve, invoices
+create/search/retrieve/finalize/void/delete, invoice lines, invoice items, credit notes
+create/list), with Stripe's rules for them (only a draft is finalized, edited or deleted; only
+an open or uncollectible invoice is voided; a credit note only for an open or paid invoice and
+at most what it still carries, a paid one's credited to the customer's balance, refunded or
+out of band to the cent), and honours ``Idempotency-Key``
 as Stripe does: the first response for a key is stored and replayed (errors included, with
 ``Idempotent-Replayed: true``); the same key with other parameters gets 400
 ``idempotency_error``; requests rejected before they ran (validation, injected failures) store
@@ -107,6 +111,7 @@ class StripeState:
     customers: dict[str, Obj] = field(default_factory=dict)
     invoices: dict[str, Obj] = field(default_factory=dict)
     items: dict[str, Obj] = field(default_factory=dict)
+    credit_notes: dict[str, Obj] = field(default_factory=dict)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def new_id(self, prefix: str) -> str:
@@ -167,6 +172,17 @@ class FakeStripe:
 
     def pending_items(self) -> list[Obj]:
         return [i for i in self.state.items.values() if i["invoice"] is None]
+
+    def credit_notes_of(self, stripe_invoice_id: str) -> list[Obj]:
+        return [n for n in self.state.credit_notes.values() if n["invoice"] == stripe_invoice_id]
+
+    def pay(self, stripe_invoice_id: str) -> None:
+        """What the customer paying does (Stripe then sends ``invoice.paid``)."""
+        with self.lock:
+            invoice = self.state.invoices[stripe_invoice_id]
+            assert invoice["status"] == "open", invoice["status"]
+            invoice["status"] = "paid"
+            invoice["amount_paid"] = self._invoice_view(invoice)["total"]
 
     # --- the API -----------------------------------------------------------------------------
 
@@ -245,6 +261,14 @@ class FakeStripe:
             return self._lines(self._get(self.state.invoices, parts[1]), q, p)
         if m == "POST" and len(parts) == 3 and parts[::2] == ["invoices", "finalize"]:
             return self._finalize(self._get(self.state.invoices, parts[1]), q)
+        if m == "POST" and len(parts) == 3 and parts[::2] == ["invoices", "void"]:
+            return self._void(self._get(self.state.invoices, parts[1]))
+        if m == "DELETE" and len(parts) == 2 and parts[0] == "invoices":
+            return self._delete(self._get(self.state.invoices, parts[1]))
+        if (m, *parts) == ("POST", "credit_notes"):
+            return self._create_credit_note(q)
+        if (m, *parts) == ("GET", "credit_notes"):
+            return self._list_credit_notes(q, p)
         raise StripeErr(404, "invalid_request_error", f"Unrecognized request URL ({m}: {p})")
 
     @staticmethod
@@ -266,6 +290,7 @@ class FakeStripe:
             "name": q.get("name"),
             "description": q.get("description"),
             "metadata": dict(q.get("metadata", {})),
+            "balance": 0,
             "livemode": False,
         }
         return self.state.customers[cid]
@@ -367,11 +392,19 @@ class FakeStripe:
     def _invoice_view(self, invoice: Obj) -> Obj:
         lines = [self._line(i) for i in self.items_of(invoice["id"])]
         total = sum(line["amount"] for line in lines)
+        notes = self.credit_notes_of(invoice["id"])
+        pre = sum(n["amount"] for n in notes if n["type"] == "pre_payment")
+        post = sum(n["amount"] for n in notes if n["type"] == "post_payment")
+        paid = invoice.get("amount_paid", 0)
+        open_or_draft = invoice["status"] in ("draft", "open", "uncollectible")
         return {
             **invoice,
             "subtotal": total,
             "total": total,
-            "amount_due": max(total, 0),
+            "amount_paid": paid,
+            "amount_due": max(total - pre, 0) if open_or_draft else 0,
+            "pre_payment_credit_notes_amount": pre,
+            "post_payment_credit_notes_amount": post,
             "lines": {
                 "object": "list",
                 "data": lines[:10],
@@ -381,17 +414,7 @@ class FakeStripe:
         }
 
     def _lines(self, invoice: Obj, q: Obj, path: str) -> Obj:
-        lines = [self._line(i) for i in self.items_of(invoice["id"])]
-        if "starting_after" in q:
-            ids = [line["id"] for line in lines]
-            lines = lines[ids.index(q["starting_after"]) + 1 :]
-        limit = int(q.get("limit", 10))
-        return {
-            "object": "list",
-            "data": lines[:limit],
-            "has_more": len(lines) > limit,
-            "url": path,
-        }
+        return _page([self._line(i) for i in self.items_of(invoice["id"])], q, path)
 
     def _finalize(self, invoice: Obj, q: Obj) -> Obj:
         if invoice["status"] != "draft":
@@ -408,6 +431,95 @@ class FakeStripe:
             invoice["auto_advance"] = q["auto_advance"] == "true"
         return self._invoice_view(invoice)
 
+    def _void(self, invoice: Obj) -> Obj:
+        if invoice["status"] not in ("open", "uncollectible"):
+            raise _refused(
+                f"You can only void an open or uncollectible invoice; this one is "
+                f"{invoice['status']}.",
+                code="invoice_not_editable" if invoice["status"] == "draft" else None,
+            )
+        invoice["status"] = "void"
+        return self._invoice_view(invoice)
+
+    def _delete(self, invoice: Obj) -> Obj:
+        if invoice["status"] != "draft":
+            raise _refused("You can only delete draft invoices; void a finalized one instead.")
+        del self.state.invoices[invoice["id"]]
+        for item_id in [i["id"] for i in self.items_of(invoice["id"])]:
+            del self.state.items[item_id]  # a deleted draft's items go with it
+        return {"id": invoice["id"], "object": "invoice", "deleted": True}
+
+    def _create_credit_note(self, q: Obj) -> Obj:
+        invoice = self._get(self.state.invoices, str(q.get("invoice")))
+        if invoice["status"] not in ("open", "paid"):
+            raise _refused(
+                f"Credit notes can only be issued for open or paid invoices; this one is "
+                f"{invoice['status']}."
+            )
+        view = self._invoice_view(invoice)
+        amount = _int(q, "amount")
+        credited = (
+            view["pre_payment_credit_notes_amount"] + view["post_payment_credit_notes_amount"]
+        )
+        if amount <= 0 or amount > view["total"] - credited:
+            raise _refused(
+                f"The credit note amount ({amount}) must be positive and at most what the "
+                f"invoice has left to credit ({view['total'] - credited}).",
+            )
+        split = {
+            k: int(q.get(k, 0)) for k in ("credit_amount", "refund_amount", "out_of_band_amount")
+        }
+        post = invoice["status"] == "paid"
+        if post and sum(split.values()) != amount:
+            raise _refused(
+                "For post-payment credit notes the sum of the refund, credit and outside of "
+                "Stripe amounts must equal the credit note total.",
+            )
+        if split["credit_amount"]:
+            self.state.customers[invoice["customer"]]["balance"] -= split["credit_amount"]
+        note_id = self.state.new_id("cn")
+        self.state.credit_notes[note_id] = {
+            "id": note_id,
+            "object": "credit_note",
+            "invoice": invoice["id"],
+            "customer": invoice["customer"],
+            "currency": invoice["currency"],
+            "amount": amount,
+            "total": amount,
+            **split,
+            "memo": q.get("memo"),
+            "metadata": dict(q.get("metadata", {})),
+            "status": "issued",
+            "type": "post_payment" if post else "pre_payment",
+            "livemode": False,
+        }
+        return self.state.credit_notes[note_id]
+
+    def _list_credit_notes(self, q: Obj, path: str) -> Obj:
+        notes = list(self.state.credit_notes.values())
+        if "invoice" in q:
+            notes = [n for n in notes if n["invoice"] == q["invoice"]]
+        return _page(notes, q, path)
+
+
+def _page(objects: list[Obj], q: Obj, path: str) -> Obj:
+    """One page of a Stripe list: ``limit`` objects after ``starting_after``."""
+    if "starting_after" in q:
+        ids = [o["id"] for o in objects]
+        objects = objects[ids.index(q["starting_after"]) + 1 :]
+    limit = int(q.get("limit", 10))
+    return {
+        "object": "list",
+        "data": objects[:limit],
+        "has_more": len(objects) > limit,
+        "url": path,
+    }
+
+
+def _refused(message: str, code: str | None = None) -> StripeErr:
+    """A 400 for a call Stripe's rules refuse (it ran, so a retry with its key replays it)."""
+    return StripeErr(400, "invalid_request_error", message, code=code)
+
 
 def _error_kind(status: int) -> str:
     return {429: "rate_limit_error"}.get(
@@ -423,6 +535,9 @@ class _Handler(KeepAliveHandler):
 
     def do_POST(self) -> None:
         self._serve("POST")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
 
     def _serve(self, method: str) -> None:
         url = urlsplit(self.path)

@@ -22,6 +22,8 @@ from tests.fixtures.stripe import (
     API_KEY,
     LocalBilling,
     Sleeps,
+    fault_scenario,
+    forget_everything,
     make_gateway,
     make_invoice,
     priced_invoices,
@@ -415,22 +417,16 @@ def test_the_fault_matrix_covers_every_call_of_a_push(tmp_path: Path) -> None:
     assert len(fake.calls) == FAULT_POINTS
 
 
-def run_fault_then_rerun(
-    tmp_path: Path, kind: FaultKind, at: int, *, forget_everything: bool = False
-) -> None:
-    fake = FakeStripe(api_key=API_KEY)
-    path = tmp_path / f"{kind}-{at}-{forget_everything}.duckdb"
-    with running(fake), LocalBilling(path).warm() as billing:
+def run_fault_then_rerun(tmp_path: Path, kind: FaultKind, at: int, *, forget: bool = False) -> None:
+    path = tmp_path / f"{kind}-{at}-{forget}.duckdb"
+    with fault_scenario(path) as (fake, billing):
         invoices = fault_invoices()
         billing.add(*invoices)
         fake.inject(kind, at=at)
         first = push(fake, billing, invoices)
         assert not all(r.ok for r in first), f"fault {kind} at call {at} stopped nothing"
-        if forget_everything:  # rerun after Stripe's 24 h window, with our push state lost
-            fake.expire_idempotency_keys()
-            with billing.connect() as con:
-                con.execute("DELETE FROM stripe_pushes")
-                con.execute("DELETE FROM stripe_customers")
+        if forget:  # rerun after Stripe's 24 h window, with our push state lost
+            forget_everything(fake, billing, "stripe_pushes", "stripe_customers")
         second = push(fake, billing, current(billing, invoices))
         assert all(r.ok for r in second), (kind, at, second)
         assert_consistent(fake, billing, invoices)
@@ -450,7 +446,7 @@ def test_rerun_after_a_lost_response_with_keys_expired_and_push_state_lost(
     tmp_path: Path,
 ) -> None:
     for at in range(1, FAULT_POINTS + 1):
-        run_fault_then_rerun(tmp_path, "drop", at, forget_everything=True)
+        run_fault_then_rerun(tmp_path, "drop", at, forget=True)
 
 
 def test_amounts_are_integer_cents_rounded_as_the_invoice_rounds() -> None:

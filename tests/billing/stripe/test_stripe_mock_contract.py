@@ -1,5 +1,5 @@
-"""Contract tests: every Stripe call the push makes, as it makes it, against the official
-stripe-mock (which validates requests against Stripe's OpenAPI spec).
+"""Contract tests: every Stripe call the push and the void make, as they make them, against the
+official stripe-mock (which validates requests against Stripe's OpenAPI spec).
 
 Two angles: each gateway call with the parameters the push builds, read back through the
 fields the push relies on; and every request a real push (with a fault and a resume) sent to
@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 import stripe
 
-from billing.model import CREDIT_APPLIED, CREDIT_CARRIED, USAGE_CORRECTION, InvoiceStatus
+from billing.model import CREDIT_APPLIED, CREDIT_CARRIED, USAGE_CORRECTION, Invoice, InvoiceStatus
 from billing.stripe.gateway import StripeGateway
 from billing.stripe.push import finalize_key, invoice_create_args, planned_items
+from billing.stripe.voiding import StripeVoider, credit_note_key, credit_note_memo, void_key
 from common import settings as config
 from tests.fixtures.cli import Cli
 from tests.fixtures.seeds import SEED, event
@@ -97,6 +98,27 @@ def test_finalize(mock_gateway: StripeGateway) -> None:
     assert isinstance(finalized, stripe.Invoice) and isinstance(finalized.total, int)
 
 
+def test_void_delete_and_credit_notes(mock_gateway: StripeGateway) -> None:
+    invoice = voided_invoice(sample_invoices()[0])
+    done = mock_gateway.void_invoice("in_123", void_key(invoice.invoice_id))
+    assert isinstance(done, stripe.Invoice) and isinstance(done.status, str)
+    mock_gateway.delete_invoice("in_123")
+    notes = mock_gateway.list_credit_notes("in_123")
+    assert all(isinstance(n, stripe.CreditNote) and n.metadata is not None for n in notes)
+    note = mock_gateway.create_credit_note(
+        stripe_invoice_id="in_123",
+        amount_cents=invoice.total_cents,
+        memo=credit_note_memo(invoice),
+        metadata={"invoice_id": invoice.invoice_id},
+        idempotency_key=credit_note_key(invoice.invoice_id),
+    )
+    assert isinstance(note, stripe.CreditNote) and isinstance(note.id, str)
+
+
+def voided_invoice(invoice: Invoice) -> Invoice:
+    return invoice.model_copy(update={"status": InvoiceStatus.void, "void_reason": "wrong"})
+
+
 def test_stripe_mock_rejects_what_stripe_rejects(mock_gateway: StripeGateway) -> None:
     """The contract tests can fail: stripe-mock refuses a parameter Stripe does not know."""
     unknown: Any = {"customer": "cus_123", "amount": 1, "currency": "usd", "bogus": "x"}
@@ -112,12 +134,12 @@ def operation(call: Call) -> tuple[str, str]:
 def replay(base: str, call: Call) -> tuple[int, str]:
     """Send a recorded request again, to stripe-mock, with the headers stripe-python sent."""
     url = base + call.path
-    if call.method == "GET" and call.params:
+    if call.method in ("GET", "DELETE") and call.params:
         url += "?" + urllib.parse.urlencode(_flatten(call.params))
     keep = ("authorization", "stripe-version", "content-type", "idempotency-key", "user-agent")
     request = urllib.request.Request(
         url,
-        data=call.body if call.method == "POST" else None,
+        data=call.body if call.method == "POST" else None,  # GET and DELETE: the query
         headers={k: v for k, v in call.headers.items() if k in keep},
         method=call.method,
     )
@@ -137,6 +159,47 @@ def _flatten(params: dict[str, object], prefix: str = "") -> list[tuple[str, str
         else:
             out.append((name, str(value)))
     return out
+
+
+VOID_OPERATIONS = {
+    ("GET", "/v1/invoices/search"),
+    ("GET", "/v1/invoices/{id}"),
+    ("POST", "/v1/invoices/{id}/void"),
+    ("DELETE", "/v1/invoices/{id}"),
+    ("GET", "/v1/credit_notes"),
+    ("POST", "/v1/credit_notes"),
+}
+
+
+def test_every_request_of_a_resumed_void_is_valid_for_stripe_mock(
+    stripe_mock_url: str, tmp_path: Path
+) -> None:
+    """An open one voided, a paid one credited (its answer lost, then resumed), a draft
+    deleted, one found by search: every request replayed to stripe-mock."""
+    fake = FakeStripe(api_key=API_KEY)
+    invoices = sample_invoices()
+    with running(fake), LocalBilling(tmp_path / "billing.duckdb").warm() as billing:
+        billing.add(*invoices)
+        fake.inject("fail", status=400, when=lambda c: c.path.endswith("/finalize"), times=1)
+        assert [r.ok for r in billing.pusher(make_gateway(fake.url)).push_all(invoices)] == [
+            False,
+            True,
+            True,
+        ]
+        fake.pay(fake.invoices_for(invoices[1].invoice_id)[0]["id"])
+        with billing.connect() as con:  # the third is found by metadata, not from our state
+            con.execute("DELETE FROM stripe_pushes WHERE invoice_id = ?", [invoices[2].invoice_id])
+        fake.inject("drop", when=lambda c: c.method == "POST" and c.path == "/v1/credit_notes")
+        start = len(fake.calls)
+        voider = StripeVoider(make_gateway(fake.url), billing.connect)
+        first = [voider.void(voided_invoice(i)) for i in invoices]
+        assert [r.ok for r in first] == [True, False, True]
+        assert all(voider.void(voided_invoice(i)).ok for i in invoices)
+    calls = fake.calls[start:]
+    assert {operation(c) for c in calls} == VOID_OPERATIONS
+    for call in calls:
+        status, body = replay(stripe_mock_url, call)
+        assert status == 200, (call.method, call.path, call.params, body[:500])
 
 
 def test_every_request_of_a_resumed_push_is_valid_for_stripe_mock(

@@ -1,0 +1,263 @@
+"""Voiding in Stripe against our stateful fake Stripe: an open invoice is voided, a paid one
+gets one credit note for its total, a draft an interrupted push left is deleted; every call
+carries its deterministic key, and a fault at any call (no response, failure before, error
+after; keys expired and push state lost too), then a rerun, leaves exactly that. Then the
+command line: ``invoices void --stripe`` and ``invoices reissue --stripe`` on the real invoice
+store, resumed by a rerun or by ``bill --stripe``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from billing.model import Invoice, InvoiceStatus
+from billing.stripe.voiding import StripeVoider, VoidAction, VoidResult
+from tests.fixtures.cli import Cli
+from tests.fixtures.seeds import SEED, event
+from tests.fixtures.stripe import (
+    API_KEY,
+    LocalBilling,
+    fault_scenario,
+    forget_everything,
+    make_gateway,
+    make_invoice,
+)
+from tests.support.stripe_server import FakeStripe, FaultKind, StripeErr
+
+
+def two_invoices() -> list[Invoice]:
+    return [
+        make_invoice("acme", "2025-01", [("base", "50.00"), ("risk_adjustment", "-0.53")]),
+        make_invoice("acme", "2025-02", [("base", "50.00"), ("violations", "2.00")]),
+    ]
+
+
+def voided(invoice: Invoice) -> Invoice:
+    return invoice.model_copy(
+        update={"status": InvoiceStatus.void, "void_reason": "tier was wrong", "voided_by": "ops"}
+    )
+
+
+def pushed(fake: FakeStripe, billing: LocalBilling, invoices: list[Invoice]) -> list[str]:
+    """Push ``invoices``; their Stripe ids."""
+    billing.add(*invoices)
+    assert all(r.ok for r in billing.pusher(make_gateway(fake.url)).push_all(invoices))
+    return [fake.invoices_for(i.invoice_id)[0]["id"] for i in invoices]
+
+
+def void_all(fake: FakeStripe, billing: LocalBilling, invoices: list[Invoice]) -> list[VoidResult]:
+    voider = StripeVoider(make_gateway(fake.url), billing.connect)
+    return [voider.void(voided(i)) for i in invoices]
+
+
+def assert_voided(fake: FakeStripe, invoices: list[Invoice], paid: set[str]) -> None:
+    """Each Stripe invoice void, or (paid) still paid with exactly one credit note of ours
+    for its total credited to the customer's balance; nothing else created."""
+    credited = 0
+    for invoice in invoices:
+        (remote,) = fake.invoices_for(invoice.invoice_id)
+        notes = fake.credit_notes_of(remote["id"])
+        if invoice.invoice_id in paid:
+            assert remote["status"] == "paid"
+            (note,) = notes
+            assert note["amount"] == note["credit_amount"] == invoice.total_cents
+            assert note["type"] == "post_payment"
+            assert note["metadata"]["invoice_id"] == invoice.invoice_id
+            credited += invoice.total_cents
+        else:
+            assert remote["status"] == "void" and notes == []
+    (customer,) = fake.customers_for("acme")
+    assert customer["balance"] == -credited
+    assert len(fake.state.invoices) == len(invoices)
+    assert len(fake.state.credit_notes) == len(paid)
+
+
+def test_an_open_invoice_is_voided_and_a_paid_one_credited(
+    fake_stripe: FakeStripe, local_billing: LocalBilling
+) -> None:
+    invoices = two_invoices()
+    ids = pushed(fake_stripe, local_billing, invoices)
+    fake_stripe.pay(ids[1])
+    before = len(fake_stripe.calls)
+    results = void_all(fake_stripe, local_billing, invoices)
+    assert [r.action for r in results] == [VoidAction.voided, VoidAction.credited]
+    assert results[1].credit_note_id == fake_stripe.credit_notes_of(ids[1])[0]["id"]
+    assert_voided(fake_stripe, invoices, paid={invoices[1].invoice_id})
+    posts = [(c.path, c.idempotency_key) for c in fake_stripe.calls[before:] if c.method == "POST"]
+    assert posts == [
+        (f"/v1/invoices/{ids[0]}/void", "pf-void-inv-acme-2025-01"),
+        ("/v1/credit_notes", "pf-credit-note-inv-acme-2025-02"),
+    ]
+    note = next(
+        c for c in fake_stripe.calls if c.method == "POST" and c.path == "/v1/credit_notes"
+    ).params
+    assert note["memo"] == "pf-metering inv-acme-2025-02 (2025-02) void: tier was wrong"
+    assert note["invoice"] == ids[1] and note["amount"] == note["credit_amount"] == "5200"
+    calls = len(fake_stripe.calls)
+    again = void_all(fake_stripe, local_billing, invoices)  # done: no call at all
+    assert [r.action for r in again] == [VoidAction.voided, VoidAction.credited]
+    assert len(fake_stripe.calls) == calls
+
+
+def test_a_draft_left_by_an_interrupted_push_is_deleted(
+    fake_stripe: FakeStripe, local_billing: LocalBilling
+) -> None:
+    invoice = two_invoices()[0]
+    local_billing.add(invoice)
+    fake_stripe.inject("fail", status=400, when=lambda c: c.path.endswith("/finalize"))
+    assert not local_billing.pusher(make_gateway(fake_stripe.url)).push(invoice).ok
+    (draft,) = fake_stripe.invoices_for(invoice.invoice_id)
+    assert draft["status"] == "draft" and fake_stripe.items_of(draft["id"])
+    (result,) = void_all(fake_stripe, local_billing, [invoice])
+    assert result.action is VoidAction.deleted
+    assert fake_stripe.state.invoices == {} and fake_stripe.state.items == {}
+
+
+def test_an_invoice_never_pushed_is_left_alone(
+    fake_stripe: FakeStripe, local_billing: LocalBilling
+) -> None:
+    invoice = two_invoices()[0]
+    (result,) = void_all(fake_stripe, local_billing, [invoice])
+    assert result.action is VoidAction.absent
+    assert [(c.method, c.path) for c in fake_stripe.calls] == [("GET", "/v1/invoices/search")]
+
+
+def test_only_a_void_local_invoice_is_voided_in_stripe(
+    fake_stripe: FakeStripe, local_billing: LocalBilling
+) -> None:
+    invoice = two_invoices()[0]
+    pushed(fake_stripe, local_billing, [invoice])
+    result = StripeVoider(make_gateway(fake_stripe.url), local_billing.connect).void(invoice)
+    assert not result.ok and "only a void invoice" in (result.error or "")
+    assert fake_stripe.invoices_for(invoice.invoice_id)[0]["status"] == "open"
+
+
+def test_the_fake_refuses_what_stripe_refuses(fake_stripe: FakeStripe) -> None:
+    customer = fake_stripe._create_customer({"metadata": {"tenant_id": "t"}})
+    draft = fake_stripe._create_invoice({"customer": customer["id"]})
+    with pytest.raises(StripeErr, match="only void an open"):
+        fake_stripe._void(draft)
+    with pytest.raises(StripeErr, match="open or paid"):
+        fake_stripe._create_credit_note({"invoice": draft["id"], "amount": "1"})
+    fake_stripe._create_item(
+        {"customer": customer["id"], "invoice": draft["id"], "amount": "500", "currency": "usd"}
+    )
+    fake_stripe._finalize(fake_stripe.state.invoices[draft["id"]], {})
+    with pytest.raises(StripeErr, match="only delete draft"):
+        fake_stripe._delete(fake_stripe.state.invoices[draft["id"]])
+    fake_stripe.pay(draft["id"])
+    with pytest.raises(StripeErr, match="only void an open"):
+        fake_stripe._void(fake_stripe.state.invoices[draft["id"]])
+    with pytest.raises(StripeErr, match="must equal the credit note total"):
+        fake_stripe._create_credit_note({"invoice": draft["id"], "amount": "500"})
+    with pytest.raises(StripeErr, match="at most what the invoice has left"):
+        fake_stripe._create_credit_note(
+            {"invoice": draft["id"], "amount": "501", "credit_amount": "501"}
+        )
+    note = {"invoice": draft["id"], "amount": "500", "refund_amount": "500"}
+    fake_stripe._create_credit_note(note)
+    with pytest.raises(StripeErr, match="at most what the invoice has left"):
+        fake_stripe._create_credit_note(note)  # nothing left to credit
+
+
+# --- resumability: a fault at every call, then a rerun ---------------------------------
+
+# An open invoice: retrieve, void. A paid one: retrieve, list its credit notes, create one.
+VOID_FAULT_POINTS = 5
+
+
+def test_the_fault_matrix_covers_every_call_of_a_void(tmp_path: Path) -> None:
+    with fault_scenario(tmp_path / "count.duckdb") as (fake, billing):
+        invoices = two_invoices()
+        fake.pay(pushed(fake, billing, invoices)[1])
+        before = len(fake.calls)
+        assert all(r.ok for r in void_all(fake, billing, invoices))
+        assert len(fake.calls) - before == VOID_FAULT_POINTS
+
+
+def run_void_fault_then_rerun(
+    tmp_path: Path, kind: FaultKind, at: int, *, forget: bool = False
+) -> None:
+    with fault_scenario(tmp_path / f"void-{kind}-{at}-{forget}.duckdb") as (fake, billing):
+        invoices = two_invoices()
+        fake.pay(pushed(fake, billing, invoices)[1])
+        fake.inject(kind, at=at)
+        first = void_all(fake, billing, invoices)
+        assert not all(r.ok for r in first), f"fault {kind} at call {at} stopped nothing"
+        if forget:  # rerun after Stripe's 24 h window, with our Stripe state lost
+            forget_everything(fake, billing, "stripe_pushes")
+        second = void_all(fake, billing, invoices)
+        assert [r.action for r in second] == [VoidAction.voided, VoidAction.credited], second
+        assert_voided(fake, invoices, paid={invoices[1].invoice_id})
+
+
+@pytest.mark.parametrize("kind", ["fail", "drop", "error_after"])
+def test_rerun_after_a_fault_at_any_call_of_a_void_voids_or_credits_once(
+    tmp_path: Path, kind: FaultKind
+) -> None:
+    for at in range(1, VOID_FAULT_POINTS + 1):
+        run_void_fault_then_rerun(tmp_path, kind, at)
+
+
+def test_rerun_of_a_void_with_keys_expired_and_state_lost(tmp_path: Path) -> None:
+    for at in range(1, VOID_FAULT_POINTS + 1):
+        run_void_fault_then_rerun(tmp_path, "drop", at, forget=True)
+
+
+# --- the command line, on the real invoice store ----------------------------------------
+
+
+@pytest.fixture
+def stripe_cli(pfm: Cli, monkeypatch: pytest.MonkeyPatch, fake_stripe: FakeStripe) -> Iterator[Cli]:
+    monkeypatch.setenv("STRIPE_SECRET_KEY", API_KEY)
+    monkeypatch.setenv("STRIPE_API_BASE", fake_stripe.url)
+    pfm.publish(event("acme", "2025-01", **SEED), event("acme", "2025-02", api_calls=7))
+    assert pfm("bill", "--as-of", "2025-03-01T02:00:00Z", "--stripe", "-q").code == 0
+    yield pfm
+
+
+def ids_of(pfm: Cli) -> dict[str, str]:
+    return {d["period"]: d["invoice_id"] for d in pfm("invoices", "acme", "-f", "json").json()}
+
+
+def test_void_and_reissue_with_stripe(stripe_cli: Cli, fake_stripe: FakeStripe) -> None:
+    jan, feb = ids_of(stripe_cli)["2025-01"], ids_of(stripe_cli)["2025-02"]
+    fake_stripe.pay(fake_stripe.invoices_for(feb)[0]["id"])
+    run = stripe_cli("invoices", "void", jan, "--reason", "wrong tier", "--stripe")
+    assert run.code == 0, run.err
+    assert "voided in Stripe as in_" in run.err
+    assert fake_stripe.invoices_for(jan)[0]["status"] == "void"
+    paid = stripe_cli("invoices", "void", feb, "--reason", "refund as credit", "--stripe")
+    assert paid.code == 0 and "credit note cn_" in paid.err
+    (note,) = fake_stripe.credit_notes_of(fake_stripe.invoices_for(feb)[0]["id"])
+    assert note["amount"] == 5001
+    new = stripe_cli("invoices", "reissue", jan, "--stripe", "-f", "json").json()
+    assert new["status"] == "sent" and new["replaces"] == jan
+    (remote,) = fake_stripe.invoices_for(new["invoice_id"])
+    assert remote["status"] == "open" and remote["id"] == new["stripe_invoice_id"]
+    assert sum(i["amount"] for i in fake_stripe.items_of(remote["id"])) == 5366
+    stripe_cli("invoices", "void", jan, "--reason", "again", "--stripe").error("is void already")
+
+
+def test_a_failed_stripe_void_is_resumed_by_a_rerun_or_by_bill(
+    stripe_cli: Cli, fake_stripe: FakeStripe
+) -> None:
+    jan, feb = ids_of(stripe_cli)["2025-01"], ids_of(stripe_cli)["2025-02"]
+    fake_stripe.inject("fail", status=500, times=None, when=lambda c: c.path.endswith("/void"))
+    run = stripe_cli("invoices", "void", jan, "--reason", "wrong tier", "--stripe")
+    run.error(f"invoice {jan} is void, but voiding it in Stripe failed; rerun")
+    assert "void invoice in_" in run.err and "gave up after" in run.err
+    assert stripe_cli("invoices", "acme", "-f", "json").json()[0]["status"] == "void"
+    stripe_cli("invoices", "void", feb, "--reason", "too", "--stripe").error("Stripe failed")
+    fake_stripe.faults.clear()
+    again = stripe_cli("invoices", "void", jan, "--reason", "any", "--stripe")
+    assert again.code == 0 and "voided in Stripe" in again.err
+    assert fake_stripe.invoices_for(jan)[0]["status"] == "void"
+    assert fake_stripe.invoices_for(feb)[0]["status"] == "open"
+    bill = stripe_cli("bill", "--as-of", "2025-03-01T02:00:00Z", "--stripe", "-q")
+    assert bill.code == 0, bill.err
+    assert fake_stripe.invoices_for(feb)[0]["status"] == "void"
+    reason = stripe_cli("invoices", "acme", "-f", "json").json()[0]["void_reason"]
+    assert reason == "wrong tier"  # the rerun's --reason does not replace the first
