@@ -17,9 +17,10 @@ from typing import Any
 import duckdb
 import pytest
 
-from billing import invoice_store, invoicing
+from billing import credit_store, invoice_store, invoicing
+from billing.credits import CreditMovement
 from billing.db import billing_db
-from billing.model import Invoice, InvoiceStatus, add_up
+from billing.model import USAGE_CORRECTION, Invoice, InvoiceStatus, add_up
 from billing.rating import Usage, rate
 from billing.tiers import BUILTIN_TIERS
 from common import settings as config
@@ -28,6 +29,7 @@ from tests.fixtures.cli import Cli
 from tests.fixtures.seeds import SEED, event
 from tests.support.books import Books, at
 from tests.support.cli_runner import assert_user_error, run_cli
+from tests.support.ledgers import set_published_total
 from tests.support.stored import stored
 
 BASIC = BUILTIN_TIERS["basic"]
@@ -160,6 +162,45 @@ def test_reissue_carries_again_the_late_usage_the_void_invoice_carried(books: Bo
     assert charged_for(invoices, "2025-01") == rate(BASIC, Usage(api_calls=1510)).total
     (mar,) = books.bill(at(2025, 4, 2)).invoices
     assert [ln for ln in mar.lines if ln.code == "late_usage"] == []
+
+
+def test_reissue_gives_back_a_correction_credited_on_a_later_invoice(books: Books) -> None:
+    """January corrected down after it was final: February credits it (usage_correction).
+    January's reissue rates it as it is now and gives February's credit back, so January is
+    charged exactly its rating now, once."""
+    books.publish(event("acme", "2025-01", **SEED))
+    (jan,) = books.bill(at(2025, 2, 2)).invoices
+    set_published_total(config.load_settings(), 0, "acme", "api_calls", 0, "2025-01")
+    (feb,) = books.bill(at(2025, 3, 2)).invoices
+    assert [(ln.code, ln.amount) for ln in feb.lines if ln.period == "2025-01"] == [
+        (USAGE_CORRECTION, Decimal("-0.10"))
+    ]
+    void(books, jan.invoice_id)
+    new = reissue(books, jan.invoice_id)
+    now = Usage.from_mapping({**SEED, "api_calls": 0})
+    assert [(ln.code, ln.amount) for ln in new.lines if ln.period == "2025-01"] == [
+        (USAGE_CORRECTION, Decimal("0.10"))
+    ]
+    assert new.total == rate(BASIC, now).total + Decimal("0.10") == Decimal("53.66")
+    assert charged_for(books.invoices("acme"), "2025-01") == rate(BASIC, now).total
+    (mar,) = books.bill(at(2025, 4, 2)).invoices
+    assert [ln for ln in mar.lines if ln.period == "2025-01"] == []
+
+
+def test_an_invoice_that_moved_the_credit_balance_is_not_voided(books: Books) -> None:
+    books.publish(event("acme", "2025-01", api_calls=5))
+    (jan,) = books.bill(at(2025, 2, 2)).invoices
+    with books.con() as con:
+        credit_store.record_movements(
+            con,
+            [CreditMovement("acme", jan.invoice_id, jan.invoice_id, Decimal("1.00"))],
+            at(2025, 2, 2),
+        )
+    data = Path(config.load_settings().metering_data_dir)
+    before = stored(data)
+    with pytest.raises(invoicing.VoidRefused, match="moved the tenant's credit balance"):
+        void(books, jan.invoice_id)
+    assert stored(data) == before
 
 
 def test_a_void_in_stripe_frees_the_period_for_a_reissue(books: Books) -> None:
