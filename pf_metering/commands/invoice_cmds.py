@@ -31,6 +31,7 @@ from billing.model import (
 )
 from billing.render.invoice_json import invoice_json
 from common.errors import UserError
+from common.settings import Settings
 from pf_metering.commands.books import (
     STRIPE_OPTION,
     TABLE_JSON_OPTION,
@@ -255,13 +256,16 @@ def invoices_cmd(
 INVOICE_ID_ARGUMENT = typer.Argument(..., help="the invoice's id (`invoices T` lists them)")
 
 
-def _show(invoice: Invoice, fmt: TableOrJson | None, output: Path | None) -> None:
+def _show(cfg: Settings, invoice: Invoice, fmt: TableOrJson | None, output: Path | None) -> None:
+    """The invoice as ``generate-invoice`` shows it, with its period's alerts."""
+    with billing(cfg) as con:
+        alerts = alert_store.list_alerts(con, invoice.tenant_id, [invoice.period])
     now = utc_now()
     render(
         table_or_json(fmt, output),
         output,
-        json_data=invoice_json(invoice, now),
-        table=lambda: _invoice_table(invoice, now),
+        json_data=invoice_json(invoice, now, alerts),
+        table=lambda: _invoice_table(invoice, now, alerts),
     )
 
 
@@ -311,7 +315,7 @@ def void_cmd(
         )
         if stripe_requested(cfg, stripe):
             void_in_stripe(cfg, invoice)
-    _show(invoice, fmt, out)
+    _show(cfg, invoice, fmt, out)
 
 
 @invoices_app.command("reissue")
@@ -338,7 +342,7 @@ def reissue_cmd(
         push_to_stripe(cfg, [invoice])
         with billing(cfg) as con:
             invoice = invoice_store.get_invoice(con, invoice.invoice_id) or invoice
-    _show(invoice, fmt, out)
+    _show(cfg, invoice, fmt, out)
 
 
 def register(app: typer.Typer) -> None:

@@ -27,10 +27,9 @@ from common import settings as config
 from schemas.periods import Period
 from tests.fixtures.cli import Cli
 from tests.fixtures.seeds import SEED, event
-from tests.support.books import Books, at
+from tests.support.books import Books, at, stored
 from tests.support.cli_runner import assert_user_error, run_cli
 from tests.support.ledgers import set_published_total
-from tests.support.stored import stored
 
 BASIC = BUILTIN_TIERS["basic"]
 

@@ -32,7 +32,6 @@ from tests.fixtures.stripe import API_KEY, WEBHOOK_SECRET
 from tests.support.books import stored
 from tests.support.cli_runner import run_cli
 from tests.support.events import make_event
-from tests.support.stored import stored
 
 SASL_PASSWORD = "kafka-sasl-pw-0123456789SECRET"
 AS_OF = "2025-03-01T02:00:00Z"
