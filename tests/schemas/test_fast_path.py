@@ -15,7 +15,6 @@ import json
 import math
 import random
 import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,10 @@ from schemas.fast_path import decode_fast, plans
 from schemas.flat_schema import FlatSchema
 from schemas.prepare import DeadLetter, PreparedBatch, Record, RecordBatch, prepare_batch
 from schemas.validation import REASONS
-from tests.support.events import make_correction, make_event
+from tests.support.events import NOW, make_correction, make_event
 from tests.support.worker_harness import random_events, with_duplicates
 
 CODEC = default_codec()
-NOW = int(time.time() * 1_000_000)
 INT64 = (-(2**63), 2**63 - 1)
 
 

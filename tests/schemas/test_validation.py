@@ -4,15 +4,12 @@ reason."""
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import pytest
 
 from schemas.validation import REASONS, reason_code, validate
-from tests.support.events import make_correction, make_event
-
-NOW = int(time.time() * 1_000_000)
+from tests.support.events import NOW, make_correction, make_event
 
 
 @pytest.mark.parametrize(

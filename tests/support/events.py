@@ -8,13 +8,17 @@ from typing import Any
 
 from schemas.codec import COUNTERS
 
+NOW = int(time.time() * 1_000_000)
+"""The suite's one "now" (microseconds), taken once: events built here occur an hour before it,
+and in-process checks validate against it, so a suite that runs for hours never drifts."""
+
 
 def make_event(tenant: str = "acme-corp", **overrides: Any) -> dict[str, Any]:
     event: dict[str, Any] = {
         "event_id": str(uuid.uuid4()),
         "tenant_id": tenant,
         "session_id": "s-1",
-        "occurred_at": int(time.time() * 1_000_000) - 3_600_000_000,
+        "occurred_at": NOW - 3_600_000_000,
         "source": "gateway",
         "cpu_ms": 10,
         "network_bytes": 2048,
