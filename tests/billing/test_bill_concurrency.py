@@ -24,7 +24,7 @@ import pytest
 
 from bench.ledger_load import publish_usage
 from common.settings import load_settings
-from tests.fixtures.seeds import SEED, event
+from tests.fixtures.seeds import SEED, correction, event
 from tests.fixtures.stripe import API_KEY
 from tests.support.cli_runner import BIN, run_cli
 from tests.support.stripe_server import FakeStripe
@@ -150,6 +150,106 @@ def test_bill_killed_midway_then_rerun(
             assert invoices(env) == expected
             env = copy_of(unbilled, tmp_path / f"run{n}")  # and the next kill starts afresh
     print(f"\nbill SIGKILLed {KILLS} times while holding the billing file: {landed}")
+
+
+# --- corrections and credit balances -------------------------------------------------------
+
+CREDIT_AS_OF = "2025-08-01T02:00:00Z"
+Ledger = list[tuple[str, str, str, str]]
+
+
+@pytest.fixture(scope="module")
+def corrected(unbilled: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every tenant billed through 2025-04 with 1,000 more violations in 2025-01, which a
+    correction event each then takes back: the next ``bill`` (through 2025-07) credits 1,000
+    usd each, carries most of it and applies it to the invoices after."""
+    base = tmp_path_factory.mktemp("corrected")
+    env = copy_of(unbilled, base)
+    cfg = load_settings(metering_data_dir=Path(env["METERING_DATA_DIR"]))
+    publish_usage(cfg, [event(f"t{i:04d}", "2025-01", violations=1000) for i in range(TENANTS)])
+    run_cli("bill", "--as-of", AS_OF, "--quiet", env=env, check=True)
+    publish_usage(
+        cfg, [correction(f"t{i:04d}", "2025-01", violations=-1000) for i in range(TENANTS)]
+    )
+    return base / "data"
+
+
+def credit_ledger(env: dict[str, str]) -> Ledger:
+    con = duckdb.connect(str(Path(env["METERING_DATA_DIR"]) / "billing.duckdb"), read_only=True)
+    try:
+        rows = con.execute(
+            "SELECT m.tenant_id, i.period, s.period, m.amount::VARCHAR FROM credit_movements m "
+            "JOIN invoices i ON i.invoice_id = m.invoice_id "
+            "JOIN invoices s ON s.invoice_id = m.source_invoice_id ORDER BY ALL"
+        ).fetchall()
+    finally:
+        con.close()
+    return [(t, p, s, a) for t, p, s, a in rows]
+
+
+def start_credit_bill(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(BIN), "bill", "--as-of", CREDIT_AS_OF, "--quiet"],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def credit_reference(
+    corrected: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Invoices, Ledger, float]:
+    """What one clean corrected run produces, and how long it keeps the billing file open."""
+    env = copy_of(corrected, tmp_path_factory.mktemp("credit-reference"))
+    proc = start_credit_bill(env)
+    opened = wait_until_open(proc)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
+    held = time.monotonic() - opened
+    found, ledger = invoices(env), credit_ledger(env)
+    assert len(found) == TENANTS * 7
+    per_tenant = 1 + 2  # carried on 2025-05, applied on 2025-06 and 2025-07
+    assert len(ledger) == TENANTS * per_tenant
+    assert {a for t, p, s, a in ledger if p == "2025-05"} == {"950.00"}  # 50 - 1,000
+    assert found[("t0000", "2025-07")][0] == "0.00"
+    return found, ledger, held
+
+
+def test_two_bill_runs_at_once_move_each_credit_balance_once(
+    corrected: Path, credit_reference: tuple[Invoices, Ledger, float], tmp_path: Path
+) -> None:
+    env = copy_of(corrected, tmp_path)
+    runs = [start_credit_bill(env) for _ in range(2)]
+    for proc in runs:
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert (invoices(env), credit_ledger(env)) == credit_reference[:2]
+    run_cli("bill", "--as-of", CREDIT_AS_OF, "--quiet", env=env, check=True)  # a third: no-op
+    assert (invoices(env), credit_ledger(env)) == credit_reference[:2]
+
+
+@pytest.mark.soak
+def test_bill_with_credits_killed_midway_then_rerun(
+    corrected: Path, credit_reference: tuple[Invoices, Ledger, float], tmp_path: Path
+) -> None:
+    expected, ledger, held = credit_reference
+    rnd = random.Random(63)
+    before = copy_of(corrected, tmp_path / "before")
+    start = (invoices(before), credit_ledger(before))
+    for n in range(KILLS):
+        env = copy_of(corrected, tmp_path / f"run{n}")
+        proc = start_credit_bill(env)
+        try:
+            opened = wait_until_open(proc)
+            time.sleep(max(0.0, opened + rnd.uniform(0, held) - time.monotonic()))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=60)
+        found = (invoices(env), credit_ledger(env))
+        assert found in (start, (expected, ledger))  # all or nothing, never a part
+        run_cli("bill", "--as-of", CREDIT_AS_OF, "--quiet", env=env, check=True)
+        assert (invoices(env), credit_ledger(env)) == (expected, ledger)
 
 
 def stripe_env(env: dict[str, str], fake: FakeStripe) -> dict[str, str]:

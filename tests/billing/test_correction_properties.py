@@ -1,5 +1,6 @@
 """Properties of corrections and the credit balance over a tenant's life (hypothesis): usage of
-finalized periods moved up and down between bills, each period on its own tier. Money is
+finalized periods moved up and down between bills, each period on its own tier (unit,
+graduated, volume and package prices, quotas, minimum commitments). Money is
 conserved (the totals of every invoice, less the credit balance still owed to the tenant,
 equal the rating of every period's final usage), no total or balance is ever negative, every
 invoice's lines sum to its total, and each earlier period's lines sum to its rating now
@@ -18,31 +19,36 @@ from billing.invoice_store import Billed
 from billing.invoicing import LateUsage, settled_invoice
 from billing.model import EARLIER_PERIODS, Invoice, InvoiceStatus, add_up
 from billing.rating import Usage, rate
-from billing.tiers import BUILTIN_TIERS, Quotas, Tier
+from billing.tiers import BUILTIN_TIERS, PRICE_FIELDS, Prices, Quotas, Tier
 from schemas.codec import COUNTERS
 from schemas.periods import Period
+from tests.support.price_forms import COMMITMENT, forms
 
 COUNT = st.integers(min_value=0, max_value=10**9) | st.sampled_from([0, 1, 999, 1000, 1001])
 
 
+PRICED = st.builds(Prices, **{code: st.none() | forms(10**6) for code in Prices.model_fields})
+
+
 @st.composite
 def _custom(draw: st.DrawFn) -> Tier:
+    """Any tier: unit prices, or graduated, volume and package forms, quotas either way, a
+    risk multiplier and a minimum commitment."""
     price = st.decimals(min_value=0, max_value=5, places=4, allow_nan=False, allow_infinity=False)
+    prices = draw(PRICED)
     return Tier(
         name="custom",
         display_name="Custom",
         base_price_usd=draw(st.decimals(min_value=0, max_value=100, places=2)),
-        cpu_price_per_ms=draw(price),
-        network_price_per_mb=draw(price),
-        api_call_price=draw(price),
-        tool_execution_price=draw(price),
-        data_retrieval_price=draw(price),
-        egress_scan_price=draw(price),
-        policy_check_price=draw(price),
-        violation_price=draw(price),
         risk_multiplier=draw(st.decimals(min_value=0, max_value=2, places=2)),
         quota_mode=draw(st.sampled_from(["reported", "included"])),
         quotas=Quotas(**{q: draw(st.none() | COUNT) for q in Quotas.model_fields}),
+        prices=prices,
+        minimum_commitment_usd=draw(COMMITMENT),
+        **{
+            field: None if getattr(prices, code) is not None else draw(price)
+            for code, field in PRICE_FIELDS.items()
+        },
     )
 
 

@@ -1,13 +1,14 @@
-"""A finalized period corrected afterwards, on a real billing DuckDB file and a real usage
-snapshot: the next invoice carries the signed difference, re-rated with the period's prices,
-line by line (a credit is a negative line), exactly once; a total never goes below zero, what
-is left is a credit balance carried to the following invoices, and every movement of it is in
-the credit ledger."""
+"""A finalized period corrected afterwards by correction events (schema v3, folded into a real
+ledger and snapshot), on a real billing DuckDB file: the next invoice carries the signed
+difference, re-rated with the period's prices, line by line (a credit is a negative line),
+exactly once; a total never goes below zero, what is left is a credit balance carried to the
+following invoices, and every movement of it is in the credit ledger."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -16,10 +17,8 @@ from billing.credits import CreditMovement
 from billing.model import CREDIT_APPLIED, CREDIT_CARRIED, USAGE_CORRECTION, Invoice, add_up
 from billing.rating import Usage, rate
 from billing.tiers import BUILTIN_TIERS
-from common import settings as config
-from tests.fixtures.seeds import SEED, event
+from tests.fixtures.seeds import PRICED, SEED, correction, event
 from tests.support.books import Books, at
-from tests.support.ledgers import set_published_total
 
 BASIC, PRO = BUILTIN_TIERS["basic"], BUILTIN_TIERS["professional"]
 
@@ -27,11 +26,6 @@ BASIC, PRO = BUILTIN_TIERS["basic"], BUILTIN_TIERS["professional"]
 @pytest.fixture
 def books(data_env: dict[str, str]) -> Iterator[Books]:
     yield Books()
-
-
-def lower(tenant: str, period: str, counter: str, value: int) -> None:
-    """``tenant``'s ``counter`` in ``period`` is now ``value`` (a real ledger write)."""
-    set_published_total(config.load_settings(), 0, tenant, counter, value, period)
 
 
 def lines_of(invoice: Invoice, code: str) -> list[tuple[str | None, str | None, Decimal]]:
@@ -52,7 +46,7 @@ def test_a_period_corrected_down_is_credited_line_by_line_on_the_next_invoice(
     assert jan.total == Decimal("182.64")
     before = jan.model_dump()
 
-    lower("acme", "2025-01", "cpu_ms", 0)  # the hour of CPU was never used
+    books.publish(correction("acme", "2025-01", cpu_ms=-SEED["cpu_ms"]))  # never used
     (feb,) = books.bill(at(2025, 3, 1, 2)).invoices
     now = Usage.from_mapping({**SEED, "cpu_ms": 0})
     expected = {
@@ -65,9 +59,9 @@ def test_a_period_corrected_down_is_credited_line_by_line_on_the_next_invoice(
         ("2025-01", code, amount) for code, amount in expected.items()
     ]
     assert expected["cpu"] == Decimal("-0.29")  # a credit: a negative line
-    correction = add_up(expected.values())
-    assert correction == rate(PRO, now).total - jan.total  # the period costs its rating now
-    assert feb.total == Decimal("180.00") + correction > 0
+    credited = add_up(expected.values())
+    assert credited == rate(PRO, now).total - jan.total  # the period costs its rating now
+    assert feb.total == Decimal("180.00") + credited > 0
     assert lines_of(feb, CREDIT_CARRIED) == lines_of(feb, CREDIT_APPLIED) == []
     assert feb.computed_from["late_usage"][0]["billed"]["cpu_ms"] == SEED["cpu_ms"]
     assert feb.computed_from["late_usage"][0]["now"]["cpu_ms"] == 0
@@ -94,7 +88,7 @@ def test_credit_beyond_an_invoice_is_carried_across_the_following_invoices(
     (jan,) = books.bill(at(2025, 2, 1, 2)).invoices
     assert jan.total == Decimal("173.66")
 
-    lower("acme", "2025-01", "violations", 2)  # 120 violations were a bug of ours
+    books.publish(correction("acme", "2025-01", violations=-120))  # a bug of ours
     feb, mar, apr, may = books.bill(at(2025, 6, 1, 2)).invoices
     assert lines_of(feb, USAGE_CORRECTION) == [("2025-01", "violations", Decimal("-120.00"))]
     assert lines_of(feb, CREDIT_CARRIED) == [(None, None, Decimal("70.00"))]
@@ -123,9 +117,9 @@ def test_the_oldest_credit_is_used_first_and_the_ledger_names_both_invoices(
     books.publish(event("acme", "2025-01", violations=130), event("acme", "2025-02", violations=90))
     jan, feb = books.bill(at(2025, 3, 1, 2)).invoices
     assert (jan.total, feb.total) == (Decimal("180.00"), Decimal("140.00"))
-    lower("acme", "2025-01", "violations", 0)
+    books.publish(correction("acme", "2025-01", violations=-130))
     (mar,) = books.bill(at(2025, 4, 1, 2)).invoices  # 50 - 130: 80 carried
-    lower("acme", "2025-02", "violations", 0)
+    books.publish(correction("acme", "2025-02", violations=-90))
     (apr,) = books.bill(at(2025, 5, 1, 2)).invoices  # 50 - 90 = -40: 40 carried
     (may,) = books.bill(at(2025, 6, 1, 2)).invoices  # 50 of the 120
     (jun,) = books.bill(at(2025, 7, 1, 2)).invoices
@@ -153,7 +147,7 @@ def test_the_oldest_credit_is_used_first_and_the_ledger_names_both_invoices(
 def test_a_draft_previews_the_credit_without_moving_the_balance(books: Books) -> None:
     books.publish(event("acme", "2025-01", violations=100))
     books.bill(at(2025, 2, 1, 2))
-    lower("acme", "2025-01", "violations", 0)
+    books.publish(correction("acme", "2025-01", violations=-100))
     draft = books.generate("acme", "2025-02", at(2025, 2, 10))
     assert (draft.total, draft.credit_balance) == (Decimal("0.00"), Decimal("50.00"))
     again = books.generate("acme", "2025-02", at(2025, 2, 11))
@@ -162,3 +156,27 @@ def test_a_draft_previews_the_credit_without_moving_the_balance(books: Books) ->
     (feb,) = books.bill(at(2025, 3, 1, 2)).invoices
     assert feb.invoice_id == draft.invoice_id and feb.credit_balance == Decimal("50.00")
     assert [m.amount for m in movements(books, "acme")] == [Decimal("50.00")]
+
+
+def test_a_correction_is_rerated_through_graduated_prices_and_the_minimum_commitment(
+    books: Books, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not unit price x delta: 190,000 of 200,000 API calls taken back credits 190.00 of
+    graduated usage, but the period falls under its 100.00 commitment, so 35.00 of that
+    comes back as the true-up: January costs its rating now, 100.00."""
+    (tmp_path / "tiers.toml").write_text(PRICED)
+    monkeypatch.setenv("METERING_TIERS_FILE", str(tmp_path / "tiers.toml"))
+    books.publish(event("acme", "2025-01", api_calls=200_000))
+    books.set_tier("acme", "scale", "2025-01")
+    (jan,) = books.bill(at(2025, 2, 1, 2)).invoices
+    assert jan.total == Decimal("255.00")  # 10 + 1,000 x 0.01 + 9,000 x 0.005 + 190,000 x 0.001
+    books.publish(correction("acme", "2025-01", api_calls=-190_000))
+    (feb,) = books.bill(at(2025, 3, 1, 2)).invoices
+    assert lines_of(feb, USAGE_CORRECTION) == [
+        ("2025-01", "api_calls", Decimal("-190.00")),
+        ("2025-01", "minimum_commitment", Decimal("35.00")),
+    ]
+    assert jan.total - Decimal("155.00") == Decimal("100.00")  # January costs its rating now
+    # February's own 100.00 (base and true-up) less 155.00: 55.00 carried, nothing due
+    assert lines_of(feb, CREDIT_CARRIED) == [(None, None, Decimal("55.00"))]
+    assert (feb.total, feb.credit_balance) == (Decimal("0.00"), Decimal("55.00"))

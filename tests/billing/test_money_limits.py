@@ -159,7 +159,8 @@ def test_late_usage_is_rated_with_the_prices_its_period_was_billed_with(
 def test_a_billing_file_from_before_is_widened_and_gets_recorded_prices(
     books: Books, tmp_path: Path
 ) -> None:
-    """DECIMAL(18, 2) money, BIGINT billed counters, no prices, no billing_starts."""
+    """DECIMAL(18, 2) money, BIGINT billed counters, no prices, no billing_starts, no credit
+    balances."""
     books.publish(event("acme", "2025-01", api_calls=10))
     (jan,) = books.bill(at(2025, 2, 2)).invoices
     cfg = config.load_settings()
@@ -171,6 +172,8 @@ def test_a_billing_file_from_before_is_widened_and_gets_recorded_prices(
             con.execute(f"ALTER TABLE billed_usage ALTER {counter} TYPE BIGINT")
         con.execute("ALTER TABLE billed_usage DROP COLUMN prices")
         con.execute("DROP TABLE billing_starts")
+        con.execute("ALTER TABLE invoices DROP COLUMN credit_balance")
+        con.execute("DROP TABLE credit_movements")
         (computed,) = con.execute("SELECT computed_from FROM invoices").fetchall()[0]
         tier = json.loads(computed)["tier"]
         del tier["display_name"]  # invoices from before did not record it
@@ -181,20 +184,26 @@ def test_a_billing_file_from_before_is_widened_and_gets_recorded_prices(
         types = dict(
             con.execute(
                 "SELECT table_name || '.' || column_name, data_type FROM duckdb_columns() "
-                "WHERE column_name IN ('total', 'api_calls', 'prices', 'first_period')"
+                "WHERE column_name IN ('total', 'api_calls', 'prices', 'first_period', "
+                "'credit_balance', 'amount')"
             ).fetchall()
         )
         prices = con.execute("SELECT prices FROM billed_usage").fetchone()
         starts = con.execute("SELECT * FROM billing_starts").fetchall()
+        balances = con.execute("SELECT credit_balance FROM invoices_shown").fetchall()
     assert types == {
         "invoices.total": "DECIMAL(38,2)",
         "invoices_shown.total": "DECIMAL(38,2)",  # (the view over it, widened with it)
+        "invoices.credit_balance": "DECIMAL(38,2)",  # invoices from before: no balance
+        "invoices_shown.credit_balance": "DECIMAL(38,2)",
+        "credit_movements.amount": "DECIMAL(38,2)",
         "billed_usage.api_calls": "HUGEINT",
         "billed_usage.prices": "VARCHAR",
         "billing_starts.first_period": "VARCHAR",
     }
     assert prices is not None and json.loads(prices[0])["api_call_price"] == "0.001"
-    assert starts == [("acme", "2025-01")]
+    assert starts == [("acme", "2025-01")] and balances == [(Decimal("0.00"),)]
+    assert books.invoices("acme")[0].credit_balance == 0
     books.publish(event("acme", "2025-01", api_calls=1000))
     (feb,) = books.bill(at(2025, 3, 2)).invoices
     assert [ln.amount for ln in feb.lines if ln.code == "late_usage"] == [Decimal("1.00")]

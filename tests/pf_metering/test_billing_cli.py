@@ -20,7 +20,7 @@ from bench.ledger_load import publish_usage
 from common import settings as config
 from schemas.periods import Period
 from tests.fixtures.cli import Cli
-from tests.fixtures.seeds import SEED, event
+from tests.fixtures.seeds import SEED, correction, event
 from tests.fixtures.stripe import API_KEY
 from tests.support.cli_runner import run_cli
 from tests.support.stripe_server import FakeStripe
@@ -222,3 +222,47 @@ def test_sql_joins_usage_with_billing_tables(pfm: Cli) -> None:
     row = rows[0]
     assert (row["tenant_id"], row["period"], row["events"]) == ("acme", "2025-01", 1)
     assert Decimal(str(row["total"])) == Decimal("53.66")
+
+
+def test_corrections_and_credits_in_json_tables_and_sql(pfm: Cli) -> None:
+    """A period corrected by a correction event after it was billed: the JSON documents carry
+    ``credit_balance``, the correction's ``period`` and ``corrects``, the credit lines; the
+    ``invoices`` table shows them; ``sql`` reads the credit ledger."""
+    pfm.publish(event("acme", "2025-01", violations=100))
+    assert pfm("bill", "--as-of", "2025-02-01T02:00:00Z", "--quiet").code == 0
+    pfm.publish(correction("acme", "2025-01", violations=-100))
+    assert pfm("bill", "--as-of", "2025-04-01T02:00:00Z", "--quiet").code == 0
+    feb = pfm("generate-invoice", "acme", "2025-02", "-f", "json").json()
+    assert INVOICE_FIELDS | {"credit_balance"} <= set(feb)
+    assert (feb["total"], feb["credit_balance"]) == ("0.00", "50.00")
+    earlier = [ln for ln in feb["lines"] if ln["code"] in ("usage_correction", "credit_carried")]
+    assert [(ln["code"], ln.get("period"), ln.get("corrects"), ln["amount"]) for ln in earlier] == [
+        ("usage_correction", "2025-01", "violations", "-100.00"),
+        ("credit_carried", None, None, "50.00"),
+    ]
+    assert feb["computed_from"]["credit"] == {
+        "balance_before": "0.00",
+        "movements": [{"source_invoice_id": feb["invoice_id"], "amount": "50.00"}],
+        "balance_after": "50.00",
+    }
+    listed = pfm("invoices", "acme", "-f", "json").json()
+    assert [(i["period"], i["total"], i["credit_balance"]) for i in listed] == [
+        ("2025-01", "150.00", "0.00"),
+        ("2025-02", "0.00", "50.00"),
+        ("2025-03", "0.00", "0.00"),
+    ]
+    mar = listed[2]
+    assert [ln["amount"] for ln in mar["lines"] if ln["code"] == "credit_applied"] == ["-50.00"]
+    table = pfm("invoices", "acme")
+    assert table.code == 0 and "credit balance" in table.out and "2025-01: -100.00" in table.out
+    rows = pfm(
+        "sql",
+        "SELECT i.period, m.amount, m.source_invoice_id = i.invoice_id AS own "
+        "FROM credit_movements m JOIN invoices i USING (invoice_id) ORDER BY i.period",
+        "-f",
+        "json",
+    ).json()
+    assert [(r["period"], Decimal(str(r["amount"])), r["own"]) for r in rows] == [
+        ("2025-02", Decimal("50.00"), True),
+        ("2025-03", Decimal("-50.00"), False),
+    ]

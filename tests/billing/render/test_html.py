@@ -20,6 +20,7 @@ import pytest
 from bench.ledger_load import publish_usage
 from billing.alerts import store as alert_store
 from billing.alerts.model import AlertRecord, Crossing, Threshold
+from billing.credits import CreditLot
 from billing.db import billing_db, transaction
 from billing.invoice_store import Billed
 from billing.invoicing import ChargedElsewhere, LateUsage, build_invoice
@@ -30,7 +31,7 @@ from billing.render.report_html import PeriodUsage, UsageReport, render_report_h
 from billing.tiers import load_tiers
 from common.settings import load_settings
 from schemas.periods import Period
-from tests.fixtures.seeds import priced_tier, rated_invoice
+from tests.fixtures.seeds import correction, priced_tier, rated_invoice
 from tests.support import REPO
 from tests.support.cli_runner import assert_user_error, run_cli
 from tests.support.events import make_event
@@ -421,6 +422,55 @@ def test_report_lists_a_void_invoice_with_its_replacement() -> None:
     assert invoiced == amount_text(replacement.total)
 
 
+def _credited(credit: tuple[CreditLot, ...], violations_billed: int) -> Invoice:
+    """A basic March invoice carrying January corrected down (violations to 0)."""
+    tiers = load_tiers(None)
+    correction = LateUsage(
+        Billed(NASTY, "2025-01", "basic", Usage(violations=violations_billed), "INV-1", None),
+        tiers["basic"],
+        Usage(),
+    )
+    moment = datetime(2025, 4, 1, 2, tzinfo=UTC)
+    return build_invoice(
+        invoice_id=f"INV-credit-{violations_billed}",
+        tenant_id=NASTY,
+        period=Period(2025, 3),
+        tier=tiers["basic"],
+        usage_row={"api_calls": 1_000},
+        late=[correction],
+        status=InvoiceStatus.finalized,
+        created_at=moment,
+        finalized_at=moment,
+        due_days=30,
+        credit=credit,
+    )
+
+
+def test_an_invoice_with_a_credit_line_and_a_carried_balance_renders_in_chromium(
+    chromium: str, tmp_path: Path
+) -> None:
+    carried = _credited((CreditLot("INV-0", Decimal("25.00")),), 300)  # 51 - 300: 249 carried
+    applied = _credited((CreditLot("INV-0", Decimal("25.00")),), 20)  # 51 - 20, 25 applied
+    assert (carried.total, carried.credit_balance) == (Decimal("0.00"), Decimal("274.00"))
+    assert (applied.total, applied.credit_balance) == (Decimal("6.00"), Decimal("0.00"))
+    for invoice, billed, facts in (
+        (carried, 300, ["-300.00", "Credit carried to your balance", "249.00", "274.00"]),
+        (applied, 20, ["-20.00", "Credit balance applied", "-25.00", "6.00"]),
+    ):
+        page = render_invoice_html(invoice, now=invoice.created_at)
+        assert_self_contained(page)
+        text = visible_text(page)
+        assert "Late usage and corrections from earlier periods" in text
+        assert f"correction for 2025-01 (basic): policy violations, {billed} -> 0" in text
+        assert "usage_correction" in text and "Credit balance remaining" in text
+        for fact in facts:
+            assert fact in text, fact
+        path = tmp_path / f"{invoice.invoice_id}.html"
+        path.write_text(page)
+        screenshot(chromium, path, tmp_path / f"{invoice.invoice_id}.png")
+        assert_not_blank(tmp_path / f"{invoice.invoice_id}.png")
+
+
 # --- the usage report ---------------------------------------------------------------------
 
 MONTHS = [Period(2025, m) for m in range(3, 8)]
@@ -496,3 +546,34 @@ def test_report_rejects_bad_ranges_and_unknown_tenants(data_env: dict[str, str])
     assert_user_error(
         run_cli("report", "acme-corp", "--from", "2000-01", "--to", "2025-01"), "at most"
     )
+
+
+def test_report_shows_corrections_credits_and_the_balance(
+    data_env: dict[str, str], chromium: str, tmp_path: Path
+) -> None:
+    moment = int((Period(2025, 1).start + timedelta(days=3)).timestamp() * 1_000_000)
+    publish_usage(load_settings(), [make_event("acme-corp", occurred_at=moment, violations=100)])
+    run_cli("bill", "--quiet", "--as-of", "2025-02-01T02:00:00Z", check=True)
+    publish_usage(load_settings(), [correction("acme-corp", "2025-01", violations=-100)])
+    run_cli("bill", "--quiet", "--as-of", "2025-05-01T02:00:00Z", check=True)
+    out = tmp_path / "report.html"
+    run_cli(
+        "report", "acme-corp", "--from", "2025-01", "--to", "2025-04", "-o", str(out), check=True
+    )
+    page = out.read_text()
+    assert_self_contained(page)
+    text = visible_text(page)
+    listed = json.loads(run_cli("invoices", "acme-corp", "-f", "json", check=True).stdout)
+    shown = [(i["period"], i["total"], i["credit_balance"]) for i in listed]
+    assert shown == [
+        ("2025-01", "150.00", "0.00"),
+        ("2025-02", "0.00", "50.00"),  # 50 - 100: 50 carried
+        ("2025-03", "0.00", "0.00"),  # 50 applied
+        ("2025-04", "50.00", "0.00"),
+    ]
+    for header in ("Earlier periods", "Credit", "Credit balance", "Credit balance (USD)"):
+        assert header in text
+    assert "-100.00" in text and "-50.00" in text
+    png = tmp_path / "report.png"
+    screenshot(chromium, out, png)
+    assert_not_blank(png)

@@ -24,7 +24,7 @@ from billing.stripe.push import finalize_key, invoice_create_args, planned_items
 from billing.stripe.voiding import StripeVoider, credit_note_key, credit_note_memo, void_key
 from common import settings as config
 from tests.fixtures.cli import Cli
-from tests.fixtures.seeds import SEED, event
+from tests.fixtures.seeds import SEED, correction, event
 from tests.fixtures.stripe import (
     API_KEY,
     LocalBilling,
@@ -33,7 +33,6 @@ from tests.fixtures.stripe import (
     sample_invoices,
 )
 from tests.support.books import Books
-from tests.support.ledgers import set_published_total
 from tests.support.stripe_server import Call, FakeStripe, running
 
 OPERATIONS = {
@@ -233,7 +232,7 @@ def test_corrections_and_credits_reach_stripe_to_the_cent_and_every_request_is_v
         monkeypatch.setenv("STRIPE_API_BASE", fake.url)
         pfm.publish(event("acme", "2025-01", **{**SEED, "violations": 122}))
         assert pfm("bill", "--as-of", "2025-02-01T02:00:00Z", "--stripe").code == 0
-        set_published_total(config.load_settings(), 0, "acme", "violations", 2, "2025-01")
+        pfm.publish(correction("acme", "2025-01", violations=-120))
         assert pfm("bill", "--as-of", "2025-05-01T02:00:00Z", "--stripe").code == 0
         invoices = Books().invoices("acme")
         assert [str(i.total) for i in invoices] == ["173.66", "0.00", "0.00", "30.00"]
