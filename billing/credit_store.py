@@ -41,7 +41,7 @@ def credit_lots(
     """Per tenant, the credit lots with something left, oldest invoice's period first."""
     where, params = ("WHERE m.tenant_id = ?", [tenant_id]) if tenant_id else ("", [])
     rows = con.execute(
-        f"""SELECT m.tenant_id, m.source_invoice_id, sum(m.amount)
+        f"""SELECT m.tenant_id, m.source_invoice_id, i.period, sum(m.amount)
             FROM credit_movements m JOIN invoices i ON i.invoice_id = m.source_invoice_id
             {where}
             GROUP BY m.tenant_id, m.source_invoice_id, i.period
@@ -50,8 +50,8 @@ def credit_lots(
         params,
     ).fetchall()
     lots: dict[str, list[CreditLot]] = {}
-    for tenant, source, remaining in rows:
-        lots.setdefault(tenant, []).append(CreditLot(source, Decimal(remaining)))
+    for tenant, source, period, remaining in rows:
+        lots.setdefault(tenant, []).append(CreditLot(source, period, Decimal(remaining)))
     return {tenant: tuple(found) for tenant, found in lots.items()}
 
 

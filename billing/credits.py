@@ -20,9 +20,10 @@ from billing.model import CREDIT_APPLIED, CREDIT_CARRIED, EXACT, InvoiceLine, ad
 
 @dataclass(frozen=True)
 class CreditLot:
-    """What is left of the credit one invoice created."""
+    """What is left of the credit one invoice (of ``period``) created."""
 
     source_invoice_id: str
+    period: str
     remaining: Decimal
 
 
@@ -55,9 +56,10 @@ class Settlement:
 
 
 def settle(
-    tenant_id: str, invoice_id: str, charges: Decimal, lots: Sequence[CreditLot]
+    tenant_id: str, invoice_id: str, period: str, charges: Decimal, lots: Sequence[CreditLot]
 ) -> Settlement:
-    """Settle an invoice whose lines sum to ``charges`` against ``lots`` (oldest first)."""
+    """Settle the invoice ``invoice_id`` of ``period``, whose lines sum to ``charges``,
+    against ``lots`` (oldest first)."""
     if charges < 0:
         carried = -charges
         line = InvoiceLine(
@@ -68,22 +70,23 @@ def settle(
             amount=carried,
         )
         movement = CreditMovement(tenant_id, invoice_id, invoice_id, carried)
-        return Settlement(line, (movement,), (*lots, CreditLot(invoice_id, carried)))
-    due, left, movements = charges, [], []
+        return Settlement(line, (movement,), (*lots, CreditLot(invoice_id, period, carried)))
+    due, left, movements, sources = charges, [], [], []
     for lot in lots:
         used = min(due, lot.remaining)
         if used > 0:
             movements.append(CreditMovement(tenant_id, invoice_id, lot.source_invoice_id, -used))
+            sources.append(lot.period)
             due = EXACT.subtract(due, used)
         if lot.remaining > used:
-            left.append(CreditLot(lot.source_invoice_id, EXACT.subtract(lot.remaining, used)))
+            remaining = EXACT.subtract(lot.remaining, used)
+            left.append(CreditLot(lot.source_invoice_id, lot.period, remaining))
     if not movements:
         return Settlement(None, (), tuple(lots))
     applied = EXACT.subtract(charges, due)
-    sources = ", ".join(m.source_invoice_id for m in movements)
     line = InvoiceLine(
         code=CREDIT_APPLIED,
-        description=f"credit balance applied (from {sources})",
+        description=f"credit balance applied (credit from {', '.join(sources)})",
         quantity=Decimal(1),
         unit_price=-applied,
         amount=-applied,

@@ -278,7 +278,8 @@ def settled_invoice(
         for line in correction_lines(item.billed.period, item.tier, item.billed.usage, item.now)
     ]
     lines = [*rating.lines, *late_lines, *(c.line() for c in charged_elsewhere)]
-    settlement = settle(tenant_id, invoice_id, add_up(ln.amount for ln in lines), credit)
+    charges = add_up(ln.amount for ln in lines)
+    settlement = settle(tenant_id, invoice_id, str(period), charges, credit)
     if settlement.line is not None:
         lines.append(settlement.line)
     computed_from: dict[str, Any] = {

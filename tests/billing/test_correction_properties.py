@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,6 +37,10 @@ def _custom(draw: st.DrawFn) -> Tier:
     risk multiplier and a minimum commitment."""
     price = st.decimals(min_value=0, max_value=5, places=4, allow_nan=False, allow_infinity=False)
     prices = draw(PRICED)
+    unit: dict[str, Any] = {
+        field: None if getattr(prices, code) is not None else draw(price)
+        for code, field in PRICE_FIELDS.items()
+    }
     return Tier(
         name="custom",
         display_name="Custom",
@@ -45,10 +50,7 @@ def _custom(draw: st.DrawFn) -> Tier:
         quotas=Quotas(**{q: draw(st.none() | COUNT) for q in Quotas.model_fields}),
         prices=prices,
         minimum_commitment_usd=draw(COMMITMENT),
-        **{
-            field: None if getattr(prices, code) is not None else draw(price)
-            for code, field in PRICE_FIELDS.items()
-        },
+        **unit,
     )
 
 
@@ -141,7 +143,7 @@ def test_the_balance_is_the_sum_of_what_was_carried_minus_what_was_applied(
     lots: tuple[CreditLot, ...] = ()
     for n, charge in enumerate(charges):
         before = balance(lots)
-        settlement = settle("t", f"INV-{n}", charge, lots)
+        settlement = settle("t", f"INV-{n}", str(Period(2025 + n // 12, n % 12 + 1)), charge, lots)
         lots = settlement.lots
         total = charge + (settlement.line.amount if settlement.line else Decimal(0))
         assert total == max(Decimal(0), charge - before)

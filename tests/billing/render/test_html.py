@@ -31,7 +31,7 @@ from billing.render.report_html import PeriodUsage, UsageReport, render_report_h
 from billing.tiers import load_tiers
 from common.settings import load_settings
 from schemas.periods import Period
-from tests.fixtures.seeds import correction, priced_tier, rated_invoice
+from tests.fixtures.seeds import correction, event, priced_tier, rated_invoice
 from tests.support import REPO
 from tests.support.cli_runner import assert_user_error, run_cli
 from tests.support.events import make_event
@@ -449,8 +449,12 @@ def _credited(credit: tuple[CreditLot, ...], violations_billed: int) -> Invoice:
 def test_an_invoice_with_a_credit_line_and_a_carried_balance_renders_in_chromium(
     chromium: str, tmp_path: Path
 ) -> None:
-    carried = _credited((CreditLot("INV-0", Decimal("25.00")),), 300)  # 51 - 300: 249 carried
-    applied = _credited((CreditLot("INV-0", Decimal("25.00")),), 20)  # 51 - 20, 25 applied
+    carried = _credited(
+        (CreditLot("INV-0", "2024-12", Decimal("25.00")),), 300
+    )  # 51 - 300: 249 carried
+    applied = _credited(
+        (CreditLot("INV-0", "2024-12", Decimal("25.00")),), 20
+    )  # 51 - 20, 25 applied
     assert (carried.total, carried.credit_balance) == (Decimal("0.00"), Decimal("274.00"))
     assert (applied.total, applied.credit_balance) == (Decimal("6.00"), Decimal("0.00"))
     for invoice, billed, facts in (
@@ -551,8 +555,7 @@ def test_report_rejects_bad_ranges_and_unknown_tenants(data_env: dict[str, str])
 def test_report_shows_corrections_credits_and_the_balance(
     data_env: dict[str, str], chromium: str, tmp_path: Path
 ) -> None:
-    moment = int((Period(2025, 1).start + timedelta(days=3)).timestamp() * 1_000_000)
-    publish_usage(load_settings(), [make_event("acme-corp", occurred_at=moment, violations=100)])
+    publish_usage(load_settings(), [event("acme-corp", "2025-01", violations=100)])
     run_cli("bill", "--quiet", "--as-of", "2025-02-01T02:00:00Z", check=True)
     publish_usage(load_settings(), [correction("acme-corp", "2025-01", violations=-100)])
     run_cli("bill", "--quiet", "--as-of", "2025-05-01T02:00:00Z", check=True)
