@@ -56,9 +56,9 @@ def copy_of(unbilled: Path, target: Path) -> dict[str, str]:
     return {"METERING_DATA_DIR": str(target / "data"), "METERING_GROUP": f"g-{target.name}"}
 
 
-def start_bill(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+def start_bill(env: dict[str, str], *args: str, as_of: str = AS_OF) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [str(BIN), "bill", "--as-of", AS_OF, "--quiet", *args],
+        [str(BIN), "bill", "--as-of", as_of, "--quiet", *args],
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -113,6 +113,17 @@ def wait_until_open(proc: subprocess.Popen[str]) -> float:
     return time.monotonic()
 
 
+def kill_while_open(proc: subprocess.Popen[str], rnd: random.Random, held: float) -> None:
+    """SIGKILL ``proc`` at a random moment of the ``held`` seconds a clean run keeps the
+    billing file open, counted from when it opened it."""
+    try:
+        opened = wait_until_open(proc)
+        time.sleep(max(0.0, opened + rnd.uniform(0, held) - time.monotonic()))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+
+
 def test_two_bill_runs_at_once(
     unbilled: Path, reference: tuple[Invoices, float], tmp_path: Path
 ) -> None:
@@ -135,13 +146,7 @@ def test_bill_killed_midway_then_rerun(
     landed = {"before the commit": 0, "after the commit": 0}
     env = copy_of(unbilled, tmp_path / "run")
     for n in range(KILLS):
-        proc = start_bill(env)
-        try:
-            opened = wait_until_open(proc)
-            time.sleep(max(0.0, opened + rnd.uniform(0, held) - time.monotonic()))
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate(timeout=60)
+        kill_while_open(start_bill(env), rnd, held)
         found = invoices(env)
         assert found in ({}, expected)  # all or nothing, never a part
         landed["after the commit" if found else "before the commit"] += 1
@@ -187,23 +192,13 @@ def credit_ledger(env: dict[str, str]) -> Ledger:
     return [(t, p, s, a) for t, p, s, a in rows]
 
 
-def start_credit_bill(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(BIN), "bill", "--as-of", CREDIT_AS_OF, "--quiet"],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def credit_reference(
     corrected: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Invoices, Ledger, float]:
     """What one clean corrected run produces, and how long it keeps the billing file open."""
     env = copy_of(corrected, tmp_path_factory.mktemp("credit-reference"))
-    proc = start_credit_bill(env)
+    proc = start_bill(env, as_of=CREDIT_AS_OF)
     opened = wait_until_open(proc)
     assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
     held = time.monotonic() - opened
@@ -220,7 +215,7 @@ def test_two_bill_runs_at_once_move_each_credit_balance_once(
     corrected: Path, credit_reference: tuple[Invoices, Ledger, float], tmp_path: Path
 ) -> None:
     env = copy_of(corrected, tmp_path)
-    runs = [start_credit_bill(env) for _ in range(2)]
+    runs = [start_bill(env, as_of=CREDIT_AS_OF) for _ in range(2)]
     for proc in runs:
         _out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -239,13 +234,7 @@ def test_bill_with_credits_killed_midway_then_rerun(
     start = (invoices(before), credit_ledger(before))
     for n in range(KILLS):
         env = copy_of(corrected, tmp_path / f"run{n}")
-        proc = start_credit_bill(env)
-        try:
-            opened = wait_until_open(proc)
-            time.sleep(max(0.0, opened + rnd.uniform(0, held) - time.monotonic()))
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate(timeout=60)
+        kill_while_open(start_bill(env, as_of=CREDIT_AS_OF), rnd, held)
         found = (invoices(env), credit_ledger(env))
         assert found in (start, (expected, ledger))  # all or nothing, never a part
         run_cli("bill", "--as-of", CREDIT_AS_OF, "--quiet", env=env, check=True)
