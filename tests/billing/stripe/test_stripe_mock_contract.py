@@ -22,7 +22,6 @@ from billing.model import CREDIT_APPLIED, CREDIT_CARRIED, USAGE_CORRECTION, Invo
 from billing.stripe.gateway import StripeGateway
 from billing.stripe.push import finalize_key, invoice_create_args, planned_items
 from billing.stripe.voiding import StripeVoider, credit_note_key, credit_note_memo, void_key
-from common import settings as config
 from tests.fixtures.cli import Cli
 from tests.fixtures.seeds import SEED, correction, event
 from tests.fixtures.stripe import (
