@@ -164,8 +164,10 @@ def attach_lake(con: duckdb.DuckDBPyConnection, settings: Settings, alias: str =
                 break
             except duckdb.Error as exc:
                 # two hosts attaching a new catalog at once both create DuckLake's tables:
-                # the loser's CREATE fails on PostgreSQL's unique index; the lake then exists
-                if "duplicate key value" not in str(exc) or attempt == INIT_ATTEMPTS - 1:
+                # the loser's CREATE fails (PostgreSQL's unique index, or the table already
+                # there); the lake then exists
+                lost_race = any(t in str(exc) for t in ("duplicate key value", "already exists"))
+                if not lost_race or attempt == INIT_ATTEMPTS - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))
     except duckdb.Error as exc:
