@@ -206,14 +206,15 @@ def spans(log: Path, step: str) -> list[tuple[int, int, int]]:
     return out
 
 
-def first_commit_after_claim(log: Path, partition: int) -> int:
-    """The first offset this worker committed ``partition`` from after it last claimed it."""
+def first_commit_after_claim(log: Path, partition: int) -> int | None:
+    """The first offset this worker committed ``partition`` from after it last claimed it
+    (None: not yet)."""
     text = log.read_text(errors="replace")
     claim = [m.end() for m in CLAIMED.finditer(text) if int(m.group(1)) == partition][-1]
     for m in SPAN.finditer(text, claim):
         if m.group(1) == "committing" and int(m.group(2)) == partition:
             return int(m.group(3))
-    raise AssertionError(f"no commit of p{partition} after its claim in {log}")
+    return None
 
 
 def claimed(log: Path) -> dict[int, int]:
@@ -319,7 +320,13 @@ def test_a_zombie_woken_with_a_batch_in_hand_is_refused(lake: Lake, tmp_path: Pa
     # Where the other worker resumed the partition says whether the zombie's COMMIT of the
     # batch in hand had reached the lake before the stop landed (the stop can fall between
     # the COMMIT and its log line): if not, that very batch is the one refused.
+    wait_for(
+        lambda: first_commit_after_claim(second, in_hand[0]) is not None,
+        "the new owner's first commit of the in-hand batch's partition",
+        timeout=600,
+    )
     resumed = first_commit_after_claim(second, in_hand[0])
+    assert resumed is not None
     assert resumed in (in_hand[1], in_hand[2])
     if resumed == in_hand[1]:
         assert in_hand in refusals
