@@ -12,6 +12,7 @@ from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.cimpl import NewTopic
 
 from tests.support.kafka_cluster import CLUSTER_PORT, kafka_cluster, kill_node
+from tests.support.waiting import wait_for
 
 
 def _topic_config(admin: AdminClient, topic: str) -> dict[str, str]:
@@ -27,6 +28,11 @@ def test_three_brokers_replicate_and_survive_one_killed(kafka_cluster_bootstrap:
     assert len(admin.list_topics(timeout=60).brokers) == 3
     topic = f"pf-cluster-{uuid.uuid4().hex[:10]}"
     admin.create_topics([NewTopic(topic, num_partitions=3)])[topic].result(timeout=60)
+
+    def described() -> bool:  # a broker may answer before the new topic's metadata reached it
+        return len(admin.list_topics(topic, timeout=60).topics[topic].partitions) == 3
+
+    wait_for(described, "the new topic's three partitions in the metadata")
     meta = admin.list_topics(topic, timeout=60).topics[topic]
     assert sorted(len(p.replicas) for p in meta.partitions.values()) == [3, 3, 3]
     assert _topic_config(admin, topic)["min.insync.replicas"] == "2"
