@@ -12,7 +12,8 @@ commits on (bench.worker_run); then the Java consumer and (``--peer-repeat`` rou
 the peers on the same topic, checked against the worker's totals (bench.peers.measure).
 It prints events/s (medians), c/a, c/b, the worker's peak RSS, the peers' table and
 issue 18's targets, writes them to ``--output`` (git-ignored), then runs
-``bench/bill_bench.py``.
+``bench/bill_bench.py``. Unless ``--skip-scaling``: embedded against cluster mode with
+1 and 3 workers on the same topic (bench.scaling, PostgreSQL from deploy/local-postgres).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import psutil
 from confluent_kafka import libversion
 from confluent_kafka.admin import AdminClient
 
+from bench import scaling
 from bench.baselines import Measured, naive_consume, raw_consume
 from bench.broker import create_topic, real_broker
 from bench.events import synthetic_events
@@ -250,6 +252,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--peer-repeat", type=int, default=1, help="rounds of the peers")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--skip-bill", action="store_true")
+    parser.add_argument(
+        "--skip-scaling",
+        action="store_true",
+        help="leave out embedded against cluster mode, 1 and 3 workers (bench.scaling)",
+    )
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"))
     args = parser.parse_args(argv)
 
@@ -281,11 +288,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             del dicts
             results.update(measure(args, bootstrap, topic, Path(tmp)))
             results["targets"] = peers.targets(results)
+            if not args.skip_scaling:
+                raw = results["raw_consume_events_per_s"]["median"]
+                results["scaling"] = scaling.measure(
+                    bootstrap, topic, args.events, args.repeat, raw, Path(tmp)
+                )
         finally:
             delete_topics(bootstrap, [topic, scratch])
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report(results)
     peers.report(results)
+    if "scaling" in results:
+        scaling.report(results["scaling"])
     if not args.skip_bill:
         results["bill_bench"] = bill_bench()
     args.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -26,6 +26,7 @@ _SUMMARY = re.compile(
     r"consumed (\d+) records: (\d+) counted, (\d+) duplicates, (\d+) dead-lettered"
     r"(?:, \d+ forwarded)?"
     r"(?: in ([\d.]+) s)?"  # (older workers, run with --worker-source, do not say)
+    r"(?:; commits p50 ([\d.]+) ms, p99 ([\d.]+) ms)?"
 )
 
 
@@ -42,6 +43,8 @@ class WorkerRun:
     duplicates: int
     dead: int
     worker_seconds: float  # as the worker reports it: its creation to its close
+    commit_p50_ms: float | None = None  # of its ledger commits (None: it made none)
+    commit_p99_ms: float | None = None
 
     @property
     def rate(self) -> float:
@@ -83,10 +86,13 @@ def run_worker(
     extra_env: dict[str, str],
     source: Path | None = None,
     timeout: float = 3600,
+    group: str | None = None,
+    log_name: str = "worker.log",
 ) -> WorkerRun:
     """Drain ``topic`` with a fresh worker (own group, own data dir) and measure it.
 
-    ``source``: run the worker from another checkout (before/after comparisons)."""
+    ``source``: run the worker from another checkout (before/after comparisons); ``group``:
+    join this consumer group (workers draining side by side) and log to ``log_name``."""
     command = [str(BIN), "consume", "--drain"]
     if source is not None:
         command = [sys.executable, "-c", "from pf_metering.cli import main; main()", *command[1:]]
@@ -96,10 +102,10 @@ def run_worker(
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "METERING_TOPIC": topic,
         "METERING_DATA_DIR": str(data_dir),
-        "METERING_GROUP": f"bench-worker-{uuid.uuid4().hex[:8]}",
+        "METERING_GROUP": group or f"bench-worker-{uuid.uuid4().hex[:8]}",
         **extra_env,
     }
-    log_path = data_dir / "worker.log"
+    log_path = data_dir / log_name
     data_dir.mkdir(parents=True, exist_ok=True)
     run = run_measured(command, env, log_path, cwd=source, timeout=timeout)
     output = run.output
@@ -110,7 +116,8 @@ def run_worker(
         raise RuntimeError(f"worker printed no summary:\n{output[-3000:]}")
     consumed, counted, duplicates, dead = (int(g) for g in found.groups()[:4])
     worker_seconds = float(found.group(5)) if found.group(5) else run.seconds
+    p50, p99 = (float(g) if g else None for g in found.groups()[5:7])
     return WorkerRun(
         expected, run.seconds, run.cpu_seconds, run.peak_rss_bytes, consumed, counted,
-        duplicates, dead, worker_seconds,
+        duplicates, dead, worker_seconds, p50, p99,
     )  # fmt: skip

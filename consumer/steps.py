@@ -160,6 +160,7 @@ class CommitToLedger:
         log.debug("committing p%d [%d, %d)", partition, item.first_offset, item.next_offset)
         try:
             result = self.ledgers.held[partition].commit(prepared)
+            self.stats.commit_seconds.append(time.perf_counter() - began)
         except OwnershipLost as exc:
             self.lost.add(partition)
             self.metrics.commits_refused.labels(partition=str(partition)).inc()

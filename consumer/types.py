@@ -8,7 +8,9 @@ the batches of one hand-over comes ``END_OF_POLL``, through every step.
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -85,6 +87,10 @@ class Decoded:
     decode_seconds: float
 
 
+COMMITS_KEPT = 10_000
+"""Commit times a worker keeps for its summary (a long-running one keeps the latest)."""
+
+
 @dataclass
 class WorkerStats:
     """What the worker did so far (updated by ``CommitToLedger``)."""
@@ -96,6 +102,16 @@ class WorkerStats:
     forwarded: int = 0
     batches: int = 0
     started: float = field(default_factory=time.monotonic)  # (before the Kafka client)
+    commit_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=COMMITS_KEPT))
+    """How long each of the last ``COMMITS_KEPT`` ledger commits took (the transaction only)."""
+
+    def commit_percentiles_ms(self) -> tuple[float, float] | None:
+        """p50 and p99 of the kept commit times in milliseconds (None before any commit)."""
+        kept = sorted(self.commit_seconds)
+        if not kept:
+            return None
+        p99 = kept[min(len(kept) - 1, int(0.99 * len(kept)))]
+        return statistics.median(kept) * 1000, p99 * 1000
 
 
 __all__ = [

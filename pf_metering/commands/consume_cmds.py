@@ -22,6 +22,7 @@ from common.settings import Settings
 from consumer.config import WorkerConfig
 from consumer.metrics import WorkerMetrics
 from consumer.replay import post_request, read_results
+from consumer.types import WorkerStats
 from consumer.worker import Worker
 from pf_metering.broker import require_broker
 from pf_metering.commands.common import (
@@ -82,10 +83,18 @@ def consume(
             f"consumed {stats.consumed} records: {stats.counted} counted, "
             f"{stats.duplicates} duplicates, {stats.dead} dead-lettered, "
             f"{stats.forwarded} forwarded "
-            f"in {time.monotonic() - stats.started:.2f} s",
+            f"in {time.monotonic() - stats.started:.2f} s{commit_summary(stats)}",
             file=sys.stderr,
         )
     exit_without_teardown()
+
+
+def commit_summary(stats: WorkerStats) -> str:
+    """``; commits p50 X ms, p99 Y ms`` of the drain's summary line (empty if none)."""
+    percentiles = stats.commit_percentiles_ms()
+    if percentiles is None:
+        return ""
+    return f"; commits p50 {percentiles[0]:.1f} ms, p99 {percentiles[1]:.1f} ms"
 
 
 def worker_config(cfg: Settings) -> WorkerConfig:

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 
 from bench import run
+from tests.support.waiting import free_port
 
 
 def test_bench_runs_and_writes_its_results(
     kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    monkeypatch.setenv("PF_BENCH_POSTGRES_PORT", str(free_port()))  # (scaling's cluster mode)
     out = tmp_path / "bench-results.json"
     argv = [
         "--events",
@@ -52,3 +54,13 @@ def test_bench_runs_and_writes_its_results(
             java["process_events_per_s"] > 0 and "worker_over_java_own_timing" in results["targets"]
         )
     assert set(results["targets"]) >= {"c_over_a", "c_over_a_whole_process"}
+    # embedded against cluster mode, 1 and 3 workers: every group reconciled (else it raises)
+    scaling = results["scaling"]
+    for name in ("embedded_x1", "embedded_x3", "cluster_x1", "cluster_x3"):
+        row = scaling[name]
+        assert row["events_per_s"] > 0 and row["cpu_seconds_per_million"] > 0, name
+        assert 0 < row["commit_p50_ms"] <= row["commit_p99_ms"], name
+    assert set(scaling["targets"]) == {
+        "cluster_c_over_a",
+        "cluster_cpu_per_event_over_embedded",
+    }
