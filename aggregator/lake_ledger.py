@@ -250,6 +250,18 @@ class LakePartitionLedger(PartitionLedger):
             time.sleep(CONFLICT_PAUSE_SECONDS * (attempt + 1))
         raise AssertionError("unreachable")
 
+    def import_rows(self, write: Callable[[], None], next_offset: int, max_at: int | None) -> None:
+        """``write`` (rows put straight into this ledger's tables) and the stored offset
+        ``next_offset`` in one transaction fenced like a commit (``lake migrate``)."""
+
+        def once() -> None:
+            self._hold()
+            write()
+            self._store_offset(next_offset, max_at)
+
+        self._run(once, "import rows into")
+        self.next_offset, self.max_occurred_at = next_offset, max_at
+
     def prune(self, oldest_billable_micros: int | None) -> int:
         """As embedded, in a transaction fenced by the epoch."""
         if oldest_billable_micros is None:

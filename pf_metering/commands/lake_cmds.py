@@ -1,4 +1,5 @@
-"""``lake maintain``: cluster mode's DuckLake kept small (``aggregator.lake_maintenance``)."""
+"""``lake maintain``: cluster mode's DuckLake kept small (``aggregator.lake_maintenance``);
+``lake migrate``: an embedded installation's usage moved into it (``aggregator.lake_migration``)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,46 @@ def lake_maintain(
     if not quiet:
         print(report.summary(), file=sys.stderr)
     render_rows(fmt, path, [report.as_row()])
+
+
+@lake_app.command("migrate")
+def lake_migrate(
+    ctx: typer.Context,
+    source: Path = typer.Option(
+        ..., "--from", help="the embedded installation's METERING_DATA_DIR (workers stopped)"
+    ),
+    fmt: Format = FORMAT_OPTION,
+    output: Path = OUTPUT_OPTION,
+    quiet: bool = QUIET_OPTION,
+) -> None:
+    """Copy an embedded installation's usage of METERING_TOPIC (offsets, dedup ids,
+    aggregates, sessions, duplicates, dead letters, corrections) into the lake, one
+    transaction a partition, so cluster workers resume where the embedded ones stopped.
+    Safe to run again: migrated partitions are skipped; a partition the cluster has already
+    counted into is refused, unchanged."""
+    cfg = settings_of(ctx)
+    require_cluster(cfg, "lake migrate")
+    path = output_path(output)
+    ledger_dir = cfg.model_copy(update={"metering_data_dir": source}).ledger_dir
+    if not source.is_dir():
+        raise UserError(f"--from {source}: no such directory (the embedded METERING_DATA_DIR)")
+    from aggregator.lake import open_lake  # (cluster mode only: the extensions load)
+    from aggregator.lake_migration import migrate_usage
+
+    con = open_lake(cfg)
+    try:
+        with status("migrating usage into the lake", quiet):
+            done = migrate_usage(con, ledger_dir, cfg.metering_topic)
+    finally:
+        con.close()
+    if not quiet:
+        moved = [m for m in done if m.outcome == "migrated"]
+        print(
+            f"lake migrate: {len(moved)} partition(s) migrated "
+            f"({sum(m.rows for m in moved)} rows), {len(done) - len(moved)} skipped",
+            file=sys.stderr,
+        )
+    render_rows(fmt, path, [m.as_row() for m in done])
 
 
 def register(app: typer.Typer) -> None:
