@@ -43,6 +43,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicP
 
 from aggregator.ledger import LedgerSet, LedgerStore, OwnershipLost, PartitionLedger, ReplayRequest
 from aggregator.views import write_query_db
+from common.documents import Documents
 from common.errors import OperationError
 from common.logs import Repeats
 from common.stopping import on_stop
@@ -64,7 +65,7 @@ from consumer.kafka import (
 )
 from consumer.metrics import WorkerMetrics
 from consumer.pipeline import Stage
-from consumer.replay import pending_requests, write_result
+from consumer.replay import folder_board, pending_requests, write_result
 from consumer.steps import Accumulate, Acknowledge, CommitToLedger, Decode, Forward
 from consumer.types import Head, WorkerStats
 from schemas.codec import Codec
@@ -94,7 +95,9 @@ class Worker:
     ``consumer_factory`` makes the Kafka client from its librdkafka configuration
     (default: confluent-kafka's ``Consumer``); ``clock`` (monotonic seconds) paces the lag
     refresh and the broker watch; ``ledgers`` is where the partition ledgers live (default:
-    embedded files under ``config.ledger_dir``; cluster mode: ``LakeLedgerSet``).
+    embedded files under ``config.ledger_dir``; cluster mode: ``LakeLedgerSet``);
+    ``schema_documents`` and ``replay_board`` where the published schema versions and the
+    replay requests are (default: folders of ``config.data_dir``; cluster mode: the lake's).
     """
 
     def __init__(
@@ -110,13 +113,16 @@ class Worker:
         consumer_factory: ConsumerFactory = kafka_consumer,
         clock: Callable[[], float] = time.monotonic,
         ledgers: LedgerStore | None = None,
+        schema_documents: Documents | None = None,
+        replay_board: Documents | None = None,
     ) -> None:
         self.config = config
         self.topic = config.topic
         self.drain = drain
         self.metrics = metrics or WorkerMetrics()
         # published schema versions: re-read on each assignment and on an unknown fingerprint
-        self.registry = Registry(config.data_dir)
+        self.registry = Registry(config.data_dir, documents=schema_documents)
+        self.replay_board = replay_board or folder_board(config.data_dir)
         self._fixed_codec = codec
         self.cooperative = strategy == "cooperative-sticky"
         self.stats = WorkerStats()
@@ -378,7 +384,7 @@ class Worker:
         self._last_replay_check = now
         todo = [
             (request, ledger)
-            for request in pending_requests(self.config.data_dir)
+            for request in pending_requests(self.replay_board)
             for ledger in self.ledgers.held.values()
             if (request.request_id, ledger.partition) not in self._replays_done
             and request.partition in (None, ledger.partition)
@@ -404,7 +410,7 @@ class Worker:
         except OwnershipLost as exc:
             self._lose(ledger.partition, exc)
             return
-        write_result(self.config.data_dir, request, ledger.partition, result)
+        write_result(self.replay_board, request, ledger.partition, result)
         log.info(
             "replay %s on p%d: %d dead letters, %d counted, %d duplicates, %d forwarded, "
             "%d still failing",

@@ -1,10 +1,11 @@
 """Writer versions of ``pf.metering.UsageEvent`` published at run time (``schemas add``).
 
-Stored with the data, so they survive restarts and reach workers that start later:
-``<METERING_DATA_DIR>/schemas/v0003.json`` holds ``version``, ``fingerprint`` (hex),
-``published_at`` (ISO 8601 UTC) and ``schema``, one file per version. A file appears whole
-(written aside, then hard-linked to its name), and two publishers racing for one version
-number cannot both take it (the link fails for the second, which takes the next). The
+Stored with the data, so they survive restarts and reach workers that start later: the
+document ``v0003.json`` (``common.documents``: a file in ``<METERING_DATA_DIR>/schemas``, or
+the lake's in cluster mode) holds ``version``, ``fingerprint`` (hex), ``published_at``
+(ISO 8601 UTC) and ``schema``, one per version. A document appears whole, and two
+publishers racing for one version number cannot both take it (``create`` fails for the
+second, which takes the next). The
 built-in versions (``schemas/*.avsc``) come first; the reader schema stays the newest
 built-in one, since the ledger and the validation rules are written for its fields.
 
@@ -20,9 +21,7 @@ import copy
 import io
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import fastavro
 from fastavro.schema import to_parsing_canonical_form
 
+from common.documents import Documents, FolderDocuments
 from schemas.codec import Codec, PublishedSchema, discover, schema_of_raw
 
 log = logging.getLogger(__name__)
@@ -139,11 +139,16 @@ def check_compatible(raw: Any, reader: PublishedSchema, version: int) -> Publish
 
 
 class Registry:
-    """The built-in versions plus those published in ``data_dir``; ``codec`` decodes all
-    of them into the newest built-in version."""
+    """The built-in versions plus those published in ``data_dir`` (or ``documents``: the
+    lake's in cluster mode); ``codec`` decodes all of them into the newest built-in one."""
 
-    def __init__(self, data_dir: Path, built_in: list[PublishedSchema] | None = None) -> None:
-        self.folder = registry_dir(data_dir)
+    def __init__(
+        self,
+        data_dir: Path,
+        built_in: list[PublishedSchema] | None = None,
+        documents: Documents | None = None,
+    ) -> None:
+        self.documents = documents or FolderDocuments(registry_dir(data_dir))
         self.built_in = built_in or discover()
         self.reader = max(self.built_in, key=lambda s: s.version)
         self._listing: tuple[str, ...] | None = None
@@ -159,18 +164,15 @@ class Registry:
         return [Version(s, None) for s in self.built_in] + self._published
 
     def refresh(self) -> bool:
-        """Re-read the folder if its listing changed; True when new versions appeared."""
-        try:
-            listing = tuple(sorted(p.name for p in self.folder.glob("v*.json")))
-        except OSError:
-            listing = ()
+        """Re-read the versions if their listing changed; True when new versions appeared."""
+        listing = tuple(self.documents.names("v*.json"))
         if listing == self._listing:
             return False
         self._listing = listing
         known = {v.schema.fingerprint for v in self.versions()}
         published = []
         for name in listing:
-            found = self._read(self.folder / name)
+            found = self._read(name)
             if found is not None:
                 published.append(found)
         self._published = sorted(published, key=lambda v: v.schema.version)
@@ -178,13 +180,13 @@ class Registry:
         self._codec = Codec(schemas, self.reader)
         return any(s.fingerprint not in known for s in schemas)
 
-    def _read(self, path: Path) -> Version | None:
+    def _read(self, name: str) -> Version | None:
         try:
-            doc = json.loads(path.read_text())
-            schema = schema_of_raw(doc["schema"], int(doc["version"]), path)
+            doc = json.loads(self.documents.read(name) or "")
+            schema = schema_of_raw(doc["schema"], int(doc["version"]), Path(name))
             return Version(schema, str(doc["published_at"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("schema registry: %s is unreadable, skipped (%s)", path.name, exc)
+            log.warning("schema registry: %s is unreadable, skipped (%s)", name, exc)
             return None
 
     def publish(self, raw: Any) -> tuple[Version, bool]:
@@ -204,19 +206,12 @@ class Registry:
                 "published_at": stamp,
                 "schema": raw,
             }
-            self.folder.mkdir(parents=True, exist_ok=True)
-            final = self.folder / _FILE.format(version)
-            tmp = self.folder / f".{final.name}.{uuid.uuid4().hex}.tmp"
-            tmp.write_text(json.dumps(doc, indent=2) + "\n")
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
+            name = _FILE.format(version)
+            if not self.documents.create(name, json.dumps(doc, indent=2) + "\n"):
                 self.refresh()  # someone published this number first: take the next
                 continue
-            finally:
-                tmp.unlink(missing_ok=True)
             self.refresh()
-            return Version(schema_of_raw(raw, version, final), stamp), True
+            return Version(schema_of_raw(raw, version, Path(name)), stamp), True
 
 
 __all__ = ["IncompatibleSchema", "Registry", "Version", "check_compatible", "registry_dir"]

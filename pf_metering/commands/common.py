@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from billing.db import Connect, billing_db
+from common.documents import Documents, FolderDocuments
 from common.errors import UserError
 from common.settings import Settings, load_settings
 from pf_metering.output import Format
@@ -53,6 +54,17 @@ def settings_of(ctx: typer.Context) -> Settings:
 def billing_connect(cfg: Settings) -> Connect:
     """Opens the billing file of ``cfg`` for one unit of work."""
     return partial(billing_db, cfg.billing_db, cfg.metering_lock_timeout)
+
+
+def shared_documents(cfg: Settings, area: str) -> Documents:
+    """The documents every process shares (``schemas``: published versions; ``replay``:
+    replay requests): a folder of ``METERING_DATA_DIR``, or the lake's in cluster mode."""
+    if not cfg.cluster_mode:
+        return FolderDocuments(cfg.metering_data_dir / area)
+    from aggregator.lake import open_lake  # (cluster mode only: the extensions load)
+    from aggregator.lake_documents import LakeDocuments
+
+    return LakeDocuments(open_lake(cfg), area)
 
 
 def parse_period(

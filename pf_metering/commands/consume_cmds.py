@@ -31,6 +31,7 @@ from pf_metering.commands.common import (
     QUIET_OPTION,
     output_path,
     settings_of,
+    shared_documents,
 )
 from pf_metering.output import Format, printable, render, render_rows, rows_table
 from pf_metering.progress import DrainProgress, progress_bar
@@ -75,6 +76,8 @@ def consume(
             strategy=strategy,
             progress=show,
             ledgers=lake_ledgers(cfg),
+            schema_documents=shared_documents(cfg, "schemas"),
+            replay_board=shared_documents(cfg, "replay"),
         )
         worker.install_signal_handlers()
         stats = worker.run()
@@ -187,16 +190,15 @@ def dead_letters_replay(
     if reason is not None and reason not in known:
         raise UserError(f"unknown --reason {reason[:64]!r}: one of {', '.join(known)}")
     cfg = settings_of(ctx)
-    folder = ledger_path(cfg.ledger_dir, cfg.metering_topic, 0).parent
-    stored = sorted(int(p.stem.split("-")[1]) for p in folder.glob("p-*.duckdb"))
-    wanted = [p for p in stored if partition in (None, p)]
-    request = post_request(cfg.metering_data_dir, reason, partition)
+    wanted = [p for p in stored_partitions(cfg) if partition in (None, p)]
+    board = shared_documents(cfg, "replay")
+    request = post_request(board, reason, partition)
     print(f"replay {request.request_id} requested for {len(wanted)} partition(s)", file=sys.stderr)
     deadline = time.monotonic() + wait
-    results = read_results(cfg.metering_data_dir, request.request_id)
+    results = read_results(board, request.request_id)
     while any(p not in results for p in wanted) and time.monotonic() < deadline:
         time.sleep(0.2)
-        results = read_results(cfg.metering_data_dir, request.request_id)
+        results = read_results(board, request.request_id)
     totals = {k: sum(int(r[k]) for r in results.values()) for k in _REPLAY_COUNTS}
     print(
         f"replayed on {len(results)} partition(s): {totals['counted']} counted, "
@@ -213,6 +215,21 @@ def dead_letters_replay(
 
 
 _REPLAY_COUNTS = ("counted", "duplicates", "forwarded", "dead")
+
+
+def stored_partitions(cfg: Settings) -> list[int]:
+    """The partitions of ``METERING_TOPIC`` that have a ledger (files, or the lake's)."""
+    if not cfg.cluster_mode:
+        folder = ledger_path(cfg.ledger_dir, cfg.metering_topic, 0).parent
+        return sorted(int(p.stem.split("-")[1]) for p in folder.glob("p-*.duckdb"))
+    from aggregator.lake import open_lake
+    from aggregator.lake_ledger import partition_schemas
+
+    con = open_lake(cfg)
+    try:
+        return list(partition_schemas(con, cfg.metering_topic))
+    finally:
+        con.close()
 
 
 def sql(

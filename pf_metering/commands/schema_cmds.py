@@ -11,7 +11,14 @@ from typing import Any
 import typer
 
 from common.errors import UserError
-from pf_metering.commands.common import FORMAT_OPTION, OUTPUT_OPTION, output_path, settings_of
+from common.settings import Settings
+from pf_metering.commands.common import (
+    FORMAT_OPTION,
+    OUTPUT_OPTION,
+    output_path,
+    settings_of,
+    shared_documents,
+)
 from pf_metering.output import Format, render_rows
 from schemas.registry import IncompatibleSchema, Registry, Version
 
@@ -19,6 +26,10 @@ schemas_app = typer.Typer(
     help="Writer versions of pf.metering.UsageEvent (built in, and published at run time).",
     no_args_is_help=True,
 )
+
+
+def _registry(cfg: Settings) -> Registry:
+    return Registry(cfg.metering_data_dir, documents=shared_documents(cfg, "schemas"))
 
 
 def _row(version: Version) -> dict[str, Any]:
@@ -45,7 +56,7 @@ def schemas_add(
     except ValueError as exc:
         raise UserError(f"{path} is not JSON: {exc}") from exc
     try:
-        version, new = Registry(settings_of(ctx).metering_data_dir).publish(raw)
+        version, new = _registry(settings_of(ctx)).publish(raw)
     except IncompatibleSchema as exc:
         raise UserError(f"{path} refused: {exc}") from exc
     fp = version.schema.fingerprint.hex()
@@ -61,7 +72,7 @@ def schemas_list(
 ) -> None:
     """Every version with its fingerprint and when it was published (the reader schema,
     which every version is decoded into, is the newest built-in one)."""
-    registry = Registry(settings_of(ctx).metering_data_dir)
+    registry = _registry(settings_of(ctx))
     rows = [_row(v) for v in registry.versions()]
     for row in rows:
         row["reader"] = row["version"] == registry.reader.version
