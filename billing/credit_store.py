@@ -4,8 +4,10 @@ on, so a balance moves exactly once per invoice whatever runs at once or crashes
 
 ``credit_movements``: ``invoice_id`` (the invoice the movement is on), ``source_invoice_id``
 (the invoice whose credit lot it creates, itself, or consumes), ``amount`` (+ carried,
-- applied). A tenant's balance is the sum of its rows; a lot's remainder the sum of the rows
-naming it. PRIMARY KEY (invoice_id, source_invoice_id) refuses a movement written twice.
+- applied), ``reversal`` (true: the row undoes that movement, written when the invoice is
+voided). A tenant's balance is the sum of its rows; a lot's remainder the sum of the rows
+naming it. PRIMARY KEY (invoice_id, source_invoice_id, reversal) refuses a movement (or its
+reversal) written twice.
 """
 
 from __future__ import annotations
@@ -18,21 +20,38 @@ import duckdb
 import pyarrow as pa
 
 from billing.credits import CreditLot, CreditMovement
-from billing.db import register_schema
+from billing.db import column_types, register_migration, register_schema
 from billing.model import MONEY_SQL
 
-register_schema(
-    f"""
+_DDL = f"""
     CREATE TABLE IF NOT EXISTS credit_movements (
         tenant_id VARCHAR NOT NULL,
         invoice_id VARCHAR NOT NULL,
         source_invoice_id VARCHAR NOT NULL,
         amount {MONEY_SQL} NOT NULL,
         created_at TIMESTAMPTZ NOT NULL,
-        PRIMARY KEY (invoice_id, source_invoice_id)
+        reversal BOOLEAN NOT NULL DEFAULT false,
+        PRIMARY KEY (invoice_id, source_invoice_id, reversal)
     )
     """
-)
+register_schema(_DDL)
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+    """A ledger from before reversals: DuckDB cannot change a primary key, so the table is
+    rebuilt with ``reversal`` (false on every row kept)."""
+    if "reversal" in column_types(con, "credit_movements"):
+        return
+    con.execute("ALTER TABLE credit_movements RENAME TO credit_movements_before_reversals")
+    con.execute(_DDL)
+    con.execute(
+        "INSERT INTO credit_movements BY NAME SELECT *, false AS reversal "
+        "FROM credit_movements_before_reversals"
+    )
+    con.execute("DROP TABLE credit_movements_before_reversals")
+
+
+register_migration(_migrate)
 
 
 def credit_lots(
@@ -68,6 +87,7 @@ def record_movements(
             "source_invoice_id": pa.array([m.source_invoice_id for m in movements], pa.string()),
             "amount": pa.array([m.amount for m in movements], pa.decimal128(38, 2)),
             "created_at": pa.array([now] * len(movements), pa.timestamp("us", tz="UTC")),
+            "reversal": pa.array([m.reversal for m in movements], pa.bool_()),
         }
     )
     con.register("_new_movements", table)
@@ -79,21 +99,36 @@ def record_movements(
 
 def movements_of(con: duckdb.DuckDBPyConnection, tenant_id: str) -> list[CreditMovement]:
     """Every movement of a tenant's balance, by the period of the invoice it is on, then of
-    the invoice whose lot it moves."""
+    the invoice whose lot it moves (a reversal after what it reverses)."""
+    return _movements(con, "m.tenant_id = ?", tenant_id)
+
+
+def movements_on(con: duckdb.DuckDBPyConnection, invoice_id: str) -> list[CreditMovement]:
+    """The movements on ``invoice_id`` (reversals too)."""
+    return _movements(con, "m.invoice_id = ?", invoice_id)
+
+
+def _movements(con: duckdb.DuckDBPyConnection, where: str, value: str) -> list[CreditMovement]:
     rows = con.execute(
-        """SELECT m.tenant_id, m.invoice_id, m.source_invoice_id, m.amount
+        f"""SELECT m.tenant_id, m.invoice_id, m.source_invoice_id, m.amount, m.reversal
            FROM credit_movements m
            JOIN invoices i ON i.invoice_id = m.invoice_id
            JOIN invoices s ON s.invoice_id = m.source_invoice_id
-           WHERE m.tenant_id = ? ORDER BY i.period, s.period""",
-        [tenant_id],
+           WHERE {where} ORDER BY i.period, s.period, m.invoice_id, m.reversal""",
+        [value],
     ).fetchall()
-    return [CreditMovement(t, iid, src, Decimal(amount)) for t, iid, src, amount in rows]
+    return [CreditMovement(t, iid, src, Decimal(amt), rev) for t, iid, src, amt, rev in rows]
 
 
-def moved_by(con: duckdb.DuckDBPyConnection, invoice_id: str) -> bool:
-    """Whether ``invoice_id`` carries or applies credit (has a movement on it)."""
-    row = con.execute(
-        "SELECT 1 FROM credit_movements WHERE invoice_id = ? LIMIT 1", [invoice_id]
-    ).fetchone()
-    return row is not None
+def lot_users(con: duckdb.DuckDBPyConnection, source_invoice_id: str) -> list[tuple[str, str]]:
+    """The invoices other than ``source_invoice_id`` that still use its credit lot (a net
+    movement on it; a void one's is reversed): (invoice_id, period), oldest period first."""
+    rows = con.execute(
+        """SELECT m.invoice_id, i.period FROM credit_movements m
+           JOIN invoices i ON i.invoice_id = m.invoice_id
+           WHERE m.source_invoice_id = ? AND m.invoice_id <> m.source_invoice_id
+           GROUP BY m.invoice_id, i.period HAVING sum(m.amount) <> 0
+           ORDER BY i.period, m.invoice_id""",
+        [source_invoice_id],
+    ).fetchall()
+    return [(iid, period) for iid, period in rows]

@@ -7,12 +7,15 @@ invoice with a positive sum uses the oldest lots first, as one negative ``credit
 line. Every movement names the invoice it is on and the invoice whose lot it creates or
 consumes, so the balance (the sum of the movements) can be audited lot by lot, and the sum
 of all totals plus the balance equals the sum of all lines before settling.
+
+Voiding an invoice reverses its movements (``reversing``): a reversal names the same
+invoice and lot with the opposite amount, so the balance is as if the invoice never existed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from billing.model import CREDIT_APPLIED, CREDIT_CARRIED, EXACT, InvoiceLine, add_up, money
@@ -36,6 +39,13 @@ class CreditMovement:
     invoice_id: str
     source_invoice_id: str
     amount: Decimal
+    reversal: bool = False  # undoes the movement of ``invoice_id`` on that lot (a void)
+
+
+def reversing(movements: Sequence[CreditMovement]) -> tuple[CreditMovement, ...]:
+    """What undoes ``movements`` (the ones on an invoice being voided): credit it applied
+    goes back to its lot, credit it carried is taken back."""
+    return tuple(replace(m, amount=-m.amount, reversal=True) for m in movements if not m.reversal)
 
 
 def balance(lots: Sequence[CreditLot]) -> Decimal:

@@ -213,8 +213,8 @@ def set_status_by_invoice_id(
 ) -> bool:
     """Move an invoice's status (never its lines or amounts); False if there is no such one.
 
-    Void (a webhook: voided in Stripe) records who and when, and frees the period for a
-    reissue."""
+    Void (a webhook: voided in Stripe) records who and when, and frees the period to be
+    billed again."""
     if InvoiceStatus(status) is InvoiceStatus.void:
         row = con.execute(
             "UPDATE invoices SET status = 'void', live_key = NULL, "
@@ -248,8 +248,9 @@ def void_invoices(con: duckdb.DuckDBPyConnection) -> list[Invoice]:
 # --- reading ----------------------------------------------------------------------------
 
 
-# Of a period's invoices, the one that stands for it: the live one, else the latest void one.
-_STANDING_FIRST = "(status = 'void'), created_at DESC, invoice_id"
+# Of a period's invoices, the one that stands for it: the live one, else the void one not
+# replaced yet (there is at most one), else the latest void one.
+_STANDING_FIRST = "(status = 'void'), (replaced_by IS NOT NULL), created_at DESC, invoice_id"
 
 
 def list_invoices(con: duckdb.DuckDBPyConnection, tenant_id: str) -> list[Invoice]:
@@ -280,13 +281,18 @@ class InvoiceKey:
     def is_draft(self) -> bool:
         return self.status is InvoiceStatus.draft
 
+    @property
+    def to_bill(self) -> bool:
+        """A draft, or void (the period's invoices are all void): ``bill`` finalizes it."""
+        return self.status in (InvoiceStatus.draft, InvoiceStatus.void)
+
 
 def invoice_index(
     con: duckdb.DuckDBPyConnection, tenant_id: str | None = None
 ) -> dict[tuple[str, str], InvoiceKey]:
     """(tenant_id, period) -> its invoice (the live one, else the latest void one), for every
-    invoiced period (or one tenant's). A period whose only invoices are void is in it: it is
-    invoiced, not to be billed again until reissued."""
+    invoiced period (or one tenant's). A period whose only invoices are void is in it with
+    the latest: billing it again makes one that replaces that one."""
     where, params = ("WHERE tenant_id = ?", [tenant_id]) if tenant_id else ("", [])
     rows = con.execute(
         f"SELECT tenant_id, period, invoice_id, status, created_at FROM invoices {where} "

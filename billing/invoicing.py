@@ -14,6 +14,11 @@ with the prices the period was billed with (recorded in ``billed_usage.prices``)
 what the tiers file says today. Usage of a period before the tenant's first billed one (see
 ``billing.tenants``) is late usage too, rated with the prices of its tier when first charged.
 
+Void: a finalized invoice is never edited, only marked void (its credit movements reversed);
+the period is then billed again, by ``bill``, ``generate`` or at once by ``reissue``, into a
+new invoice that names the one it replaces and charges the period whole (see
+``_Session.replacement``).
+
 One tenant never blocks the others: a tenant whose invoice cannot be made (a tier that is not
 defined, an amount no invoice can hold) is left out with its reason (``BillFailure``) and
 everybody else is finalized.
@@ -35,7 +40,7 @@ import pyarrow as pa
 from aggregator.views import UsageReader
 from billing import credit_store, invoice_store
 from billing.corrections import correction_lines
-from billing.credits import CreditLot, CreditMovement, Settlement, settle
+from billing.credits import CreditLot, CreditMovement, Settlement, reversing, settle
 from billing.db import transaction
 from billing.invoice_store import Billed, InvoiceKey, to_json_text
 from billing.model import (
@@ -209,39 +214,6 @@ def check_amounts(invoice: Invoice) -> None:
             )
 
 
-def build_invoice(
-    *,
-    invoice_id: str,
-    tenant_id: str,
-    period: Period,
-    tier: Tier,
-    usage_row: Mapping[str, Any] | None,
-    late: Sequence[LateUsage],
-    status: InvoiceStatus,
-    created_at: datetime,
-    finalized_at: datetime | None,
-    due_days: int,
-    issued_at: datetime | None = None,
-    credit: Sequence[CreditLot] = (),
-) -> Invoice:
-    """One invoice, with the aggregate values it was computed from (pure); see
-    ``settled_invoice``."""
-    return settled_invoice(
-        invoice_id=invoice_id,
-        tenant_id=tenant_id,
-        period=period,
-        tier=tier,
-        usage_row=usage_row,
-        late=late,
-        status=status,
-        created_at=created_at,
-        finalized_at=finalized_at,
-        due_days=due_days,
-        issued_at=issued_at,
-        credit=credit,
-    )[0]
-
-
 def settled_invoice(
     *,
     invoice_id: str,
@@ -269,8 +241,8 @@ def settled_invoice(
     late first bill) is due ``due_days`` after its issue instead, and says so
     (``computed_from["issued_late"]`` holds the regular due date). ``issued_at``: when
     the invoice counts as issued (``bill --as-of``'s moment; default ``finalized_at``).
-    ``charged_elsewhere`` and ``replaces``: a reissue's (see ``reissue``), given back before
-    the credit line."""
+    ``charged_elsewhere`` and ``replaces``: a replacement's (see ``_Session.replacement``),
+    given back before the credit line."""
     rating = rate(tier, Usage.from_mapping(usage_row or {}))
     late_lines: list[InvoiceLine] = [
         line
@@ -440,13 +412,132 @@ class _Session:
             credit=credit,
         )
 
+    def preview(
+        self,
+        tenant: Tenant,
+        period: Period,
+        existing: InvoiceKey | None,
+        pending: Mapping[str, Sequence[LateUsage]],
+        broken: Mapping[str, BillFailure],
+        credit: Sequence[CreditLot],
+    ) -> Invoice:
+        """The draft of open ``period`` (not written): its rating, the late usage
+        ``pending`` for earlier periods, then the credit balance ``credit``; what
+        ``generate`` shows and the alert watcher's amount. ``InvoiceRefused`` if it cannot
+        be made."""
+        tenant_id = tenant.tenant_id
+        if tenant_id in broken:
+            raise InvoiceRefused(str(broken[tenant_id]))
+        late = [x for x in pending.get(tenant_id, ()) if Period.parse(x.billed.period) < period]
+        try:
+            draft, _ = self.build(tenant, period, existing, late, InvoiceStatus.draft, credit)
+        except UserError as exc:
+            raise InvoiceRefused(str(BillFailure(tenant_id, str(period), str(exc)))) from exc
+        return draft
+
+    def fresh(
+        self,
+        tenant: Tenant,
+        period: Period,
+        existing: InvoiceKey | None,
+        carried: Sequence[LateUsage],
+        credit: Sequence[CreditLot],
+    ) -> _Made:
+        """The first finalized invoice of ``period`` (``existing``: its draft), carrying
+        the late usage ``carried``."""
+        tenant_id = tenant.tenant_id
+        invoice, settlement = self.build(
+            tenant, period, existing, carried, InvoiceStatus.finalized, credit
+        )
+        tier = self.tier_of(tenant, period)
+        usage = self.usage.usage(tenant_id, period)
+        iid = invoice.invoice_id
+        billed = [Billed(tenant_id, str(period), tier.name, usage, iid, prices_text(tier))]
+        billed += [
+            Billed(
+                tenant_id,
+                x.billed.period,
+                x.tier.name,
+                x.now,
+                iid,
+                x.billed.prices or prices_text(x.tier),
+            )
+            for x in carried
+        ]
+        return _Made(invoice, settlement, billed)
+
+    def replacement(self, tenant: Tenant, void_id: str, credit: Sequence[CreditLot]) -> _Made:
+        """The invoice that bills again the period of void ``void_id`` from the usage as it
+        is now, naming it (which gains ``replaced_by``).
+
+        Nothing is charged twice or lost (billed usage): the period's own lines rate all its
+        usage now; a correction line (late usage, usage correction) of that period on another
+        invoice that is not void is given back (``ChargedElsewhere``); the late usage the void
+        invoice carried for earlier periods is carried again, with any of it still pending
+        where the void invoice was the last to charge that period; then the credit balance
+        settles it as any invoice."""
+        old = invoice_store.get_invoice(self.con, void_id)
+        assert old is not None and old.status is InvoiceStatus.void, void_id
+        period = Period.parse(old.period)
+        tenant_id = tenant.tenant_id
+        new_id = new_invoice_id(self.now)
+        billed: list[Billed] = []
+        carried: list[LateUsage] = []
+        for entry in old.computed_from.get("late_usage", []):
+            prices = to_json_text(entry["prices"])
+            base = Billed(
+                tenant_id,
+                entry["period"],
+                entry["tier"],
+                Usage.from_mapping(entry["billed"]),
+                entry.get("billed_by") or "",
+                prices,
+            )
+            last = invoice_store.get_billed(self.con, tenant_id, entry["period"])
+            if last is not None and last.invoice_id == old.invoice_id:
+                now = self.usage.usage(tenant_id, Period.parse(entry["period"]))
+                billed.append(Billed(tenant_id, base.period, base.tier, now, new_id, prices))
+            else:  # a later invoice charged more of it since: carry again what ``old`` did
+                now = Usage.from_mapping(entry["now"])
+            carried.append(LateUsage(base, tier_from_facts(prices), now))
+        elsewhere = [
+            ChargedElsewhere(old.period, other.invoice_id, line.code, line.amount)
+            for other in invoice_store.list_invoices(self.con, tenant_id)
+            if other.status not in (InvoiceStatus.void, InvoiceStatus.draft)
+            for line in other.lines
+            if line.code in EARLIER_PERIODS and line.period == old.period and line.amount != 0
+        ]
+        tier = self.tier_of(tenant, period)
+        invoice, settlement = settled_invoice(
+            invoice_id=new_id,
+            tenant_id=tenant_id,
+            period=period,
+            tier=tier,
+            usage_row=self.usage.row(tenant_id, period),
+            late=carried,
+            status=InvoiceStatus.finalized,
+            created_at=self.now,
+            finalized_at=self.now,
+            due_days=self.rules.due_days,
+            issued_at=self.as_of,
+            credit=credit,
+            charged_elsewhere=elsewhere,
+            replaces=old.invoice_id,
+        )
+        if not invoice_store.link_replacement(self.con, old.invoice_id, new_id):
+            raise ReissueRaced(f"invoice {old.invoice_id} was billed again by another run")
+        own = self.usage.usage(tenant_id, period)
+        billed.append(Billed(tenant_id, old.period, tier.name, own, new_id, prices_text(tier)))
+        return _Made(invoice, settlement, billed)
+
     def finalize(
         self,
         tenants: Mapping[str, Tenant],
         targets: Mapping[str, Sequence[Period]],
         index: Mapping[tuple[str, str], InvoiceKey],
     ) -> tuple[list[Invoice], list[BillFailure]]:
-        """Finalize ``targets`` (tenant -> periods, none final yet), carrying late usage.
+        """Finalize ``targets`` (tenant -> periods with no invoice, a draft, or void ones
+        only: then a replacement), carrying late usage.
 
         A tenant whose invoice for a period cannot be made keeps the invoices of its earlier
         periods and gets none from that period on; it is reported, the others go on."""
@@ -465,47 +556,23 @@ class _Session:
             waiting = pending.get(tenant_id, [])
             credit = lots.get(tenant_id, ())
             for period in sorted(periods):
-                carried = [x for x in waiting if Period.parse(x.billed.period) < period]
+                key = index.get((tenant_id, str(period)))
                 try:
-                    invoice, settlement = self.build(
-                        tenant,
-                        period,
-                        index.get((tenant_id, str(period))),
-                        carried,
-                        InvoiceStatus.finalized,
-                        credit,
-                    )
+                    if key is not None and key.status is InvoiceStatus.void:
+                        made = self.replacement(tenant, key.invoice_id, credit)
+                    else:
+                        carried = [x for x in waiting if Period.parse(x.billed.period) < period]
+                        made = self.fresh(tenant, period, key, carried, credit)
                 except UserError as exc:
                     failures.append(BillFailure(tenant_id, str(period), str(exc)))
                     break
-                waiting = [x for x in waiting if x not in carried]
-                credit = settlement.lots
-                movements.extend(settlement.movements)
-                invoices.append(invoice)
+                charged = {b.period for b in made.billed}
+                waiting = [x for x in waiting if x.billed.period not in charged]
+                credit = made.settlement.lots
+                movements.extend(made.settlement.movements)
+                invoices.append(made.invoice)
+                billed.extend(made.billed)
                 starts.setdefault(tenant_id, tenant.billed_from or tenant.first_period)
-                usage = Usage.from_mapping(self.usage.row(tenant_id, period) or {})
-                tier = self.tier_of(tenant, period)
-                billed.append(
-                    Billed(
-                        tenant_id,
-                        str(period),
-                        tier.name,
-                        usage,
-                        invoice.invoice_id,
-                        prices_text(tier),
-                    )
-                )
-                billed.extend(
-                    Billed(
-                        tenant_id,
-                        x.billed.period,
-                        x.tier.name,
-                        x.now,
-                        invoice.invoice_id,
-                        x.billed.prices or prices_text(x.tier),
-                    )
-                    for x in carried
-                )
         invoice_store.write_invoices(self.con, invoices)
         invoice_store.record_billed(self.con, billed, self.now)
         credit_store.record_movements(self.con, movements, self.now)
@@ -513,63 +580,48 @@ class _Session:
         return invoices, failures
 
 
-def _reissue_of(
-    session: _Session, tenant: Tenant, old: Invoice
-) -> tuple[Invoice, list[Billed], Settlement]:
-    """The replacement of void ``old``, the billed usage it moves and how it meets the
-    tenant's credit balance (see ``reissue``)."""
-    period = Period.parse(old.period)
-    tenant_id = tenant.tenant_id
-    replacement = new_invoice_id(session.now)
-    billed: list[Billed] = []
-    carried: list[LateUsage] = []
-    for entry in old.computed_from.get("late_usage", []):
-        prices = to_json_text(entry["prices"])
-        base = Billed(
-            tenant_id,
-            entry["period"],
-            entry["tier"],
-            Usage.from_mapping(entry["billed"]),
-            entry.get("billed_by") or "",
-            prices,
-        )
-        last = invoice_store.get_billed(session.con, tenant_id, entry["period"])
-        if last is not None and last.invoice_id == old.invoice_id:
-            now = session.usage.usage(tenant_id, Period.parse(entry["period"]))
-            billed.append(Billed(tenant_id, base.period, base.tier, now, replacement, prices))
-        else:  # a later invoice charged more of it since: carry again what ``old`` did
-            now = Usage.from_mapping(entry["now"])
-        carried.append(LateUsage(base, tier_from_facts(prices), now))
-    elsewhere = [
-        ChargedElsewhere(old.period, other.invoice_id, line.code, line.amount)
-        for other in invoice_store.list_invoices(session.con, tenant_id)
-        if other.status not in (InvoiceStatus.void, InvoiceStatus.draft)
-        for line in other.lines
-        if line.code in EARLIER_PERIODS and line.period == old.period and line.amount != 0
-    ]
-    tier = session.tier_of(tenant, period)
-    lots = credit_store.credit_lots(session.con, tenant_id).get(tenant_id, ())
-    try:
-        invoice, settlement = settled_invoice(
-            invoice_id=replacement,
-            tenant_id=tenant_id,
-            period=period,
-            tier=tier,
-            usage_row=session.usage.row(tenant_id, period),
-            late=carried,
-            status=InvoiceStatus.finalized,
-            created_at=session.now,
-            finalized_at=session.now,
-            due_days=session.rules.due_days,
-            credit=lots,
-            charged_elsewhere=elsewhere,
-            replaces=old.invoice_id,
-        )
-    except UserError as exc:
-        raise InvoiceRefused(str(BillFailure(tenant_id, old.period, str(exc)))) from exc
-    own = session.usage.usage(tenant_id, period)
-    billed.append(Billed(tenant_id, old.period, tier.name, own, replacement, prices_text(tier)))
-    return invoice, billed, settlement
+@dataclass(frozen=True)
+class _Made:
+    """An invoice a run makes, the billed usage it moves and how it meets the credit."""
+
+    invoice: Invoice
+    settlement: Settlement
+    billed: list[Billed]
+
+
+@dataclass(frozen=True)
+class OpenDrafts:
+    """The drafts of open periods as ``generate`` computes them, without writing any (the
+    alert watcher's amounts): what they depend on beyond their own usage (late usage
+    pending, credit balances) is read once per pass."""
+
+    session: _Session
+    pending: dict[str, list[LateUsage]]
+    broken: dict[str, BillFailure]
+    lots: dict[str, tuple[CreditLot, ...]]
+
+    @classmethod
+    def read(
+        cls,
+        con: duckdb.DuckDBPyConnection,
+        usage: UsageData,
+        rules: Rules,
+        tenants: Mapping[str, Tenant],
+        now: datetime,
+    ) -> OpenDrafts:
+        session = _Session(con, usage, rules, now)
+        pending, broken = session.pending_late(tenants)
+        return cls(session, pending, broken, credit_store.credit_lots(con))
+
+    def inputs(self, tenant_id: str) -> tuple[object, ...]:
+        """What a draft of the tenant depends on besides its period's usage and tier."""
+        late = tuple(self.pending.get(tenant_id, ()))
+        return (late, self.lots.get(tenant_id, ()), self.broken.get(tenant_id))
+
+    def draft(self, tenant: Tenant, period: Period) -> Invoice:
+        """The draft of ``period``; ``InvoiceRefused`` if it cannot be made."""
+        credit = self.lots.get(tenant.tenant_id, ())
+        return self.session.preview(tenant, period, None, self.pending, self.broken, credit)
 
 
 def _late_failure(billed: Billed, exc: UserError) -> BillFailure:
@@ -599,7 +651,8 @@ def bill(
     on_plan: Callable[[Mapping[str, list[Period]]], None] | None = None,
 ) -> BillResult:
     """The nightly job: finalize every closed, not yet finalized period of every tenant, from
-    its first period on (no usage: base fee only). Tenants that cannot be billed are in
+    its first period on (no usage: base fee only); a period whose invoices are all void is
+    billed again, into one that replaces the latest. Tenants that cannot be billed are in
     ``failures``; everything else is finalized. ``on_plan`` is shown the periods of each
     tenant about to be finalized, before any is."""
     session = _Session(con, usage, rules, now or datetime.now(UTC), as_of)
@@ -612,7 +665,7 @@ def bill(
             todo = [
                 p
                 for p in tenant.first_period.through(last)
-                if (key := index.get((tenant.tenant_id, str(p)))) is None or key.is_draft
+                if (key := index.get((tenant.tenant_id, str(p)))) is None or key.to_bill
             ]
             if todo:
                 targets[tenant.tenant_id] = todo
@@ -640,7 +693,8 @@ def generate(
     now: datetime | None = None,
 ) -> Invoice:
     """The invoice of ``tenant_id`` for ``period``: the finalized one if it exists; finalized
-    now if the period is closed; otherwise a draft preview, recomputed (same invoice_id).
+    now if the period is closed (its invoices all void: a new one that replaces the latest);
+    otherwise a draft preview, recomputed (same invoice_id).
 
     ``usage`` must hold at least this tenant's rows."""
     session = _Session(con, usage, rules, now or datetime.now(UTC))
@@ -656,25 +710,16 @@ def generate(
             raise UserError(f"period {period} has not started yet")
         index = invoice_store.invoice_index(con, tenant_id)
         existing = index.get((tenant_id, str(period)))
-        if existing is None or existing.is_draft:
+        if existing is None or existing.to_bill:
             if period.is_closed(session.now, rules.grace):
                 _, failures = session.finalize({tenant_id: tenant}, {tenant_id: [period]}, index)
                 if failures:
                     raise InvoiceRefused(str(failures[0]))
             else:
                 pending, broken = session.pending_late({tenant_id: tenant})
-                if tenant_id in broken:
-                    raise InvoiceRefused(str(broken[tenant_id]))
-                waiting = pending.get(tenant_id, [])
-                late = [x for x in waiting if Period.parse(x.billed.period) < period]
                 credit = credit_store.credit_lots(con, tenant_id).get(tenant_id, ())
-                try:
-                    draft, _ = session.build(
-                        tenant, period, existing, late, InvoiceStatus.draft, credit
-                    )
-                except UserError as exc:
-                    failure = BillFailure(tenant_id, str(period), str(exc))
-                    raise InvoiceRefused(str(failure)) from exc
+                draft_key = existing if existing is not None and existing.is_draft else None
+                draft = session.preview(tenant, period, draft_key, pending, broken, credit)
                 invoice_store.write_invoices(con, [draft])
         invoice = invoice_store.invoice_for(con, tenant_id, str(period))
     assert invoice is not None
@@ -684,6 +729,8 @@ def generate(
 # --- void and reissue --------------------------------------------------------------------
 
 MAX_REASON = 500
+REISSUE_REASON = "reissued"
+"""The void reason of an invoice ``reissue`` replaced, unless one is given."""
 
 
 class VoidRefused(UserError):
@@ -699,7 +746,8 @@ class AlreadyVoid(VoidRefused):
 
 
 class ReissueRaced(OperationError):
-    """Another run reissued the same invoice at the same moment and committed first."""
+    """Another run voided or reissued the same invoice at the same moment and committed
+    first."""
 
 
 def check_reason(reason: str) -> str:
@@ -722,37 +770,78 @@ def existing_invoice(con: duckdb.DuckDBPyConnection, invoice_id: str) -> Invoice
     return invoice
 
 
+def void_note(invoice: Invoice) -> str:
+    """``since <when>, by <who>: <reason>`` of a void invoice."""
+    when = f"{invoice.voided_at:%Y-%m-%d %H:%M}Z" if invoice.voided_at else "?"
+    return f"since {when}, by {invoice.voided_by or '?'}: {invoice.void_reason or ''}"
+
+
+def _live(con: duckdb.DuckDBPyConnection, invoice_id: str, doing: str) -> Invoice:
+    """The finalized (sent, paid, overdue) invoice to be ``doing`` ("voided", "reissued"):
+    ``VoidRefused`` for a draft, ``AlreadyVoid`` for a void one."""
+    invoice = existing_invoice(con, invoice_id)
+    if invoice.status is InvoiceStatus.draft:
+        raise VoidRefused(
+            f"invoice {invoice_id} is a draft ({invoice.period} is still open): only a "
+            f"finalized invoice can be {doing}; a draft is recomputed until its period closes"
+        )
+    if invoice.status is not InvoiceStatus.void:
+        return invoice
+    note = void_note(invoice)
+    if doing == "voided":
+        raise AlreadyVoid(f"invoice {invoice_id} is void already ({note})", invoice)
+    if invoice.replaced_by is not None:
+        again = f"replaced by {invoice.replaced_by}; `invoices reissue {invoice.replaced_by}`"
+    else:
+        again = (
+            f"`generate-invoice {invoice.tenant_id} {invoice.period}` (or `bill`) bills the "
+            "period again into an invoice that replaces it"
+        )
+    raise AlreadyVoid(f"invoice {invoice_id} is void ({note}): {again}", invoice)
+
+
+def _void(
+    con: duckdb.DuckDBPyConnection, invoice: Invoice, reason: str, by: str, now: datetime
+) -> Invoice:
+    """Mark live ``invoice`` void and reverse its credit movements (inside the caller's
+    transaction): credit it applied goes back to its lot, credit it carried is taken back.
+    Refused (``VoidRefused``) while a later invoice uses credit it carried."""
+    iid = invoice.invoice_id
+    users = credit_store.lot_users(con, iid)
+    if users:
+        later = ", ".join(f"{uid} ({period})" for uid, period in users)
+        first = users[-1][0]
+        raise VoidRefused(
+            f"invoice {iid} carried credit that {later} applied since: void that first "
+            f"(`invoices void {first} --reason TEXT`), then {iid}"
+        )
+    if not invoice_store.void_invoice(con, iid, reason, by, now):
+        raise ReissueRaced(f"invoice {iid} was voided by another run at the same moment")
+    credit_store.record_movements(con, reversing(credit_store.movements_on(con, iid)), now)
+    voided = invoice_store.get_invoice(con, iid)
+    assert voided is not None
+    return voided
+
+
 def void(
     con: duckdb.DuckDBPyConnection, invoice_id: str, reason: str, by: str, now: datetime
 ) -> Invoice:
     """Void a finalized invoice (sent, paid, overdue too): it stays readable with its reason,
-    who (``by``) and when; its period is then unbilled until ``reissue``. A draft or a void
-    invoice is refused, and so is an empty reason, with nothing changed."""
+    who (``by``) and when, its credit movements are reversed, and the next ``bill`` or
+    ``generate`` of its period makes an invoice that replaces it. A draft or a void invoice
+    is refused, and so is an empty reason, with nothing changed."""
     text = check_reason(reason)
     with transaction(con):
-        invoice = existing_invoice(con, invoice_id)
-        if invoice.status is InvoiceStatus.draft:
-            raise VoidRefused(
-                f"invoice {invoice_id} is a draft ({invoice.period} is still open): only a "
-                "finalized invoice can be voided; a draft is recomputed until its period closes"
-            )
-        if invoice.status is InvoiceStatus.void:
-            raise AlreadyVoid(
-                f"invoice {invoice_id} is void already (since "
-                f"{invoice.voided_at:%Y-%m-%d %H:%M}Z, by {invoice.voided_by}: "
-                f"{invoice.void_reason})",
-                invoice,
-            )
-        if credit_store.moved_by(con, invoice_id):
-            raise VoidRefused(
-                f"invoice {invoice_id} moved the tenant's credit balance (a credit_applied or "
-                "credit_carried line): voiding it would need those movements undone, which "
-                "this version does not do"
-            )
-        invoice_store.void_invoice(con, invoice_id, text, by, now)
-        voided = invoice_store.get_invoice(con, invoice_id)
-    assert voided is not None
+        voided = _void(con, _live(con, invoice_id, "voided"), text, by, now)
     return voided
+
+
+@dataclass(frozen=True)
+class Reissue:
+    """A reissued invoice, void now, and the invoice that replaces it."""
+
+    void: Invoice
+    invoice: Invoice
 
 
 def reissue(
@@ -761,40 +850,31 @@ def reissue(
     rules: Rules,
     invoice_id: str,
     *,
+    by: str,
+    reason: str = REISSUE_REASON,
     now: datetime | None = None,
-) -> Invoice:
-    """A new finalized invoice for the period of void ``invoice_id``, from the usage as it is
-    now, naming the one it replaces (which gains ``replaced_by``); one transaction.
-
-    Nothing is charged twice or lost (billed usage): the period's own lines rate all its
-    usage now; a correction line (late usage, usage correction) of that period on another
-    invoice that is not void is given back (``ChargedElsewhere``); the late usage the void
-    invoice carried for earlier periods is carried again, with any of it still pending where
-    the void invoice was the last to charge that period; then the credit balance settles it
-    as any invoice. ``usage`` must hold the tenant's rows."""
+) -> Reissue:
+    """Void finalized ``invoice_id`` (as ``void``) and bill its period again from the usage
+    as it is now into a new finalized invoice that names it, in one transaction (what it
+    charges: ``_Session.replacement``). A draft or a void invoice is refused with nothing
+    changed. ``usage`` must hold the tenant's rows."""
+    text = check_reason(reason)
     session = _Session(con, usage, rules, now or datetime.now(UTC))
     try:
         with transaction(con):
-            old = existing_invoice(con, invoice_id)
-            if old.status is not InvoiceStatus.void:
-                raise VoidRefused(
-                    f"invoice {invoice_id} is {old.status.value}, not void: only a void invoice "
-                    f"is reissued (`invoices void {invoice_id} --reason TEXT` first)"
-                )
-            if old.replaced_by is not None:
-                raise VoidRefused(
-                    f"invoice {invoice_id} was reissued already, as {old.replaced_by}"
-                )
+            old = _live(con, invoice_id, "reissued")
             tenant = known_tenant(con, usage, old.tenant_id)
-            invoice, billed, settlement = _reissue_of(session, tenant, old)
-            if not invoice_store.link_replacement(con, invoice_id, invoice.invoice_id):
-                raise ReissueRaced(f"invoice {invoice_id} was reissued by another run")
-            invoice_store.write_invoices(con, [invoice])
-            invoice_store.record_billed(con, billed, session.now)
-            credit_store.record_movements(con, settlement.movements, session.now)
+            _void(con, old, text, by, session.now)
+            index = invoice_store.invoice_index(con, old.tenant_id)
+            targets = {old.tenant_id: [Period.parse(old.period)]}
+            made, failures = session.finalize({old.tenant_id: tenant}, targets, index)
+            if failures:
+                raise InvoiceRefused(str(failures[0]))
+            voided = invoice_store.get_invoice(con, invoice_id)
     except (duckdb.TransactionException, duckdb.ConstraintException) as exc:
         raise ReissueRaced(
-            f"invoice {invoice_id} was reissued by another run at the same moment; "
+            f"invoice {invoice_id} was voided or reissued by another run at the same moment; "
             "`invoices TENANT` shows its replacement"
         ) from exc
-    return invoice
+    assert voided is not None and len(made) == 1
+    return Reissue(voided, made[0])

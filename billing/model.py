@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from schemas.codec import COUNTERS
+
 EXACT = Context(prec=100, rounding=ROUND_HALF_UP)
 """Every sum, product and rounding of money and quantities: Python's default context keeps 28
 digits and would round (or refuse to quantize) amounts from 128-bit usage; 100 never does, and
@@ -23,6 +25,13 @@ def add_up(amounts: Iterable[Decimal]) -> Decimal:
         total = EXACT.add(total, amount)
     return total
 
+
+QUOTA_KEYS: tuple[str, ...] = tuple(
+    "network_mb" if counter == "network_bytes" else counter for counter in COUNTERS
+)
+"""The quota key of each counter, in ``COUNTERS`` order: a tier's ``quotas``, a meter's
+``quota``, an alert's ``counter`` (network's quota is in MiB, the others in the counter's
+unit)."""
 
 MONEY_SQL = "DECIMAL(38, 2)"
 MAX_MONEY = Decimal("9" * 36 + ".99")

@@ -1,14 +1,16 @@
-"""Which thresholds a tenant's open period has crossed (pure: usage, tier and thresholds in,
-crossings out; amounts from ``billing.rating``)."""
+"""Which thresholds a tenant's open period has crossed (pure: usage, tier, thresholds and the
+period's amount in, crossings out). The amount is the caller's: the watcher passes the total
+of the period's draft invoice (``billing.invoicing.OpenDrafts``), so an alert counts exactly
+the lines the invoice would."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 
 from billing.alerts.model import Crossing, Source, Threshold, quota_problem
 from billing.model import EXACT
-from billing.rating import METERS, Usage, rate
+from billing.rating import METERS, Usage
 from billing.tiers import Tier
 
 _METER_OF_QUOTA = {m.quota: m for m in METERS}
@@ -34,7 +36,7 @@ def applicable(
             continue
         if threshold.quota_percent is not None and threshold.counter is None:
             expanded = [
-                Threshold(quota_percent=threshold.quota_percent, counter=key)  # type: ignore[arg-type]
+                Threshold(quota_percent=threshold.quota_percent, counter=key)
                 for key, limit in quotas.items()
                 if limit
             ]
@@ -51,15 +53,19 @@ def crossings(
     tier: Tier,
     usage: Usage,
     tenant_thresholds: Sequence[Threshold],
+    amount: Callable[[], Decimal | None],
 ) -> list[Crossing]:
-    """Every applicable threshold the period's usage has reached."""
+    """Every applicable threshold the period has reached: quotas by ``usage``, amounts by
+    ``amount()`` (asked once, only if an amount threshold applies; None: the period's amount
+    cannot be told now, so no amount threshold is crossed)."""
     found: list[Crossing] = []
     total: Decimal | None = None
+    asked = False
     for threshold, source in applicable(tier, tenant_thresholds):
         if threshold.amount_usd is not None:
-            if total is None:
-                total = rate(tier, usage).total
-            if total >= threshold.amount_usd:
+            if not asked:
+                total, asked = amount(), True
+            if total is not None and total >= threshold.amount_usd:
                 found.append(Crossing(tenant_id, period, tier.name, threshold, source, total, None))
             continue
         assert threshold.counter is not None and threshold.quota_percent is not None

@@ -3,8 +3,9 @@ and the rows of the delivery log (no I/O).
 
 A threshold is either a percentage of one quota (``quota_percent`` with ``counter``, a quota
 key of the tier: ``cpu_ms``, ``network_mb``, ...; without ``counter`` it stands for every quota
-the tier defines) or an amount of money for the open period (``amount_usd``: the period's own
-rating, base fee, usage lines and risk adjustment). Crossing means reaching it: used x 100 >=
+the tier defines) or an amount of money for the open period (``amount_usd``: the total of the
+period's draft invoice, every line it would have: its own rating, the late usage and
+corrections it carries, the credit it applies). Crossing means reaching it: used x 100 >=
 percent x quota, or amount >= amount_usd. One tenant, period and threshold key make one alert,
 whose event id is a hash of the three, so it is the same however often it is detected.
 """
@@ -18,20 +19,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from billing.model import MAX_MONEY, money, plain
+from billing.model import MAX_MONEY, QUOTA_KEYS, money, plain
 
-QuotaKey = Literal[
-    "cpu_ms",
-    "network_mb",
-    "api_calls",
-    "tool_executions",
-    "data_retrievals",
-    "egress_scans",
-    "policy_checks",
-    "violations",
-]
 MAX_PERCENT = Decimal(10_000)
 Percent = Annotated[
     Decimal, Field(gt=0, le=MAX_PERCENT, allow_inf_nan=False, max_digits=7, decimal_places=2)
@@ -49,8 +40,15 @@ class Threshold(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     quota_percent: Percent | None = None
-    counter: QuotaKey | None = None
+    counter: str | None = None  # one of QUOTA_KEYS
     amount_usd: Amount | None = None
+
+    @field_validator("counter")
+    @classmethod
+    def _known_counter(cls, counter: str | None) -> str | None:
+        if counter is not None and counter not in QUOTA_KEYS:
+            raise ValueError(f"unknown counter {counter[:40]!r}: one of {', '.join(QUOTA_KEYS)}")
+        return counter
 
     @model_validator(mode="after")
     def _one_kind(self) -> Threshold:
@@ -94,7 +92,7 @@ class Threshold(BaseModel):
         if kind == "amount_usd":
             return cls(amount_usd=Decimal(rest))
         counter, _, pct = rest.partition(":")
-        return cls(quota_percent=Decimal(pct), counter=None if counter == "*" else counter)  # type: ignore[arg-type]
+        return cls(quota_percent=Decimal(pct), counter=None if counter == "*" else counter)
 
 
 def quota_problem(threshold: Threshold, quotas: Mapping[str, int | None]) -> str | None:

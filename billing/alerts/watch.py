@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -25,9 +27,9 @@ from billing.alerts.delivery import Endpoint
 from billing.alerts.evaluate import crossings
 from billing.alerts.model import Crossing
 from billing.db import Connect, transaction
-from billing.invoicing import Rules, UsageData
+from billing.invoicing import OpenDrafts, Rules, UsageData
 from billing.tenants import Tenant, load_tenants
-from common.errors import StorageError
+from common.errors import StorageError, UserError
 from schemas.periods import Period
 
 log = logging.getLogger("billing.alerts")
@@ -68,6 +70,15 @@ class AlertMetrics:
         start_http_server(port, registry=self.registry)
 
 
+def _draft_total(drafts: OpenDrafts, tenant: Tenant, period: Period) -> Decimal | None:
+    """The total of the period's draft invoice, or None (logged) if it cannot be made."""
+    try:
+        return drafts.draft(tenant, period).total
+    except UserError as exc:
+        log.warning("amount alerts of %s, %s skipped: %s", tenant.tenant_id, period, exc)
+        return None
+
+
 def open_periods(tenant: Tenant, now: datetime, grace: timedelta) -> Iterator[Period]:
     """The tenant's periods that have started and are not closed at ``now``."""
     period = Period.of(now)
@@ -98,6 +109,7 @@ class Watcher:
         with self.connect() as con, transaction(con):
             tenants = load_tenants(con, usage.first_periods())
             own = store.tenant_thresholds(con)
+            drafts = OpenDrafts.read(con, usage, self.rules, tenants, now)
             found: list[Crossing] = []
             periods: set[str] = set()
             seen: dict[tuple[str, str], object] = {}
@@ -109,11 +121,13 @@ class Watcher:
                         continue
                     use = usage.usage(tenant.tenant_id, period)
                     key = (tenant.tenant_id, str(period))
-                    seen[key] = state = (tier.name, tuple(mine), use)
+                    inputs = drafts.inputs(tenant.tenant_id)
+                    seen[key] = state = (tier.name, tuple(mine), use, inputs)
                     if self._evaluated.get(key) == state:
                         continue
                     periods.add(str(period))
-                    found += crossings(tenant.tenant_id, str(period), tier, use, mine)
+                    amount = partial(_draft_total, drafts, tenant, period)
+                    found += crossings(tenant.tenant_id, str(period), tier, use, mine, amount)
             done = store.recorded(con, periods)
             found = [c for c in found if c.event_id not in done]
             new = store.record_crossings(con, found, now)

@@ -173,6 +173,10 @@ class StripeGateway:
         """Create an object under an idempotency key (a retry or rerun replays, never repeats)."""
         return self.call(operation, lambda: create(params=params, options={"idempotency_key": key}))
 
+    def _list(self, operation: str, first_page: Callable[[], stripe.ListObject[S]]) -> list[S]:
+        """Every object of a listing, all its pages (one call: retried as a whole)."""
+        return self.call(operation, lambda: list(first_page().auto_paging_iter()))
+
     def find_customer(self, tenant_id: str) -> stripe.Customer | None:
         search = self.client.v1.customers.search
         return self._find(f"search customer of {tenant_id}", search, "tenant_id", tenant_id)
@@ -222,11 +226,11 @@ class StripeGateway:
         return self._create(operation, self.client.v1.invoices.create, params, idempotency_key)
 
     def list_lines(self, stripe_invoice_id: str) -> list[stripe.InvoiceLineItem]:
-        def fetch() -> list[stripe.InvoiceLineItem]:
-            page = self.client.v1.invoices.line_items.list(stripe_invoice_id, params={"limit": 100})
-            return list(page.auto_paging_iter())
-
-        return self.call(f"list lines of {stripe_invoice_id}", fetch)
+        lines = self.client.v1.invoices.line_items
+        return self._list(
+            f"list lines of {stripe_invoice_id}",
+            lambda: lines.list(stripe_invoice_id, params={"limit": 100}),
+        )
 
     def create_item(
         self,
@@ -279,13 +283,11 @@ class StripeGateway:
         )
 
     def list_credit_notes(self, stripe_invoice_id: str) -> list[stripe.CreditNote]:
-        def fetch() -> list[stripe.CreditNote]:
-            page = self.client.v1.credit_notes.list(
-                params={"invoice": stripe_invoice_id, "limit": 100}
-            )
-            return list(page.auto_paging_iter())
-
-        return self.call(f"list credit notes of {stripe_invoice_id}", fetch)
+        notes = self.client.v1.credit_notes
+        return self._list(
+            f"list credit notes of {stripe_invoice_id}",
+            lambda: notes.list(params={"invoice": stripe_invoice_id, "limit": 100}),
+        )
 
     def create_credit_note(
         self,

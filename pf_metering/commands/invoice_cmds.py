@@ -123,8 +123,7 @@ def _invoice_caption(invoice: Invoice) -> str:
 
 
 def _void_note(invoice: Invoice) -> str:
-    when = f"{invoice.voided_at:%Y-%m-%d %H:%M}Z" if invoice.voided_at else "?"
-    note = f"VOID since {when} by {invoice.voided_by or '?'}: {invoice.void_reason or ''}"
+    note = f"VOID {invoicing.void_note(invoice)}"
     return note + (f"; replaced by {invoice.replaced_by}" if invoice.replaced_by else "")
 
 
@@ -148,9 +147,7 @@ def generate_invoice(
         alerts = alert_store.list_alerts(con, tenant_id, [str(target)])
     if stripe_requested(cfg, stripe):
         if invoice.status is InvoiceStatus.finalized and invoice.stripe_invoice_id is None:
-            push_to_stripe(cfg, [invoice])
-            with billing(cfg) as con:
-                invoice = invoice_store.get_invoice(con, invoice.invoice_id) or invoice
+            invoice = _pushed(cfg, invoice)
         elif invoice.status is InvoiceStatus.draft:
             print(f"{target} is still open: draft invoices are not pushed", file=sys.stderr)
     now = utc_now()
@@ -189,7 +186,7 @@ def _links(invoice: Invoice) -> str:
     if invoice.replaced_by:
         return f"replaced by {invoice.replaced_by}"
     if invoice.status is InvoiceStatus.void:
-        return "not reissued"
+        return "not billed again yet"
     return f"replaces {invoice.replaces}" if invoice.replaces else ""
 
 
@@ -204,7 +201,7 @@ class _ListByDefault(TyperGroup):
 
 invoices_app = typer.Typer(
     cls=_ListByDefault,
-    help="A tenant's invoices (`invoices T`), and voiding and reissuing one.",
+    help="A tenant's invoices (`invoices T`), and voiding or reissuing one.",
     no_args_is_help=True,
 )
 
@@ -282,22 +279,26 @@ def who(by: str | None) -> str:
     return text
 
 
+BY_OPTION = typer.Option(
+    None, "--by", help="who voids it (default: the OS user running the command)"
+)
+
+
 @invoices_app.command("void")
 def void_cmd(
     ctx: typer.Context,
     invoice_id: str = INVOICE_ID_ARGUMENT,
     reason: str = typer.Option(..., "--reason", help="why it is void (kept with the invoice)"),
-    by: str = typer.Option(
-        None, "--by", help="who voids it (default: the OS user running the command)"
-    ),
+    by: str = BY_OPTION,
     stripe: bool = typer.Option(
         False, "--stripe", help="void it in Stripe too (also: STRIPE_ENABLED=true)"
     ),
     output: Path = OUTPUT_OPTION,
     fmt: TableOrJson | None = TABLE_JSON_OPTION,
 ) -> None:
-    """Void a finalized invoice: it stays readable (status void, reason, who, when) and its
-    period is unbilled until `invoices reissue`. With Stripe, an open Stripe invoice is
+    """Void a finalized invoice: it stays readable (status void, reason, who, when), the
+    credit it moved is given back, and billing its period again (`generate-invoice T P`,
+    or `bill`) makes a new invoice that replaces it. With Stripe, an open Stripe invoice is
     voided, a paid one gets a credit note for its total; a rerun resumes that."""
     cfg = settings_of(ctx)
     out = output_path(output)
@@ -318,30 +319,69 @@ def void_cmd(
     _show(cfg, invoice, fmt, out)
 
 
+def _resume_reissue(cfg: Settings, void: Invoice) -> Invoice | None:
+    """Finish in Stripe what an interrupted ``reissue --stripe`` of ``void`` left undone
+    (voiding it there, pushing its replacement); its replacement, or None if nothing was."""
+    with billing(cfg) as con:
+        new = invoice_store.get_invoice(con, void.replaced_by) if void.replaced_by else None
+    voided = void_in_stripe(cfg, void, pending=True)
+    if new is None or new.status is not InvoiceStatus.finalized or new.stripe_invoice_id:
+        return new if voided else None
+    return _pushed(cfg, new)
+
+
+def _pushed(cfg: Settings, invoice: Invoice) -> Invoice:
+    push_to_stripe(cfg, [invoice])
+    with billing(cfg) as con:
+        return invoice_store.get_invoice(con, invoice.invoice_id) or invoice
+
+
 @invoices_app.command("reissue")
 def reissue_cmd(
     ctx: typer.Context,
     invoice_id: str = INVOICE_ID_ARGUMENT,
+    reason: str = typer.Option(
+        invoicing.REISSUE_REASON, "--reason", help="why it is reissued (kept with the void one)"
+    ),
+    by: str = BY_OPTION,
     stripe: bool = STRIPE_OPTION,
     output: Path = OUTPUT_OPTION,
     fmt: TableOrJson | None = TABLE_JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
-    """Recompute the period of a void invoice from the usage as it is now into a new
-    finalized invoice that names the one it replaces (see the README for what it charges)."""
+    """Void a finalized invoice and bill its period again from the usage as it is now, in
+    one step: a new finalized invoice that names the one it replaces (see the README for
+    what it charges). A void invoice is not reissued: billing its period again
+    (`generate-invoice T P`, or `bill`) replaces it. With Stripe, the old one is voided
+    there as `invoices void` does, then the new one is pushed; a rerun resumes that."""
     cfg = settings_of(ctx)
     out = output_path(output)
+    voider = who(by)
     with billing(cfg) as con:
         old = invoicing.existing_invoice(con, invoice_id)
     usage = read_usage(cfg, old.tenant_id, quiet=quiet)
-    with billing(cfg) as con:
-        invoice = invoicing.reissue(con, usage, invoicing.Rules.from_settings(cfg), invoice_id)
-    if not quiet:
-        print(f"reissued {invoice_id} as {invoice.invoice_id}", file=sys.stderr)
-    if stripe_requested(cfg, stripe):
-        push_to_stripe(cfg, [invoice])
+    try:
         with billing(cfg) as con:
-            invoice = invoice_store.get_invoice(con, invoice.invoice_id) or invoice
+            done = invoicing.reissue(
+                con,
+                usage,
+                invoicing.Rules.from_settings(cfg),
+                invoice_id,
+                by=voider,
+                reason=reason,
+            )
+    except invoicing.AlreadyVoid as exc:
+        resumed = _resume_reissue(cfg, exc.invoice) if stripe_requested(cfg, stripe) else None
+        if resumed is None:
+            raise
+        _show(cfg, resumed, fmt, out)
+        return
+    if not quiet:
+        print(f"reissued {invoice_id} as {done.invoice.invoice_id}", file=sys.stderr)
+    invoice = done.invoice
+    if stripe_requested(cfg, stripe):
+        void_in_stripe(cfg, done.void)
+        invoice = _pushed(cfg, invoice)
     _show(cfg, invoice, fmt, out)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import typing
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -14,9 +13,9 @@ import typer
 from billing import invoicing, tenants
 from billing.alerts import store as alert_store
 from billing.alerts.evaluate import tier_quotas
-from billing.alerts.model import MAX_PERCENT, QuotaKey, Threshold, quota_problem
+from billing.alerts.model import MAX_PERCENT, Threshold, quota_problem
 from billing.db import transaction
-from billing.model import MAX_MONEY, money
+from billing.model import MAX_MONEY, QUOTA_KEYS, money
 from billing.tiers import get_tier, load_tiers
 from common.errors import UserError
 from pf_metering.commands.books import billing, read_usage, utc_now
@@ -97,9 +96,6 @@ def tenants_set_tier(
     print(f"tenant {tenant_id}: tier {tier} from {period}", file=sys.stderr)
 
 
-QUOTA_KEYS: tuple[str, ...] = typing.get_args(QuotaKey)
-
-
 def _number(text: str, option: str, most: Decimal, what: str) -> Decimal:
     """``text`` as a number above 0, at most ``most``, with at most 2 decimals."""
     accepted = f"{option} takes a number above 0 and at most {what}, with at most 2 decimals"
@@ -122,7 +118,7 @@ def threshold_of(percent: str | None, counter: str | None, amount: str | None) -
         raise UserError(f"unknown --counter {counter[:40]!r}: one of {', '.join(QUOTA_KEYS)}")
     if percent is not None:
         pct = _number(percent, "--quota-percent", MAX_PERCENT, f"{MAX_PERCENT} (percent)")
-        return Threshold(quota_percent=pct, counter=counter)  # type: ignore[arg-type]
+        return Threshold(quota_percent=pct, counter=counter)
     assert amount is not None
     usd = _number(amount, "--amount", MAX_MONEY, f"{money(MAX_MONEY)} (usd)")
     return Threshold(amount_usd=usd)

@@ -17,6 +17,7 @@ from pydantic import SecretStr, ValidationError
 
 from aggregator.views import usage_reader
 from bench.ledger_load import publish_usage
+from billing import invoicing
 from billing.alerts import store
 from billing.alerts.delivery import Endpoint
 from billing.alerts.evaluate import applicable, crossings
@@ -24,13 +25,15 @@ from billing.alerts.model import AlertRecord, Threshold, event_id
 from billing.alerts.watch import Watcher
 from billing.backoff import RetryPolicy
 from billing.db import billing_db, transaction
-from billing.invoicing import Rules
-from billing.rating import Usage
-from billing.tiers import load_tiers
+from billing.invoicing import Rules, UsageData
+from billing.model import QUOTA_KEYS, add_up, money
+from billing.rating import METERS, Usage
+from billing.tiers import Quotas, load_tiers
 from common.errors import TierFileError
 from common.settings import Settings, load_settings
 from schemas.codec import COUNTERS
 from schemas.periods import Period
+from tests.fixtures.seeds import STARTUP_PRICES
 from tests.support.alert_receiver import Receiver, alert_receiver
 from tests.support.events import make_event
 from tests.support.waiting import wait_for
@@ -49,20 +52,35 @@ def now_event(tenant: str, **counters: int) -> dict[str, Any]:
 # --- thresholds and crossings (pure) -------------------------------------------------------
 
 
+def no_amount() -> Decimal | None:
+    raise AssertionError("no amount threshold applies: the amount is never asked for")
+
+
 def test_a_quota_percentage_is_crossed_on_reaching_it() -> None:
     eighty = Threshold(quota_percent=Decimal(80), counter="cpu_ms")
     below = Usage(cpu_ms=2_879_999)  # 80% of 3,600,000 is 2,880,000
-    assert crossings("t", "2026-12", BASIC, below, [eighty]) == []
-    [hit] = crossings("t", "2026-12", BASIC, Usage(cpu_ms=2_880_000), [eighty])
+    assert crossings("t", "2026-12", BASIC, below, [eighty], no_amount) == []
+    [hit] = crossings("t", "2026-12", BASIC, Usage(cpu_ms=2_880_000), [eighty], no_amount)
     assert hit.observed == 2_880_000 and hit.limit == 3_600_000 and hit.source == "tenant"
     assert hit.event_id == event_id("t", "2026-12", "quota_percent:cpu_ms:80")
 
 
-def test_an_amount_is_the_period_rated_with_its_tier() -> None:
-    sixty = Threshold(amount_usd=Decimal("60.00"))
-    assert crossings("t", "2026-12", BASIC, Usage(violations=9), [sixty]) == []  # 59.00
-    [hit] = crossings("t", "2026-12", BASIC, Usage(violations=10), [sixty])
+def test_an_amount_is_reached_by_the_amount_given_asked_once() -> None:
+    sixty, seventy = Threshold(amount_usd=Decimal("60.00")), Threshold(amount_usd=Decimal(70))
+    asked: list[int] = []
+
+    def amount(value: str | None) -> Callable[[], Decimal | None]:
+        def ask() -> Decimal | None:
+            asked.append(1)
+            return None if value is None else Decimal(value)
+
+        return ask
+
+    assert crossings("t", "2026-12", BASIC, Usage(), [sixty, seventy], amount("59.99")) == []
+    [hit] = crossings("t", "2026-12", BASIC, Usage(), [sixty, seventy], amount("60.00"))
     assert hit.observed == Decimal("60.00") and hit.limit is None
+    assert crossings("t", "2026-12", BASIC, Usage(), [sixty], amount(None)) == []  # unknown
+    assert len(asked) == 3
 
 
 def test_a_percentage_without_counter_stands_for_every_quota_and_keys_are_one_each() -> None:
@@ -77,6 +95,13 @@ def test_a_percentage_without_counter_stands_for_every_quota_and_keys_are_one_ea
     assert sources == {"tier"}  # the same threshold from the tenant is the same alert
     # no egress_scans quota on basic: such a threshold can never apply
     assert applicable(BASIC, [Threshold(quota_percent=Decimal(50), counter="egress_scans")]) == []
+
+
+def test_an_alert_counter_is_one_quota_key_of_the_tiers_and_the_meters() -> None:
+    assert QUOTA_KEYS == tuple(Quotas.model_fields) == tuple(m.quota for m in METERS)
+    assert Threshold(quota_percent=Decimal(5), counter="network_mb").counter == "network_mb"
+    with pytest.raises(ValidationError, match="unknown counter 'network_bytes': one of cpu_ms"):
+        Threshold(quota_percent=Decimal(5), counter="network_bytes")
 
 
 def test_event_ids_are_stable_and_distinct() -> None:
@@ -107,18 +132,10 @@ def test_a_threshold_is_one_positive_kind(given: dict[str, Any]) -> None:
 
 # --- the tiers file -------------------------------------------------------------------------
 
-ALERTS = """
+ALERTS = f"""
 [tiers.startup]
 base_price_usd = 20
-cpu_price_per_ms = 0.0000001
-network_price_per_mb = 0.05
-api_call_price = 0.001
-tool_execution_price = 0.01
-data_retrieval_price = 0.005
-egress_scan_price = 0.002
-policy_check_price = 0.001
-violation_price = 1
-[tiers.startup.quotas]
+{STARTUP_PRICES}[tiers.startup.quotas]
 cpu_ms = 1_000_000
 
 [[alerts.startup]]
@@ -235,6 +252,36 @@ def test_two_thresholds_in_one_batch_give_two_signed_alerts_once_each(tmp_path: 
         assert again.detect() == [] and again.deliver() == 0
         assert len(receiver.received) == 3
         assert {r.tenant_id for r in _log(cfg)} == {"acme"}  # quiet stayed below
+
+
+def test_an_amount_counts_every_line_the_draft_invoice_has(tmp_path: Path) -> None:
+    """Late usage of the closed period goes on the open period's invoice, and so into the
+    amount an alert compares: the watcher's amount is the total of the draft, line for line."""
+    cfg = _settings(tmp_path)
+    rules = Rules.from_settings(cfg)
+    now = datetime.now(UTC)
+    closed, current = rules.last_closed(now), Period.of(now)
+    old = int((closed.start + timedelta(days=3)).timestamp() * 1_000_000)
+    publish_usage(cfg, [make_event("acme", occurred_at=old, api_calls=1), now_event("acme")])
+    with usage_reader(cfg) as reader:
+        usage = UsageData.read(reader)
+    with billing_db(cfg.billing_db, 10.0) as con:
+        billed = invoicing.bill(con, usage, rules, as_of=now)
+    assert [i.period for i in billed.invoices] == [str(closed)]
+    _set(cfg, "acme", Threshold(amount_usd=Decimal(70)))
+    watcher = _watcher(cfg, None)
+    assert watcher.detect() == []  # 50.00 of its own
+    publish_usage(cfg, [make_event("acme", occurred_at=old, violations=25)])  # late: 25.00
+    assert watcher.detect()
+    with usage_reader(cfg) as reader:
+        usage = UsageData.read(reader, "acme")
+    with billing_db(cfg.billing_db, 10.0) as con:
+        draft = invoicing.generate(con, usage, rules, "acme", current)
+    assert [ln.code for ln in draft.lines if ln.period == str(closed)] == ["late_usage"]
+    [record] = [r for r in _log(cfg) if r.period == str(current)]
+    own = add_up(ln.amount for ln in draft.lines if ln.period is None)
+    assert own < 70 <= draft.total  # crossed by the late line
+    assert record.observed == money(draft.total)
 
 
 def test_an_alert_recorded_while_the_receiver_is_down_is_delivered_after_a_restart(

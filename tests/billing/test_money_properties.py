@@ -21,7 +21,7 @@ from aggregator.fold import COUNTER_CEILING, deltas_of
 from billing import invoice_store
 from billing.db import billing_db
 from billing.invoice_store import Billed
-from billing.invoicing import InvoiceRefused, LateUsage, build_invoice
+from billing.invoicing import InvoiceRefused, LateUsage, settled_invoice
 from billing.model import MAX_MONEY, Invoice, InvoiceStatus
 from billing.rating import METERS, MIB, Usage, rate
 from billing.stripe.push import STRIPE_MAX_AMOUNT, PushRefused, check_stripe_limits, planned_items
@@ -137,7 +137,7 @@ def _invoice_or_refusal(tier: Tier, usage: Usage, late: Usage) -> Invoice | Invo
     billed = Billed("t", "2024-12", tier.name, Usage(), "INV-0", None)
     moment = datetime(2025, 2, 1, 2, tzinfo=UTC)
     try:
-        return build_invoice(
+        return settled_invoice(
             invoice_id="INV-1",
             tenant_id="t",
             period=Period(2025, 1),
@@ -148,7 +148,7 @@ def _invoice_or_refusal(tier: Tier, usage: Usage, late: Usage) -> Invoice | Invo
             created_at=moment,
             finalized_at=moment,
             due_days=30,
-        )
+        )[0]
     except InvoiceRefused as exc:
         return exc
 

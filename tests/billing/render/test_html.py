@@ -23,7 +23,7 @@ from billing.alerts.model import AlertRecord, Crossing, Threshold
 from billing.credits import CreditLot
 from billing.db import billing_db, transaction
 from billing.invoice_store import Billed
-from billing.invoicing import ChargedElsewhere, LateUsage, build_invoice
+from billing.invoicing import ChargedElsewhere, LateUsage, settled_invoice
 from billing.model import Invoice, InvoiceStatus
 from billing.rating import Usage
 from billing.render.invoice_html import DASH, amount_text, day, render_invoice_html
@@ -207,7 +207,7 @@ def _invoice(status: InvoiceStatus = InvoiceStatus.finalized) -> Invoice:
         Usage(cpu_ms=5_100, api_calls=20),
     )
     moment = datetime(2025, 3, 1, 2, 30, tzinfo=UTC)
-    return build_invoice(
+    return settled_invoice(
         invoice_id="INV-1740796200000-9f3a1c2b",
         tenant_id=NASTY,
         period=Period(2025, 2),
@@ -218,7 +218,7 @@ def _invoice(status: InvoiceStatus = InvoiceStatus.finalized) -> Invoice:
         created_at=moment,
         finalized_at=moment if status is not InvoiceStatus.draft else None,
         due_days=30,
-    )
+    )[0]
 
 
 def _alerts(tenant: str, period: str) -> list[AlertRecord]:
@@ -431,7 +431,7 @@ def _credited(credit: tuple[CreditLot, ...], violations_billed: int) -> Invoice:
         Usage(),
     )
     moment = datetime(2025, 4, 1, 2, tzinfo=UTC)
-    return build_invoice(
+    return settled_invoice(
         invoice_id=f"INV-credit-{violations_billed}",
         tenant_id=NASTY,
         period=Period(2025, 3),
@@ -443,7 +443,7 @@ def _credited(credit: tuple[CreditLot, ...], violations_billed: int) -> Invoice:
         finalized_at=moment,
         due_days=30,
         credit=credit,
-    )
+    )[0]
 
 
 def test_an_invoice_with_a_credit_line_and_a_carried_balance_renders_in_chromium(
