@@ -19,7 +19,7 @@ from decimal import Decimal
 import duckdb
 import pyarrow as pa
 
-from billing.credits import CreditLot, CreditMovement
+from billing.credits import CreditLot, CreditMovement, reversing
 from billing.db import column_types, register_migration, register_schema
 from billing.model import MONEY_SQL
 
@@ -132,3 +132,15 @@ def lot_users(con: duckdb.DuckDBPyConnection, source_invoice_id: str) -> list[tu
         [source_invoice_id],
     ).fetchall()
     return [(iid, period) for iid, period in rows]
+
+
+def reverse(
+    con: duckdb.DuckDBPyConnection, invoice_id: str, now: datetime
+) -> list[tuple[str, str]]:
+    """Reverse the movements on ``invoice_id``, being voided (inside the caller's
+    transaction), so the balance is as if it never existed; unless a later invoice still
+    uses credit it carried: then nothing is written and those invoices are returned."""
+    users = lot_users(con, invoice_id)
+    if not users:
+        record_movements(con, reversing(movements_on(con, invoice_id)), now)
+    return users

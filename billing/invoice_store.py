@@ -17,6 +17,7 @@ The Stripe push and the webhook server call ``mark_sent``, ``set_status_by_invoi
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ import duckdb
 import pyarrow as pa
 from pydantic import TypeAdapter
 
+from billing import credit_store
 from billing.db import column_types, register_migration, register_schema, widen
 from billing.model import (
     INVOICES_SHOWN_SQL,
@@ -39,6 +41,8 @@ from billing.model import (
 from billing.rating import Usage
 from common.jsonfmt import json_default
 from schemas.codec import COUNTERS
+
+log = logging.getLogger("billing.invoices")
 
 _INVOICES_DDL = f"""
     CREATE TABLE IF NOT EXISTS invoices (
@@ -213,17 +217,29 @@ def set_status_by_invoice_id(
 ) -> bool:
     """Move an invoice's status (never its lines or amounts); False if there is no such one.
 
-    Void (a webhook: voided in Stripe) records who and when, and frees the period to be
+    Void (a webhook: voided in Stripe) records who and when, reverses the invoice's credit
+    movements as ``invoices void`` does (unless a later invoice uses credit it carried: Stripe
+    voided it anyway, so that is logged and the ledger kept), and frees the period to be
     billed again."""
     if InvoiceStatus(status) is InvoiceStatus.void:
         row = con.execute(
             "UPDATE invoices SET status = 'void', live_key = NULL, "
             "voided_at = coalesce(voided_at, now()), voided_by = coalesce(voided_by, ?), "
             "void_reason = coalesce(void_reason, 'voided in Stripe') "
-            "WHERE invoice_id = ? RETURNING invoice_id",
+            "WHERE invoice_id = ? AND status <> 'void' RETURNING invoice_id, voided_at",
             [STRIPE_VOIDER, invoice_id],
         ).fetchone()
-        return row is not None
+        if row is None:
+            return get_invoice(con, invoice_id) is not None
+        users = credit_store.reverse(con, invoice_id, row[1])
+        if users:
+            log.warning(
+                "invoice %s was voided in Stripe, but %s use credit it carried: its credit "
+                "movements are kept; void those too to take that credit back",
+                invoice_id,
+                ", ".join(uid for uid, _ in users),
+            )
+        return True
     row = con.execute(
         "UPDATE invoices SET status = ? WHERE invoice_id = ? RETURNING invoice_id",
         [InvoiceStatus(status).value, invoice_id],

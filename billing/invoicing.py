@@ -40,7 +40,7 @@ import pyarrow as pa
 from aggregator.views import UsageReader
 from billing import credit_store, invoice_store
 from billing.corrections import correction_lines
-from billing.credits import CreditLot, CreditMovement, Settlement, reversing, settle
+from billing.credits import CreditLot, CreditMovement, Settlement, settle
 from billing.db import transaction
 from billing.invoice_store import Billed, InvoiceKey, to_json_text
 from billing.model import (
@@ -807,17 +807,16 @@ def _void(
     transaction): credit it applied goes back to its lot, credit it carried is taken back.
     Refused (``VoidRefused``) while a later invoice uses credit it carried."""
     iid = invoice.invoice_id
-    users = credit_store.lot_users(con, iid)
-    if users:
+    if not invoice_store.void_invoice(con, iid, reason, by, now):
+        raise ReissueRaced(f"invoice {iid} was voided by another run at the same moment")
+    users = credit_store.reverse(con, iid, now)
+    if users:  # raised inside the transaction: the void above is rolled back
         later = ", ".join(f"{uid} ({period})" for uid, period in users)
         first = users[-1][0]
         raise VoidRefused(
             f"invoice {iid} carried credit that {later} applied since: void that first "
             f"(`invoices void {first} --reason TEXT`), then {iid}"
         )
-    if not invoice_store.void_invoice(con, iid, reason, by, now):
-        raise ReissueRaced(f"invoice {iid} was voided by another run at the same moment")
-    credit_store.record_movements(con, reversing(credit_store.movements_on(con, iid)), now)
     voided = invoice_store.get_invoice(con, iid)
     assert voided is not None
     return voided

@@ -331,6 +331,20 @@ def test_a_void_of_an_invoice_whose_carried_credit_was_applied_later_is_refused(
     assert balance(books) == 0 == on_lines(books.invoices("acme"))
 
 
+def test_a_void_in_stripe_reverses_the_credit_it_can(
+    books: Books, credited: list[Invoice], caplog: pytest.LogCaptureFixture
+) -> None:
+    feb, apr = credited[0], credited[2]
+    with books.con() as con:
+        assert invoice_store.set_status_by_invoice_id(con, apr.invoice_id, InvoiceStatus.void)
+        assert invoice_store.set_status_by_invoice_id(con, apr.invoice_id, InvoiceStatus.void)
+    assert balance(books) == Decimal("20.00") == on_lines(books.invoices("acme"))  # once
+    with books.con() as con:  # Stripe voided it anyway: the ledger is kept, and it is said
+        assert invoice_store.set_status_by_invoice_id(con, feb.invoice_id, InvoiceStatus.void)
+    assert balance(books) == Decimal("20.00")
+    assert f"invoice {feb.invoice_id} was voided in Stripe, but" in caplog.text
+
+
 def test_a_ledger_from_before_reversals_is_rebuilt_with_its_rows(
     books: Books, credited: list[Invoice]
 ) -> None:

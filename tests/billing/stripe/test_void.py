@@ -8,12 +8,20 @@ store, resumed by a rerun or by ``bill --stripe``."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import pytest
 
+from billing import invoice_store, invoicing
+from billing.invoicing import Reissue, Rules, UsageData
 from billing.model import Invoice, InvoiceStatus
+from billing.stripe.push import StripePusher
 from billing.stripe.voiding import StripeVoider, VoidAction, VoidResult
+from billing.tiers import load_tiers
+from schemas.codec import COUNTERS
 from tests.fixtures.cli import Cli
 from tests.fixtures.seeds import SEED, event
 from tests.fixtures.stripe import (
@@ -23,6 +31,7 @@ from tests.fixtures.stripe import (
     forget_everything,
     make_gateway,
     make_invoice,
+    utc,
 )
 from tests.support.stripe_server import FakeStripe, FaultKind, StripeErr
 
@@ -52,9 +61,12 @@ def void_all(fake: FakeStripe, billing: LocalBilling, invoices: list[Invoice]) -
     return [voider.void(voided(i)) for i in invoices]
 
 
-def assert_voided(fake: FakeStripe, invoices: list[Invoice], paid: set[str]) -> None:
+def assert_voided(
+    fake: FakeStripe, invoices: list[Invoice], paid: set[str], extra: int = 0
+) -> None:
     """Each Stripe invoice void, or (paid) still paid with exactly one credit note of ours
-    for its total credited to the customer's balance; nothing else created."""
+    for its total credited to the customer's balance; nothing else created (but ``extra``
+    other invoices)."""
     credited = 0
     for invoice in invoices:
         (remote,) = fake.invoices_for(invoice.invoice_id)
@@ -70,7 +82,7 @@ def assert_voided(fake: FakeStripe, invoices: list[Invoice], paid: set[str]) -> 
             assert remote["status"] == "void" and notes == []
     (customer,) = fake.customers_for("acme")
     assert customer["balance"] == -credited
-    assert len(fake.state.invoices) == len(invoices)
+    assert len(fake.state.invoices) == len(invoices) + extra
     assert len(fake.state.credit_notes) == len(paid)
 
 
@@ -206,6 +218,117 @@ def test_rerun_of_a_void_with_keys_expired_and_state_lost(tmp_path: Path) -> Non
         run_void_fault_then_rerun(tmp_path, "drop", at, forget=True)
 
 
+# --- reissue with Stripe: the void side as above, then the replacement's push -----------
+
+
+def _usage(*rows: tuple[str, str, dict[str, int]]) -> UsageData:
+    """The usage view's rows (tenant, period, counters), without a snapshot."""
+    data: list[dict[str, Any]] = [
+        {
+            "tenant_id": tenant,
+            "period": period,
+            "events": 1,
+            "sessions": 1,
+            **{c: counters.get(c, 0) for c in COUNTERS},
+            "risk_score_avg": None,
+            "risk_score_max": None,
+        }
+        for tenant, period, counters in rows
+    ]
+    table = pa.Table.from_pylist(data)
+    return UsageData(table, {(r["tenant_id"], r["period"]): r for r in data})
+
+
+REISSUE_USAGE = _usage(
+    ("acme", "2025-01", {"api_calls": 700}), ("acme", "2025-02", {"violations": 1})
+)
+RULES = Rules(load_tiers(None), timedelta(hours=1), 30)
+
+
+def reissued_with_stripe(fake: FakeStripe, billing: LocalBilling) -> list[Reissue]:
+    """January (open in Stripe) and February (paid there) billed, pushed, then reissued here
+    (nothing in Stripe yet)."""
+    pusher = StripePusher(make_gateway(fake.url), invoice_store, billing.connect)
+    with billing.connect() as con:
+        jan, feb = invoicing.bill(
+            con, REISSUE_USAGE, RULES, as_of=utc("2025-03-02T00:00:00")
+        ).invoices
+    assert all(r.ok for r in pusher.push_all([jan, feb]))
+    fake.pay(fake.invoices_for(feb.invoice_id)[0]["id"])
+    with billing.connect() as con:
+        return [
+            invoicing.reissue(
+                con, REISSUE_USAGE, RULES, i.invoice_id, by="ops", now=utc(f"2025-06-0{n}T00:00:00")
+            )
+            for n, i in enumerate((jan, feb), 1)
+        ]
+
+
+def finish_in_stripe(fake: FakeStripe, billing: LocalBilling, done: list[Reissue]) -> bool:
+    """What ``invoices reissue --stripe`` does after its transaction (and a rerun, or ``bill
+    --stripe``, again): void the old invoice there, then push the new one; all went well?"""
+    gateway = make_gateway(fake.url)
+    voider = StripeVoider(gateway, billing.connect)
+    pusher = StripePusher(gateway, invoice_store, billing.connect)
+    ok = True
+    for r in done:
+        if not voider.void(r.void).ok:
+            ok = False
+            continue
+        with billing.connect() as con:
+            new = invoice_store.get_invoice(con, r.invoice.invoice_id)
+        assert new is not None
+        ok = pusher.push(new).ok and ok
+    return ok
+
+
+def assert_reissued(fake: FakeStripe, billing: LocalBilling, done: list[Reissue]) -> None:
+    """The old January void in Stripe, the old (paid) February with one credit note for its
+    total, each replacement exactly one open Stripe invoice equal to ours, sent here."""
+    assert_voided(fake, [r.void for r in done], paid={done[1].void.invoice_id}, extra=2)
+    for r in done:
+        (remote,) = fake.invoices_for(r.invoice.invoice_id)
+        assert remote["status"] == "open"
+        assert sum(i["amount"] for i in fake.items_of(remote["id"])) == r.invoice.total_cents
+        with billing.connect() as con:
+            new = invoice_store.get_invoice(con, r.invoice.invoice_id)
+        assert new is not None and new.status is InvoiceStatus.sent
+        assert new.stripe_invoice_id == remote["id"] and new.replaces == r.void.invoice_id
+
+
+def test_the_fault_matrix_covers_every_call_of_a_reissue(tmp_path: Path) -> None:
+    with fault_scenario(tmp_path / "count.duckdb") as (fake, billing):
+        done = reissued_with_stripe(fake, billing)
+        before = len(fake.calls)
+        assert finish_in_stripe(fake, billing, done)
+        assert len(fake.calls) - before == REISSUE_FAULT_POINTS
+        assert_reissued(fake, billing, done)
+        calls = len(fake.calls)
+        assert finish_in_stripe(fake, billing, done)  # done: a rerun calls nothing
+        assert len(fake.calls) == calls
+
+
+# Void January (retrieve, void), push its replacement (search, create, list lines, 2 items,
+# finalize); credit February (retrieve, list credit notes, create), push its replacement
+# (the same 6).
+REISSUE_FAULT_POINTS = 17
+
+
+@pytest.mark.parametrize("kind", ["fail", "drop", "error_after"])
+def test_rerun_after_a_fault_at_any_call_of_a_reissue_leaves_each_side_once(
+    tmp_path: Path, kind: FaultKind
+) -> None:
+    for at in range(1, REISSUE_FAULT_POINTS + 1):
+        with fault_scenario(tmp_path / f"reissue-{kind}-{at}.duckdb") as (fake, billing):
+            done = reissued_with_stripe(fake, billing)
+            fake.inject(kind, at=at)
+            assert not finish_in_stripe(fake, billing, done), (
+                f"fault {kind} at {at} stopped nothing"
+            )
+            assert finish_in_stripe(fake, billing, done), (kind, at)
+            assert_reissued(fake, billing, done)
+
+
 # --- the command line, on the real invoice store ----------------------------------------
 
 
@@ -225,20 +348,44 @@ def ids_of(pfm: Cli) -> dict[str, str]:
 def test_void_and_reissue_with_stripe(stripe_cli: Cli, fake_stripe: FakeStripe) -> None:
     jan, feb = ids_of(stripe_cli)["2025-01"], ids_of(stripe_cli)["2025-02"]
     fake_stripe.pay(fake_stripe.invoices_for(feb)[0]["id"])
-    run = stripe_cli("invoices", "void", jan, "--reason", "wrong tier", "--stripe")
-    assert run.code == 0, run.err
+    run = stripe_cli("invoices", "reissue", jan, "--reason", "wrong tier", "--stripe", "-f", "json")
+    new = run.json()
     assert "voided in Stripe as in_" in run.err
     assert fake_stripe.invoices_for(jan)[0]["status"] == "void"
-    paid = stripe_cli("invoices", "void", feb, "--reason", "refund as credit", "--stripe")
-    assert paid.code == 0 and "credit note cn_" in paid.err
-    (note,) = fake_stripe.credit_notes_of(fake_stripe.invoices_for(feb)[0]["id"])
-    assert note["amount"] == 5001
-    new = stripe_cli("invoices", "reissue", jan, "--stripe", "-f", "json").json()
     assert new["status"] == "sent" and new["replaces"] == jan
     (remote,) = fake_stripe.invoices_for(new["invoice_id"])
     assert remote["status"] == "open" and remote["id"] == new["stripe_invoice_id"]
     assert sum(i["amount"] for i in fake_stripe.items_of(remote["id"])) == 5366
+    paid = stripe_cli("invoices", "reissue", feb, "--stripe", "-f", "json")
+    assert paid.code == 0 and "credit note cn_" in paid.err
+    (note,) = fake_stripe.credit_notes_of(fake_stripe.invoices_for(feb)[0]["id"])
+    assert note["amount"] == 5001
+    assert paid.json()["status"] == "sent" and paid.json()["replaces"] == feb
+    stripe_cli("invoices", "reissue", jan, "--stripe").error("is void")  # nothing to resume
     stripe_cli("invoices", "void", jan, "--reason", "again", "--stripe").error("is void already")
+    again = stripe_cli("invoices", "void", new["invoice_id"], "--reason", "x", "--stripe")
+    assert again.code == 0 and "voided in Stripe" in again.err
+    third = stripe_cli("generate-invoice", "acme", "2025-01", "--stripe", "-f", "json").json()
+    assert third["replaces"] == new["invoice_id"] and third["status"] == "sent"
+    assert [i["status"] for i in fake_stripe.invoices_for(third["invoice_id"])] == ["open"]
+
+
+def test_an_interrupted_reissue_with_stripe_is_resumed_by_a_rerun(
+    stripe_cli: Cli, fake_stripe: FakeStripe
+) -> None:
+    jan = ids_of(stripe_cli)["2025-01"]
+    fake_stripe.inject("fail", status=500, times=None, when=lambda c: c.path.endswith("/void"))
+    run = stripe_cli("invoices", "reissue", jan, "--stripe")
+    run.error(f"invoice {jan} is void, but voiding it in Stripe failed; rerun")
+    listed = stripe_cli("invoices", "acme", "-f", "json").json()
+    new = listed[0]["replaced_by"]
+    assert listed[0]["status"] == "void" and fake_stripe.invoices_for(new) == []
+    fake_stripe.faults.clear()
+    again = stripe_cli("invoices", "reissue", jan, "--stripe", "-f", "json")
+    assert again.json()["invoice_id"] == new and again.json()["status"] == "sent"
+    assert fake_stripe.invoices_for(jan)[0]["status"] == "void"
+    assert [i["status"] for i in fake_stripe.invoices_for(new)] == ["open"]
+    stripe_cli("invoices", "reissue", jan, "--stripe").error(f"replaced by {new}")
 
 
 def test_a_failed_stripe_void_is_resumed_by_a_rerun_or_by_bill(
@@ -259,5 +406,10 @@ def test_a_failed_stripe_void_is_resumed_by_a_rerun_or_by_bill(
     bill = stripe_cli("bill", "--as-of", "2025-03-01T02:00:00Z", "--stripe", "-q")
     assert bill.code == 0, bill.err
     assert fake_stripe.invoices_for(feb)[0]["status"] == "void"
-    reason = stripe_cli("invoices", "acme", "-f", "json").json()[0]["void_reason"]
-    assert reason == "wrong tier"  # the rerun's --reason does not replace the first
+    listed = stripe_cli("invoices", "acme", "-f", "json").json()
+    assert listed[0]["void_reason"] == "wrong tier"  # the rerun's --reason does not replace it
+    replacements = [d for d in listed if d["replaces"] in (jan, feb)]  # bill billed both again
+    assert [d["period"] for d in replacements] == ["2025-01", "2025-02"]
+    for d in replacements:  # and pushed them
+        (remote,) = fake_stripe.invoices_for(d["invoice_id"])
+        assert remote["id"] == d["stripe_invoice_id"] and remote["status"] == "open"
