@@ -347,7 +347,7 @@ def _void_notes(invoice: Invoice) -> list[str]:
         replaced = (
             f" Replaced by invoice <code>{esc(invoice.replaced_by)}</code>."
             if invoice.replaced_by
-            else " Not reissued yet: its period is unbilled until it is."
+            else " Not billed again yet: the next bill of its period replaces it."
         )
         parts += [
             '<div class="voidmark" aria-hidden="true">VOID</div>',
@@ -357,8 +357,8 @@ def _void_notes(invoice: Invoice) -> list[str]:
         ]
     if invoice.replaces:
         parts.append(
-            f'<p class="note">Reissued: replaces void invoice <code>{esc(invoice.replaces)}'
-            "</code>, recomputed from the period's usage as it was when reissued.</p>"
+            f'<p class="note">Replaces void invoice <code>{esc(invoice.replaces)}'
+            "</code>, recomputed from the period's usage as it was when billed again.</p>"
         )
     return parts
 

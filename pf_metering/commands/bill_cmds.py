@@ -59,8 +59,9 @@ def bill(
     ),
 ) -> None:
     """The nightly job: finalize every closed, not yet invoiced period of every tenant (from its
-    first period, base fee even without usage), with late-usage corrections; then push (and
-    finish voiding in Stripe what an interrupted `invoices void` left undone); in cluster
+    first period, base fee even without usage; a period whose invoice was voided: a new one
+    that replaces it), with late-usage corrections; then push (and finish voiding in Stripe
+    what an interrupted `invoices void` or `reissue` left undone); in cluster
     mode, then maintain the lake (``lake maintain``)."""
     cfg = settings_of(ctx)
     now = utc_now()

@@ -344,7 +344,11 @@ def reissue_cmd(
         invoicing.REISSUE_REASON, "--reason", help="why it is reissued (kept with the void one)"
     ),
     by: str = BY_OPTION,
-    stripe: bool = STRIPE_OPTION,
+    stripe: bool = typer.Option(
+        False,
+        "--stripe",
+        help="void the old one in Stripe, then push the new one (also: STRIPE_ENABLED=true)",
+    ),
     output: Path = OUTPUT_OPTION,
     fmt: TableOrJson | None = TABLE_JSON_OPTION,
     quiet: bool = QUIET_OPTION,

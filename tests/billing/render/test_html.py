@@ -388,7 +388,7 @@ def test_void_invoice_and_its_replacement_show_the_mark_and_the_links(
     assert "Total (void)" in text and "Void: nothing is due" in text
     assert "Due by" not in text
     new_text = " ".join(visible_text(render_invoice_html(replacement, now=now)).split())
-    assert f"replaces void invoice {voided.invoice_id}" in new_text and "VOID" not in new_text
+    assert f"Replaces void invoice {voided.invoice_id}" in new_text and "VOID" not in new_text
     assert "Corrections given back" in new_text and "-4.20" in new_text
     assert "INV-1743465600000-77aa88bb" in new_text
     pngs = {}
