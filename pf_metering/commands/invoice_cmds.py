@@ -138,7 +138,9 @@ def generate_invoice(
     ),
 ) -> None:
     """The invoice of a tenant for a period: finalized once the period is closed (then never
-    changes), else a draft preview recomputed on each call; always the same invoice_id."""
+    changes), else a draft preview recomputed on each call; always the same invoice_id. A
+    closed period whose invoice was voided is billed again: a new invoice that replaces it
+    (with Stripe, the void one is voided there first if that is still to do)."""
     cfg = settings_of(ctx)
     asked = tenant_period(cfg, tenant_id, period, output=output)
     target, out = asked.period, output
@@ -147,6 +149,10 @@ def generate_invoice(
         alerts = alert_store.list_alerts(con, tenant_id, [str(target)])
     if stripe_requested(cfg, stripe):
         if invoice.status is InvoiceStatus.finalized and invoice.stripe_invoice_id is None:
+            if invoice.replaces is not None:
+                with billing(cfg) as con:
+                    replaced = invoicing.existing_invoice(con, invoice.replaces)
+                void_in_stripe(cfg, replaced, pending=True)
             invoice = _pushed(cfg, invoice)
         elif invoice.status is InvoiceStatus.draft:
             print(f"{target} is still open: draft invoices are not pushed", file=sys.stderr)

@@ -363,10 +363,13 @@ def test_void_and_reissue_with_stripe(stripe_cli: Cli, fake_stripe: FakeStripe) 
     assert paid.json()["status"] == "sent" and paid.json()["replaces"] == feb
     stripe_cli("invoices", "reissue", jan, "--stripe").error("is void")  # nothing to resume
     stripe_cli("invoices", "void", jan, "--reason", "again", "--stripe").error("is void already")
-    again = stripe_cli("invoices", "void", new["invoice_id"], "--reason", "x", "--stripe")
-    assert again.code == 0 and "voided in Stripe" in again.err
-    third = stripe_cli("generate-invoice", "acme", "2025-01", "--stripe", "-f", "json").json()
+    again = stripe_cli("invoices", "void", new["invoice_id"], "--reason", "x")  # not there
+    assert again.code == 0 and fake_stripe.invoices_for(new["invoice_id"])[0]["status"] == "open"
+    run = stripe_cli("generate-invoice", "acme", "2025-01", "--stripe", "-f", "json")
+    third = run.json()
     assert third["replaces"] == new["invoice_id"] and third["status"] == "sent"
+    assert fake_stripe.invoices_for(new["invoice_id"])[0]["status"] == "void"  # voided first
+    assert "voided in Stripe" in run.err
     assert [i["status"] for i in fake_stripe.invoices_for(third["invoice_id"])] == ["open"]
 
 
