@@ -322,6 +322,16 @@ def invoice_index(
     }
 
 
+def unreplaced_voids(con: duckdb.DuckDBPyConnection, tenant_id: str | None = None) -> set[str]:
+    """The ids of void invoices nothing replaces yet (their periods are billed again next)."""
+    where, params = ("AND tenant_id = ?", [tenant_id]) if tenant_id else ("", [])
+    rows = con.execute(
+        f"SELECT invoice_id FROM invoices WHERE status = 'void' AND replaced_by IS NULL {where}",
+        params,
+    ).fetchall()
+    return {iid for (iid,) in rows}
+
+
 def last_final_period(con: duckdb.DuckDBPyConnection, tenant_id: str) -> str | None:
     row = con.execute(
         "SELECT max(period) FROM invoices WHERE tenant_id = ? AND status <> 'draft'", [tenant_id]

@@ -388,6 +388,20 @@ class _Session:
             items.sort(key=lambda x: x.billed.period)
         return pending, broken
 
+    def pending_for_drafts(
+        self, tenants: Mapping[str, Tenant], tenant_id: str | None = None
+    ) -> tuple[dict[str, list[LateUsage]], dict[str, BillFailure]]:
+        """``pending_late`` as an open period's draft carries it: without what a void invoice
+        not replaced yet charged last (its period, and the late usage it carried), which the
+        invoice that replaces it charges again, before any open period is finalized."""
+        pending, broken = self.pending_late(tenants)
+        voids = invoice_store.unreplaced_voids(self.con, tenant_id)
+        kept = {
+            t: [x for x in items if x.billed.invoice_id not in voids]
+            for t, items in pending.items()
+        }
+        return kept, broken
+
     def build(
         self,
         tenant: Tenant,
@@ -610,7 +624,7 @@ class OpenDrafts:
         now: datetime,
     ) -> OpenDrafts:
         session = _Session(con, usage, rules, now)
-        pending, broken = session.pending_late(tenants)
+        pending, broken = session.pending_for_drafts(tenants)
         return cls(session, pending, broken, credit_store.credit_lots(con))
 
     def inputs(self, tenant_id: str) -> tuple[object, ...]:
@@ -716,7 +730,7 @@ def generate(
                 if failures:
                     raise InvoiceRefused(str(failures[0]))
             else:
-                pending, broken = session.pending_late({tenant_id: tenant})
+                pending, broken = session.pending_for_drafts({tenant_id: tenant}, tenant_id)
                 credit = credit_store.credit_lots(con, tenant_id).get(tenant_id, ())
                 draft_key = existing if existing is not None and existing.is_draft else None
                 draft = session.preview(tenant, period, draft_key, pending, broken, credit)

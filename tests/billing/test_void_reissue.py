@@ -120,6 +120,25 @@ def test_generate_bills_a_void_period_again_into_a_replacement(books: Books) -> 
     ]
 
 
+def test_a_draft_leaves_to_the_replacement_what_a_void_invoice_charged(books: Books) -> None:
+    """January's usage grows after its invoice: February's draft carries the difference; once
+    January is void, its replacement charges January whole, so the draft (and an amount
+    alert, which counts the draft's lines) no longer does, and February is final without it."""
+    books.publish(event("acme", "2025-01", **SEED))
+    (jan,) = books.bill(at(2025, 2, 2)).invoices
+    books.publish(event("acme", "2025-01", api_calls=1000))
+    draft = books.generate("acme", "2025-02", now=at(2025, 2, 15))
+    assert [(ln.code, ln.amount) for ln in draft.lines if ln.period] == [
+        ("late_usage", Decimal("1.00"))
+    ]
+    void(books, jan.invoice_id)
+    draft = books.generate("acme", "2025-02", now=at(2025, 2, 16))
+    assert [ln for ln in draft.lines if ln.period] == []
+    new, feb = books.bill(at(2025, 3, 2)).invoices
+    assert new.replaces == jan.invoice_id and new.total == Decimal("54.66")
+    assert feb.invoice_id == draft.invoice_id and feb.lines == draft.lines
+
+
 def test_reissue_charges_the_period_as_it_is_now_and_links_both_ways(books: Books) -> None:
     books.publish(event("acme", "2025-01", **SEED))
     (jan,) = books.bill(at(2025, 2, 2)).invoices
