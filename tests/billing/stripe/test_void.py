@@ -314,19 +314,30 @@ def test_the_fault_matrix_covers_every_call_of_a_reissue(tmp_path: Path) -> None
 REISSUE_FAULT_POINTS = 17
 
 
+def run_reissue_fault_then_rerun(
+    tmp_path: Path, kind: FaultKind, at: int, *, forget: bool = False
+) -> None:
+    with fault_scenario(tmp_path / f"reissue-{kind}-{at}-{forget}.duckdb") as (fake, billing):
+        done = reissued_with_stripe(fake, billing)
+        fake.inject(kind, at=at)
+        assert not finish_in_stripe(fake, billing, done), f"fault {kind} at {at} stopped nothing"
+        if forget:  # rerun after Stripe's 24 h window, with our Stripe state lost
+            forget_everything(fake, billing, "stripe_pushes")
+        assert finish_in_stripe(fake, billing, done), (kind, at)
+        assert_reissued(fake, billing, done)
+
+
 @pytest.mark.parametrize("kind", ["fail", "drop", "error_after"])
 def test_rerun_after_a_fault_at_any_call_of_a_reissue_leaves_each_side_once(
     tmp_path: Path, kind: FaultKind
 ) -> None:
     for at in range(1, REISSUE_FAULT_POINTS + 1):
-        with fault_scenario(tmp_path / f"reissue-{kind}-{at}.duckdb") as (fake, billing):
-            done = reissued_with_stripe(fake, billing)
-            fake.inject(kind, at=at)
-            assert not finish_in_stripe(fake, billing, done), (
-                f"fault {kind} at {at} stopped nothing"
-            )
-            assert finish_in_stripe(fake, billing, done), (kind, at)
-            assert_reissued(fake, billing, done)
+        run_reissue_fault_then_rerun(tmp_path, kind, at)
+
+
+def test_rerun_of_a_reissue_with_keys_expired_and_state_lost(tmp_path: Path) -> None:
+    for at in range(1, REISSUE_FAULT_POINTS + 1):
+        run_reissue_fault_then_rerun(tmp_path, "drop", at, forget=True)
 
 
 # --- the command line, on the real invoice store ----------------------------------------
