@@ -16,17 +16,23 @@ snapshot first makes this one retry against it, up to ~45 s in all before it giv
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import duckdb
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from common import stopping as stop_signals
 from common.errors import CatalogError
 from common.settings import Settings
 from common.sqltext import sql_string
+from common.stopping import StopRequested
+
+log = logging.getLogger(__name__)
 
 LAKE = "lake"
 """The alias every cluster-mode connection ATTACHes the lake under."""
@@ -191,6 +197,109 @@ def catalog_unreachable(exc: BaseException) -> bool:
     reached: worth waiting and retrying, since the connection reconnects by itself once the
     server answers again (a restart included)."""
     return isinstance(exc, duckdb.IOException) and "Unable to connect to Postgres" in str(exc)
+
+
+# What DuckDB and libpq say when the catalog's connection is gone or the server is away
+# (measured against deploy/local-postgres stopped and restarted under a committing loop).
+_LOST = (
+    "unable to connect to postgres",
+    "server closed the connection",
+    "terminating connection",
+    "no connection to the server",
+    "could not receive data from server",
+    "could not send data to server",
+    "the database system is",  # starting up, shutting down, in recovery mode
+    'failed to execute query "rollback"',  # a COMMIT on a connection that was cut
+    "attempting to fetch from an unsuccessful query result",
+    "database has been invalidated",  # DuckDB gave up the instance: reconnect
+    "connection refused",
+    "connection timed out",
+    "no route to host",
+    "ssl syscall",
+)
+
+
+def catalog_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the catalog's connection was lost or the
+    server cannot be reached: an outage to wait out, not an error in what was asked."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, duckdb.FatalException) or catalog_unreachable(seen):
+            return True
+        text = str(seen).lower()
+        if any(fragment in text for fragment in _LOST):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class CatalogWatch:
+    """A worker's view of its catalog: connected until an operation lost it. While it is
+    lost: ``pause`` waits a bounded, growing time between attempts (``RETRY_FIRST_SECONDS``
+    doubling up to ``RETRY_MAX_SECONDS``), one log line says so at once and then once a
+    minute, ``state`` (the ``pf_catalog_connected`` gauge's ``set``) is given 0; one line
+    and 1 once it answers again. A stop request (SIGTERM: ``common.stopping``) ends a wait
+    with ``StopRequested``."""
+
+    RETRY_FIRST_SECONDS = 0.1
+    RETRY_MAX_SECONDS = 5.0
+    LOG_EVERY_SECONDS = 60.0
+
+    def __init__(
+        self,
+        shown: str,
+        state: Callable[[int], None] | None = None,
+        stopping: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.shown = shown  # METERING_CATALOG without its password
+        self.state = state or (lambda _: None)
+        self.stopping = stopping or stop_signals.requested
+        self.clock = clock
+        self.down_since: float | None = None
+        self.outages = 0
+        self._wait = self.RETRY_FIRST_SECONDS
+        self._logged = -1e18
+        self.state(1)
+
+    @property
+    def connected(self) -> bool:
+        return self.down_since is None
+
+    def lost(self, reason: str) -> None:
+        """An operation found the catalog gone (``reason``: its error's first line)."""
+        now = self.clock()
+        if self.down_since is None:
+            self.down_since, self._wait = now, self.RETRY_FIRST_SECONDS
+            self.outages += 1
+            self.state(0)
+        if now - self._logged >= self.LOG_EVERY_SECONDS:
+            self._logged = now
+            log.warning(
+                "cannot reach the catalog (METERING_CATALOG %s) for %.0f s: %s; waiting and "
+                "retrying (every %g s at most), nothing is lost meanwhile",
+                self.shown,
+                now - self.down_since,
+                reason,
+                self.RETRY_MAX_SECONDS,
+            )
+
+    def pause(self) -> None:
+        """Wait before the next attempt; ``StopRequested`` if a stop was asked for."""
+        if self.stopping.wait(self._wait):
+            raise StopRequested("stopped while waiting for the catalog (METERING_CATALOG)")
+        self._wait = min(self._wait * 2, self.RETRY_MAX_SECONDS)
+
+    def reached(self) -> None:
+        if self.down_since is not None:
+            log.warning(
+                "the catalog (METERING_CATALOG %s) answers again after %.0f s; resuming",
+                self.shown,
+                self.clock() - self.down_since,
+            )
+            self.down_since = None
+            self._logged = -1e18
+            self.state(1)
 
 
 def open_lake(settings: Settings, alias: str = LAKE) -> duckdb.DuckDBPyConnection:

@@ -28,13 +28,20 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 
 from aggregator.files import topic_folder
 from aggregator.fold import Folded
-from aggregator.lake import LAKE
-from aggregator.ledger import OwnershipLost, PartitionLedger, ledger_ddl
+from aggregator.lake import LAKE, CatalogWatch, catalog_lost
+from aggregator.ledger import (
+    CommitResult,
+    OwnershipLost,
+    PartitionLedger,
+    ReplayRequest,
+    ledger_ddl,
+)
 from aggregator.snapshot import Freshness
 from aggregator.views import (
     EMPTY_AGGREGATES,
@@ -45,10 +52,11 @@ from aggregator.views import (
     materialize,
     union_of,
 )
-from common.errors import LedgerError, StorageError
-from schemas.prepare import PreparedBatch
+from common.errors import CatalogError, LedgerError, StorageError
+from schemas.prepare import PreparedBatch, RecordBatch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONFLICT_ATTEMPTS = 20
 """Times a commit, claim or set-up is run again from its start after DuckLake refused it as
@@ -115,23 +123,39 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+class _Again(Exception):
+    """A commit cut off by a catalog outage that did not reach the lake: run it again, from
+    its start, on the new connection."""
+
+
 class LakePartitionLedger(PartitionLedger):
-    """One partition's ledger in the lake, claimed for this worker on creation."""
+    """One partition's ledger in the lake, claimed for this worker on creation (on
+    ``ledgers``' connection, which it outlives catalog outages with)."""
 
     event_hash = LAKE_EVENT_HASH
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, topic: str, partition: int, owner: str):
-        self.owner = owner
+    def __init__(self, ledgers: LakeLedgerSet, partition: int):
+        self.ledgers = ledgers
+        self.owner = ledgers.owner
         self.epoch = 0  # ours, once claimed
         self._claimed: tuple[int | None, int | None] = (None, None)
-        super().__init__(con, schema_alias(topic, partition), topic, partition)
+        self._landed: Callable[[], bool] = self._offset_moved
+        self._expected: tuple[int | None, int] = (None, 0)  # (stored before, after the batch)
+        alias = schema_alias(ledgers.topic, partition)
+        super().__init__(ledgers.con, alias, ledgers.topic, partition)
 
     def _create_tables(self) -> None:
         """Create the schema, its tables and the offsets row once (one transaction: two
         hosts creating it at once conflict, the loser finds it made), then claim it."""
-        a, con = self.alias, self.con
+        a = self.alias
 
         def create() -> None:
+            con = self.con
             exists = con.execute(
                 "SELECT count(*) FROM duckdb_schemas() WHERE database_name = ? AND schema_name = ?",
                 [LAKE, schema_name(self.topic, self.partition)],
@@ -152,19 +176,13 @@ class LakePartitionLedger(PartitionLedger):
     def claim(self) -> tuple[int | None, int | None]:
         """Make this worker the owner with the next epoch; returns the stored (next offset,
         newest occurred_at) as of the claim."""
-        a, con = self.alias, self.con
+        a = self.alias
         found: list[tuple[int, int | None, int | None]] = []
 
         def claim_once() -> None:
             found.clear()
-            row = con.execute(
-                f"SELECT epoch, next_offset, max_occurred_at FROM {a}.offsets "
-                "WHERE topic = ? AND partition = ?",
-                [self.topic, self.partition],
-            ).fetchone()
-            if row is None:
-                raise LedgerError(f"ledger {a} has no offsets row")
-            updated = con.execute(
+            row = self._offsets_row()
+            updated = self.con.execute(
                 f"""UPDATE {a}.offsets SET epoch = ?, owner = ?, claimed_at = now()
                     WHERE topic = ? AND partition = ? AND epoch = ?""",
                 [row[0] + 1, self.owner, self.topic, self.partition, row[0]],
@@ -183,9 +201,11 @@ class LakePartitionLedger(PartitionLedger):
 
     def _run(self, body: Callable[[], None], what: str) -> None:
         """``body`` in one transaction, run again from its start while DuckLake refuses the
-        commit as conflicting."""
-        con = self.con
-        for attempt in range(CONFLICT_ATTEMPTS):
+        commit as conflicting, or after a catalog outage (each body here may run twice: a
+        claim claims again, a create finds the schema, a prune finds nothing more)."""
+        attempt = 0
+        while True:
+            con = self.con
             try:
                 con.execute("BEGIN TRANSACTION")
                 body()
@@ -194,7 +214,11 @@ class LakePartitionLedger(PartitionLedger):
             except duckdb.Error as exc:
                 with contextlib.suppress(duckdb.Error):
                     con.execute("ROLLBACK")
-                if not is_conflict(exc) or attempt == CONFLICT_ATTEMPTS - 1:
+                if self.ledgers.outage(exc):
+                    self.con = self.ledgers.recover(exc)
+                    continue
+                attempt += 1
+                if not is_conflict(exc) or attempt == CONFLICT_ATTEMPTS:
                     raise LedgerError(
                         f"cannot {what} {self.topic}[{self.partition}] in the lake: {exc}"
                     ) from exc
@@ -202,7 +226,88 @@ class LakePartitionLedger(PartitionLedger):
                 with contextlib.suppress(duckdb.Error):
                     con.execute("ROLLBACK")
                 raise
-            time.sleep(CONFLICT_PAUSE_SECONDS * (attempt + 1))
+            time.sleep(CONFLICT_PAUSE_SECONDS * attempt)
+
+    def _read(self, body: Callable[[], T]) -> T:
+        """``body`` (a read on ``self.con``), again after each catalog outage."""
+        while True:
+            try:
+                return body()
+            except duckdb.Error as exc:
+                if not self.ledgers.outage(exc):
+                    raise
+                self.con = self.ledgers.recover(exc)
+
+    def open_dead_letters(self) -> dict[str, int]:
+        return self._read(super().open_dead_letters)
+
+    def replayable(self, request: ReplayRequest) -> RecordBatch | None:
+        return self._read(lambda: super(LakePartitionLedger, self).replayable(request))
+
+    def commit(self, batch: PreparedBatch) -> CommitResult:
+        """As embedded; a commit cut off by a catalog outage waits for the catalog, then
+        (if the cut came in its COMMIT, whose outcome the client cannot know) reads the
+        offsets row back: at the batch's end, it was stored (counted once, as it is); still
+        at the batch's start, it was not (run again); another epoch, not ours any more."""
+        self._landed = self._offset_moved
+        self._expected = (self.next_offset, batch.next_offset)
+        while True:
+            try:
+                return super().commit(batch)
+            except _Again:
+                continue
+
+    def replay(self, request: ReplayRequest, batch: PreparedBatch) -> CommitResult:
+        """As embedded; after an outage in its COMMIT, the ``replays`` row says whether it
+        was stored."""
+        self._landed = lambda: self._replay_recorded(request.request_id)
+        while True:
+            try:
+                return super().replay(request, batch)
+            except _Again:
+                continue
+
+    def _offsets_row(self) -> tuple[int, int | None, int | None]:
+        """(epoch, next offset, newest occurred_at) of the partition's offsets row."""
+        row = self.con.execute(
+            f"SELECT epoch, next_offset, max_occurred_at FROM {self.alias}.offsets "
+            "WHERE topic = ? AND partition = ?",
+            [self.topic, self.partition],
+        ).fetchone()
+        if row is None:
+            raise LedgerError(f"ledger {self.alias} has no offsets row")
+        return int(row[0]), row[1], row[2]
+
+    def _still_ours(self, what: str) -> int | None:
+        """The stored next offset (read now: a new snapshot), unless another worker claimed
+        the partition since."""
+        epoch, stored, _ = self._offsets_row()
+        if epoch != self.epoch:
+            raise OwnershipLost(
+                f"{self.topic}[{self.partition}]: {what} cut off by a catalog outage; the "
+                f"partition is no longer ours (epoch {epoch}, ours {self.epoch}): not counted "
+                "here, its new owner resumes from the offset stored"
+            )
+        return stored
+
+    def _offset_moved(self) -> bool:
+        before, after = self._expected
+        stored = self._still_ours("a commit")
+        if stored == after:
+            return True
+        if stored == before:
+            return False
+        raise LedgerError(
+            f"{self.topic}[{self.partition}]: after a catalog outage the stored offset is "
+            f"{stored}, neither {before} (before the batch) nor {after} (after it)"
+        )
+
+    def _replay_recorded(self, request_id: str) -> bool:
+        self._still_ours("a replay")
+        rows = self.con.execute(
+            f"SELECT 1 FROM {self.alias}.replays WHERE request_id = ?", [request_id]
+        ).fetchall()
+        return bool(rows)
 
     def _hold(self) -> None:
         """Fail the transaction unless the offsets row still has our epoch."""
@@ -237,13 +342,43 @@ class LakePartitionLedger(PartitionLedger):
         self, batch: PreparedBatch, apply: Callable[[int, Folded], None]
     ) -> tuple[int, Folded]:
         """The embedded transaction, run again from its start (re-reading the dedup ids and
-        the offsets row) while DuckLake refuses its commit as conflicting."""
+        the offsets row) while DuckLake refuses its commit as conflicting.
+
+        Cut off by a catalog outage: wait until the catalog answers (``ledgers.recover``),
+        then, if everything up to COMMIT had run, ask ``_landed`` (read back, never
+        guessed) whether the COMMIT reached the lake: if so, it is done (the fold's result
+        as computed); if not, or if the cut came before COMMIT (nothing reaches the lake
+        before it), ``_Again``: the caller runs the whole commit again on the new
+        connection."""
+        done: list[tuple[int, Folded]] = []  # set once ``apply`` ran: only COMMIT was left
+
+        def applied(first_seen: int, folded: Folded) -> None:
+            apply(first_seen, folded)
+            done.append((first_seen, folded))
+
         for attempt in range(CONFLICT_ATTEMPTS):
+            done.clear()
             try:
-                return super()._transaction(batch, apply)
+                return super()._transaction(batch, applied)
             except OwnershipLost:
                 raise
             except LedgerError as exc:
+                if self.ledgers.outage(exc):
+                    self.con = self.ledgers.recover(exc)
+                    if done:  # cut off in COMMIT: read back whether it reached the lake
+                        landed: bool = self._read(self._landed)
+                        log.warning(
+                            "p%d: the catalog went away during the COMMIT of [%s, %d); the "
+                            "lake says it was %s",
+                            self.partition,
+                            self.next_offset,
+                            batch.next_offset,
+                            "stored: counted once" if landed else "not stored: committing again",
+                        )
+                        if landed:
+                            self.bound = done[0][1].bound
+                            return done[0]
+                    raise _Again() from exc
                 if not is_conflict(exc) or attempt == CONFLICT_ATTEMPTS - 1:
                     raise
                 log.debug("p%d: commit conflicted, running it again: %s", self.partition, exc)
@@ -316,7 +451,13 @@ def open_lake_usage(con: duckdb.DuckDBPyConnection, topic: str) -> UsageReader:
 
 class LakeLedgerSet:
     """The partition ledgers a worker holds in the lake, on one connection (``connect``:
-    a new in-memory DuckDB connection with the lake attached as ``lake``)."""
+    a new in-memory DuckDB connection with the lake attached as ``lake``).
+
+    Catalog outages (PostgreSQL restarted or out of reach) are waited out, never fatal:
+    an operation that lost the catalog calls ``recover``, which waits with ``watch``
+    (bounded backoff, its log lines and ``pf_catalog_connected``) until a new connection
+    attaches the lake, and the operation runs again on it (a commit first resolves an
+    unknown COMMIT outcome: ``LakePartitionLedger._transaction``)."""
 
     publishes_snapshots = False
 
@@ -326,18 +467,70 @@ class LakeLedgerSet:
         topic: str,
         owner: str | None = None,
         memory_limit: str = "512MB",
+        watch: CatalogWatch | None = None,
     ) -> None:
         self.topic = topic
         self.owner = owner or default_owner()
-        self.con = connect()
-        self.con.execute(f"SET memory_limit = '{memory_limit}'")
-        self.con.execute("SET threads = 1")  # as embedded (docs/performance.md)
-        self.con.execute("SET preserve_insertion_order = false")
+        self._connect = connect
+        self.memory_limit = memory_limit
+        self.watch = watch or CatalogWatch("METERING_CATALOG")
+        self.con = self._open()
         self.held: dict[int, PartitionLedger] = {}
 
+    def _open(self) -> duckdb.DuckDBPyConnection:
+        con = self._connect()
+        con.execute(f"SET memory_limit = '{self.memory_limit}'")
+        con.execute("SET threads = 1")  # as embedded (docs/performance.md)
+        con.execute("SET preserve_insertion_order = false")
+        return con
+
+    def outage(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (not a conflict) came from losing the catalog: its text says so,
+        or the catalog does not answer a probe now."""
+        if is_conflict(exc) or isinstance(exc, OwnershipLost):
+            return False
+        if catalog_lost(exc):
+            return True
+        try:
+            self.con.execute(f"SELECT id FROM {LAKE}.current_snapshot()").fetchall()
+        except duckdb.Error as probe:
+            return catalog_lost(probe)
+        return False
+
+    def recover(self, exc: BaseException) -> duckdb.DuckDBPyConnection:
+        """Wait out a catalog outage (``exc``: what showed it): close the connection, then
+        try a new one after each ``watch.pause`` until one attaches the lake; every held
+        ledger moves to it. Raises ``StopRequested`` if asked to stop meanwhile."""
+        self.watch.lost(_first_line(exc))
+        with contextlib.suppress(duckdb.Error):
+            self.con.close()
+        while True:
+            self.watch.pause()
+            try:
+                con = self._open()
+                con.execute(f"SELECT id FROM {LAKE}.current_snapshot()").fetchall()
+            except (CatalogError, duckdb.Error) as failed:
+                if not catalog_lost(failed):
+                    raise
+                self.watch.lost(_first_line(failed))
+                continue
+            break
+        self.con = con
+        for ledger in self.held.values():
+            ledger.con = con
+        self.watch.reached()
+        return con
+
     def acquire(self, partition: int) -> PartitionLedger:
-        if partition not in self.held:
-            self.held[partition] = LakePartitionLedger(self.con, self.topic, partition, self.owner)
+        """Create (once) and claim the partition's ledger; after an outage in between,
+        again from the start (a second claim only raises our epoch once more)."""
+        while partition not in self.held:
+            try:
+                self.held[partition] = LakePartitionLedger(self, partition)
+            except duckdb.Error as exc:
+                if not self.outage(exc):
+                    raise
+                self.recover(exc)
         return self.held[partition]
 
     def release(self, partitions: Iterable[int], snapshot_dir: Path | None) -> None:

@@ -147,7 +147,7 @@ class PartitionLedger:
         self.topic = topic
         self.partition = partition
         self._create_tables()
-        self.bound = stored_maximum(con, alias)  # upper bound of every counter total
+        self.bound = stored_maximum(self.con, alias)  # upper bound of every counter total
         self.next_offset, self.max_occurred_at = self._stored_offset()
         self.last_publish = 0.0
         self.last_commit = 0.0

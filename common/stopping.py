@@ -14,6 +14,14 @@ from collections.abc import Callable
 from types import FrameType
 
 requested = threading.Event()
+"""Set by the first SIGTERM/SIGINT (once ``catch_stop_signals`` ran): waits that can last
+(a catalog outage) end on it."""
+
+
+class StopRequested(Exception):
+    """The worker is stopping: the batch in hand is left uncommitted (redone on restart)."""
+
+
 _callbacks: list[Callable[[int], None]] = []
 _signal = [0]
 

@@ -17,6 +17,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 
 from common.errors import OperationError
+from common.stopping import StopRequested
 from schemas.prepare import Forward
 
 FORWARDED_FROM = "pf-forwarded-from"
@@ -30,10 +31,6 @@ FORWARD_PRODUCER: dict[str, Any] = {
     "message.timeout.ms": 0,
 }
 WAIT_STEP_SECONDS = 0.2
-
-
-class StopRequested(Exception):
-    """The worker is stopping: the batch in hand is left uncommitted (redone on restart)."""
 
 
 class Forwarder:

@@ -13,6 +13,7 @@ from schemas.validation import REASONS
 @dataclass
 class WorkerMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    cluster: bool = False  # cluster mode: the catalog's gauge too
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -72,6 +73,14 @@ class WorkerMetrics:
             "1 while the worker reaches the Kafka cluster, 0 while it cannot",
             registry=r,
         )
+        self.catalog_connected: Gauge | None = None
+        if self.cluster:
+            self.catalog_connected = Gauge(
+                "pf_catalog_connected",
+                "Cluster mode: 1 while the worker reaches the DuckLake catalog "
+                "(METERING_CATALOG), 0 while it waits for it (commits wait, none is lost)",
+                registry=r,
+            )
         self.commits_refused = Counter(
             "pf_commits_refused",
             "Batches whose ledger commit was refused because another worker had taken the "

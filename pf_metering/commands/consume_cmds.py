@@ -60,7 +60,7 @@ def consume(
     cfg = settings_of(ctx)
     if drain:
         require_broker(cfg)  # a service keeps retrying; a drain fails fast
-    metrics = WorkerMetrics()
+    metrics = WorkerMetrics(cluster=cfg.cluster_mode)
     if metrics_port is not None:
         try:
             metrics.serve(metrics_port)
@@ -75,7 +75,7 @@ def consume(
             metrics=metrics,
             strategy=strategy,
             progress=show,
-            ledgers=lake_ledgers(cfg),
+            ledgers=lake_ledgers(cfg, metrics),
             schema_documents=shared_documents(cfg, "schemas"),
             replay_board=shared_documents(cfg, "replay"),
         )
@@ -118,14 +118,17 @@ def worker_config(cfg: Settings) -> WorkerConfig:
     )
 
 
-def lake_ledgers(cfg: Settings) -> LakeLedgerSet | None:
-    """Cluster mode's ledgers in the lake (None in embedded mode: the worker's own files)."""
+def lake_ledgers(cfg: Settings, metrics: WorkerMetrics) -> LakeLedgerSet | None:
+    """Cluster mode's ledgers in the lake (None in embedded mode: the worker's own files),
+    waiting out catalog outages as ``pf_catalog_connected`` shows."""
     if not cfg.cluster_mode:
         return None
-    from aggregator.lake import open_lake  # (cluster mode only: the extensions load)
+    from aggregator.lake import CatalogWatch, open_lake  # (cluster mode only)
     from aggregator.lake_ledger import LakeLedgerSet
 
-    return LakeLedgerSet(partial(open_lake, cfg), cfg.metering_topic)
+    gauge = metrics.catalog_connected
+    watch = CatalogWatch(cfg.catalog_shown(), gauge.set if gauge is not None else None)
+    return LakeLedgerSet(partial(open_lake, cfg), cfg.metering_topic, watch=watch)
 
 
 def exit_without_teardown() -> NoReturn:
