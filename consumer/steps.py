@@ -61,6 +61,11 @@ class Accumulate:
             if sum(map(len, waiting)) >= self.batch_size:
                 self.hand_over([partition])
 
+    def drop(self, partitions: Iterable[int]) -> None:
+        """Forget what was polled of ``partitions`` and not handed over yet."""
+        for partition in partitions:
+            self._waiting.pop(partition, None)
+
     def hand_over(self, partitions: Iterable[int] | None = None) -> None:
         """Submit the waiting records (of ``partitions``; default: all), then END_OF_POLL."""
         batches = []

@@ -206,7 +206,18 @@ class Worker:
             self.stop_requested.set()
             raise
 
-    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """The group gave these partitions away while this worker could not hear of it (its
+        session timed out: cut off from Kafka, or frozen): another worker may hold them
+        already, so what was polled of them and not handed over yet is dropped, not
+        committed late (the new owner redoes it from the lake's offset); what was handed
+        over is committed or refused by the fence."""
+        self.accumulate.drop(tp.partition for tp in partitions)
+        self._on_revoke(consumer, partitions, "lost")
+
+    def _on_revoke(
+        self, consumer: Any, partitions: list[TopicPartition], kind: str = "revoked"
+    ) -> None:
         try:
             if not self.closing:  # (closing: the stages are stopped already)
                 self.accumulate.hand_over()  # what was polled of them is still ours to commit
@@ -221,7 +232,7 @@ class Worker:
             self._show_open_dead_letters()
             self.metrics.rebalances.labels(kind="revoke").inc()
             self.metrics.partitions_held.set(len(self.ledgers.held))
-            log.info("revoked %s", sorted(tp.partition for tp in partitions))
+            log.info("%s %s", kind, sorted(tp.partition for tp in partitions))
         except BaseException as exc:
             self.fatal = exc
             self.stop_requested.set()
@@ -242,7 +253,7 @@ class Worker:
             [self.topic],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
+            on_lost=self._on_lost,
         )
         # Young objects are collected 70x less often (a poll allocates two tracked objects
         # per record; nothing here builds cycles) and threads hand the GIL over sooner

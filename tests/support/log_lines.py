@@ -21,3 +21,11 @@ DRAIN_WAITING = "drain: end offsets unknown for now"  # WARNING, a drain waiting
 UNREACHABLE = "cannot reach the Kafka broker at"
 # the start of a text-format log line: "2026-12-01 22:14:54,577 WARNING "
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+# WARNING, cluster mode: a worker lost its catalog (then once a minute while it waits), and
+# found it again (logger aggregator.lake)
+CATALOG_LOST = "cannot reach the catalog (METERING_CATALOG"
+CATALOG_BACK = re.compile(r"the catalog \(METERING_CATALOG [^)]*\) answers again after")
+# WARNING, cluster mode: how a COMMIT cut off by a catalog outage was settled
+COMMIT_SETTLED = re.compile(r"p(\d+): the catalog went away during the COMMIT .* was (stored|not)")
+# INFO, the group took this worker's partitions away after its session was lost
+LOST = f"{WORKER}: lost"

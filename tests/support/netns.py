@@ -186,12 +186,17 @@ def network(count: int, root: Path) -> Iterator[Network]:
         yield net
 
 
+def start_postgres(net: Network, port: int) -> subprocess.CompletedProcess[str]:
+    """``deploy/local-postgres start`` on ``port``, listening on the bridge too and trusting
+    its subnet (again after a ``stop``: the same server, the same data)."""
+    env = {"LOCAL_POSTGRES_LISTEN": net.server("postgres"), "LOCAL_POSTGRES_TRUST": net.subnet}
+    return local_postgres("start", port, env)
+
+
 @contextmanager
 def postgres_on(net: Network, port: int) -> Iterator[str]:
-    """``deploy/local-postgres`` on ``port``, listening on the bridge too and trusting its
-    subnet; yields the URI the hosts use. Stopped and removed on exit."""
-    env = {"LOCAL_POSTGRES_LISTEN": net.server("postgres"), "LOCAL_POSTGRES_TRUST": net.subnet}
-    out = local_postgres("start", port, env)
+    """``start_postgres``; yields the URI the hosts use. Stopped and removed on exit."""
+    out = start_postgres(net, port)
     try:
         assert out.returncode == 0, out.stderr
         uri = out.stdout.strip().splitlines()[-1]

@@ -21,150 +21,49 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from aggregator.lake import open_lake
-from aggregator.lake_ledger import partition_schemas
 from bench.broker import create_topic
-from common.settings import load_settings
-from schemas.codec import COUNTERS
 from tests.support import worker_harness as harness
-from tests.support.cli_runner import BIN
-from tests.support.log_lines import ASSIGNED, CLAIMED, REFUSED, SPAN
-from tests.support.netns import Host, Network, kafka_on, namespaces_available, network, postgres_on
-from tests.support.postgres import create_database
+from tests.support.cluster_hosts import (
+    Cluster,
+    Lake,
+    catalog_connected,
+    claimed,
+    committed_under,
+    first_commit_after_claim,
+    hosts_cluster,
+    postgres_port,
+    produce,
+    reconcile,
+    spans,
+)
+from tests.support.log_lines import (
+    ASSIGNED,
+    CATALOG_BACK,
+    CATALOG_LOST,
+    CLAIMED,
+    COMMIT_SETTLED,
+    REFUSED,
+)
+from tests.support.netns import (
+    namespaces_available,
+    start_postgres,
+)
+from tests.support.postgres import create_database, local_postgres
 from tests.support.waiting import free_port, scrape, wait_for
 
 WHY_NOT = namespaces_available()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"no network namespaces: {WHY_NOT}")
 KAFKA_PORT = int(os.environ.get("PF_TEST_KAFKA_PORT", "29092"))
-# the session's own server (tests/fixtures/postgres.py) is on PF_TEST_POSTGRES_PORT
-POSTGRES_PORT = (
-    int(os.environ["PF_TEST_POSTGRES_PORT"]) + 1
-    if os.environ.get("PF_TEST_POSTGRES_PORT")
-    else free_port()
-)
-RUN = {
-    "METERING_BATCH_SIZE": "500",
-    "METERING_SHUTDOWN_SECONDS": "120",
-    "METERING_LATE_USAGE_MONTHS": "0",
-    "LOG_LEVEL": "DEBUG",
-}
-COLUMNS = ["tenant_id", "period", "events", "sessions", *COUNTERS]
-
-
-@dataclass(frozen=True)
-class Cluster:
-    net: Network
-    server: str  # the PostgreSQL server's URI (a superuser's)
-    bootstrap: str
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp("hosts")
-    with (
-        network(3, root) as net,
-        postgres_on(net, POSTGRES_PORT) as server,
-        kafka_on(net, KAFKA_PORT) as bootstrap,
-    ):
-        yield Cluster(net, server, bootstrap)
-
-
-@dataclass
-class Lake:
-    """One test's lake: a fresh catalog database, lake folder, topic and group."""
-
-    cluster: Cluster
-    catalog: str
-    path: Path
-    topic: str
-    group: str
-    procs: list[subprocess.Popen[str]] = field(default_factory=list)
-
-    def env(self, host: Host, **extra: str) -> dict[str, str]:
-        """What a host is given: the catalog, the lake, its own data dir, and ``extra``."""
-        return {
-            **os.environ,
-            "METERING_CATALOG": self.catalog,
-            "METERING_LAKE_PATH": str(self.path),
-            "METERING_DATA_DIR": str(host.data_dir / self.topic),
-            "METERING_TOPIC": self.topic,
-            **extra,
-        }
-
-    def worker(self, host: Host, log: Path, metrics_port: int) -> subprocess.Popen[str]:
-        env = self.env(
-            host,
-            KAFKA_BOOTSTRAP_SERVERS=self.cluster.bootstrap,
-            METERING_GROUP=self.group,
-            **RUN,
-        )
-        with log.open("a") as out:
-            proc = host.popen(
-                [str(BIN), "consume", "--metrics-port", str(metrics_port)],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def cli(self, host: Host, *args: str) -> subprocess.CompletedProcess[str]:
-        """``pf-metering ARGS`` on ``host`` with only the catalog and lake settings."""
-        proc = host.run([str(BIN), *args], env=self.env(host))
-        assert proc.returncode == 0, proc.stderr
-        return proc
-
-    def query(self, table: str, select: str) -> list[tuple[Any, ...]]:
-        """``select`` over every partition's ``table`` in the lake (``{t}``: their union),
-        read in this process; [] while no partition has a ledger."""
-        settings = load_settings(
-            metering_catalog=self.catalog,
-            metering_lake_path=str(self.path),
-            metering_data_dir=self.path.parent / "probe",
-        )
-        con = open_lake(settings)
-        try:
-            schemas = partition_schemas(con, self.topic).values()
-            if not schemas:
-                return []
-            union = " UNION ALL ".join(f"SELECT * FROM {s}.{table}" for s in schemas)
-            return con.execute(select.format(t=f"({union})")).fetchall()
-        finally:
-            con.close()
-
-    def totals(self) -> dict[tuple[str, str], dict[str, int]]:
-        """Every tenant's and period's totals in the lake."""
-        sums = ", ".join(f"sum({c})" for c in COLUMNS[2:])
-        rows = self.query("aggregates", f"SELECT tenant_id, period, {sums} FROM {{t}} GROUP BY ALL")
-        return {(r[0], r[1]): dict(zip(COLUMNS[2:], map(int, r[2:]), strict=True)) for r in rows}
-
-    def duplicates(self) -> int:
-        return sum(int(r[0]) for r in self.query("duplicates", "SELECT count(*) FROM {t}"))
-
-    def caught_up(self, records: int) -> bool:
-        """Whether the stored offsets cover all ``records`` produced (every partition of a
-        new topic starts at offset 0)."""
-        rows = self.query("offsets", "SELECT sum(coalesce(next_offset, 0)) FROM {t}")
-        return bool(rows) and int(rows[0][0] or 0) >= records
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(180)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with hosts_cluster(tmp_path_factory.mktemp("hosts"), 3, postgres_port(1), KAFKA_PORT) as made:
+        yield made
 
 
 @pytest.fixture
@@ -178,51 +77,6 @@ def lake(cluster: Cluster, tmp_path: Path) -> Iterator[Lake]:
     )
     yield made
     made.stop()
-
-
-def produce(lake: Lake, n: int, seed: int) -> tuple[list[dict[str, Any]], int]:
-    """``n`` valid events plus re-sends of some of them; returns (unique events, re-sends)."""
-    unique = harness.random_events(n, tenants=24, seed=seed)
-    sent = harness.with_duplicates(unique, 0.05, seed=seed + 1)
-    harness.produce(lake.cluster.bootstrap, lake.topic, sent)
-    return unique, len(sent) - len(unique)
-
-
-def reconcile(lake: Lake, unique: list[dict[str, Any]], resent: int, records: int) -> None:
-    """Wait until the lake's offsets cover every record, stop the workers, and compare the
-    totals with the independent fold: nothing lost, nothing counted twice."""
-    wait_for(lambda: lake.caught_up(records), "the lake to cover every record", timeout=900)
-    lake.stop()
-    assert lake.totals() == harness.expected_totals(unique)
-    assert lake.duplicates() == resent
-
-
-def spans(log: Path, step: str) -> list[tuple[int, int, int]]:
-    """The (partition, from, to) of every ``step`` ("committing" or "committed") logged."""
-    out = []
-    for m in SPAN.finditer(log.read_text(errors="replace")):
-        if m.group(1) == step:
-            out.append((int(m.group(2)), int(m.group(3)), int(m.group(4))))
-    return out
-
-
-def first_commit_after_claim(log: Path, partition: int) -> int | None:
-    """The first offset this worker committed ``partition`` from after it last claimed it
-    (None: not yet)."""
-    text = log.read_text(errors="replace")
-    claim = [m.end() for m in CLAIMED.finditer(text) if int(m.group(1)) == partition][-1]
-    for m in SPAN.finditer(text, claim):
-        if m.group(1) == "committing" and int(m.group(2)) == partition:
-            return int(m.group(3))
-    return None
-
-
-def claimed(log: Path) -> dict[int, int]:
-    """Partition -> the newest epoch this worker claimed it with."""
-    out: dict[int, int] = {}
-    for m in CLAIMED.finditer(log.read_text(errors="replace")):
-        out[int(m.group(1))] = int(m.group(2))
-    return out
 
 
 def test_two_workers_share_one_lake_and_a_third_host_reads_it(lake: Lake, tmp_path: Path) -> None:
@@ -336,3 +190,82 @@ def test_a_zombie_woken_with_a_batch_in_hand_is_refused(lake: Lake, tmp_path: Pa
     metric = f'pf_commits_refused_total{{partition="{refusals[0][0]}"}}'
     wait_for(lambda: scrape(zombie_metrics, one.address).get(metric, 0) >= 1, metric)
     reconcile(lake, unique, resent, len(unique) + resent)
+
+
+def test_workers_wait_out_a_postgres_restart_under_load(lake: Lake, tmp_path: Path) -> None:
+    """PostgreSQL stopped while two workers commit and events keep arriving, then started
+    again on its port: the workers wait (their log line, ``pf_catalog_connected`` 0), go on
+    on new connections (1), and the totals are exact: nothing lost, nothing doubled."""
+    hosts, net = lake.cluster.net.hosts[:2], lake.cluster.net
+    logs, ports = [tmp_path / "one.log", tmp_path / "two.log"], [free_port(), free_port()]
+    procs = [lake.worker(h, log, p) for h, log, p in zip(hosts, logs, ports, strict=True)]
+    wait_for(lambda: all(claimed(log) for log in logs), "both workers' claims", timeout=600)
+    unique, resent = produce(lake, 8_000, seed=41)
+    wait_for(lambda: all(spans(log, "committed") for log in logs), "both workers committing", 600)
+    assert local_postgres("stop", lake.cluster.postgres_port).returncode == 0
+    later, again = produce(lake, 4_000, seed=43)  # arrives while the catalog is away
+
+    def waiting() -> list[int]:
+        return [
+            i
+            for i, (h, log, p) in enumerate(zip(hosts, logs, ports, strict=True))
+            if CATALOG_LOST in log.read_text() and catalog_connected(h, p) == 0
+        ]
+
+    wait_for(waiting, "a worker waiting for the catalog", timeout=300)
+    down = waiting()
+    assert all(p.poll() is None for p in procs)  # waiting, not failed
+    assert start_postgres(net, lake.cluster.postgres_port).returncode == 0
+    for i in down:
+        back, log = hosts[i], logs[i]
+        wait_for(lambda: CATALOG_BACK.search(log.read_text()), "the catalog back", 300)  # noqa: B023
+        wait_for(lambda: catalog_connected(back, ports[i]) == 1, "pf_catalog_connected 1")  # noqa: B023
+    settled = [m.group(2) for log in logs for m in COMMIT_SETTLED.finditer(log.read_text())]
+    print(f"workers that waited: {down}; COMMITs cut off and settled: {settled}")
+    reconcile(lake, unique + later, resent + again, len(unique) + resent + len(later) + again)
+    assert all(p.returncode == 0 for p in procs)
+
+
+def test_a_host_cut_off_from_kafka_but_not_postgres_is_fenced(lake: Lake, tmp_path: Path) -> None:
+    """Host one loses Kafka (a blackhole route to it in its namespace) but keeps PostgreSQL:
+    past the session timeout the group gives its partitions to host two, which claims them
+    with newer epochs and goes on; whatever host one still had is committed before that
+    claim or refused after it, never counted twice; once reconnected it rejoins, claims
+    anew and resumes from the lake's offsets. Totals exact."""
+    one, two = lake.cluster.net.hosts[:2]
+    kafka = lake.cluster.net.server("kafka")
+    first, second = tmp_path / "cut.log", tmp_path / "other.log"
+    lake.worker(one, first)
+    lake.worker(two, second)
+    wait_for(lambda: claimed(first) and claimed(second), "both workers' claims", timeout=600)
+    unique, resent = produce(lake, 6_000, seed=51)
+    wait_for(lambda: spans(first, "committed"), "host one committing", timeout=600)
+    one.cut_off(kafka)
+    held = claimed(first)
+    theirs = {p for p, epoch in held.items() if epoch > claimed(second).get(p, 0)}
+    more, more_resent = produce(lake, 6_000, seed=53)  # only host two can fetch these
+
+    def taken_over() -> bool:
+        now = claimed(second)
+        return all(now.get(p, 0) > held[p] for p in theirs)
+
+    wait_for(taken_over, "host two to claim host one's partitions", timeout=600)
+    one.reconnect(kafka)
+    rejoined = len(CLAIMED.findall(first.read_text()))
+    wait_for(
+        lambda: len(CLAIMED.findall(first.read_text())) > rejoined,
+        "host one to rejoin and claim partitions again",
+        timeout=600,
+    )
+    last, last_resent = produce(lake, 2_000, seed=57)
+    batches = ((unique, resent), (more, more_resent), (last, last_resent))
+    records = sum(len(u) + r for u, r in batches)
+    reconcile(lake, unique + more + last, resent + more_resent + last_resent, records)
+    assert all(p.returncode == 0 for p in lake.procs)
+    refusals = {int(m.group(1)) for m in REFUSED.finditer(first.read_text())}
+    assert refusals <= theirs
+    for p in theirs:  # host one's commits under its old epoch all end where host two resumed
+        resumed = first_commit_after_claim(second, p)
+        ends = [end for _, end in committed_under(first, p, held[p])]
+        assert resumed is None or max(ends, default=0) <= resumed, (p, ends, resumed)
+    print(f"host one's partitions {sorted(theirs)} taken over; refused on: {sorted(refusals)}")
