@@ -11,6 +11,10 @@ conninfo without it; errors show ``METERING_CATALOG`` without its password.
 
 Conflicting commits are DuckLake's to retry (``RETRY``): another host committing the next
 snapshot first makes this one retry against it, up to ~45 s in all before it gives up.
+
+A lost catalog (PostgreSQL restarted or out of reach: ``catalog_lost``) is an outage a worker
+waits out with a ``CatalogWatch`` (bounded backoff, its log lines, ``pf_catalog_connected``);
+what it retries, and how a cut-off COMMIT is settled, is ``aggregator.lake_ledger``'s.
 """
 
 from __future__ import annotations

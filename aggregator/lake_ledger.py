@@ -16,6 +16,12 @@ its transaction began before, DuckLake refuses its COMMIT (its update deletes a 
 ``offsets``, which the claim changed since its snapshot) and the commit is run again from
 the start here (``CONFLICT_ATTEMPTS``), re-reading the row and failing the condition. A
 conflict is never replayed blindly: only a re-run of the whole transaction.
+
+Catalog outages (PostgreSQL restarted or out of reach) are waited out on a new connection
+(``LakeLedgerSet.recover``) and the operation is run again from its start. A COMMIT cut off
+mid-way may or may not have reached the lake; the fence makes reading it back exact: under
+our epoch only we move ``next_offset``, from the offset we last stored to the batch's end, so
+the row says which (``LakePartitionLedger._transaction``); a moved epoch means not ours.
 """
 
 from __future__ import annotations

@@ -76,6 +76,18 @@ def test_accumulate_forgets_a_partition_revoked_while_its_records_waited() -> No
     assert after.items == []
 
 
+def test_accumulate_drops_what_waited_of_a_lost_partition() -> None:
+    """A lost assignment: what was polled of it and not handed over is never handed over
+    (the new owner redoes it); the other partitions' records still go."""
+    heads = {0: Head(None), 1: Head(None)}
+    after = Recorder()
+    step = Accumulate(heads, batch_size=100, next_step=after)
+    step.submit({0: records(range(0, 3)), 1: records(range(0, 2))})
+    step.drop([0])
+    step.hand_over()
+    assert [i.partition for i in after.items if isinstance(i, Batch)] == [1]
+
+
 def test_acknowledge_commits_the_newest_offset_of_each_partition_on_poll() -> None:
     commits: list[dict[int, int]] = []
     step = Acknowledge(lambda offsets: commits.append(dict(offsets)))

@@ -46,6 +46,7 @@ from tests.support.log_lines import (
     CATALOG_LOST,
     CLAIMED,
     COMMIT_SETTLED,
+    LOST,
     REFUSED,
 )
 from tests.support.netns import (
@@ -250,6 +251,8 @@ def test_a_host_cut_off_from_kafka_but_not_postgres_is_fenced(lake: Lake, tmp_pa
         return all(now.get(p, 0) > held[p] for p in theirs)
 
     wait_for(taken_over, "host two to claim host one's partitions", timeout=600)
+    # its client's own session timer gives them up too: what it had polled is dropped
+    wait_for(lambda: LOST in first.read_text(), "host one to declare its partitions lost", 300)
     one.reconnect(kafka)
     rejoined = len(CLAIMED.findall(first.read_text()))
     wait_for(
