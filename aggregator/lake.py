@@ -251,12 +251,13 @@ class CatalogWatch:
 
     def __init__(
         self,
-        shown: str,
+        shown: str = "",
         state: Callable[[int], None] | None = None,
         stopping: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.shown = shown  # METERING_CATALOG without its password
+        # how the log names it: METERING_CATALOG's URI without its password, if given
+        self.shown = f"METERING_CATALOG {shown}" if shown else "METERING_CATALOG"
         self.state = state or (lambda _: None)
         self.stopping = stopping or stop_signals.requested
         self.clock = clock
@@ -280,7 +281,7 @@ class CatalogWatch:
         if now - self._logged >= self.LOG_EVERY_SECONDS:
             self._logged = now
             log.warning(
-                "cannot reach the catalog (METERING_CATALOG %s) for %.0f s: %s; waiting and "
+                "cannot reach the catalog (%s) for %.0f s: %s; waiting and "
                 "retrying (every %g s at most), nothing is lost meanwhile",
                 self.shown,
                 now - self.down_since,
@@ -297,7 +298,7 @@ class CatalogWatch:
     def reached(self) -> None:
         if self.down_since is not None:
             log.warning(
-                "the catalog (METERING_CATALOG %s) answers again after %.0f s; resuming",
+                "the catalog (%s) answers again after %.0f s; resuming",
                 self.shown,
                 self.clock() - self.down_since,
             )

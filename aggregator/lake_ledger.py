@@ -479,7 +479,7 @@ class LakeLedgerSet:
         self.owner = owner or default_owner()
         self._connect = connect
         self.memory_limit = memory_limit
-        self.watch = watch or CatalogWatch("METERING_CATALOG")
+        self.watch = watch or CatalogWatch()
         self.con = self._open()
         self.held: dict[int, PartitionLedger] = {}
 
@@ -510,17 +510,20 @@ class LakeLedgerSet:
         self.watch.lost(_first_line(exc))
         with contextlib.suppress(duckdb.Error):
             self.con.close()
-        while True:
+        con = None
+        while con is None:
             self.watch.pause()
             try:
                 con = self._open()
                 con.execute(f"SELECT id FROM {LAKE}.current_snapshot()").fetchall()
             except (CatalogError, duckdb.Error) as failed:
+                if con is not None:
+                    with contextlib.suppress(duckdb.Error):
+                        con.close()
+                    con = None
                 if not catalog_lost(failed):
                     raise
                 self.watch.lost(_first_line(failed))
-                continue
-            break
         self.con = con
         for ledger in self.held.values():
             ledger.con = con

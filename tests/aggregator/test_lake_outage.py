@@ -19,6 +19,7 @@ import pytest
 from aggregator.lake import CatalogWatch, open_lake
 from aggregator.lake_ledger import LakeLedgerSet, LakePartitionLedger
 from common.settings import Settings, load_settings
+from common.stopping import StopRequested
 from tests.aggregator.test_lake_ledger import TOPIC, batch, events, totals
 from tests.support.postgres import create_database, local_postgres, running_postgres
 from tests.support.waiting import free_port, wait_for
@@ -138,3 +139,24 @@ def test_a_claim_and_reads_wait_while_the_catalog_is_down(server: Server) -> Non
     finally:
         ledgers.close(None)
     assert sum(t[0] for t in totals(server.settings).values()) == 20
+
+
+def test_the_watch_says_it_once_a_minute_and_a_stop_ends_the_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    states: list[int] = []
+    stop = threading.Event()
+    watch = CatalogWatch("postgresql://u@h:5432/db", states.append, stop, clock=lambda: now[0])
+    for _ in range(4):  # at 100, 125, 150, 175 s: said at 100 and 175
+        watch.lost("Connection refused")
+        now[0] += 25
+    assert caplog.text.count("cannot reach the catalog (METERING_CATALOG postgresql://") == 2
+    assert states == [1, 0] and watch.outages == 1 and not watch.connected
+    watch.reached()
+    assert states == [1, 0, 1] and "answers again after 100 s; resuming" in caplog.text
+    watch.lost("again")
+    stop.set()
+    with pytest.raises(StopRequested, match="waiting for the catalog"):
+        watch.pause()
+    assert watch.outages == 2
