@@ -482,6 +482,7 @@ class LakeLedgerSet:
         self.watch = watch or CatalogWatch()
         self.con = self._open()
         self.held: dict[int, PartitionLedger] = {}
+        self._invalidated: list[duckdb.DuckDBPyConnection] = []  # never closed: _discard
 
     def _open(self) -> duckdb.DuckDBPyConnection:
         con = self._connect()
@@ -508,8 +509,7 @@ class LakeLedgerSet:
         try a new one after each ``watch.pause`` until one attaches the lake; every held
         ledger moves to it. Raises ``StopRequested`` if asked to stop meanwhile."""
         self.watch.lost(_first_line(exc))
-        with contextlib.suppress(duckdb.Error):
-            self.con.close()
+        self._discard(self.con)
         con = None
         while con is None:
             self.watch.pause()
@@ -518,8 +518,7 @@ class LakeLedgerSet:
                 con.execute(f"SELECT id FROM {LAKE}.current_snapshot()").fetchall()
             except (CatalogError, duckdb.Error) as failed:
                 if con is not None:
-                    with contextlib.suppress(duckdb.Error):
-                        con.close()
+                    self._discard(con)
                     con = None
                 if not catalog_lost(failed):
                     raise
@@ -529,6 +528,22 @@ class LakeLedgerSet:
             ledger.con = con
         self.watch.reached()
         return con
+
+    def _discard(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Close ``con``, unless DuckDB invalidated its database (a fatal error inside the
+        postgres extension when the server went away mid-query, seen here about once in ten
+        restarts under load): DuckDB 1.5.5 then throws from the database's destructor and
+        aborts the process, so such a connection is kept, unused, until the process ends
+        (the worker ends with ``os._exit``, running no destructor)."""
+        try:
+            con.execute("SELECT 1").fetchall()
+        except duckdb.Error as exc:
+            if isinstance(exc, duckdb.FatalException) or "invalidated" in str(exc):
+                log.warning("the lake connection's DuckDB database was invalidated: replaced")
+                self._invalidated.append(con)
+                return
+        with contextlib.suppress(duckdb.Error):
+            con.close()
 
     def acquire(self, partition: int) -> PartitionLedger:
         """Create (once) and claim the partition's ledger; after an outage in between,
