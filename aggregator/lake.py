@@ -19,6 +19,7 @@ what it retries, and how a cut-off COMMIT is settled, is ``aggregator.lake_ledge
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import re
@@ -305,6 +306,26 @@ class CatalogWatch:
             self.down_since = None
             self._logged = -1e18
             self.state(1)
+
+
+_INVALIDATED: list[duckdb.DuckDBPyConnection] = []  # never closed: see discard
+
+
+def discard(con: duckdb.DuckDBPyConnection) -> None:
+    """Close ``con``, unless DuckDB invalidated its database (a fatal error inside the
+    postgres extension when the server went away mid-query, seen here about once in ten
+    restarts under load): DuckDB 1.5.5 then throws from the database's destructor and aborts
+    the process (measured: exit 134), so such a connection is kept, unused, until the
+    process ends (a worker ends with ``os._exit``, running no destructor)."""
+    try:
+        con.execute("SELECT 1").fetchall()
+    except duckdb.Error as exc:
+        if isinstance(exc, duckdb.FatalException) or "invalidated" in str(exc):
+            log.warning("a lake connection's DuckDB database was invalidated: replaced")
+            _INVALIDATED.append(con)
+            return
+    with contextlib.suppress(duckdb.Error):
+        con.close()
 
 
 def open_lake(settings: Settings, alias: str = LAKE) -> duckdb.DuckDBPyConnection:

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import duckdb
 
-from aggregator.lake import LAKE
+from aggregator.lake import LAKE, catalog_lost, discard
 from aggregator.lake_ledger import CONFLICT_ATTEMPTS, CONFLICT_PAUSE_SECONDS, is_conflict
 from common.errors import CatalogError
 
@@ -37,9 +37,15 @@ _DDL = [
 class LakeDocuments:
     """The documents of ``area`` (``schemas``, ``replay``) in the lake on ``con``."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, area: str) -> None:
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        area: str,
+        reconnect: Callable[[], duckdb.DuckDBPyConnection] | None = None,
+    ) -> None:
         self.con = con
         self.area = area
+        self.reconnect = reconnect  # a new connection after a catalog outage (else: the same)
         self._lock = threading.Lock()
         self._run(self._create_tables)
 
@@ -65,6 +71,8 @@ class LakeDocuments:
                 except duckdb.Error as exc:
                     with contextlib.suppress(duckdb.Error):
                         self.con.execute("ROLLBACK")
+                    if self.reconnect is not None and catalog_lost(exc):
+                        self._replace()  # this call fails; the next one may find the catalog
                     if not is_conflict(exc) or attempt == CONFLICT_ATTEMPTS - 1:
                         raise CatalogError(
                             f"cannot use the lake's {self.area} documents: "
@@ -72,6 +80,17 @@ class LakeDocuments:
                         ) from exc
                 time.sleep(CONFLICT_PAUSE_SECONDS * (attempt + 1))
         raise AssertionError("unreachable")
+
+    def _replace(self) -> None:
+        """A new connection for the next call (the lost one may have had its database
+        invalidated by DuckDB: ``discard``); while the catalog is away, none yet."""
+        assert self.reconnect is not None
+        try:
+            con = self.reconnect()
+        except (CatalogError, duckdb.Error):
+            return
+        discard(self.con)
+        self.con = con
 
     def _exists(self, name: str) -> bool:
         row = self.con.execute(

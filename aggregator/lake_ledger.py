@@ -40,7 +40,7 @@ import duckdb
 
 from aggregator.files import topic_folder
 from aggregator.fold import Folded
-from aggregator.lake import LAKE, CatalogWatch, catalog_lost
+from aggregator.lake import LAKE, CatalogWatch, catalog_lost, discard
 from aggregator.ledger import (
     CommitResult,
     OwnershipLost,
@@ -145,15 +145,29 @@ class LakePartitionLedger(PartitionLedger):
 
     event_hash = LAKE_EVENT_HASH
 
-    def __init__(self, ledgers: LakeLedgerSet, partition: int):
-        self.ledgers = ledgers
-        self.owner = ledgers.owner
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        topic: str,
+        partition: int,
+        owner: str,
+        ledgers: LakeLedgerSet | None = None,
+    ):
+        self.ledgers = ledgers  # a worker's: outages are waited out (None: they fail)
+        self.owner = owner
         self.epoch = 0  # ours, once claimed
         self._claimed: tuple[int | None, int | None] = (None, None)
         self._landed: Callable[[], bool] = self._offset_moved
         self._expected: tuple[int | None, int] = (None, 0)  # (stored before, after the batch)
-        alias = schema_alias(ledgers.topic, partition)
-        super().__init__(ledgers.con, alias, ledgers.topic, partition)
+        super().__init__(con, schema_alias(topic, partition), topic, partition)
+
+    def _outage(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a catalog outage to wait out (then waited out: ``self.con`` is
+        the new connection)."""
+        if self.ledgers is None or not self.ledgers.outage(exc):
+            return False
+        self.con = self.ledgers.recover(exc)
+        return True
 
     def _create_tables(self) -> None:
         """Create the schema, its tables and the offsets row once (one transaction: two
@@ -220,8 +234,7 @@ class LakePartitionLedger(PartitionLedger):
             except duckdb.Error as exc:
                 with contextlib.suppress(duckdb.Error):
                     con.execute("ROLLBACK")
-                if self.ledgers.outage(exc):
-                    self.con = self.ledgers.recover(exc)
+                if self._outage(exc):
                     continue
                 attempt += 1
                 if not is_conflict(exc) or attempt == CONFLICT_ATTEMPTS:
@@ -240,9 +253,8 @@ class LakePartitionLedger(PartitionLedger):
             try:
                 return body()
             except duckdb.Error as exc:
-                if not self.ledgers.outage(exc):
+                if not self._outage(exc):
                     raise
-                self.con = self.ledgers.recover(exc)
 
     def open_dead_letters(self) -> dict[str, int]:
         return self._read(super().open_dead_letters)
@@ -369,8 +381,7 @@ class LakePartitionLedger(PartitionLedger):
             except OwnershipLost:
                 raise
             except LedgerError as exc:
-                if self.ledgers.outage(exc):
-                    self.con = self.ledgers.recover(exc)
+                if self._outage(exc):
                     if done:  # cut off in COMMIT: read back whether it reached the lake
                         landed: bool = self._read(self._landed)
                         log.warning(
@@ -482,7 +493,6 @@ class LakeLedgerSet:
         self.watch = watch or CatalogWatch()
         self.con = self._open()
         self.held: dict[int, PartitionLedger] = {}
-        self._invalidated: list[duckdb.DuckDBPyConnection] = []  # never closed: _discard
 
     def _open(self) -> duckdb.DuckDBPyConnection:
         con = self._connect()
@@ -509,7 +519,7 @@ class LakeLedgerSet:
         try a new one after each ``watch.pause`` until one attaches the lake; every held
         ledger moves to it. Raises ``StopRequested`` if asked to stop meanwhile."""
         self.watch.lost(_first_line(exc))
-        self._discard(self.con)
+        discard(self.con)
         con = None
         while con is None:
             self.watch.pause()
@@ -518,7 +528,7 @@ class LakeLedgerSet:
                 con.execute(f"SELECT id FROM {LAKE}.current_snapshot()").fetchall()
             except (CatalogError, duckdb.Error) as failed:
                 if con is not None:
-                    self._discard(con)
+                    discard(con)
                     con = None
                 if not catalog_lost(failed):
                     raise
@@ -529,28 +539,14 @@ class LakeLedgerSet:
         self.watch.reached()
         return con
 
-    def _discard(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Close ``con``, unless DuckDB invalidated its database (a fatal error inside the
-        postgres extension when the server went away mid-query, seen here about once in ten
-        restarts under load): DuckDB 1.5.5 then throws from the database's destructor and
-        aborts the process, so such a connection is kept, unused, until the process ends
-        (the worker ends with ``os._exit``, running no destructor)."""
-        try:
-            con.execute("SELECT 1").fetchall()
-        except duckdb.Error as exc:
-            if isinstance(exc, duckdb.FatalException) or "invalidated" in str(exc):
-                log.warning("the lake connection's DuckDB database was invalidated: replaced")
-                self._invalidated.append(con)
-                return
-        with contextlib.suppress(duckdb.Error):
-            con.close()
-
     def acquire(self, partition: int) -> PartitionLedger:
         """Create (once) and claim the partition's ledger; after an outage in between,
         again from the start (a second claim only raises our epoch once more)."""
         while partition not in self.held:
             try:
-                self.held[partition] = LakePartitionLedger(self, partition)
+                self.held[partition] = LakePartitionLedger(
+                    self.con, self.topic, partition, self.owner, self
+                )
             except duckdb.Error as exc:
                 if not self.outage(exc):
                     raise

@@ -64,7 +64,7 @@ def shared_documents(cfg: Settings, area: str) -> Documents:
     from aggregator.lake import open_lake  # (cluster mode only: the extensions load)
     from aggregator.lake_documents import LakeDocuments
 
-    return LakeDocuments(open_lake(cfg), area)
+    return LakeDocuments(open_lake(cfg), area, reconnect=partial(open_lake, cfg))
 
 
 def parse_period(

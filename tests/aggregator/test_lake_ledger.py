@@ -133,7 +133,7 @@ def test_a_commit_begun_before_the_takeover_is_refused(
     cfg: Settings, lake_sets: list[LakeLedgerSet]
 ) -> None:
     old_set = new_set(cfg, lake_sets, "old")
-    old = PausedLedger(old_set, 1)
+    old = PausedLedger(old_set.con, TOPIC, 1, "old")
     outcome: list[BaseException | None] = []
 
     def commit() -> None:
