@@ -24,3 +24,6 @@ class WorkerConfig:
     lock_timeout: float  # seconds to wait for another worker to let go of a ledger file
     shutdown_seconds: float = 10.0  # a stop request ends the worker within this long
     drain_timeout: float = 120.0  # seconds a --drain waits for a broker out of reach
+    # how often pending replay requests are looked for (a folder listing embedded; a lake
+    # query in cluster mode, so less often there: docs/performance.md)
+    replay_check_seconds: float = 1.0

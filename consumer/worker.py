@@ -76,7 +76,6 @@ from schemas.registry import Registry
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY_SECONDS = 600.0
-REPLAY_CHECK_SECONDS = 1.0  # how often the replay requests folder is looked at
 # --drain's view of the topic's partitions is refreshed this often (partitions are rarely
 # added, and the metadata request waits behind a fetch: not on every check).
 PARTITIONS_MAX_AGE_SECONDS = 10.0
@@ -390,7 +389,7 @@ class Worker:
     def _replay_requested(self) -> None:
         """Apply the pending replay requests to the partitions held (between batches)."""
         now = time.monotonic()
-        if now - self._last_replay_check < REPLAY_CHECK_SECONDS:
+        if now - self._last_replay_check < self.config.replay_check_seconds:
             return
         self._last_replay_check = now
         todo = [

@@ -10,6 +10,7 @@ import logging
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -20,6 +21,9 @@ from common.settings import Settings, load_settings
 from pf_metering.output import Format
 from schemas.periods import FORM, Period
 from schemas.validation import TENANT_RE
+
+if TYPE_CHECKING:
+    import duckdb
 
 
 def _quiet(value: bool) -> bool:
@@ -56,15 +60,20 @@ def billing_connect(cfg: Settings) -> Connect:
     return partial(billing_db, cfg.billing_db, cfg.metering_lock_timeout)
 
 
-def shared_documents(cfg: Settings, area: str) -> Documents:
+def shared_documents(
+    cfg: Settings, area: str, lake: duckdb.DuckDBPyConnection | None = None
+) -> Documents:
     """The documents every process shares (``schemas``: published versions; ``replay``:
-    replay requests): a folder of ``METERING_DATA_DIR``, or the lake's in cluster mode."""
+    replay requests): a folder of ``METERING_DATA_DIR``, or the lake's in cluster mode (on
+    a cursor of ``lake``, a connection the process has open already: another would load
+    the extensions and attach the lake again, docs/performance.md)."""
     if not cfg.cluster_mode:
         return FolderDocuments(cfg.metering_data_dir / area)
     from aggregator.lake import open_lake  # (cluster mode only: the extensions load)
     from aggregator.lake_documents import LakeDocuments
 
-    return LakeDocuments(open_lake(cfg), area, reconnect=partial(open_lake, cfg))
+    con = lake.cursor() if lake is not None else open_lake(cfg)
+    return LakeDocuments(con, area, reconnect=partial(open_lake, cfg))
 
 
 def parse_period(

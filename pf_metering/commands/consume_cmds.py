@@ -66,6 +66,7 @@ def consume(
             metrics.serve(metrics_port)
         except OSError as exc:
             raise UserError(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from exc
+    lake = lake_ledgers(cfg, metrics)
     with progress_bar(quiet or not drain) as bar:
         show = DrainProgress(bar)
         config = worker_config(cfg)
@@ -75,9 +76,9 @@ def consume(
             metrics=metrics,
             strategy=strategy,
             progress=show,
-            ledgers=lake_ledgers(cfg, metrics),
-            schema_documents=shared_documents(cfg, "schemas"),
-            replay_board=shared_documents(cfg, "replay"),
+            ledgers=lake,
+            schema_documents=shared_documents(cfg, "schemas", lake.con if lake else None),
+            replay_board=shared_documents(cfg, "replay", lake.con if lake else None),
         )
         worker.install_signal_handlers()
         stats = worker.run()
@@ -115,7 +116,13 @@ def worker_config(cfg: Settings) -> WorkerConfig:
         lock_timeout=cfg.metering_lock_timeout,
         shutdown_seconds=cfg.metering_shutdown_seconds,
         drain_timeout=cfg.metering_drain_timeout,
+        replay_check_seconds=REPLAY_CHECK_CLUSTER_S if cfg.cluster_mode else 1.0,
     )
+
+
+REPLAY_CHECK_CLUSTER_S = 5.0
+"""Cluster mode's replay requests are a lake query away: looked for every 5 s, not every
+second (a request is still applied well within ``dead-letters replay``'s default --wait)."""
 
 
 def lake_ledgers(cfg: Settings, metrics: WorkerMetrics) -> LakeLedgerSet | None:
