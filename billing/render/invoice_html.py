@@ -338,6 +338,14 @@ def _facts(invoice: Invoice) -> str:
     return f'<section class="facts">{cells}</section>'
 
 
+def _shown_by(invoice_id: str) -> str:
+    """An invoice id and the command that renders that invoice (a void one included)."""
+    return (
+        f"<code>{esc(invoice_id)}</code> "
+        f"(<code>pf-metering invoices show {esc(invoice_id)} -f html</code>)"
+    )
+
+
 def _void_notes(invoice: Invoice) -> list[str]:
     """The VOID mark and note (reason, who, when, its replacement), and on a replacement
     the invoice it replaces."""
@@ -345,7 +353,7 @@ def _void_notes(invoice: Invoice) -> list[str]:
     if invoice.status is InvoiceStatus.void:
         when = day(invoice.voided_at) if invoice.voided_at else "?"
         replaced = (
-            f" Replaced by invoice <code>{esc(invoice.replaced_by)}</code>."
+            f" Replaced by invoice {_shown_by(invoice.replaced_by)}."
             if invoice.replaced_by
             else " Not billed again yet: the next bill of its period replaces it."
         )
@@ -357,8 +365,8 @@ def _void_notes(invoice: Invoice) -> list[str]:
         ]
     if invoice.replaces:
         parts.append(
-            f'<p class="note">Replaces void invoice <code>{esc(invoice.replaces)}'
-            "</code>, recomputed from the period's usage as it was when billed again.</p>"
+            f'<p class="note">Replaces void invoice {_shown_by(invoice.replaces)}, '
+            "recomputed from the period's usage as it was when billed again.</p>"
         )
     return parts
 

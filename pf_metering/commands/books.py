@@ -41,6 +41,9 @@ class InvoiceFormat(StrEnum):
 TABLE_JSON_OPTION = typer.Option(
     None, "-f", "--format", help="table or json (default: table; json with -o)"
 )
+INVOICE_FORMAT_OPTION = typer.Option(
+    None, "-f", "--format", help="table, json or html (default: table; json with -o)"
+)
 STRIPE_OPTION = typer.Option(
     False, "--stripe", help="push finalized invoices to Stripe (also: STRIPE_ENABLED=true)"
 )

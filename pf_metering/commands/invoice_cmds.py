@@ -33,6 +33,7 @@ from billing.render.invoice_json import invoice_json
 from common.errors import UserError
 from common.settings import Settings
 from pf_metering.commands.books import (
+    INVOICE_FORMAT_OPTION,
     STRIPE_OPTION,
     TABLE_JSON_OPTION,
     InvoiceFormat,
@@ -133,9 +134,7 @@ def generate_invoice(
     period: str = PERIOD_ARGUMENT,
     output: Path = OUTPUT_OPTION,
     stripe: bool = STRIPE_OPTION,
-    fmt: InvoiceFormat | None = typer.Option(
-        None, "-f", "--format", help="table, json or html (default: table; json with -o)"
-    ),
+    fmt: InvoiceFormat | None = INVOICE_FORMAT_OPTION,
 ) -> None:
     """The invoice of a tenant for a period: finalized once the period is closed (then never
     changes), else a draft preview recomputed on each call; always the same invoice_id. A
@@ -156,15 +155,25 @@ def generate_invoice(
             invoice = _pushed(cfg, invoice)
         elif invoice.status is InvoiceStatus.draft:
             print(f"{target} is still open: draft invoices are not pushed", file=sys.stderr)
+    _render(invoice, alerts, fmt, out)
+
+
+def _render(
+    invoice: Invoice,
+    alerts: list[AlertRecord],
+    fmt: TableOrJson | InvoiceFormat | None,
+    output: Path | None,
+) -> None:
+    """``invoice`` with its period's ``alerts`` as a table, JSON or HTML (to ``output``)."""
     now = utc_now()
     if fmt is InvoiceFormat.html:
         from billing.render.invoice_html import render_invoice_html
 
-        write(render_invoice_html(invoice, now=now, alerts=alerts), out)
+        write(render_invoice_html(invoice, now=now, alerts=alerts), output)
         return
     render(
         table_or_json(fmt, output),
-        out,
+        output,
         json_data=invoice_json(invoice, now, alerts),
         table=lambda: _invoice_table(invoice, now, alerts),
     )
@@ -207,7 +216,7 @@ class _ListByDefault(TyperGroup):
 
 invoices_app = typer.Typer(
     cls=_ListByDefault,
-    help="A tenant's invoices (`invoices T`), and voiding or reissuing one.",
+    help="A tenant's invoices (`invoices T`; one by its id: `show`); voiding or reissuing one.",
     no_args_is_help=True,
 )
 
@@ -259,17 +268,34 @@ def invoices_cmd(
 INVOICE_ID_ARGUMENT = typer.Argument(..., help="the invoice's id (`invoices T` lists them)")
 
 
-def _show(cfg: Settings, invoice: Invoice, fmt: TableOrJson | None, output: Path | None) -> None:
+def _show(
+    cfg: Settings, invoice: Invoice, fmt: TableOrJson | InvoiceFormat | None, output: Path | None
+) -> None:
     """The invoice as ``generate-invoice`` shows it, with its period's alerts."""
     with billing(cfg) as con:
         alerts = alert_store.list_alerts(con, invoice.tenant_id, [invoice.period])
-    now = utc_now()
-    render(
-        table_or_json(fmt, output),
-        output,
-        json_data=invoice_json(invoice, now, alerts),
-        table=lambda: _invoice_table(invoice, now, alerts),
-    )
+    _render(invoice, alerts, fmt, output)
+
+
+@invoices_app.command("show")
+def show_cmd(
+    ctx: typer.Context,
+    invoice_id: str = INVOICE_ID_ARGUMENT,
+    output: Path = OUTPUT_OPTION,
+    fmt: InvoiceFormat | None = INVOICE_FORMAT_OPTION,
+) -> None:
+    """One invoice by its id, as stored: a void one too (with its reason and replacement),
+    which ``generate-invoice`` no longer shows once its period is billed again. Reads only."""
+    cfg = settings_of(ctx)
+    out = output_path(output)
+    with billing(cfg) as con:
+        invoice = invoicing.existing_invoice(con, invoice_id)
+    if invoice.status is InvoiceStatus.draft:
+        raise UserError(
+            f"invoice {invoice_id} is a draft ({invoice.period} is still open): "
+            f"`generate-invoice {invoice.tenant_id} {invoice.period}` shows it recomputed"
+        )
+    _show(cfg, invoice, fmt, out)
 
 
 def who(by: str | None) -> str:

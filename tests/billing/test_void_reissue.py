@@ -568,6 +568,13 @@ def test_void_and_reissue_from_the_command_line(
     assert (listed[0]["void_reason"], listed[0]["voided_by"]) == ("reissued", "carol")
     assert listed[0]["voided_at"]
     assert pfm("invoices", "list", "acme", "-f", "json").json() == listed
+    # the void one stays readable by its id, as stored, in every format
+    assert pfm("invoices", "show", jan, "-f", "json").json() == listed[0]
+    page = pfm("invoices", "show", jan, "-f", "html").out
+    assert "VOID" in page and f"invoices show {again['invoice_id']} -f html" in page
+    assert f"replaced by {again['invoice_id']}" in pfm("invoices", "show", jan).out.replace(
+        "\n", ""
+    )
     table = pfm("invoices", "acme")
     assert table.code == 0 and f"replaced by {again['invoice_id']}" in table.out.replace("\n", "")
     shown = pfm("generate-invoice", "acme", "2025-01", "-f", "json").json()
@@ -606,6 +613,8 @@ def test_bad_void_and_reissue_are_refused_with_nothing_changed(
         (["invoices", "reissue", "INV-nope"], "unknown invoice 'INV-nope'"),
         (["invoices", "reissue", jan, "--reason", " "], "--reason is empty"),
         (["invoices", "reissue", jan, "--by", ""], "invalid --by"),
+        (["invoices", "show", mar], f"`generate-invoice acme {OPEN}` shows it recomputed"),
+        (["invoices", "show", "INV-nope"], "unknown invoice 'INV-nope'"),
     ]
     for args, fragment in refused:
         pfm(*args).error(fragment)
