@@ -23,6 +23,7 @@ from billing.render.invoice_html import (
     day,
     esc,
     grouped,
+    moment_text,
     page,
     period_span,
     quantity_text,
@@ -93,6 +94,19 @@ class PeriodUsage:
 
 
 @dataclass(frozen=True)
+class AppliedCorrection:
+    """A correction event the workers applied (a row of the ``corrections`` view): its
+    non-zero signed ``deltas`` (counter -> delta, in the counter's unit)."""
+
+    period: str
+    event_id: str
+    corrects_event_id: str | None
+    reason: str
+    deltas: Mapping[str, int]
+    applied_at: datetime
+
+
+@dataclass(frozen=True)
 class UsageReport:
     tenant_id: str
     periods: Sequence[PeriodUsage]
@@ -100,6 +114,25 @@ class UsageReport:
     freshness: str
     generated_at: datetime
     alerts: Sequence[AlertRecord] = ()
+    corrections: Sequence[AppliedCorrection] = ()
+
+
+CORRECTION_HEADERS = (("Period", False), ("Applied", False), ("Changes", False), ("Reason", False))
+
+
+def _correction_rows(corrections: Sequence[AppliedCorrection]) -> list[list[str]]:
+    """One row per applied correction: its period, when, each signed delta, why (and the
+    event it corrects)."""
+    rows = []
+    for c in corrections:
+        changes = ", ".join(f"{esc(k)} {v:+,}" for k, v in c.deltas.items())
+        why = esc(c.reason) + (
+            f' <span class="sub">corrects <code>{esc(c.corrects_event_id)}</code></span>'
+            if c.corrects_event_id
+            else ""
+        )
+        rows.append([esc(c.period), esc(moment_text(c.applied_at)), changes, why])
+    return rows
 
 
 # --- charts -----------------------------------------------------------------------------
@@ -306,6 +339,10 @@ def render_report_html(report: UsageReport) -> str:
         _charts(report.periods),
         "<h2>Invoices</h2>",
         table(INVOICE_HEADERS, _invoice_rows(report), "invoices"),
+        "<h2>Usage corrections</h2>",
+        table(CORRECTION_HEADERS, _correction_rows(report.corrections))
+        if report.corrections
+        else '<p class="sub">No usage correction was applied in these periods.</p>',
         "<h2>Usage alerts</h2>",
         table((("Period", False), *ALERT_HEADERS), alert_rows(report.alerts, with_period=True))
         if report.alerts

@@ -12,12 +12,17 @@ from pathlib import Path
 
 import typer
 
-from aggregator.views import usage_reader
+from aggregator.views import UsageReader, usage_reader
 from billing import invoice_store, invoicing
 from billing.alerts import store as alert_store
 from billing.db import billing_db
 from billing.invoicing import Rules, UsageData
-from billing.render.report_html import PeriodUsage, UsageReport, render_report_html
+from billing.render.report_html import (
+    AppliedCorrection,
+    PeriodUsage,
+    UsageReport,
+    render_report_html,
+)
 from billing.tiers import get_tier
 from common.errors import UserError
 from pf_metering.commands.common import (
@@ -30,6 +35,7 @@ from pf_metering.commands.common import (
     settings_of,
 )
 from pf_metering.output import write
+from schemas.codec import COUNTERS
 from schemas.periods import Period
 
 DEFAULT_MONTHS = 12
@@ -50,6 +56,29 @@ def _range(start: str | None, end: str | None, now: datetime) -> list[Period]:
     return periods
 
 
+def _corrections(
+    reader: UsageReader, tenant_id: str, periods: list[str]
+) -> list[AppliedCorrection]:
+    """The corrections applied to ``tenant_id`` in ``periods``, oldest first."""
+    rows = reader.con.execute(
+        "SELECT period, event_id, corrects_event_id, reason, applied_at, "
+        f"{', '.join(COUNTERS)} FROM corrections WHERE tenant_id = ? AND period IN "
+        f"({', '.join('?' for _ in periods)}) ORDER BY applied_at, period, event_id",
+        [tenant_id, *periods],
+    ).fetchall()
+    return [
+        AppliedCorrection(
+            period=r[0],
+            event_id=r[1],
+            corrects_event_id=r[2],
+            reason=r[3],
+            applied_at=r[4],
+            deltas={c: int(v) for c, v in zip(COUNTERS, r[5:], strict=True) if v},
+        )
+        for r in rows
+    ]
+
+
 def report(
     ctx: typer.Context,
     tenant_id: str = TENANT_ARGUMENT,
@@ -60,8 +89,9 @@ def report(
     output: Path = OUTPUT_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
-    """A tenant's usage per counter over periods (charts, quotas) with their invoices, as one
-    self-contained HTML page (write it with -o FILE.html)."""
+    """A tenant's usage per counter over periods (charts, quotas) with their invoices, the
+    corrections applied and the alerts sent, as one self-contained HTML page (write it with
+    -o FILE.html)."""
     check_tenant(tenant_id)
     now = datetime.now(UTC)
     periods = _range(start, end, now)
@@ -71,6 +101,7 @@ def report(
     try:
         freshness = reader.freshness.describe()
         usage = UsageData.read(reader, tenant_id)
+        corrections = _corrections(reader, tenant_id, [str(p) for p in periods])
     finally:
         reader.close()
     if not quiet:
@@ -85,7 +116,9 @@ def report(
         PeriodUsage.of(p, get_tier(rules.tiers, tenant.tier_for(p)), usage.row(tenant_id, p))
         for p in periods
     ]
-    page = render_report_html(UsageReport(tenant_id, rows, invoices, freshness, now, alerts))
+    page = render_report_html(
+        UsageReport(tenant_id, rows, invoices, freshness, now, alerts, corrections)
+    )
     write(page, out)
 
 

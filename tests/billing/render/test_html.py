@@ -562,7 +562,9 @@ def test_report_shows_corrections_credits_and_the_balance(
 ) -> None:
     publish_usage(load_settings(), [event("acme-corp", "2025-01", violations=100)])
     run_cli("bill", "--quiet", "--as-of", "2025-02-01T02:00:00Z", check=True)
-    publish_usage(load_settings(), [correction("acme-corp", "2025-01", violations=-100)])
+    fixed = correction("acme-corp", "2025-01", violations=-100)
+    fixed.update(reason="detector <b>bug</b>", corrects_event_id="evt-42")
+    publish_usage(load_settings(), [fixed])
     run_cli("bill", "--quiet", "--as-of", "2025-05-01T02:00:00Z", check=True)
     out = tmp_path / "report.html"
     run_cli(
@@ -582,6 +584,11 @@ def test_report_shows_corrections_credits_and_the_balance(
     for header in ("Earlier periods", "Credit", "Credit balance", "Credit balance (USD)"):
         assert header in text
     assert "-100.00" in text and "-50.00" in text
+    # the correction event itself: its period, signed deltas, reason (escaped), what it corrects
+    applied = " ".join(text.split("Usage corrections")[1].split("Usage alerts")[0].split())
+    assert applied.startswith("Period Applied Changes Reason 2025-01 ")
+    assert "UTC violations -100 detector <b>bug</b> corrects evt-42" in applied
+    assert "<b>bug</b>" not in page
     png = tmp_path / "report.png"
     screenshot(chromium, out, png)
     assert_not_blank(png)
