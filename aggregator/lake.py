@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import duckdb
+import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from common import stopping as stop_signals
@@ -150,12 +151,8 @@ def attach_lake(con: duckdb.DuckDBPyConnection, settings: Settings, alias: str =
     load_extensions(con, ["postgres", "ducklake", *(["httpfs"] if s3 else [])])
     for name, value in RETRY.items():
         con.execute(f"SET {name} = {value}")
-    conninfo, password = catalog_conninfo(settings.metering_catalog.get_secret_value())
+    conninfo = _catalog_secret(con, settings)
     try:
-        if password is not None:
-            con.execute(
-                f"CREATE OR REPLACE SECRET (TYPE postgres, PASSWORD {sql_string(password)})"
-            )
         if s3:
             con.execute(_s3_secret_sql(settings, path))
         else:
@@ -183,18 +180,53 @@ def attach_lake(con: duckdb.DuckDBPyConnection, settings: Settings, alias: str =
                 time.sleep(0.2 * (attempt + 1))
     except duckdb.Error as exc:
         text = _scrub(str(exc), settings)
-        cause = type(exc)(text)
         if "DATA_PATH" in text:
             raise CatalogError(
                 f"METERING_LAKE_PATH {path} is not where this lake keeps its data "
                 f"(METERING_CATALOG {settings.catalog_shown()} names another)"
-            ) from cause
-        reason = _LIBPQ_REASON.search(text)
-        detail = (reason.group(1) if reason else text).splitlines()[0].strip()
-        verb = "reach" if "Unable to connect" in text else "use"
-        raise CatalogError(
-            f"cannot {verb} METERING_CATALOG ({settings.catalog_shown()}): {detail}"
-        ) from cause
+            ) from type(exc)(text)
+        raise catalog_error(exc, settings) from type(exc)(text)
+
+
+def catalog_error(exc: BaseException, settings: Settings) -> CatalogError:
+    """``exc`` (from libpq, through DuckDB or psycopg) as one line naming
+    ``METERING_CATALOG`` without its password."""
+    text = _scrub(str(exc), settings)
+    reason = _LIBPQ_REASON.search(text)
+    detail = (reason.group(1) if reason else text).strip().splitlines()[0].strip()
+    unreachable = "Unable to connect" in text or isinstance(exc, psycopg.OperationalError)
+    verb = "reach" if unreachable else "use"
+    return CatalogError(f"cannot {verb} METERING_CATALOG ({settings.catalog_shown()}): {detail}")
+
+
+def _catalog_secret(con: duckdb.DuckDBPyConnection, settings: Settings) -> str:
+    """The catalog's conninfo without its password; the password (if any) goes into an
+    unnamed postgres secret on ``con``, which DuckDB never shows back."""
+    assert settings.metering_catalog is not None
+    conninfo, password = catalog_conninfo(settings.metering_catalog.get_secret_value())
+    if password is not None:
+        con.execute(f"CREATE OR REPLACE SECRET (TYPE postgres, PASSWORD {sql_string(password)})")
+    return conninfo
+
+
+def attach_catalog_schema(
+    con: duckdb.DuckDBPyConnection, settings: Settings, alias: str, schema: str
+) -> None:
+    """ATTACH schema ``schema`` of the catalog's PostgreSQL database itself (created if
+    missing) as ``alias`` through the postgres extension, and make it the default for
+    unqualified names: tables there are PostgreSQL's, with its constraints."""
+    load_extensions(con, ["postgres"])
+    conninfo = _catalog_secret(con, settings)
+    try:
+        con.execute(
+            f"ATTACH {sql_string(conninfo)} AS {alias} (TYPE postgres, SCHEMA {sql_string(schema)})"
+        )
+        con.execute(
+            f"CALL postgres_execute({sql_string(alias)}, 'CREATE SCHEMA IF NOT EXISTS {schema}')"
+        )
+        con.execute(f"USE {alias}.{schema}")
+    except duckdb.Error as exc:
+        raise catalog_error(exc, settings) from type(exc)(_scrub(str(exc), settings))
 
 
 def catalog_unreachable(exc: BaseException) -> bool:
@@ -330,6 +362,18 @@ def discard(con: duckdb.DuckDBPyConnection) -> None:
 
 def open_lake(settings: Settings, alias: str = LAKE) -> duckdb.DuckDBPyConnection:
     """A new in-memory DuckDB connection with the lake ATTACHed as ``alias``."""
+    con = new_connection(settings)
+    try:
+        attach_lake(con, settings, alias)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def new_connection(settings: Settings) -> duckdb.DuckDBPyConnection:
+    """A new in-memory DuckDB connection that loads extensions only from the wheels' files
+    (installed under ``METERING_DATA_DIR/duckdb-extensions``), never downloads any."""
     extensions = settings.metering_data_dir / "duckdb-extensions"
     try:
         extensions.mkdir(parents=True, exist_ok=True)
@@ -342,10 +386,5 @@ def open_lake(settings: Settings, alias: str = LAKE) -> duckdb.DuckDBPyConnectio
             "extension_directory": str(extensions),
         }
     )
-    try:
-        con.execute("SET enable_progress_bar = false")  # (it would print into `sql -f json`)
-        attach_lake(con, settings, alias)
-    except BaseException:
-        con.close()
-        raise
+    con.execute("SET enable_progress_bar = false")  # (it would print into `sql -f json`)
     return con

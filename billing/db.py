@@ -1,9 +1,20 @@
-"""The billing DuckDB file (tenants, invoices, Stripe sync): short-lived connections.
+"""The billing database (tenants, invoices, Stripe sync): short-lived connections, one unit
+of work at a time across every process.
 
-DuckDB allows one read-write process per file, and the webhook server, the nightly job and
-ad-hoc commands all write it. So nobody holds it open for long: each unit of work opens it,
-commits, and closes; a process that finds it locked retries with backoff up to
-``METERING_LOCK_TIMEOUT`` seconds. Modules register their DDL with ``register_schema``.
+Embedded mode: the billing DuckDB file. DuckDB allows one read-write process per file, and the
+webhook server, the nightly job and ad-hoc commands all write it. So nobody holds it open for
+long: each unit of work opens it, commits, and closes; a process that finds it locked retries
+with backoff up to ``METERING_LOCK_TIMEOUT`` seconds.
+
+Cluster mode (``billing.catalog_db``): the same tables in schema ``pf_billing`` of the
+catalog's PostgreSQL database, ATTACHed through DuckDB's postgres extension, so the same SQL
+runs (DuckDB plans it; PostgreSQL stores the rows and enforces every PRIMARY KEY and UNIQUE
+constraint, ``invoices.live_key`` among them). The file lock's part, one unit of work at a
+time, is a PostgreSQL advisory lock (``BILLING_LOCK``) held on its own connection from before
+the unit's first statement until it is closed, waited for up to ``METERING_LOCK_TIMEOUT``.
+
+Modules register their DDL with ``register_schema``; it is written in DuckDB's dialect and
+``for_backend`` adapts the few types PostgreSQL lacks.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import duckdb
 
 from aggregator.files import retry_while_locked
 from billing.model import INVOICES_SHOWN_SQL
+from common.settings import Settings
 
 _SCHEMA: list[str] = []
 Migration = Callable[[duckdb.DuckDBPyConnection], None]
@@ -39,6 +51,35 @@ def register_migration(migration: Migration) -> None:
         _MIGRATIONS.append(migration)
 
 
+_POSTGRES_TYPES = {"HUGEINT": "DECIMAL(38, 0)"}
+"""DuckDB types PostgreSQL has no column type for -> the exact one used there instead (the
+postgres extension would store a HUGEINT as a DOUBLE)."""
+
+
+def on_catalog(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether ``con``'s default database is the catalog's PostgreSQL (cluster mode)."""
+    row = con.execute(
+        "SELECT type FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchone()
+    return row is not None and row[0] == "postgres"
+
+
+def for_backend(con: duckdb.DuckDBPyConnection, sql: str, catalog: bool | None = None) -> str:
+    """``sql`` (DDL or a type) with PostgreSQL's types when ``con`` is on the catalog
+    (``catalog``, if known already)."""
+    if on_catalog(con) if catalog is None else catalog:
+        for duck, pg in _POSTGRES_TYPES.items():
+            sql = sql.replace(duck, pg)
+    return sql
+
+
+def changed(con: duckdb.DuckDBPyConnection, sql: str, params: object = None) -> int:
+    """Run an INSERT, UPDATE or DELETE; the number of rows it changed (both backends report
+    it; the postgres extension has no RETURNING)."""
+    row = con.execute(sql, params).fetchone()
+    return int(row[0]) if row else 0
+
+
 def column_types(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
     """Column name -> DuckDB type of ``table`` in the main database."""
     rows = con.execute(
@@ -53,7 +94,7 @@ def widen(con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, str]) -
     """ALTER each of ``columns`` (name -> type) of ``table`` whose type differs (values kept;
     DuckDB spells ``DECIMAL(38, 2)`` as ``DECIMAL(38,2)``: spaces do not count)."""
     present = {name: kind.replace(" ", "") for name, kind in column_types(con, table).items()}
-    for name, kind in columns.items():
+    for name, kind in ((n, for_backend(con, k)) for n, k in columns.items()):
         if present.get(name, kind.replace(" ", "")) != kind.replace(" ", ""):
             con.execute(f"ALTER TABLE {table} ALTER {name} TYPE {kind}")
 
@@ -73,15 +114,23 @@ def billing_db(path: Path, timeout: float) -> Iterator[duckdb.DuckDBPyConnection
     """A connection to the billing file with every registered table present."""
     con = open_with_retry(path, timeout, what="billing database")
     try:
-        for ddl in _SCHEMA:
-            con.execute(ddl)
-        if _MIGRATIONS:
-            with transaction(con):
-                for migration in _MIGRATIONS:
-                    migration(con)
+        prepare(con)
         yield con
     finally:
         con.close()
+
+
+def prepare(con: duckdb.DuckDBPyConnection) -> None:
+    """Every registered table present and brought up to date (views only in a DuckDB file:
+    a view's SQL is DuckDB's)."""
+    catalog = on_catalog(con)
+    for ddl in _SCHEMA:
+        if not (catalog and "CREATE VIEW" in ddl):
+            con.execute(for_backend(con, ddl, catalog))
+    if _MIGRATIONS:
+        with transaction(con):
+            for migration in _MIGRATIONS:
+                migration(con)
 
 
 @contextmanager
@@ -108,23 +157,40 @@ QUERYABLE_TABLES = (
 )
 
 
-def copy_queryable_tables(target: duckdb.DuckDBPyConnection, path: Path, timeout: float) -> None:
-    """Copy the billing tables into ``target`` (an in-memory connection), reading the file
-    read-only and briefly, so ad-hoc queries never hold it."""
+def copy_queryable_tables(target: duckdb.DuckDBPyConnection, settings: Settings) -> None:
+    """Copy the billing tables into ``target`` (an in-memory connection), reading briefly so
+    ad-hoc queries never hold the billing database: the file read-only (nothing if there is
+    none yet), or in cluster mode the catalog's tables."""
+    if settings.cluster_mode:
+        from billing.catalog_db import catalog_billing_db  # (cluster mode only)
+
+        with catalog_billing_db(settings) as source:
+            _copy_tables(source, target)
+        return
+    path = settings.billing_db
     if not path.exists():
         return
-    source = open_with_retry(path, timeout, read_only=True, what="billing database")
+    source = open_with_retry(
+        path, settings.metering_lock_timeout, read_only=True, what="billing database"
+    )
     try:
-        present = {
-            row[0] for row in source.execute("SELECT table_name FROM duckdb_tables()").fetchall()
-        }
-        for table in QUERYABLE_TABLES:
-            if table not in present:
-                continue
-            query = INVOICES_SHOWN_SQL if table == "invoices" else f"SELECT * FROM {table}"
-            data = source.execute(query).to_arrow_table()
-            target.register("_billing_copy", data)
-            target.execute(f"CREATE TABLE {table} AS SELECT * FROM _billing_copy")
-            target.unregister("_billing_copy")
+        _copy_tables(source, target)
     finally:
         source.close()
+
+
+def _copy_tables(source: duckdb.DuckDBPyConnection, target: duckdb.DuckDBPyConnection) -> None:
+    present = {
+        row[0]
+        for row in source.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
+        ).fetchall()
+    }
+    for table in QUERYABLE_TABLES:
+        if table not in present:
+            continue
+        query = INVOICES_SHOWN_SQL if table == "invoices" else f"SELECT * FROM {table}"
+        data = source.execute(query).to_arrow_table()
+        target.register("_billing_copy", data)
+        target.execute(f"CREATE TABLE {table} AS SELECT * FROM _billing_copy")
+        target.unregister("_billing_copy")

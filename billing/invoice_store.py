@@ -29,7 +29,7 @@ import pyarrow as pa
 from pydantic import TypeAdapter
 
 from billing import credit_store
-from billing.db import column_types, register_migration, register_schema, widen
+from billing.db import changed, column_types, register_migration, register_schema, widen
 from billing.model import (
     INVOICES_SHOWN_SQL,
     MONEY_SQL,
@@ -222,16 +222,21 @@ def set_status_by_invoice_id(
     voided it anyway, so that is logged and the ledger kept), and frees the period to be
     billed again."""
     if InvoiceStatus(status) is InvoiceStatus.void:
-        row = con.execute(
+        voided = changed(
+            con,
             "UPDATE invoices SET status = 'void', live_key = NULL, "
             "voided_at = coalesce(voided_at, now()), voided_by = coalesce(voided_by, ?), "
             "void_reason = coalesce(void_reason, 'voided in Stripe') "
-            "WHERE invoice_id = ? AND status <> 'void' RETURNING invoice_id, voided_at",
+            "WHERE invoice_id = ? AND status <> 'void'",
             [STRIPE_VOIDER, invoice_id],
-        ).fetchone()
-        if row is None:
+        )
+        if not voided:
             return get_invoice(con, invoice_id) is not None
-        users = credit_store.reverse(con, invoice_id, row[1])
+        row = con.execute(
+            "SELECT voided_at FROM invoices WHERE invoice_id = ?", [invoice_id]
+        ).fetchone()
+        assert row is not None
+        users = credit_store.reverse(con, invoice_id, row[0])
         if users:
             log.warning(
                 "invoice %s was voided in Stripe, but %s use credit it carried: its credit "
@@ -240,11 +245,8 @@ def set_status_by_invoice_id(
                 ", ".join(uid for uid, _ in users),
             )
         return True
-    row = con.execute(
-        "UPDATE invoices SET status = ? WHERE invoice_id = ? RETURNING invoice_id",
-        [InvoiceStatus(status).value, invoice_id],
-    ).fetchone()
-    return row is not None
+    sql = "UPDATE invoices SET status = ? WHERE invoice_id = ?"
+    return changed(con, sql, [InvoiceStatus(status).value, invoice_id]) > 0
 
 
 def finalized_unsent(con: duckdb.DuckDBPyConnection) -> list[Invoice]:
@@ -401,23 +403,20 @@ def void_invoice(
 ) -> bool:
     """Mark a finalized (sent, paid) invoice void, keeping everything else; False when it is
     missing, a draft or void already (the caller checked and explains)."""
-    row = con.execute(
+    sql = (
         "UPDATE invoices SET status = 'void', live_key = NULL, void_reason = ?, voided_by = ?, "
-        "voided_at = ? WHERE invoice_id = ? AND status NOT IN ('draft', 'void') "
-        "RETURNING invoice_id",
-        [reason, by, now, invoice_id],
-    ).fetchone()
-    return row is not None
+        "voided_at = ? WHERE invoice_id = ? AND status NOT IN ('draft', 'void')"
+    )
+    return changed(con, sql, [reason, by, now, invoice_id]) > 0
 
 
 def link_replacement(con: duckdb.DuckDBPyConnection, void_id: str, new_id: str) -> bool:
     """Name ``new_id`` as the replacement of void ``void_id``; False if it has one already."""
-    row = con.execute(
+    sql = (
         "UPDATE invoices SET replaced_by = ? WHERE invoice_id = ? AND status = 'void' "
-        "AND replaced_by IS NULL RETURNING invoice_id",
-        [new_id, void_id],
-    ).fetchone()
-    return row is not None
+        "AND replaced_by IS NULL"
+    )
+    return changed(con, sql, [new_id, void_id]) > 0
 
 
 def get_billed(con: duckdb.DuckDBPyConnection, tenant_id: str, period: str) -> Billed | None:

@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from billing.alerts.model import AlertRecord, Crossing, Threshold
-from billing.db import register_schema
+from billing.db import changed, register_schema
 
 register_schema(
     """
@@ -86,20 +86,14 @@ def set_threshold(
     con: duckdb.DuckDBPyConnection, tenant_id: str, threshold: Threshold, now: datetime
 ) -> bool:
     """Add ``threshold`` to ``tenant_id``; False if it was set already (nothing changes)."""
-    added = con.execute(
-        "INSERT INTO tenant_alerts VALUES (?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1",
-        [tenant_id, threshold.key, now],
-    ).fetchall()
-    return bool(added)
+    sql = "INSERT INTO tenant_alerts VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+    return changed(con, sql, [tenant_id, threshold.key, now]) > 0
 
 
 def remove_threshold(con: duckdb.DuckDBPyConnection, tenant_id: str, threshold: Threshold) -> bool:
     """Remove ``threshold`` from ``tenant_id``; False if it was not set."""
-    gone = con.execute(
-        "DELETE FROM tenant_alerts WHERE tenant_id = ? AND threshold = ? RETURNING 1",
-        [tenant_id, threshold.key],
-    ).fetchall()
-    return bool(gone)
+    sql = "DELETE FROM tenant_alerts WHERE tenant_id = ? AND threshold = ?"
+    return changed(con, sql, [tenant_id, threshold.key]) > 0
 
 
 # --- the outbox ---------------------------------------------------------------------------
@@ -124,12 +118,15 @@ def record_crossings(
         }
     )
     con.register("_crossings", rows)
-    try:
+    try:  # (the billing database's unit of work is alone: nothing lands in between)
         added = con.execute(
+            "SELECT event_id FROM _crossings ANTI JOIN alert_outbox USING (event_id)"
+        ).fetchall()
+        con.execute(
             """INSERT INTO alert_outbox
                SELECT event_id, tenant_id, period, threshold, source, observed, payload,
                       $now, 'pending', 0, $now, NULL, NULL, NULL, NULL
-               FROM _crossings ON CONFLICT DO NOTHING RETURNING event_id""",
+               FROM _crossings ON CONFLICT DO NOTHING""",
             {"now": now},
         ).fetchall()
     finally:
@@ -168,18 +165,20 @@ def claim_due(
     """Pending alerts due for an attempt by ``due_by`` (default ``now``) and not leased by
     another watcher, oldest first, leased to this one until ``now + lease`` (their attempt
     counted now: a crash mid-post still counts)."""
-    rows = con.execute(
-        """UPDATE alert_outbox SET lease_until = $until, attempts = attempts + 1,
-                  last_attempt_at = $now
-           WHERE event_id IN (
-               SELECT event_id FROM alert_outbox
-               WHERE status = 'pending' AND next_attempt_at <= $due
-                 AND (lease_until IS NULL OR lease_until <= $now)
-               ORDER BY crossed_at, event_id LIMIT $limit)
-           RETURNING event_id, payload, attempts""",
-        {"now": now, "until": now + lease, "limit": limit, "due": due_by or now},
+    due = con.execute(
+        """SELECT event_id, payload, attempts + 1 FROM alert_outbox
+           WHERE status = 'pending' AND next_attempt_at <= $due
+             AND (lease_until IS NULL OR lease_until <= $now)
+           ORDER BY crossed_at, event_id LIMIT $limit""",
+        {"now": now, "limit": limit, "due": due_by or now},
     ).fetchall()
-    return [Claimed(eid, payload.encode(), attempts) for eid, payload, attempts in rows]
+    if due:  # (the billing database's unit of work is alone: nothing lands in between)
+        con.execute(
+            "UPDATE alert_outbox SET lease_until = $until, attempts = attempts + 1, "
+            "last_attempt_at = $now WHERE event_id IN (SELECT unnest($ids))",
+            {"now": now, "until": now + lease, "ids": [row[0] for row in due]},
+        ).fetchall()
+    return [Claimed(eid, payload.encode(), attempts) for eid, payload, attempts in due]
 
 
 def mark_delivered(con: duckdb.DuckDBPyConnection, event_id: str, now: datetime) -> None:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import duckdb
 
-from billing.db import Connect, register_migration, register_schema
+from billing.db import Connect, changed, column_types, register_migration, register_schema
 
 __all__ = ["Connect"]  # (defined with the billing file, used here by every caller)
 
@@ -49,8 +49,10 @@ _VOID_COLUMNS = {
 
 def _add_void_columns(con: duckdb.DuckDBPyConnection) -> None:
     """A file from before voids: the push rows gain the void step's columns."""
+    present = column_types(con, "stripe_pushes")
     for name, kind in _VOID_COLUMNS.items():
-        con.execute(f"ALTER TABLE stripe_pushes ADD COLUMN IF NOT EXISTS {name} {kind}")
+        if name not in present:
+            con.execute(f"ALTER TABLE stripe_pushes ADD COLUMN {name} {kind}")
 
 
 register_migration(_add_void_columns)
@@ -160,12 +162,8 @@ def record_event(
     outcome: str,
 ) -> bool:
     """Remember a webhook event; False if it was seen before (a replay)."""
-    row = con.execute(
-        "INSERT INTO webhook_events VALUES (?, ?, ?, ?, ?) "
-        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
-        [event_id, event_type, invoice_id, outcome, _now()],
-    ).fetchone()
-    return row is not None
+    sql = "INSERT INTO webhook_events VALUES (?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
+    return changed(con, sql, [event_id, event_type, invoice_id, outcome, _now()]) > 0
 
 
 def event_seen(con: duckdb.DuckDBPyConnection, event_id: str) -> bool:

@@ -56,7 +56,12 @@ def settings_of(ctx: typer.Context) -> Settings:
 
 
 def billing_connect(cfg: Settings) -> Connect:
-    """Opens the billing file of ``cfg`` for one unit of work."""
+    """Opens the billing database of ``cfg`` for one unit of work: the billing file, or in
+    cluster mode the catalog's billing schema."""
+    if cfg.cluster_mode:
+        from billing.catalog_db import catalog_billing_db  # (cluster mode only)
+
+        return partial(catalog_billing_db, cfg)
     return partial(billing_db, cfg.billing_db, cfg.metering_lock_timeout)
 
 

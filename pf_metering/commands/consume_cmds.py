@@ -262,7 +262,7 @@ def sql(
     try:
         statement = read_only_statement(reader.con, query)
         con = reader.con
-        copy_queryable_tables(con, cfg.billing_db, cfg.metering_lock_timeout)
+        copy_queryable_tables(con, cfg)
         print(reader.freshness.describe(), file=sys.stderr)
         with spill_folder(cfg.metering_data_dir) as spill:
             lock_down(con, spill, limits)

@@ -15,7 +15,6 @@ import typer
 from aggregator.views import UsageReader, usage_reader
 from billing import invoice_store, invoicing
 from billing.alerts import store as alert_store
-from billing.db import billing_db
 from billing.invoicing import Rules, UsageData
 from billing.render.report_html import (
     AppliedCorrection,
@@ -29,6 +28,7 @@ from pf_metering.commands.common import (
     OUTPUT_OPTION,
     QUIET_OPTION,
     TENANT_ARGUMENT,
+    billing_connect,
     check_tenant,
     output_path,
     parse_period,
@@ -108,7 +108,7 @@ def report(
         print(freshness, file=sys.stderr)
     rules = Rules.from_settings(cfg)
     wanted = {str(p) for p in periods}
-    with billing_db(cfg.billing_db, cfg.metering_lock_timeout) as con:
+    with billing_connect(cfg)() as con:
         tenant = invoicing.known_tenant(con, usage, tenant_id)
         invoices = [i for i in invoice_store.list_invoices(con, tenant_id) if i.period in wanted]
         alerts = alert_store.list_alerts(con, tenant_id, sorted(wanted))
