@@ -141,9 +141,16 @@ def _s3_secret_sql(settings: Settings, path: str) -> str:
     return "CREATE OR REPLACE SECRET pf_lake_s3 (" + ", ".join(f"{k} {v}" for k, v in options) + ")"
 
 
-def attach_lake(con: duckdb.DuckDBPyConnection, settings: Settings, alias: str = LAKE) -> None:
-    """Load the extensions and ATTACH the lake as ``alias`` on ``con``; a CatalogError in one
-    line (naming ``METERING_CATALOG`` or ``METERING_LAKE_PATH``, no password) if it cannot."""
+def attach_lake(
+    con: duckdb.DuckDBPyConnection,
+    settings: Settings,
+    alias: str = LAKE,
+    snapshot: int | None = None,
+) -> None:
+    """Load the extensions and ATTACH the lake as ``alias`` on ``con`` (read-only as of
+    DuckLake snapshot ``snapshot``, if given: time travel for every schema and table); a
+    CatalogError in one line (naming ``METERING_CATALOG`` or ``METERING_LAKE_PATH``, no
+    password) if it cannot."""
     if settings.metering_catalog is None:
         raise CatalogError("METERING_CATALOG is not set: this is embedded mode, there is no lake")
     path = data_path(settings)
@@ -163,7 +170,9 @@ def attach_lake(con: duckdb.DuckDBPyConnection, settings: Settings, alias: str =
         ) from type(exc)(_scrub(str(exc), settings))
     attach = (
         f"ATTACH {sql_string('ducklake:postgres:' + conninfo)} AS {alias} "
-        f"(DATA_PATH {sql_string(path)})"
+        f"(DATA_PATH {sql_string(path)}"
+        + ("" if snapshot is None else f", SNAPSHOT_VERSION {int(snapshot)}")
+        + ")"
     )
     try:
         for attempt in range(INIT_ATTEMPTS):
@@ -180,6 +189,11 @@ def attach_lake(con: duckdb.DuckDBPyConnection, settings: Settings, alias: str =
                 time.sleep(0.2 * (attempt + 1))
     except duckdb.Error as exc:
         text = _scrub(str(exc), settings)
+        if snapshot is not None and "snapshot" in text.lower():
+            raise CatalogError(
+                f"the lake has no snapshot {snapshot} (expired by lake maintenance, or never "
+                f"made): {text.splitlines()[0]}"
+            ) from type(exc)(text)
         if "DATA_PATH" in text:
             raise CatalogError(
                 f"METERING_LAKE_PATH {path} is not where this lake keeps its data "
@@ -360,11 +374,14 @@ def discard(con: duckdb.DuckDBPyConnection) -> None:
         con.close()
 
 
-def open_lake(settings: Settings, alias: str = LAKE) -> duckdb.DuckDBPyConnection:
-    """A new in-memory DuckDB connection with the lake ATTACHed as ``alias``."""
+def open_lake(
+    settings: Settings, alias: str = LAKE, snapshot: int | None = None
+) -> duckdb.DuckDBPyConnection:
+    """A new in-memory DuckDB connection with the lake ATTACHed as ``alias`` (as of
+    ``snapshot``, if given)."""
     con = new_connection(settings)
     try:
-        attach_lake(con, settings, alias)
+        attach_lake(con, settings, alias, snapshot)
     except BaseException:
         con.close()
         raise

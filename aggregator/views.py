@@ -164,14 +164,16 @@ def open_usage(snapshot_dir: Path, topic: str) -> UsageReader:
     raise AssertionError("unreachable")
 
 
-def usage_reader(settings: Settings) -> UsageReader:
+def usage_reader(settings: Settings, lake_snapshot: int | None = None) -> UsageReader:
     """The current usage: the published snapshot (embedded mode) or the lake (cluster mode,
-    ``METERING_CATALOG`` set), copied into memory."""
+    ``METERING_CATALOG`` set; as of DuckLake snapshot ``lake_snapshot`` if given), copied
+    into memory."""
     if settings.cluster_mode:
         from aggregator.lake import open_lake  # (cluster mode only: the extensions load)
         from aggregator.lake_ledger import open_lake_usage
 
-        return open_lake_usage(open_lake(settings), settings.metering_topic)
+        con = open_lake(settings, snapshot=lake_snapshot)
+        return open_lake_usage(con, settings.metering_topic)
     return open_usage(settings.snapshot_dir, settings.metering_topic)
 
 

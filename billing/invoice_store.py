@@ -69,7 +69,8 @@ _INVOICES_DDL = f"""
         voided_by VARCHAR,
         replaces VARCHAR,
         replaced_by VARCHAR,
-        live_key VARCHAR UNIQUE
+        live_key VARCHAR UNIQUE,
+        lake_snapshot BIGINT
     )
     """
 register_schema(_INVOICES_DDL)
@@ -118,6 +119,8 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     of 0, and billed usage without its prices gets those its period's invoice recorded."""
     _rebuild_for_voids(con)
     widen(con, "invoices", {"subtotal": MONEY_SQL, "total": MONEY_SQL})
+    if "lake_snapshot" not in column_types(con, "invoices"):
+        con.execute("ALTER TABLE invoices ADD COLUMN lake_snapshot BIGINT")
     if "credit_balance" not in column_types(con, "invoices"):
         con.execute(f"ALTER TABLE invoices ADD COLUMN credit_balance {MONEY_SQL} DEFAULT 0")
     widen(con, "billed_usage", dict.fromkeys(COUNTERS, COUNTER_SQL))
@@ -136,7 +139,8 @@ register_migration(_migrate)
 _COLUMNS = (
     "invoice_id, tenant_id, period, period_start, period_end, tier, currency, status, "
     "subtotal, total, due_date, created_at, finalized_at, stripe_invoice_id, lines, quotas, "
-    "computed_from, credit_balance, void_reason, voided_at, voided_by, replaces, replaced_by"
+    "computed_from, credit_balance, void_reason, voided_at, voided_by, replaces, replaced_by, "
+    "lake_snapshot"
 )
 _LINES = TypeAdapter(list[InvoiceLine])
 _QUOTAS = TypeAdapter(list[QuotaUsage])
@@ -157,7 +161,7 @@ def _utc(value: datetime | None) -> datetime | None:
 def _from_row(row: tuple[Any, ...]) -> Invoice:
     (iid, tenant, period, start, end, tier, currency, status, subtotal, total, due, created,
      finalized, stripe_id, lines, quotas, computed, credit, reason, voided, by, replaces,
-     replaced_by) = row  # fmt: skip
+     replaced_by, lake_snapshot) = row  # fmt: skip
     return Invoice(
         invoice_id=iid,
         tenant_id=tenant,
@@ -182,6 +186,7 @@ def _from_row(row: tuple[Any, ...]) -> Invoice:
         voided_by=by,
         replaces=replaces,
         replaced_by=replaced_by,
+        lake_snapshot=lake_snapshot,
     )
 
 
@@ -373,6 +378,7 @@ def _invoice_table(invoices: Sequence[Invoice]) -> pa.Table:
             "voided_by": pa.array(col("voided_by"), pa.string()),
             "replaces": pa.array(col("replaces"), pa.string()),
             "replaced_by": pa.array(col("replaced_by"), pa.string()),
+            "lake_snapshot": pa.array(col("lake_snapshot"), pa.int64()),
         }
     )
 

@@ -112,6 +112,7 @@ class UsageData:
 
     table: pa.Table
     rows: dict[tuple[str, str], dict[str, Any]]
+    lake_snapshot: int | None = None  # cluster mode: the DuckLake snapshot they were read at
 
     @classmethod
     def read(cls, reader: UsageReader, tenant_id: str | None = None) -> UsageData:
@@ -120,7 +121,7 @@ class UsageData:
             f"SELECT {', '.join(USAGE_COLUMNS)} FROM usage {where}", params
         ).to_arrow_table()
         rows = {(r["tenant_id"], r["period"]): r for r in table.to_pylist()}
-        return cls(table, rows)
+        return cls(table, rows, reader.lake_snapshot)
 
     def first_periods(self) -> dict[str, Period]:
         first: dict[str, str] = {}
@@ -230,6 +231,7 @@ def settled_invoice(
     credit: Sequence[CreditLot] = (),
     charged_elsewhere: Sequence[ChargedElsewhere] = (),
     replaces: str | None = None,
+    lake_snapshot: int | None = None,
 ) -> tuple[Invoice, Settlement]:
     """One invoice and how it meets the tenant's credit ``credit`` (pure).
 
@@ -242,7 +244,8 @@ def settled_invoice(
     (``computed_from["issued_late"]`` holds the regular due date). ``issued_at``: when
     the invoice counts as issued (``bill --as-of``'s moment; default ``finalized_at``).
     ``charged_elsewhere`` and ``replaces``: a replacement's (see ``_Session.replacement``),
-    given back before the credit line."""
+    given back before the credit line. ``lake_snapshot``: the DuckLake snapshot ``usage_row``
+    and ``late`` were read at (cluster mode)."""
     rating = rate(tier, Usage.from_mapping(usage_row or {}))
     late_lines: list[InvoiceLine] = [
         line
@@ -306,6 +309,7 @@ def settled_invoice(
         quotas=list(rating.quotas),
         credit_balance=settlement.balance,
         replaces=replaces,
+        lake_snapshot=lake_snapshot,
     )
     check_amounts(invoice)
     return invoice, settlement
@@ -424,6 +428,7 @@ class _Session:
             due_days=self.rules.due_days,
             issued_at=self.as_of,
             credit=credit,
+            lake_snapshot=self.usage.lake_snapshot,
         )
 
     def preview(
@@ -537,6 +542,7 @@ class _Session:
             credit=credit,
             charged_elsewhere=elsewhere,
             replaces=old.invoice_id,
+            lake_snapshot=self.usage.lake_snapshot,
         )
         if not invoice_store.link_replacement(self.con, old.invoice_id, new_id):
             raise ReissueRaced(f"invoice {old.invoice_id} was billed again by another run")

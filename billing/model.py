@@ -135,6 +135,9 @@ class Invoice(BaseModel):
     voided_by: str | None = None
     replaces: str | None = None  # the void invoice this one was reissued for
     replaced_by: str | None = None  # the invoice reissued for this void one
+    lake_snapshot: int | None = None
+    """Cluster mode: the DuckLake snapshot whose usage this invoice was computed from (time
+    travel recomputes it there: ``generate-invoice --explain``); None in embedded mode."""
 
     def status_on(self, now: datetime) -> InvoiceStatus:
         """The status to show at ``now``: an unpaid invoice past its due date is overdue."""

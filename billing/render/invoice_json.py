@@ -89,4 +89,5 @@ def invoice_json(
         "voided_by": invoice.voided_by,
         "replaces": invoice.replaces,
         "replaced_by": invoice.replaced_by,
+        "lake_snapshot": invoice.lake_snapshot,
     }

@@ -17,9 +17,11 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
+from aggregator.views import usage_reader
 from billing import invoice_store, invoicing
 from billing.alerts import store as alert_store
 from billing.alerts.model import AlertRecord
+from billing.explain import explain as explain_lines
 from billing.model import (
     CREDIT_LINES,
     EARLIER_PERIODS,
@@ -114,6 +116,8 @@ def _invoice_caption(invoice: Invoice) -> str:
         parts.append("issued after its period's due date: due counted from the issue")
     if invoice.stripe_invoice_id:
         parts.append(f"stripe {invoice.stripe_invoice_id}")
+    if invoice.lake_snapshot is not None:
+        parts.append(f"computed at lake snapshot {invoice.lake_snapshot}")
     if invoice.status is InvoiceStatus.draft:
         parts.append("draft: recomputed until the period closes")
     if invoice.status is InvoiceStatus.void:
@@ -135,12 +139,26 @@ def generate_invoice(
     output: Path = OUTPUT_OPTION,
     stripe: bool = STRIPE_OPTION,
     fmt: InvoiceFormat | None = INVOICE_FORMAT_OPTION,
+    explain: bool = typer.Option(
+        False,
+        "--explain",
+        help="cluster mode: each line's quantity recomputed at the invoice's lake snapshot",
+    ),
 ) -> None:
     """The invoice of a tenant for a period: finalized once the period is closed (then never
     changes), else a draft preview recomputed on each call; always the same invoice_id. A
     closed period whose invoice was voided is billed again: a new invoice that replaces it
-    (with Stripe, the void one is voided there first if that is still to do)."""
+    (with Stripe, the void one is voided there first if that is still to do). With --explain,
+    each line beside its quantity recomputed from the usage at the DuckLake snapshot the
+    invoice records (time travel), to prove an amount later."""
     cfg = settings_of(ctx)
+    if explain and fmt is InvoiceFormat.html:
+        raise UserError("--explain shows a table or JSON, not html")
+    if explain and not cfg.cluster_mode:
+        raise UserError(
+            "--explain needs cluster mode (METERING_CATALOG): invoices of embedded mode "
+            "record no lake snapshot"
+        )
     asked = tenant_period(cfg, tenant_id, period, output=output)
     target, out = asked.period, output
     with billing(cfg) as con:
@@ -155,6 +173,9 @@ def generate_invoice(
             invoice = _pushed(cfg, invoice)
         elif invoice.status is InvoiceStatus.draft:
             print(f"{target} is still open: draft invoices are not pushed", file=sys.stderr)
+    if explain:
+        _explain(cfg, invoice, fmt, out)
+        return
     _render(invoice, alerts, fmt, out)
 
 
@@ -177,6 +198,54 @@ def _render(
         json_data=invoice_json(invoice, now, alerts),
         table=lambda: _invoice_table(invoice, now, alerts),
     )
+
+
+def _explain(cfg: Settings, invoice: Invoice, fmt: InvoiceFormat | None, out: Path | None) -> None:
+    """``generate-invoice --explain``: the invoice's lines beside their quantities at its
+    lake snapshot."""
+    if invoice.lake_snapshot is None:
+        raise UserError(f"invoice {invoice.invoice_id} records no lake snapshot to explain it by")
+    reader = usage_reader(cfg, invoice.lake_snapshot)
+    try:
+        usage = invoicing.UsageData.read(reader, invoice.tenant_id)
+    finally:
+        reader.close()
+    checks = explain_lines(invoice, usage)
+    data = {
+        "invoice_id": invoice.invoice_id,
+        "tenant_id": invoice.tenant_id,
+        "period": invoice.period,
+        "lake_snapshot": invoice.lake_snapshot,
+        "total": money(invoice.total),
+        "lines": [c.as_json() for c in checks],
+    }
+
+    def table() -> Table:
+        shown = Table(
+            title=f"Invoice {invoice.invoice_id} ({invoice.tenant_id}, {invoice.period}) at "
+            f"lake snapshot {invoice.lake_snapshot}",
+            caption="at snapshot: recomputed from the usage of that DuckLake snapshot with "
+            "the prices the invoice recorded (- : not from usage)",
+        )
+        for name in ("code", "period"):
+            shown.add_column(name)
+        currency = invoice.currency
+        right(shown, "quantity", "at snapshot", f"amount ({currency})", "at snapshot")
+        shown.add_column("same")
+        for c in checks:
+            line, again = c.line, c.again
+            shown.add_row(
+                line.code,
+                line.period or "",
+                plain(line.quantity),
+                "-" if again is None else plain(again.quantity),
+                money(line.amount),
+                "-" if again is None else money(again.amount),
+                {None: "-", True: "yes", False: "NO"}[c.same],
+            )
+        return shown
+
+    render(table_or_json(fmt, out), out, json_data=data, table=table)
 
 
 def _due(invoice: Invoice) -> str:

@@ -23,7 +23,7 @@ import pytest
 from bench.ledger_load import publish_usage
 from common.settings import load_settings
 from tests.fixtures.seeds import SEED, event
-from tests.support.cli_runner import BIN, run_cli
+from tests.support.cli_runner import BIN, assert_user_error, run_cli
 from tests.support.netns import Host, namespaces_available, network, postgres_on
 from tests.support.postgres import create_database, drop_database, running_postgres
 from tests.support.waiting import free_port
@@ -31,6 +31,7 @@ from tests.support.waiting import free_port
 WHY_NOT = namespaces_available()
 TENANTS, PERIODS = 120, ("2025-01", "2025-02", "2025-03")
 AS_OF = "2025-04-01T02:00:00Z"
+LATE_USAGE_ANY_AGE = {"METERING_LATE_USAGE_MONTHS": "0"}  # (the suite's periods are in 2025)
 Invoices = dict[tuple[str, str], tuple[Decimal, Decimal, str]]
 
 
@@ -78,6 +79,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Invoices:
     data = tmp_path_factory.mktemp("embedded") / "data"
     publish_usage(load_settings(metering_data_dir=data), usage_events())
     env = {"METERING_DATA_DIR": str(data), "METERING_CATALOG": "", "METERING_LAKE_PATH": ""}
+    env |= LATE_USAGE_ANY_AGE
     run_cli("bill", "--as-of", AS_OF, "--quiet", env=env, check=True)
     con = duckdb.connect(str(data / "billing.duckdb"), read_only=True)
     try:
@@ -98,10 +100,20 @@ class Cluster:
     def env(self, host: Host) -> dict[str, str]:
         return {
             **os.environ,
+            **LATE_USAGE_ANY_AGE,
             "METERING_CATALOG": self.catalog,
             "METERING_LAKE_PATH": str(self.lake),
             "METERING_DATA_DIR": str(host.data_dir / self.lake.parent.name),
         }
+
+    def publish(self, events: list[dict[str, Any]]) -> None:
+        """Commit ``events`` to the lake from this process (a host of its own)."""
+        settings = load_settings(
+            metering_catalog=self.catalog,
+            metering_lake_path=str(self.lake),
+            metering_data_dir=self.lake.parent / "loader",
+        )
+        publish_usage(settings, events)
 
     def start(self, host: Host, *args: str) -> subprocess.Popen[str]:
         return host.popen(
@@ -134,12 +146,7 @@ class Cluster:
 @pytest.fixture
 def cluster(site: Site, tmp_path: Path) -> Iterator[Cluster]:
     made = Cluster(site, create_database(site.server), tmp_path / "lake")
-    settings = load_settings(
-        metering_catalog=made.catalog,
-        metering_lake_path=str(made.lake),
-        metering_data_dir=tmp_path / "loader",
-    )
-    publish_usage(settings, usage_events())
+    made.publish(usage_events())
     yield made
     drop_database(made.catalog)
 
@@ -207,3 +214,72 @@ def test_the_catalog_refuses_a_second_live_invoice(cluster: Cluster) -> None:
             "void_reason, voided_at, voided_by, replaces, replaced_by, live_key "
             "FROM pf_billing.invoices LIMIT 1"
         )
+
+
+def explained(cluster: Cluster, host: Host, tenant: str, period: str) -> dict[str, Any]:
+    shown = cluster.cli(host, "generate-invoice", tenant, period, "--explain", "-f", "json")
+    data: dict[str, Any] = json.loads(shown)
+    return data
+
+
+def test_explain_recomputes_each_line_at_the_invoice_snapshot(cluster: Cluster) -> None:
+    one, two = cluster.site.hosts
+    cluster.cli(one, "bill", "--as-of", AS_OF, "--quiet")
+    invoice = json.loads(cluster.cli(two, "generate-invoice", "t0003", "2025-02", "-f", "json"))
+    [(snapshot,)] = cluster.stored(
+        "SELECT lake_snapshot FROM pf_billing.invoices "
+        "WHERE tenant_id = 't0003' AND period = '2025-02'"
+    )
+    assert invoice["lake_snapshot"] == snapshot is not None
+
+    cluster.publish([event("t0003", "2025-02", **{k: v * 5 for k, v in SEED.items()})])  # late
+    proof = explained(cluster, two, "t0003", "2025-02")
+    assert proof["lake_snapshot"] == snapshot and proof["total"] == invoice["total"]
+    assert [(x["code"], x["quantity"]) for x in proof["lines"]] == [
+        (x["code"], x["quantity"]) for x in invoice["lines"]
+    ]
+    assert all(x["same"] is True for x in proof["lines"])  # every line comes from usage
+    now = json.loads(
+        cluster.cli(
+            two,
+            "sql",
+            "-f",
+            "json",
+            "SELECT events FROM usage WHERE tenant_id = 't0003' AND period = '2025-02'",
+        )
+    )
+    assert now[0]["events"] > invoice["computed_from"]["usage"]["events"]  # the lake moved on
+
+    # the late usage is charged on the next invoice, at a later snapshot; more lands after it
+    cluster.cli(one, "bill", "--as-of", "2025-05-01T02:00:00Z", "--quiet")
+    later = json.loads(cluster.cli(two, "generate-invoice", "t0003", "2025-04", "-f", "json"))
+    assert later["lake_snapshot"] > snapshot
+    cluster.publish([event("t0003", "2025-02", **{k: v * 9 for k, v in SEED.items()})])
+    proof = explained(cluster, two, "t0003", "2025-04")
+    [late] = [x for x in proof["lines"] if x["code"] == "late_usage"]
+    assert late["period"] == "2025-02" and late["same"] is True
+    stored = [x for x in later["lines"] if x["code"] == "late_usage"]
+    assert late["amount_at_snapshot"] == stored[0]["amount"]
+    assert all(x["same"] is True for x in proof["lines"])
+    table = cluster.cli(two, "generate-invoice", "t0003", "2025-04", "--explain")
+    assert f"at lake snapshot {later['lake_snapshot']}" in table and "NO" not in table
+
+
+def test_explain_refuses_bad_input_and_changes_nothing(cluster: Cluster) -> None:
+    one, _ = cluster.site.hosts
+    cluster.cli(one, "bill", "--as-of", "2025-02-01T02:00:00Z", "--quiet")
+    before = cluster.stored("SELECT count(*) FROM pf_billing.invoices")
+    argv = ["generate-invoice", "t0003", "2025-02", "--explain", "-f", "html"]
+    proc = one.run([str(BIN), *argv], env=cluster.env(one))
+    assert_user_error(proc, "--explain shows a table or JSON")
+    assert cluster.stored("SELECT count(*) FROM pf_billing.invoices") == before
+
+
+def test_embedded_invoices_record_no_lake_snapshot(data_env: dict[str, str]) -> None:
+    publish_usage(load_settings(), [event("t0001", "2025-01", **SEED)])
+    invoice = json.loads(
+        run_cli("generate-invoice", "t0001", "2025-01", "-f", "json", check=True).stdout
+    )
+    assert invoice["lake_snapshot"] is None
+    proc = run_cli("generate-invoice", "t0001", "2025-01", "--explain")
+    assert_user_error(proc, "--explain needs cluster mode (METERING_CATALOG)")
