@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 LAKE = "lake"
 """The alias every cluster-mode connection ATTACHes the lake under."""
+BILLING_SCHEMA = "pf_billing"
+"""The schema of the catalog's PostgreSQL database that holds billing in cluster mode (beside
+DuckLake's own tables; ``billing.catalog_db``)."""
 # The postgres wheel's file is named after the extension's old name.
 _FILE_NAMES = {"postgres": ("postgres", "postgres_scanner")}
 RETRY = {

@@ -12,8 +12,10 @@ deletes them: the same conflict) and never rewrites files with deletions
 (``ducklake_rewrite_data_files``). Compacting an updated-in-place table is for the only
 writer of it, between its own commits (``merge_tables``).
 
-Snapshots listed in ``lake.kept_snapshots`` (``keep_snapshot``: an invoice's, say) are never
-expired, so time travel to them keeps working past the retention. One maintainer runs at a
+Snapshots listed in ``lake.kept_snapshots`` (``keep_snapshot``) and those an invoice was
+computed from (``lake_snapshot`` of the catalog's billing schema, read in the same run) are
+never expired, so time travel to them keeps working past the retention
+(``generate-invoice --explain`` months later). One maintainer runs at a
 time across hosts (a PostgreSQL advisory lock on the catalog); another finds it taken and
 skips.
 """
@@ -30,7 +32,7 @@ from typing import Any
 import duckdb
 import psycopg
 
-from aggregator.lake import LAKE, open_lake
+from aggregator.lake import BILLING_SCHEMA, LAKE, open_lake
 from common.errors import CatalogError
 from common.settings import Settings
 
@@ -97,8 +99,9 @@ def keep_snapshot(
 
 
 @contextmanager
-def _maintainer(settings: Settings) -> Iterator[bool]:
-    """True while this process holds the lake's maintenance lock, False if another does."""
+def _maintainer(settings: Settings) -> Iterator[psycopg.Connection[Any] | None]:
+    """A catalog connection while this process holds the lake's maintenance lock, None if
+    another does."""
     assert settings.metering_catalog is not None
     try:
         conn = psycopg.connect(
@@ -113,7 +116,19 @@ def _maintainer(settings: Settings) -> Iterator[bool]:
         ) from exc
     with conn:
         row = conn.execute("SELECT pg_try_advisory_lock(%s)", [LOCK_KEY]).fetchone()
-        yield bool(row and row[0])
+        yield conn if row and row[0] else None
+
+
+def invoice_snapshots(conn: psycopg.Connection[Any]) -> set[int]:
+    """The lake snapshots the invoices in the catalog's billing schema were computed from."""
+    table = f"{BILLING_SCHEMA}.invoices"
+    found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [table]).fetchone()
+    if not found or not found[0]:
+        return set()
+    rows = conn.execute(
+        f"SELECT DISTINCT lake_snapshot FROM {table} WHERE lake_snapshot IS NOT NULL"
+    ).fetchall()
+    return {int(r[0]) for r in rows}
 
 
 def _live_files(con: duckdb.DuckDBPyConnection, alias: str) -> tuple[int, int]:
@@ -170,13 +185,14 @@ def maintain(
 ) -> Maintenance:
     """Merge, expire (older than ``METERING_LAKE_RETENTION``, except kept snapshots and the
     newest) and delete files unneeded for ``METERING_LAKE_FILE_GRACE``, on ``con``'s lake."""
-    with _maintainer(settings) as mine:
-        if not mine:
+    with _maintainer(settings) as catalog:
+        if catalog is None:
             return SKIPPED
         try:
             return _maintain(
                 con,
                 alias,
+                pinned=invoice_snapshots(catalog),
                 now=now,
                 expire_before=now - settings.metering_lake_retention,
                 delete_before=now - settings.metering_lake_file_grace,
@@ -189,6 +205,7 @@ def _maintain(
     con: duckdb.DuckDBPyConnection,
     alias: str,
     *,
+    pinned: set[int],
     now: datetime,
     expire_before: datetime,
     delete_before: datetime,
@@ -197,7 +214,7 @@ def _maintain(
     tables = lake_tables(con, alias)
     appended = [t for t in tables if t[1] not in UPDATED_IN_PLACE]
     merged = merge_tables(con, appended, alias)
-    kept = _kept(con, alias)
+    kept = _kept(con, alias) | pinned
     old = [
         int(r[0])
         for r in con.execute(

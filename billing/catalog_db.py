@@ -12,13 +12,17 @@ from contextlib import contextmanager
 import duckdb
 import psycopg
 
-from aggregator.lake import attach_catalog_schema, catalog_conninfo, catalog_error, new_connection
+from aggregator.lake import (
+    BILLING_SCHEMA,
+    attach_catalog_schema,
+    catalog_conninfo,
+    catalog_error,
+    new_connection,
+)
 from billing.db import prepare
 from common.errors import StorageError
 from common.settings import Settings
 
-CATALOG_SCHEMA = "pf_billing"
-"""The PostgreSQL schema of the catalog database that holds billing in cluster mode."""
 CATALOG_ALIAS = "billing"
 BILLING_LOCK = 0x7066_6269_6C6C
 """The advisory lock key (``pfbill``) one unit of billing work holds."""
@@ -32,7 +36,7 @@ def catalog_billing_db(settings: Settings) -> Iterator[duckdb.DuckDBPyConnection
     with billing_lock(settings):
         con = new_connection(settings)
         try:
-            attach_catalog_schema(con, settings, CATALOG_ALIAS, CATALOG_SCHEMA)
+            attach_catalog_schema(con, settings, CATALOG_ALIAS, BILLING_SCHEMA)
             prepare(con)
             yield con
         finally:

@@ -97,13 +97,14 @@ class Cluster:
     catalog: str
     lake: Path
 
-    def env(self, host: Host) -> dict[str, str]:
+    def env(self, host: Host, **extra: str) -> dict[str, str]:
         return {
             **os.environ,
             **LATE_USAGE_ANY_AGE,
             "METERING_CATALOG": self.catalog,
             "METERING_LAKE_PATH": str(self.lake),
             "METERING_DATA_DIR": str(host.data_dir / self.lake.parent.name),
+            **extra,
         }
 
     def publish(self, events: list[dict[str, Any]]) -> None:
@@ -124,8 +125,8 @@ class Cluster:
             text=True,
         )
 
-    def cli(self, host: Host, *args: str) -> str:
-        proc = host.run([str(BIN), *args], env=self.env(host))
+    def cli(self, host: Host, *args: str, **extra: str) -> str:
+        proc = host.run([str(BIN), *args], env=self.env(host, **extra))
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
@@ -263,6 +264,13 @@ def test_explain_recomputes_each_line_at_the_invoice_snapshot(cluster: Cluster) 
     assert all(x["same"] is True for x in proof["lines"])
     table = cluster.cli(two, "generate-invoice", "t0003", "2025-04", "--explain")
     assert f"at lake snapshot {later['lake_snapshot']}" in table and "NO" not in table
+
+    # maintenance expiring every snapshot it may keeps those of invoices: the proof stands
+    no_history = {"METERING_LAKE_RETENTION": "0s", "METERING_LAKE_FILE_GRACE": "0s"}
+    [done] = json.loads(cluster.cli(one, "lake", "maintain", "-f", "json", **no_history))
+    assert done["snapshots_expired"] > 0 and done["snapshots_kept"] >= 2
+    assert explained(cluster, two, "t0003", "2025-04") == proof
+    assert explained(cluster, two, "t0003", "2025-02")["lake_snapshot"] == snapshot
 
 
 def test_explain_refuses_bad_input_and_changes_nothing(cluster: Cluster) -> None:
