@@ -37,7 +37,7 @@ def catalog_billing_db(settings: Settings) -> Iterator[duckdb.DuckDBPyConnection
         con = new_connection(settings)
         try:
             attach_catalog_schema(con, settings, CATALOG_ALIAS, BILLING_SCHEMA)
-            prepare(con)
+            prepare(con, catalog=True)
             yield con
         finally:
             con.close()

@@ -94,7 +94,9 @@ def widen(con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, str]) -
     """ALTER each of ``columns`` (name -> type) of ``table`` whose type differs (values kept;
     DuckDB spells ``DECIMAL(38, 2)`` as ``DECIMAL(38,2)``: spaces do not count)."""
     present = {name: kind.replace(" ", "") for name, kind in column_types(con, table).items()}
-    for name, kind in ((n, for_backend(con, k)) for n, k in columns.items()):
+    mapped = any(duck in kind for kind in columns.values() for duck in _POSTGRES_TYPES)
+    catalog = mapped and on_catalog(con)  # (asked only when a type differs there)
+    for name, kind in ((n, for_backend(con, k, catalog)) for n, k in columns.items()):
         if present.get(name, kind.replace(" ", "")) != kind.replace(" ", ""):
             con.execute(f"ALTER TABLE {table} ALTER {name} TYPE {kind}")
 
@@ -114,16 +116,15 @@ def billing_db(path: Path, timeout: float) -> Iterator[duckdb.DuckDBPyConnection
     """A connection to the billing file with every registered table present."""
     con = open_with_retry(path, timeout, what="billing database")
     try:
-        prepare(con)
+        prepare(con, catalog=False)
         yield con
     finally:
         con.close()
 
 
-def prepare(con: duckdb.DuckDBPyConnection) -> None:
-    """Every registered table present and brought up to date (views only in a DuckDB file:
-    a view's SQL is DuckDB's)."""
-    catalog = on_catalog(con)
+def prepare(con: duckdb.DuckDBPyConnection, *, catalog: bool) -> None:
+    """Every registered table present and brought up to date; ``catalog``: ``con`` is on the
+    catalog's PostgreSQL (views only in a DuckDB file: a view's SQL is DuckDB's)."""
     for ddl in _SCHEMA:
         if not (catalog and "CREATE VIEW" in ddl):
             con.execute(for_backend(con, ddl, catalog))

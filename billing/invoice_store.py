@@ -119,10 +119,11 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
     of 0, and billed usage without its prices gets those its period's invoice recorded."""
     _rebuild_for_voids(con)
     widen(con, "invoices", {"subtotal": MONEY_SQL, "total": MONEY_SQL})
-    if "lake_snapshot" not in column_types(con, "invoices"):
-        con.execute("ALTER TABLE invoices ADD COLUMN lake_snapshot BIGINT")
-    if "credit_balance" not in column_types(con, "invoices"):
+    present = column_types(con, "invoices")
+    if "credit_balance" not in present:
         con.execute(f"ALTER TABLE invoices ADD COLUMN credit_balance {MONEY_SQL} DEFAULT 0")
+    if "lake_snapshot" not in present:
+        con.execute("ALTER TABLE invoices ADD COLUMN lake_snapshot BIGINT")
     widen(con, "billed_usage", dict.fromkeys(COUNTERS, COUNTER_SQL))
     if "prices" in column_types(con, "billed_usage"):
         return
