@@ -549,7 +549,7 @@ def billed(pfm: Cli) -> dict[str, str]:
 
 
 def test_void_and_reissue_from_the_command_line(
-    pfm: Cli, billed: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    billing_mode: str, pfm: Cli, billed: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     jan = billed["2025-01"]
     monkeypatch.setenv("USER", "carol")

@@ -50,7 +50,7 @@ def books(pfm: Cli, data_env: dict[str, str]) -> Path:
 
 
 def test_set_alert_then_watch_once_delivers_and_lists(
-    pfm: Cli, books: Path, monkeypatch: pytest.MonkeyPatch
+    billing_mode: str, pfm: Cli, books: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     done = pfm("tenants", "set-alert", "acme", "--quota-percent", "80", "--counter", "cpu_ms")
     assert done.code == 0 and "80% of the cpu_ms quota set" in done.err

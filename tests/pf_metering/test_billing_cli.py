@@ -71,7 +71,7 @@ def test_usage_formats_zeros_and_errors(pfm: Cli, tmp_path: Path) -> None:
     assert pfm("usage", "ghost", "2025-01", "-f", "json").json()["events"] == 0
 
 
-def test_tenants_add_set_tier_and_list(pfm: Cli, tmp_path: Path) -> None:
+def test_tenants_add_set_tier_and_list(billing_mode: str, pfm: Cli, tmp_path: Path) -> None:
     pfm.publish(event("acme", "2025-01", api_calls=1))
     assert pfm("tenants", "add", "beta", "--tier", "professional").code == 0
     assert pfm("tenants", "add", "beta").code == 0  # again: no change
@@ -101,7 +101,7 @@ def test_tenants_add_set_tier_and_list(pfm: Cli, tmp_path: Path) -> None:
     assert pfm("usage", "acme", "2025-02", "-f", "json").json()["tier"] == "enterprise"
 
 
-def test_bill_generate_and_list_invoices(pfm: Cli, tmp_path: Path) -> None:
+def test_bill_generate_and_list_invoices(billing_mode: str, pfm: Cli, tmp_path: Path) -> None:
     pfm.publish(event("acme", "2025-01", **SEED))
     billed = pfm("bill", "--as-of", "2025-02-01T02:00:00Z")
     assert billed.code == 0 and "1 invoice(s) finalized for 1 tenant(s)" in billed.err
@@ -164,7 +164,7 @@ def test_bill_generate_and_list_invoices(pfm: Cli, tmp_path: Path) -> None:
 
 
 def test_bill_and_generate_push_to_stripe(
-    pfm: Cli, monkeypatch: pytest.MonkeyPatch, fake_stripe: FakeStripe
+    billing_mode: str, pfm: Cli, monkeypatch: pytest.MonkeyPatch, fake_stripe: FakeStripe
 ) -> None:
     pfm.publish(event("acme", "2025-01", **SEED), event("beta", "2025-01", api_calls=3))
     pfm("bill", "--as-of", "2025-02-01T02:00:00Z", "--stripe").error("STRIPE_SECRET_KEY")
@@ -207,7 +207,7 @@ def test_invoice_as_html_and_job_metrics_file(pfm: Cli, tmp_path: Path) -> None:
     assert doc["invoice_id"] in html_text and "53.66" in html_text
 
 
-def test_sql_joins_usage_with_billing_tables(pfm: Cli) -> None:
+def test_sql_joins_usage_with_billing_tables(billing_mode: str, pfm: Cli) -> None:
     pfm.publish(event("acme", "2025-01", **SEED))
     assert pfm("bill", "--as-of", "2025-02-01T02:00:00Z", "--quiet").code == 0
     rows = pfm(
@@ -224,7 +224,7 @@ def test_sql_joins_usage_with_billing_tables(pfm: Cli) -> None:
     assert Decimal(str(row["total"])) == Decimal("53.66")
 
 
-def test_corrections_and_credits_in_json_tables_and_sql(pfm: Cli) -> None:
+def test_corrections_and_credits_in_json_tables_and_sql(billing_mode: str, pfm: Cli) -> None:
     """A period corrected by a correction event after it was billed: the JSON documents carry
     ``credit_balance``, the correction's ``period`` and ``corrects``, the credit lines; the
     ``invoices`` table shows them; ``sql`` reads the credit ledger."""
