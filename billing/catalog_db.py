@@ -6,6 +6,7 @@ money). Imported only in cluster mode: psycopg and the extensions stay out of em
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,19 +29,44 @@ BILLING_LOCK = 0x7066_6269_6C6C
 """The advisory lock key (``pfbill``) one unit of billing work holds."""
 
 
+_BASES: dict[tuple[str, str], duckdb.DuckDBPyConnection] = {}
+_BASES_LOCK = threading.Lock()
+
+
 @contextmanager
 def catalog_billing_db(settings: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
     """Cluster mode's ``billing_db``: a connection whose default schema is the catalog's
     ``pf_billing``, every registered table present, while this process holds
     ``BILLING_LOCK`` (so its transactions begin after the previous holder's committed)."""
     with billing_lock(settings):
-        con = new_connection(settings)
+        con = _base(settings).cursor()
         try:
-            attach_catalog_schema(con, settings, CATALOG_ALIAS, BILLING_SCHEMA)
-            prepare(con, catalog=True)
+            con.execute("SET enable_progress_bar = false")
+            con.execute(f"USE {CATALOG_ALIAS}.{BILLING_SCHEMA}")
             yield con
         finally:
             con.close()
+
+
+def _base(settings: Settings) -> duckdb.DuckDBPyConnection:
+    """This process's DuckDB instance with the billing schema ATTACHed and prepared (once:
+    loading the postgres extension and reading the schema cost ~0.5 s; each unit of work then
+    takes a cursor of it, whose every transaction is a new PostgreSQL one). Call it holding
+    ``BILLING_LOCK``: preparing may create or migrate the tables."""
+    assert settings.metering_catalog is not None
+    key = (settings.metering_catalog.get_secret_value(), str(settings.metering_data_dir))
+    with _BASES_LOCK:
+        base = _BASES.get(key)
+        if base is None:
+            base = new_connection(settings)
+            try:
+                attach_catalog_schema(base, settings, CATALOG_ALIAS, BILLING_SCHEMA)
+                prepare(base, catalog=True)
+            except BaseException:
+                base.close()
+                raise
+            _BASES[key] = base
+        return base
 
 
 @contextmanager
