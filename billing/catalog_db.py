@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import psycopg
@@ -20,8 +22,8 @@ from aggregator.lake import (
     catalog_error,
     new_connection,
 )
-from billing.db import prepare
-from common.errors import StorageError
+from billing.db import billing_db, prepare, registered_tables, transaction
+from common.errors import StorageError, UserError
 from common.settings import Settings
 
 CATALOG_ALIAS = "billing"
@@ -93,3 +95,63 @@ def billing_lock(settings: Settings) -> Iterator[None]:
         except psycopg.Error as exc:
             raise catalog_error(exc, settings) from exc
         yield
+
+
+@dataclass(frozen=True)
+class BillingMove:
+    """What ``migrate_billing`` did: ``outcome`` (migrated, already migrated, no billing
+    file) and the rows it copied per table."""
+
+    outcome: str
+    rows: dict[str, int]
+
+    def summary(self) -> str:
+        moved = f": {sum(self.rows.values())} rows in {len(self.rows)} tables" if self.rows else ""
+        return f"lake migrate: billing {self.outcome}{moved}"
+
+
+def migrate_billing(settings: Settings, source: Path) -> BillingMove:
+    """Copy the embedded billing file ``source`` (every registered table, brought up to date
+    first) into the catalog's ``pf_billing`` in one transaction under ``BILLING_LOCK``. Run
+    again after it succeeded: ``already migrated``. A catalog that holds other billing state
+    already is refused (a UserError, nothing written): merging two books could bill twice."""
+    if not source.exists():
+        return BillingMove("no billing file", {})
+    _register_every_table()
+    tables = registered_tables()
+    with billing_db(source, settings.metering_lock_timeout) as old:
+        counts = {t: _count(old, t) for t in tables}
+        with catalog_billing_db(settings) as new:
+            there = {t: _count(new, t) for t in tables}
+            if any(there.values()):
+                if there == counts and _ids(new) == _ids(old):
+                    return BillingMove("already migrated", {})
+                raise UserError(
+                    f"the billing schema {BILLING_SCHEMA} of METERING_CATALOG holds billing "
+                    f"state already ({there['invoices']} invoices) that is not {source}'s: "
+                    "refusing to merge two sets of books (nothing written)"
+                )
+            with transaction(new):
+                for table in tables:
+                    new.register("_moved", old.execute(f"SELECT * FROM {table}").to_arrow_table())
+                    new.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _moved").fetchall()
+                    new.unregister("_moved")
+    return BillingMove("migrated", {t: n for t, n in counts.items() if n})
+
+
+def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:
+    row = con.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _ids(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {str(r[0]) for r in con.execute("SELECT invoice_id FROM invoices").fetchall()}
+
+
+def _register_every_table() -> None:
+    """Import every module that registers billing tables (each registers on import)."""
+    import billing.alerts.store
+    import billing.credit_store
+    import billing.invoice_store
+    import billing.stripe.state
+    import billing.tenants  # noqa: F401

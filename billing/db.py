@@ -19,6 +19,7 @@ Modules register their DDL with ``register_schema``; it is written in DuckDB's d
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -30,6 +31,7 @@ from billing.model import INVOICES_SHOWN_SQL
 from common.settings import Settings
 
 _SCHEMA: list[str] = []
+_TABLE_NAME = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+)")
 Migration = Callable[[duckdb.DuckDBPyConnection], None]
 _MIGRATIONS: list[Migration] = []
 
@@ -41,6 +43,11 @@ def register_schema(ddl: str) -> None:
     """Add idempotent DDL (CREATE ... IF NOT EXISTS) run on every open."""
     if ddl not in _SCHEMA:
         _SCHEMA.append(ddl)
+
+
+def registered_tables() -> list[str]:
+    """The tables the registered DDL creates, in registration order."""
+    return [m.group(1) for ddl in _SCHEMA if (m := _TABLE_NAME.search(ddl))]
 
 
 def register_migration(migration: Migration) -> None:

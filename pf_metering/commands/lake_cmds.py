@@ -65,7 +65,9 @@ def lake_migrate(
 ) -> None:
     """Copy an embedded installation's usage of METERING_TOPIC (offsets, dedup ids,
     aggregates, sessions, duplicates, dead letters, corrections) into the lake, one
-    transaction a partition, so cluster workers resume where the embedded ones stopped.
+    transaction a partition, so cluster workers resume where the embedded ones stopped;
+    then its billing file (tenants, invoices, billed usage, credit, Stripe sync, alerts)
+    into the catalog's pf_billing, in one transaction.
     Safe to run again: migrated partitions are skipped; a partition the cluster has already
     counted into is refused, unchanged."""
     cfg = settings_of(ctx)
@@ -83,6 +85,13 @@ def lake_migrate(
             done = migrate_usage(con, ledger_dir, cfg.metering_topic)
     finally:
         con.close()
+    from billing.catalog_db import migrate_billing  # (cluster mode only)
+
+    source_billing = cfg.model_copy(update={"metering_data_dir": source}).billing_db
+    with status("migrating billing into the catalog", quiet):
+        billing = migrate_billing(cfg, source_billing)
+    if not quiet:
+        print(billing.summary(), file=sys.stderr)
     if not quiet:
         moved = [m for m in done if m.outcome == "migrated"]
         print(

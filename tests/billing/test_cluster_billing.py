@@ -291,3 +291,45 @@ def test_embedded_invoices_record_no_lake_snapshot(data_env: dict[str, str]) -> 
     assert invoice["lake_snapshot"] is None
     proc = run_cli("generate-invoice", "t0001", "2025-01", "--explain")
     assert_user_error(proc, "--explain needs cluster mode (METERING_CATALOG)")
+
+
+def test_lake_migrate_moves_the_billing_file_once(site: Site, tmp_path: Path) -> None:
+    embedded = {
+        "METERING_DATA_DIR": str(tmp_path / "embedded"),
+        "METERING_CATALOG": "",
+        "METERING_LAKE_PATH": "",
+        **LATE_USAGE_ANY_AGE,
+    }
+    events = [event(f"t{i:04d}", p, **SEED) for i in range(4) for p in PERIODS[:2]]
+    publish_usage(load_settings(metering_data_dir=tmp_path / "embedded"), events)
+    run_cli("tenants", "add", "t0009", "--tier", "professional", env=embedded, check=True)
+    run_cli("tenants", "set-alert", "t0001", "--amount", "10", env=embedded, check=True)
+    run_cli("bill", "--as-of", "2025-03-01T02:00:00Z", "-q", env=embedded, check=True)
+    catalog = create_database(site.server)
+    cluster = {
+        "METERING_CATALOG": catalog,
+        "METERING_LAKE_PATH": str(tmp_path / "lake"),
+        "METERING_DATA_DIR": str(tmp_path / "host"),
+        **LATE_USAGE_ANY_AGE,
+    }
+    try:
+        argv = ["lake", "migrate", "--from", str(tmp_path / "embedded")]
+        moved = run_cli(*argv, env=cluster, check=True)
+        assert "lake migrate: billing migrated: " in moved.stderr, moved.stderr
+        for tenant in ("t0001", "t0009"):
+            shown = [run_cli("invoices", tenant, "-f", "json", env=env, check=True).stdout
+                     for env in (embedded, cluster)]  # fmt: skip
+            assert json.loads(shown[0]) == json.loads(shown[1])
+        again = run_cli("bill", "--as-of", "2025-03-01T02:00:00Z", env=cluster, check=True)
+        assert finalized(again.stderr) == 0
+        thresholds = run_cli("alerts", "thresholds", "-f", "json", env=cluster, check=True)
+        assert "t0001" in thresholds.stdout  # (its own threshold, set in embedded mode)
+        assert "already migrated" in run_cli(*argv, env=cluster, check=True).stderr
+
+        run_cli("bill", "--as-of", "2025-04-01T02:00:00Z", "-q", env=embedded, check=True)
+        before = run_cli("sql", "-f", "json", "SELECT count(*) AS n FROM invoices", env=cluster)
+        assert_user_error(run_cli(*argv, env=cluster), "refusing to merge two sets of books")
+        after = run_cli("sql", "-f", "json", "SELECT count(*) AS n FROM invoices", env=cluster)
+        assert json.loads(after.stdout) == json.loads(before.stdout) == [{"n": 8}]
+    finally:
+        drop_database(catalog)
