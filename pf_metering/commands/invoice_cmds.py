@@ -116,14 +116,14 @@ def _invoice_caption(invoice: Invoice) -> str:
         parts.append("issued after its period's due date: due counted from the issue")
     if invoice.stripe_invoice_id:
         parts.append(f"stripe {invoice.stripe_invoice_id}")
-    if invoice.lake_snapshot is not None:
-        parts.append(f"computed at lake snapshot {invoice.lake_snapshot}")
     if invoice.status is InvoiceStatus.draft:
         parts.append("draft: recomputed until the period closes")
     if invoice.status is InvoiceStatus.void:
         parts.append(_void_note(invoice))
     if invoice.replaces:
         parts.append(f"replaces void {invoice.replaces}")
+    if invoice.lake_snapshot is not None:  # (last: the caption before it wraps as before)
+        parts.append(f"computed at lake snapshot {invoice.lake_snapshot}")
     return ", ".join(parts)
 
 
