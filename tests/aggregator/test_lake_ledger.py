@@ -5,11 +5,9 @@ partition, including one whose transaction began before the takeover."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,13 +15,8 @@ from aggregator.lake import open_lake
 from aggregator.lake_ledger import LakeLedgerSet, LakePartitionLedger, open_lake_usage
 from aggregator.ledger import LedgerSet, OwnershipLost
 from common.settings import Settings, load_settings
-from schemas.codec import COUNTERS, default_codec
-from schemas.prepare import PreparedBatch, prepare_batch
-from schemas.record_batch import RecordBatch
-from tests.support.events import make_event
-
-TOPIC = "pf.usage.events"
-CODEC = default_codec()
+from schemas.codec import COUNTERS
+from tests.support.lake_reads import TOPIC, batch, events, totals
 
 
 @pytest.fixture
@@ -44,30 +37,6 @@ def new_set(cfg: Settings, made: list[LakeLedgerSet], owner: str) -> LakeLedgerS
     ledgers = LakeLedgerSet(partial(open_lake, cfg), TOPIC, owner=owner)
     made.append(ledgers)
     return ledgers
-
-
-def batch(partition: int, first: int, events: list[dict[str, Any]]) -> PreparedBatch:
-    values: list[bytes | None] = [CODEC.encode(e) for e in events]
-    offsets = list(range(first, first + len(values)))
-    records = RecordBatch(offsets, [e["tenant_id"].encode() for e in events], values)
-    return prepare_batch(partition, records, CODEC, int(time.time() * 1_000_000), None)
-
-
-def events(n: int, tenants: int = 3, start: int = 0) -> list[dict[str, Any]]:
-    return [
-        make_event(f"t{i % tenants}", event_id=f"e-{start + i}", cpu_ms=i + 1) for i in range(n)
-    ]
-
-
-def totals(cfg: Settings) -> dict[tuple[str, str], tuple[int, ...]]:
-    reader = open_lake_usage(open_lake(cfg), TOPIC)
-    try:
-        rows = reader.con.execute(
-            f"SELECT tenant_id, period, events, sessions, {', '.join(COUNTERS)} FROM usage"
-        ).fetchall()
-    finally:
-        reader.close()
-    return {(r[0], r[1]): tuple(int(v) for v in r[2:]) for r in rows}
 
 
 def test_the_lake_folds_exactly_as_the_embedded_ledger(

@@ -20,7 +20,7 @@ from aggregator.lake import CatalogWatch, open_lake
 from aggregator.lake_ledger import LakeLedgerSet, LakePartitionLedger
 from common.settings import Settings, load_settings
 from common.stopping import StopRequested
-from tests.aggregator.test_lake_ledger import TOPIC, batch, events, totals
+from tests.support.lake_reads import TOPIC, batch, events, totals
 from tests.support.postgres import create_database, local_postgres, running_postgres
 from tests.support.waiting import free_port, wait_for
 

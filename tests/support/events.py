@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
-from schemas.codec import COUNTERS
+from schemas.codec import COUNTERS, discover
 
 NOW = int(time.time() * 1_000_000)
 """The suite's one "now" (microseconds), taken once: events built here occur an hour before it,
@@ -53,3 +55,10 @@ MARKUP = [
     ":thumbs_up:",
     "[red]",
 ]
+
+
+def v4_schema() -> dict[str, Any]:
+    """The newest built-in schema plus a field with a default (a compatible new version)."""
+    schema: dict[str, Any] = json.loads(Path(discover()[-1].path).read_text())
+    schema["fields"].append({"name": "zone", "type": "string", "default": ""})
+    return schema

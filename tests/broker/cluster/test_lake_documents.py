@@ -15,10 +15,10 @@ from aggregator.lake import open_lake
 from aggregator.lake_documents import LakeDocuments
 from common.settings import load_settings
 from schemas.codec import Codec, discover, schema_of_raw
-from tests.broker.cluster.test_lake_migration import lake_totals
-from tests.broker.consumer.test_replay import v4_schema
 from tests.support import worker_harness as harness
 from tests.support.cli_runner import run_cli
+from tests.support.events import v4_schema
+from tests.support.lake_reads import lake_totals
 from tests.support.waiting import wait_for
 
 

@@ -13,26 +13,11 @@ from typing import Any
 
 import duckdb
 
-from aggregator.lake import open_lake
-from aggregator.lake_ledger import open_lake_usage
-from common.settings import load_settings
-from schemas.codec import COUNTERS
 from tests.support import worker_harness as harness
 from tests.support.cli_runner import assert_user_error, run_cli
+from tests.support.lake_reads import lake_totals
 
 EMBEDDED = {"METERING_CATALOG": "", "METERING_LAKE_PATH": ""}
-
-
-def lake_totals(env: dict[str, str]) -> dict[tuple[str, str], dict[str, int]]:
-    # (the catalog and the lake path: cluster_env's, in the environment)
-    settings = load_settings(
-        metering_data_dir=env["METERING_DATA_DIR"], metering_topic=env["METERING_TOPIC"]
-    )
-    reader = open_lake_usage(open_lake(settings), settings.metering_topic)
-    cols = ["tenant_id", "period", "events", "sessions", *COUNTERS]
-    rows = reader.con.execute(f"SELECT {', '.join(cols)} FROM usage").fetchall()
-    reader.close()
-    return {(r[0], r[1]): {c: int(v) for c, v in zip(cols[2:], r[2:], strict=True)} for r in rows}
 
 
 def migrate(env: dict[str, str], source: str) -> list[dict[str, Any]]:

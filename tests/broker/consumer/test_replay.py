@@ -14,6 +14,7 @@ from typing import Any
 
 from schemas.codec import Codec, default_codec, discover, schema_of_raw
 from tests.support.cli_runner import assert_user_error, run_cli
+from tests.support.events import v4_schema
 from tests.support.waiting import free_port, scrape, wait_for
 from tests.support.worker_harness import (
     SMALL_BATCHES,
@@ -25,12 +26,6 @@ from tests.support.worker_harness import (
     read_while_running,
     start_worker,
 )
-
-
-def v4_schema() -> dict[str, Any]:
-    schema: dict[str, Any] = json.loads(Path(discover()[-1].path).read_text())
-    schema["fields"].append({"name": "zone", "type": "string", "default": ""})
-    return schema
 
 
 def dead_letters(env: dict[str, str]) -> list[dict[str, Any]]:
