@@ -140,7 +140,7 @@ def summary(samples: list[float]) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, bootstrap: str, topic: str, work: Path) -> dict[str, Any]:
-    batch = load_settings().metering_batch_size if args.batch_size is None else args.batch_size
+    batch = load_settings().batch_size if args.batch_size is None else args.batch_size
     worker_env = {} if args.batch_size is None else {"METERING_BATCH_SIZE": str(args.batch_size)}
     template = None
     if args.preload_ids:

@@ -23,6 +23,8 @@ SECURITY_PROTOCOLS = ("plaintext", "ssl", "sasl_plaintext", "sasl_ssl")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
 CATALOG_FORM = "a PostgreSQL URI postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?OPTIONS]"
 LAKE_PATH_FORMS = "a directory or s3://BUCKET/PREFIX"
+EMBEDDED_BATCH_SIZE = 100_000  # METERING_BATCH_SIZE unset, embedded mode
+CLUSTER_BATCH_SIZE = 300_000  # ... and in cluster mode (Settings.batch_size)
 
 
 def parse_duration(value: Any) -> Any:
@@ -98,7 +100,7 @@ class Settings(BaseSettings):
     metering_late_usage_months: int = Field(default=3, ge=0, le=1200)
     metering_shutdown_seconds: float = Field(default=10.0, gt=0, le=3600)
     metering_snapshot_seconds: float = Field(default=5.0, gt=0, le=3600)
-    metering_batch_size: int = Field(default=100_000, ge=1, le=1_000_000)
+    metering_batch_size: int | None = Field(default=None, ge=1, le=1_000_000)
     metering_lock_timeout: float = Field(default=60.0, ge=0)
     metering_sql_timeout: float = Field(default=30.0, gt=0, le=86_400)
     metering_sql_memory_limit: str = Field(default="1GB", pattern=_SIZE)
@@ -235,6 +237,15 @@ class Settings(BaseSettings):
             if secret is not None:
                 conf[key] = secret.get_secret_value()
         return conf
+
+    @property
+    def batch_size(self) -> int:
+        """``METERING_BATCH_SIZE``, else the mode's default: 100,000 embedded, 300,000 in
+        cluster mode, where each commit also pays catalog round trips per table touched and
+        leaves a file per table (docs/performance.md, "Cluster mode's batch size")."""
+        if self.metering_batch_size is not None:
+            return self.metering_batch_size
+        return CLUSTER_BATCH_SIZE if self.cluster_mode else EMBEDDED_BATCH_SIZE
 
     @property
     def cluster_mode(self) -> bool:

@@ -110,7 +110,7 @@ def worker_config(cfg: Settings) -> WorkerConfig:
         data_dir=cfg.metering_data_dir,
         ledger_dir=cfg.ledger_dir,
         snapshot_dir=cfg.snapshot_dir,
-        batch_size=cfg.metering_batch_size,
+        batch_size=cfg.batch_size,
         late_usage_months=cfg.metering_late_usage_months,
         snapshot_seconds=cfg.metering_snapshot_seconds,
         lock_timeout=cfg.metering_lock_timeout,

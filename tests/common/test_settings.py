@@ -7,7 +7,12 @@ from datetime import timedelta
 import pytest
 
 from common.errors import UserError
-from common.settings import Settings, load_settings
+from common.settings import (
+    CLUSTER_BATCH_SIZE,
+    EMBEDDED_BATCH_SIZE,
+    Settings,
+    load_settings,
+)
 from tests.support.cli_runner import assert_user_error, run_cli
 
 
@@ -114,3 +119,19 @@ def test_bad_cluster_settings_name_the_variable(
     message = str(err.value)
     assert variable in message and accepted in message, message
     assert "pw-secret" not in message and "\n" not in message
+
+
+def test_the_batch_size_defaults_by_mode_and_an_explicit_one_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("METERING_CATALOG", "METERING_LAKE_PATH", "METERING_BATCH_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert load_settings().batch_size == EMBEDDED_BATCH_SIZE
+    monkeypatch.setenv("METERING_CATALOG", "postgresql://pf@127.0.0.1:5432/meter")
+    monkeypatch.setenv("METERING_LAKE_PATH", "/srv/lake")
+    assert load_settings().batch_size == CLUSTER_BATCH_SIZE > EMBEDDED_BATCH_SIZE
+    monkeypatch.setenv("METERING_BATCH_SIZE", "5000")
+    assert load_settings().batch_size == 5000
+    for var in ("METERING_CATALOG", "METERING_LAKE_PATH"):
+        monkeypatch.delenv(var)
+    assert load_settings().batch_size == 5000
