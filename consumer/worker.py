@@ -86,6 +86,9 @@ POLL_RECORDS = 5_000
 GIL_SWITCH_SECONDS = 0.0002
 # pf_consumer_lag (and --drain's progress) is refreshed at least this often while busy.
 LAG_EVERY_SECONDS = 1.0
+# While idle, Kafka's committed offsets of the partitions held are checked this often
+# against the ledgers' and committed again where behind (an async commit can be lost).
+KAFKA_OFFSETS_CHECK_SECONDS = 2.0
 
 
 class Worker:
@@ -152,6 +155,7 @@ class Worker:
         # cached ones may predate an outage (or a pause of this process).
         self._fresh_ends = fresh_end_offsets(self.consumer, conf) if drain else None
         self._lag_updated = -1e9
+        self._kafka_checked = -1e9
         self._last_prune = time.monotonic()
         self.progress = progress  # called with (records consumed, records still to go)
         self.lag: dict[int, int] = {}
@@ -346,7 +350,30 @@ class Worker:
         if idle or self.clock() - self._lag_updated >= LAG_EVERY_SECONDS:
             self._lag_updated = self.clock()
             self._update_lag()
+        if idle and self.clock() - self._kafka_checked >= KAFKA_OFFSETS_CHECK_SECONDS:
+            self._kafka_checked = self.clock()
+            self._recommit_to_kafka()
         self._replay_requested()
+
+    def _recommit_to_kafka(self) -> None:
+        """Commit again to Kafka each held partition's ledger offset that Kafka's committed
+        offset is behind: an asynchronous commit refused in a rebalance is never retried,
+        and a partition taken over at its end brings no record to commit. Other members'
+        ``--drain`` reads these offsets; without it they would wait for ever."""
+        stored = {
+            p: ledger.next_offset
+            for p, ledger in self.ledgers.held.items()
+            if ledger.next_offset is not None
+        }
+        try:
+            known = committed_offsets(self.consumer, self.topic, list(stored))
+        except KafkaException as exc:  # unreachable now: the next idle check asks again
+            log.debug("committed offsets unknown for now: %s", exc)
+            return
+        behind = {p: offset for p, offset in stored.items() if known.get(p, -1) < offset}
+        if behind:
+            log.debug("Kafka's committed offsets behind the ledgers: %s", behind)
+            self._commit_to_kafka(behind)
 
     def _prepare(self, partition: int, records: RecordBatch, now_micros: int) -> PreparedBatch:
         """``prepare_batch`` with the partition contract and the late-usage horizon; a

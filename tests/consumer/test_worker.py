@@ -238,6 +238,40 @@ def test_drain_waits_for_the_partitions_other_members_hold(
     assert seen[20][0] == stats.consumed == 10
 
 
+def test_kafka_offsets_lost_or_never_sent_are_committed_again_so_other_drains_end(
+    broker: MemoryBroker, config: WorkerConfig
+) -> None:
+    """A member's ``--drain`` ends only once Kafka's committed offsets of the partitions
+    others hold reach their ends: a lost asynchronous commit, or a partition taken over at
+    its end (no record to commit), must not leave them behind for ever."""
+    worker, consumer, other = beside_another_member(broker, config)
+    consumer.async_commits_lost = 1  # the commit of the worker's batch is refused
+    now = [0.0]
+    worker.clock = lambda: now[0]
+    seen: dict[int, int | None] = {}
+
+    def world(call: int) -> None:
+        now[0] += 0.6  # each poll takes 0.6 s of the worker's clock
+        seen[call] = broker.committed.get((TOPIC, 1))
+        if call == 12:
+            finish(broker, other)
+
+    consumer.on_consume = world
+    worker.run()
+    assert consumer.async_commits_lost == 0  # the batch's offset commit was refused
+    assert seen[1] is None
+    assert seen[12] == 10  # committed again while idle, long before the worker ends
+
+    # A new worker takes the partition over at its end (Kafka's offset lost meanwhile).
+    broker.committed.clear()
+    worker, consumer = start(broker, config, drain=True)  # beside the same other member
+    worker.clock = lambda: now[0]
+    seen.clear()
+    consumer.on_consume = world
+    worker.run()
+    assert seen[12] == ledger_offsets(config, 1)[1] == 10
+
+
 def test_drain_keeps_waiting_while_the_broker_is_unreachable(
     broker: MemoryBroker, config: WorkerConfig, caplog: pytest.LogCaptureFixture
 ) -> None:

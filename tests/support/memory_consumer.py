@@ -100,6 +100,7 @@ class MemoryConsumer:
         self.paused: set[int] = set()  # partitions fetches skip (their cached end stays known)
         self.assigned_at: list[dict[int, int]] = []  # the offsets of every assign call
         self.commits: list[dict[int, int]] = []
+        self.async_commits_lost = 0  # this many asynchronous commits are refused (a rebalance)
         self.calls = 0
         self.on_consume: Callable[[int], None] | None = None
         self.closed = False
@@ -194,6 +195,9 @@ class MemoryConsumer:
     @overload
     def commit(self, *, offsets: list[TopicPartition], asynchronous: Literal[False]) -> None: ...
     def commit(self, *, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        if asynchronous and self.async_commits_lost > 0:
+            self.async_commits_lost -= 1  # (librdkafka reports it only to a commit callback)
+            return
         done = {tp.partition: tp.offset for tp in offsets}
         self.commits.append(done)
         for p, offset in done.items():
