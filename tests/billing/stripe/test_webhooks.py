@@ -4,7 +4,6 @@ HTTP endpoint on a real billing DuckDB file shared with other processes."""
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import stripe
 from billing.db import billing_db
 from billing.model import InvoiceStatus
 from billing.stripe.webhooks import EventError, SignatureError, next_status, parse_event, verify
-from tests.fixtures.stripe import WEBHOOK_SECRET, LocalBilling, make_invoice, stripe_signature, utc
+from tests.fixtures.stripe import WEBHOOK_SECRET, LocalBilling, stripe_signature, utc
 from tests.fixtures.webhooks import (
     NOT_DUE,
     NOW,
@@ -32,8 +31,10 @@ from tests.fixtures.webhooks import (
     make_app,
     post,
     serve,
+    store_sent_invoices,
 )
-from tests.support.cli_runner import BIN, assert_user_error, run_cli
+from tests.support.cli_runner import assert_user_error, run_cli
+from tests.support.webhook_process import webhooks_serve
 
 # --- signatures ----------------------------------------------------------------------------
 
@@ -292,34 +293,18 @@ def test_webhooks_serve_runs_against_the_real_invoice_store(tmp_path: Path) -> N
     from billing import invoice_store
 
     data = tmp_path / "data"
-    invoice = make_invoice("acme", "2025-01", [("base", "50.00")], status=InvoiceStatus.sent)
     with billing_db(data / "billing.duckdb", 10) as con:
-        invoice_store.write_invoices(
-            con, [invoice.model_copy(update={"stripe_invoice_id": "in_acme01"})]
-        )
-    env = {**os.environ, "METERING_DATA_DIR": str(data), "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET}
-    proc = subprocess.Popen(
-        [str(BIN), "webhooks", "serve", "--port", "0"],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        first = proc.stderr.readline()
-        assert first.startswith("listening on http://127.0.0.1:"), first
-        url = first.split()[-1]
+        store_sent_invoices(con)
+    env = {"METERING_DATA_DIR": str(data), "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    with webhooks_serve(env) as server:
         payload = event("evt_1", "invoice.paid", "in_acme01", PAST_DUE)
         now = int(time.time())
-        assert post(url, payload, stripe_signature(payload, "whsec_wrong", now))[0] == 400
+        assert post(server.url, payload, stripe_signature(payload, "whsec_wrong", now))[0] == 400
         good = stripe_signature(payload, WEBHOOK_SECRET, now)
-        assert post(url, payload, good) == (200, {"status": "sent -> paid"})
-        assert post(url, payload, good) == (200, {"status": "duplicate"})
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    assert WEBHOOK_SECRET not in first + err
+        assert post(server.url, payload, good) == (200, {"status": "sent -> paid"})
+        assert post(server.url, payload, good) == (200, {"status": "duplicate"})
+    assert server.returncode == 0, server.stderr
+    assert WEBHOOK_SECRET not in server.stderr
     with billing_db(data / "billing.duckdb", 10) as con:
         stored = invoice_store.get_invoice(con, PAST_DUE)
     assert stored is not None and stored.status is InvoiceStatus.paid
