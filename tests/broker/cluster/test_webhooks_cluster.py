@@ -4,7 +4,9 @@ webhooks against the billing state in the catalog's ``pf_billing`` on a real Pos
 delivery's status change is seen by a third host's ``invoices show``; its replay to either
 host (one of them while the other applies it) is acknowledged as a duplicate and applied
 once; deliveries with a bad signature get 400 and store nothing; no host writes a billing
-file."""
+file. While another host holds the billing lock past METERING_LOCK_TIMEOUT, or PostgreSQL is
+stopped, a delivery gets 500 (Stripe redelivers); the redelivery once the lock is free, or
+the server started again on its port, is applied by the same serving process."""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ from typing import Any
 
 import psycopg
 
-from billing.catalog_db import catalog_billing_db
+from billing.catalog_db import BILLING_LOCK, catalog_billing_db
 from common.settings import load_settings
 from tests.fixtures.stripe import WEBHOOK_SECRET, stripe_signature
 from tests.fixtures.webhooks import NOT_DUE, PAST_DUE, event, post, store_sent_invoices
 from tests.support.cli_runner import run_cli
+from tests.support.postgres import create_database, local_postgres, running_postgres
+from tests.support.waiting import free_port, wait_for
 from tests.support.webhook_process import ServeProcess, webhooks_serve
 
 Reply = tuple[int, dict[str, str]]
@@ -126,3 +130,42 @@ def test_webhooks_serve_on_two_hosts_moves_invoices_in_the_catalog_once(
     )
     written = [p for env in hosts.values() for p in Path(env["METERING_DATA_DIR"]).rglob("*")]
     assert not [p for p in written if p.name.startswith("billing.duckdb")], written
+
+
+def test_a_held_lock_or_a_stopped_catalog_gets_500_and_the_redelivery_is_applied(
+    tmp_path: Path,
+) -> None:
+    port = free_port()  # a server of this test's own: it is stopped and started again
+    with running_postgres(port) as server:
+        catalog = create_database(server)
+        env = host_env(
+            {"METERING_CATALOG": catalog, "METERING_LAKE_PATH": str(tmp_path / "lake")},
+            tmp_path / "a",
+        )
+        with catalog_billing_db(load_settings(**{k.lower(): v for k, v in env.items()})) as con:
+            store_sent_invoices(con)
+        paid = event("evt_1", "invoice.paid", "in_acme01", PAST_DUE)
+        voided = event("evt_2", "invoice.voided", "in_acme02")
+        serving = {**env, "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET, "METERING_LOCK_TIMEOUT": "1"}
+        with webhooks_serve(serving) as a:
+            with psycopg.connect(catalog, autocommit=True) as other_host:
+                other_host.execute("SELECT pg_advisory_lock(%s)", [BILLING_LOCK])
+                assert deliver(a, paid)[0] == 500
+            assert deliver(a, paid) == (200, {"status": "sent -> paid"})
+
+            assert local_postgres("stop", port).returncode == 0
+            assert deliver(a, voided)[0] == 500
+            assert local_postgres("start", port).returncode == 0
+            replies: list[Reply] = []
+
+            def redelivered() -> bool:  # as Stripe does, until an answer is not a 500
+                replies.append(deliver(a, voided))
+                return replies[-1][0] != 500
+
+            wait_for(redelivered, "a redelivery after the catalog's restart", 60, every=0.5)
+            assert replies[-1] == (200, {"status": "sent -> void"}), replies
+        assert a.returncode == 0, a.stderr
+        assert webhook_events(catalog) == [
+            ("evt_1", "sent -> paid", PAST_DUE),
+            ("evt_2", "sent -> void", NOT_DUE),
+        ]
