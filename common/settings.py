@@ -242,7 +242,8 @@ class Settings(BaseSettings):
     def batch_size(self) -> int:
         """``METERING_BATCH_SIZE``, else the mode's default: 100,000 embedded, 300,000 in
         cluster mode, where each commit also pays catalog round trips per table touched and
-        leaves a file per table (docs/performance.md, "Cluster mode's batch size")."""
+        leaves a file per table (docs/performance.md, "On the quiet machine, and cluster
+        mode's batch size")."""
         if self.metering_batch_size is not None:
             return self.metering_batch_size
         return CLUSTER_BATCH_SIZE if self.cluster_mode else EMBEDDED_BATCH_SIZE

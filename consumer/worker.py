@@ -156,6 +156,7 @@ class Worker:
         self._fresh_ends = fresh_end_offsets(self.consumer, conf) if drain else None
         self._lag_updated = -1e9
         self._kafka_checked = -1e9
+        self._kafka_confirmed: dict[int, int] = {}  # held partition -> offset Kafka has too
         self._last_prune = time.monotonic()
         self.progress = progress  # called with (records consumed, records still to go)
         self.lag: dict[int, int] = {}
@@ -365,12 +366,15 @@ class Worker:
             for p, ledger in self.ledgers.held.items()
             if ledger.next_offset is not None
         }
+        if stored == self._kafka_confirmed:
+            return  # nothing moved since Kafka was seen to agree: no request
         try:
             known = committed_offsets(self.consumer, self.topic, list(stored))
         except KafkaException as exc:  # unreachable now: the next idle check asks again
             log.debug("committed offsets unknown for now: %s", exc)
             return
         behind = {p: offset for p, offset in stored.items() if known.get(p, -1) < offset}
+        self._kafka_confirmed = {p: o for p, o in stored.items() if p not in behind}
         if behind:
             log.debug("Kafka's committed offsets behind the ledgers: %s", behind)
             self._commit_to_kafka(behind)
