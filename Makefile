@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/.cache/bin:$(PATH)
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements.lock schemas/_native_decoder.c
+$(VENV)/.installed: pyproject.toml requirements.lock schemas/_native_decoder.c consumer/_native_fetch.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -x $(UV) || $(BIN)/pip install -q uv==0.13.8
 	$(UV) pip sync -q --python $(BIN)/python requirements.lock

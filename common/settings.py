@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     metering_sql_spill_limit: str = Field(default="2GB", pattern=_SIZE)
     metering_sql_max_rows: int = Field(default=1_000_000, ge=1, le=100_000_000)
     metering_drain_timeout: float = Field(default=120.0, gt=0)
+    metering_native_fetch: bool = True
     kafka_connect_timeout: float = Field(default=8.0, gt=0, le=300)
 
     kafka_security_protocol: str | None = None

@@ -27,3 +27,5 @@ class WorkerConfig:
     # how often pending replay requests are looked for (a folder listing embedded; a lake
     # query in cluster mode, so less often there: docs/performance.md)
     replay_check_seconds: float = 1.0
+    # records fetched straight from librdkafka where it can (consumer/native_fetch.py)
+    native_fetch: bool = True

@@ -64,6 +64,7 @@ from consumer.kafka import (
     topic_partitions,
 )
 from consumer.metrics import WorkerMetrics
+from consumer.native_fetch import native_fetch
 from consumer.pipeline import Stage
 from consumer.replay import folder_board, pending_requests, write_result
 from consumer.steps import Accumulate, Acknowledge, CommitToLedger, Decode, Forward
@@ -83,6 +84,8 @@ PARTITIONS_MAX_AGE_SECONDS = 10.0
 # small polls keep the decoder's and committer's stalls short. Batches still reach
 # METERING_BATCH_SIZE: polls accumulate per partition until then (or a poll comes back short).
 POLL_RECORDS = 5_000
+# How long one poll of the native fetch waits for records: rebalances wait as long.
+NATIVE_WAIT_SECONDS = 0.1
 GIL_SWITCH_SECONDS = 0.0002
 # pf_consumer_lag (and --drain's progress) is refreshed at least this often while busy.
 LAG_EVERY_SECONDS = 1.0
@@ -144,6 +147,7 @@ class Worker:
         self.clock = clock
         self.watch = BrokerWatch(bootstrap, self.metrics.broker_connected, clock)
         self.consumer = consumer_factory(conf)
+        self.fetch = native_fetch(self.consumer, self.topic, conf) if config.native_fetch else None
         forward_conf = {**config.kafka, "error_cb": self._on_error, "logger": conf["logger"]}
         self.forwarder = Forwarder(forward_conf, self.topic, self.stop_requested)
         self.partition_count = 0  # of the topic, for the partition contract (on assignment)
@@ -199,6 +203,8 @@ class Worker:
                 self.consumer.incremental_assign(partitions)
             else:
                 self.consumer.assign(partitions)
+            if self.fetch is not None:
+                self.fetch.forward(tp.partition for tp in partitions)
             self.assigned_once = True
             if self.ledgers.publishes_snapshots:
                 write_query_db(self.config.data_dir, self.config.snapshot_dir, self.topic)
@@ -276,7 +282,12 @@ class Worker:
                             break
                     # ask for no more than is left: a poll returns early only when full
                     size = min(size, remaining or size)
-                messages = self.consumer.consume(size, 0.5)
+                # With the native fetch, the consumer's queue holds rebalances and errors, and
+                # records only from before a partition was forwarded: while partitions are
+                # held it is looked at without waiting, and the wait is the fetch's (short,
+                # so that a rebalance is answered soon).
+                fetch = self.fetch if self.ledgers.held else None
+                messages = self.consumer.consume(size, 0.5 if fetch is None else 0)
                 if self.fatal is not None:
                     failed = self.fatal
                     raise OperationError(f"partition assignment failed: {failed}") from failed
@@ -284,12 +295,18 @@ class Worker:
                 self.acknowledge.poll()
                 if self.lost:
                     self._drop_lost()
-                if messages:
-                    self.accumulate.submit(split_by_partition(messages))
-                if len(messages) < size:
+                batches = split_by_partition(messages) if messages else {}
+                polled = len(messages)
+                if fetch is not None and polled < size:
+                    # the consumer's queue is empty: what it held came first
+                    wait = NATIVE_WAIT_SECONDS if not polled else 0
+                    polled += fetch.poll(batches, size - polled, wait)
+                if batches:
+                    self.accumulate.submit(batches)
+                if polled < size:
                     self.accumulate.hand_over()  # caught up: nothing waits for more records
-                self._housekeeping(idle=not messages)
-                if self.drain and not messages and self._drained():
+                self._housekeeping(idle=not polled)
+                if self.drain and not polled and self._drained():
                     break
             self.accumulate.hand_over()
             self._settle()
@@ -590,6 +607,8 @@ class Worker:
         }
         snapshot = None if self.failed else self.config.snapshot_dir
         steps: list[Callable[[], None]] = [lambda: self.ledgers.close(snapshot)]
+        if self.fetch is not None:
+            steps.append(self.fetch.close)  # (before the consumer is closed)
         for step in [*steps, self.forwarder.close]:
             try:
                 step()

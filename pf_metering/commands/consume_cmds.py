@@ -117,6 +117,7 @@ def worker_config(cfg: Settings) -> WorkerConfig:
         shutdown_seconds=cfg.metering_shutdown_seconds,
         drain_timeout=cfg.metering_drain_timeout,
         replay_check_seconds=REPLAY_CHECK_CLUSTER_S if cfg.cluster_mode else 1.0,
+        native_fetch=cfg.metering_native_fetch,
     )
 
 
