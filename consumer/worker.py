@@ -148,6 +148,7 @@ class Worker:
         self.watch = BrokerWatch(bootstrap, self.metrics.broker_connected, clock)
         self.consumer = consumer_factory(conf)
         self.fetch = native_fetch(self.consumer, self.topic, conf) if config.native_fetch else None
+        log.debug("records fetched %s", "natively" if self.fetch else "with consume()")
         forward_conf = {**config.kafka, "error_cb": self._on_error, "logger": conf["logger"]}
         self.forwarder = Forwarder(forward_conf, self.topic, self.stop_requested)
         self.partition_count = 0  # of the topic, for the partition contract (on assignment)
