@@ -53,7 +53,8 @@ typedef struct {
     rd_kafka_t *rk;
     rd_kafka_queue_t *queue;  /* NULL once closed */
     char *topic;
-    rd_kafka_message_t **messages;
+    rd_kafka_message_t **messages;  /* poll()'s buffer: one poll at a time (``busy``) */
+    int busy;
 } Fetch;
 
 static int load(const char *path) {
@@ -140,6 +141,10 @@ static PyObject *Fetch_forward(Fetch *self, PyObject *partitions) {
 }
 
 static PyObject *Fetch_close(Fetch *self, PyObject *partitions) {
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "close() while another thread polls");
+        return NULL;
+    }
     if (self->queue != NULL && handle_of(self->owner) == self->rk
         && forward_each(self, partitions, 0) < 0)
         return NULL;
@@ -189,7 +194,10 @@ static int append(PyObject *out, const rd_kafka_message_t *m) {
 static PyObject *error_of(const rd_kafka_message_t *m) {
     const char *text = m->payload != NULL ? (const char *)m->payload : lib.err2str(m->err);
     Py_ssize_t len = m->payload != NULL ? (Py_ssize_t)m->len : (Py_ssize_t)strlen(text);
-    return Py_BuildValue("(iis#)", (int)m->partition, m->err, text, len);
+    PyObject *reason = PyUnicode_DecodeUTF8(text, len, "replace");
+    if (reason == NULL)
+        return NULL;
+    return Py_BuildValue("(iiN)", (int)m->partition, m->err, reason);
 }
 
 /* poll(max_records, timeout_ms) -> ({partition: (offsets, keys, values)}, [(partition,
@@ -206,10 +214,16 @@ static PyObject *Fetch_poll(Fetch *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "max_records must be 1..%d", MAX_POLL);
         return NULL;
     }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "poll() called from two threads at once");
+        return NULL;
+    }
     ssize_t n;
+    self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     n = lib.consume_batch_queue(self->queue, timeout_ms, self->messages, (size_t)wanted);
     Py_END_ALLOW_THREADS
+    self->busy = 0;
     PyObject *out = PyDict_New();
     PyObject *errors = PyList_New(0);
     Py_ssize_t records = 0;
@@ -282,6 +296,7 @@ static PyObject *bind(PyObject *module, PyObject *args) {
     self->rk = rk;
     self->queue = NULL;
     self->topic = NULL;
+    self->busy = 0;
     self->messages = PyMem_Calloc(MAX_POLL, sizeof(rd_kafka_message_t *));
     size_t len = strlen(topic) + 1;
     self->topic = PyMem_Malloc(len);
