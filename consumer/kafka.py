@@ -133,9 +133,7 @@ def split_by_partition(messages: list[Message]) -> dict[int, RecordBatch]:
         if batch is None:
             out[partition] = RecordBatch(offsets[start:end], keys[start:end], values[start:end])
         else:
-            batch.offsets.extend(offsets[start:end])
-            batch.keys.extend(keys[start:end])
-            batch.values.extend(values[start:end])
+            batch.extend(offsets[start:end], keys[start:end], values[start:end])
     return out
 
 

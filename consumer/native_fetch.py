@@ -79,9 +79,7 @@ class NativeFetch:
             if held is None:
                 into[partition] = RecordBatch(offsets, keys, values)
             else:
-                held.offsets.extend(offsets)
-                held.keys.extend(keys)
-                held.values.extend(values)
+                held.extend(offsets, keys, values)
         return int(records)
 
     def close(self) -> None:

@@ -49,11 +49,17 @@ class RecordBatch(Sequence[Record]):
         if len(parts) == 1:
             return parts[0]
         out = cls([], [], [])
-        for part in parts:  # list.extend, not a comprehension (docs/performance.md)
-            out.offsets.extend(part.offsets)
-            out.keys.extend(part.keys)
-            out.values.extend(part.values)
+        for part in parts:
+            out.extend(part.offsets, part.keys, part.values)
         return out
+
+    def extend(
+        self, offsets: list[int], keys: list[bytes | None], values: list[bytes | None]
+    ) -> None:
+        """Append the next records of the partition, in offset order."""
+        self.offsets.extend(offsets)  # list.extend, not a comprehension (docs/performance.md)
+        self.keys.extend(keys)
+        self.values.extend(values)
 
     def since(self, offset: int) -> RecordBatch:
         """The records at or after ``offset`` (redelivered ones below it dropped)."""

@@ -59,16 +59,15 @@ def test_native_fetch_reads_what_consume_reads(env: dict[str, str]) -> None:
         for m in consumer.consume(1000, 0):
             partition, offset = m.partition(), m.offset()
             if m.error() is None and partition is not None and offset is not None:
-                early.setdefault(partition, RecordBatch([], [], [])).offsets.append(offset)
-                early[partition].keys.append(m.key())
-                early[partition].values.append(m.value())
+                early.setdefault(partition, RecordBatch([], [], [])).extend(
+                    [offset], [m.key()], [m.value()]
+                )
         total = sum(len(records) for records in expected.values())
         fetched = _fetch_all(fetch, total - sum(len(b) for b in early.values()))
         for partition, batch in fetched.items():
-            head = early.setdefault(partition, RecordBatch([], [], []))
-            head.offsets.extend(batch.offsets)
-            head.keys.extend(batch.keys)
-            head.values.extend(batch.values)
+            early.setdefault(partition, RecordBatch([], [], [])).extend(
+                batch.offsets, batch.keys, batch.values
+            )
         got = {p: list(b) for p, b in early.items() if len(b)}
         assert got == {p: records for p, records in expected.items() if records}
         assert any(r.key is None for records in got.values() for r in records)
